@@ -1,0 +1,41 @@
+# Entry points for users and CI. Every target sets itself up through `install` (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+CONFIG ?= configs/demo/teacher_retinanet_r34.yaml
+CACHE  ?= output/demo/cache
+BUDGET ?=
+OPTS   ?=
+
+.PHONY: install demo test test-all stage1 stage2 bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ''
+
+demo: install
+	$(BIN)/python -m detection.demo
+
+stage1: install
+	$(BIN)/icd dump --config-file $(CONFIG) --cache $(CACHE) $(if $(BUDGET),--budget $(BUDGET)) $(OPTS)
+
+stage2: install
+	$(BIN)/icd distill --config-file $(CONFIG) --cache $(CACHE) $(OPTS)
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf output

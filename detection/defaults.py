@@ -1,0 +1,119 @@
+"""The default configuration tree: every key a config file or a `KEY VALUE` override may set.
+
+One place for all stages so that a single YAML file can describe a teacher, its cache and a student,
+and so that an unknown key anywhere is caught (see detection.config). Names follow detectron2 where a
+detectron2 user would look for them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "OUTPUT_DIR": "./output",
+    "SEED": 0,
+    "CUDNN_BENCHMARK": False,
+    "MODEL": {
+        # RetinaNet | FCOS | FasterRCNN | MaskRCNN (torchvision.models.detection)
+        "META_ARCHITECTURE": "RetinaNet",
+        "DEVICE": "cpu",
+        # Path to a checkpoint (ours, or a torchvision state dict). Empty: train from scratch.
+        "WEIGHTS": "",
+        # Number of foreground classes. 0: taken from the training dataset's categories.
+        "NUM_CLASSES": 0,
+        # RGB, in 0-255 pixel units (torchvision's ImageNet statistics).
+        "PIXEL_MEAN": [123.675, 116.28, 103.53],
+        "PIXEL_STD": [58.395, 57.12, 57.375],
+        # Batched images are zero-padded (after normalisation) to a multiple of this.
+        "SIZE_DIVISIBILITY": 32,
+        "BACKBONE": {
+            "DEPTH": 50,  # 18 | 34 | 50 | 101
+            # ResNet stages frozen from the stem (0 = none, 5 = all), as torchvision's trainable_layers.
+            "FREEZE_AT": 0,
+            # FrozenBN | BN (BN for training from scratch, FrozenBN for ImageNet-initialised backbones)
+            "NORM": "BN",
+        },
+        "FPN": {"OUT_CHANNELS": 256},
+        # Score threshold / NMS / detections per image at test time.
+        "SCORE_THRESH_TEST": 0.05,
+        "NMS_THRESH_TEST": 0.5,
+        "MASK_ON": False,
+    },
+    "INPUT": {
+        # Training resize: the short side is drawn from MIN_SIZE_TRAIN by the augmentation plan.
+        "MIN_SIZE_TRAIN": [800],
+        "MAX_SIZE_TRAIN": 1333,
+        "MIN_SIZE_TEST": 800,
+        "MAX_SIZE_TEST": 1333,
+        "RANDOM_FLIP": "horizontal",  # horizontal | none
+    },
+    "DATASETS": {
+        "TRAIN": ["coco_2017_train"],
+        "TEST": ["coco_2017_val"],
+        # User datasets: NAME: [annotation_json, image_root]. Builtin names (coco_2017_train,
+        # coco_2017_val) resolve under $DETECTRON2_DATASETS/coco as in detectron2.
+        "CATALOG": {},
+    },
+    "DATALOADER": {
+        "NUM_WORKERS": 2,
+        "ASPECT_RATIO_GROUPING": True,
+    },
+    "SOLVER": {
+        "MAX_ITER": 90000,
+        "IMS_PER_BATCH": 16,
+        "BASE_LR": 0.01,
+        "MOMENTUM": 0.9,
+        "WEIGHT_DECAY": 1e-4,
+        "STEPS": [60000, 80000],
+        "GAMMA": 0.1,
+        "WARMUP_ITERS": 1000,
+        "WARMUP_FACTOR": 0.001,
+        "CHECKPOINT_PERIOD": 5000,
+        "CLIP_GRADIENTS": {"ENABLED": True, "CLIP_TYPE": "value", "CLIP_VALUE": 1.0},
+        "AMP": False,
+        "LOG_PERIOD": 20,
+    },
+    "TEST": {
+        "EVAL_PERIOD": 0,  # 0: evaluate only at the end
+        "DETECTIONS_PER_IMAGE": 100,
+    },
+    # Stage one: what the teacher cache holds and how it is encoded.
+    "CACHE": {
+        # Levels to keep; empty: those ICD distils for the architecture (P3-P7 single-stage, P2-P6 R-CNN).
+        "LEVELS": [],
+        # Augmentation variants per training image (multi-scale + flip drawn from the plan).
+        "NUM_VARIANTS": 1,
+        # Seed of the augmentation plan (independent of SEED so students with other seeds share a cache).
+        "AUG_SEED": 0,
+        # fp32 | fp16 | bf16 | int8 | <any of these>+bitround<K> | auto (chosen by the budget planner)
+        "ENCODING": "fp16",
+        "COMPRESSOR": "zstd",  # zstd | blosc-lz4 | blosc-zstd
+        "BATCH_SIZE": 4,
+        "CALIBRATION_SAMPLES": 32,
+        "SHARD_SAMPLES": 16,
+        "TILE": 64,
+        "SKIP_UNREADABLE": False,
+    },
+    # Stage two: ICD hyperparameters (../shared/ICD_METHOD.md sections 2-5).
+    "DISTILL": {
+        "ENABLED": True,
+        "LAMBDA": 8.0,  # 8 for single-stage, 3 for R-CNN
+        "NUM_HEADS": 8,
+        "HIDDEN_DIM": 256,
+        "FFN_DIM": 1024,
+        "NEG_RATIO": 5,
+        "MAX_QUERIES": 300,  # 100 for R-CNN
+        "TEMPERATURE": 1.0,
+        "WARMUP_DETACH_ITERS": 1000,
+        "REF_JITTER": 0.3,
+        "OPTIMIZER": {
+            "BASE_LR": 1e-4,
+            "WEIGHT_DECAY": 1e-4,
+            "WARMUP_ITERS": 10,
+            "CLIP_NORM": 0.01,
+        },
+        # Initialise the student's FPN and head from the teacher weights stored in the cache.
+        "INIT_FROM_TEACHER": True,
+        # Teacher for --online mode (the reference): architecture, depth and weights.
+        "TEACHER": {"META_ARCHITECTURE": "", "DEPTH": 0, "WEIGHTS": ""},
+    },
+}
