@@ -33,6 +33,10 @@ DEFAULTS: dict[str, Any] = {
             "NORM": "BN",
         },
         "FPN": {"OUT_CHANNELS": 256},
+        # Anchor base size per FPN level (5 values, RetinaNet P3-P7 / R-CNN RPN P2-P6); RetinaNet adds
+        # 3 octave scales per base. Empty: torchvision's [32, 64, 128, 256, 512]. Small images (the
+        # synthetic demo) want smaller anchors. Added by detection.zoo.
+        "ANCHOR_GENERATOR": {"SIZES": []},
         # Score threshold / NMS / detections per image at test time.
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
