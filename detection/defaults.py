@@ -113,6 +113,9 @@ DEFAULTS: dict[str, Any] = {
             "BASE_LR": 1e-4,
             "WEIGHT_DECAY": 1e-4,
             "WARMUP_ITERS": 10,
+            # Linear warm-up starts at this fraction of BASE_LR. 1.0 is the reference's value (DETR
+            # settings in megvii-research/ICD), which makes its 10 warm-up iterations a no-op.
+            "WARMUP_FACTOR": 1.0,
             "CLIP_NORM": 0.01,
         },
         # Initialise the student's FPN and head from the teacher weights stored in the cache.
