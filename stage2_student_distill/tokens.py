@@ -1,0 +1,187 @@
+"""FPN levels as one token sequence: flattening, the padding mask and the DETR-style position embedding.
+
+Why one module: the decoder, the distillation loss and the attention-mask visualisation must all agree
+on the same token order (levels in the given order, each level row-major) and on which tokens are
+padding. ICD_METHOD.md section 1: a level of stride s is valid for rows < ceil(h / s) and
+cols < ceil(w / s), with (h, w) the resized image size before batch padding.
+
+Written by hand (not torchvision/timm): the DETR sine embedding is a few lines and no installed library
+exposes it for an arbitrary validity mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from detection.errors import UserError
+
+# Features per axis of the position embeddings (x and y each), ICD_METHOD.md sections 2 and 3.
+SINE_FEATURES = 128
+SINE_TEMPERATURE = 10000.0
+
+Strides = Union[Mapping[str, int], Sequence[int]]
+ImageSizes = Sequence[Sequence[int]]
+
+
+def strides_for(levels: Sequence[str], strides: Strides) -> list[int]:
+    """The stride of each level in `levels`' order, from a {level: stride} mapping or an aligned sequence."""
+    if isinstance(strides, Mapping):
+        missing = [lvl for lvl in levels if lvl not in strides]
+        if missing:
+            raise UserError(
+                f"no stride given for level(s) {missing} (strides given for {sorted(strides)})",
+                "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level",
+            )
+        out = [int(strides[lvl]) for lvl in levels]
+    else:
+        out = [int(s) for s in strides]
+        if len(out) != len(levels):
+            raise UserError(
+                f"{len(out)} strides given for {len(levels)} levels {list(levels)}",
+                "give one stride per level, in the same order as the levels",
+            )
+    bad = [s for s in out if s <= 0]
+    if bad:
+        raise UserError(f"strides must be positive, got {out}", "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
+    return out
+
+
+def level_shapes(features: Mapping[str, Tensor], levels: Sequence[str]) -> list[tuple[int, int]]:
+    """(H, W) of each level, checking that every level is present as a [N, C, H, W] tensor of one N and C."""
+    if not levels:
+        raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
+    missing = [lvl for lvl in levels if lvl not in features]
+    if missing:
+        raise UserError(
+            f"feature level(s) {missing} missing (have {sorted(features)})",
+            "pass features for every distilled level, named like the detector's levels ('p3', ...)",
+        )
+    shapes: list[tuple[int, int]] = []
+    first = features[levels[0]]
+    for lvl in levels:
+        feat = features[lvl]
+        if feat.dim() != 4:
+            raise UserError(
+                f"feature level '{lvl}' has shape {tuple(feat.shape)}, expected [N, C, H, W]",
+                "pass batched FPN feature maps",
+            )
+        if feat.shape[:2] != first.shape[:2]:
+            raise UserError(
+                f"feature level '{lvl}' has batch/channels {tuple(feat.shape[:2])}, "
+                f"level '{levels[0]}' has {tuple(first.shape[:2])}",
+                "all levels must come from one batch of one FPN (same N and C)",
+            )
+        shapes.append((int(feat.shape[2]), int(feat.shape[3])))
+    return shapes
+
+
+def flatten_levels(features: Mapping[str, Tensor], levels: Sequence[str]) -> Tensor:
+    """Concatenate the levels into tokens [N, S, C], each level flattened row-major, levels in order."""
+    level_shapes(features, levels)
+    return torch.cat([features[lvl].flatten(2).transpose(1, 2) for lvl in levels], dim=1)
+
+
+def unflatten_levels(tokens: Tensor, shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Split the last (token) axis of `tokens` [..., S] back into per-level maps [..., H, W]."""
+    sizes = [h * w for h, w in shapes]
+    if tokens.shape[-1] != sum(sizes):
+        raise ValueError(f"last axis has {tokens.shape[-1]} tokens, the levels hold {sum(sizes)}")
+    parts = torch.split(tokens, sizes, dim=-1)
+    return [part.reshape(*part.shape[:-1], h, w) for part, (h, w) in zip(parts, shapes)]
+
+
+def _check_image_sizes(image_sizes: ImageSizes) -> list[tuple[int, int]]:
+    sizes = []
+    for i, size in enumerate(image_sizes):
+        if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+            raise UserError(
+                f"image size {tuple(size)} of image {i} is not a positive (h, w)",
+                "pass each image's resized size (h, w) before batch padding",
+            )
+        sizes.append((int(size[0]), int(size[1])))
+    return sizes
+
+
+def valid_level_masks(
+    image_sizes: ImageSizes,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """Per level, bool [N, H, W], True inside the image: rows < ceil(h / s), cols < ceil(w / s)."""
+    sizes = _check_image_sizes(image_sizes)
+    if len(shapes) != len(strides):
+        raise UserError(f"{len(strides)} strides for {len(shapes)} levels", "give one stride per level")
+    masks = []
+    for (height, width), stride in zip(shapes, strides):
+        rows = torch.arange(height, device=device)
+        cols = torch.arange(width, device=device)
+        valid = torch.zeros(len(sizes), height, width, dtype=torch.bool, device=device)
+        for i, (h, w) in enumerate(sizes):
+            valid_h, valid_w = -(-h // stride), -(-w // stride)  # integer ceil
+            if valid_h > height or valid_w > width:
+                raise UserError(
+                    f"image {i} of size {h}x{w} needs {valid_h}x{valid_w} positions at stride {stride}, "
+                    f"but that level's features are only {height}x{width}",
+                    "pass the resized size before padding and features padded to cover every image "
+                    "(the same batch padding as the student's)",
+                )
+            valid[i] = (rows[:, None] < valid_h) & (cols[None, :] < valid_w)
+        masks.append(valid)
+    return masks
+
+
+def padding_mask(
+    image_sizes: ImageSizes,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """bool [N, S], True at padding positions (outside the image), in flatten_levels' token order."""
+    masks = valid_level_masks(image_sizes, shapes, strides, device)
+    return torch.cat([~m.flatten(1) for m in masks], dim=1)
+
+
+def sine_features(values: Tensor, num_feats: int = SINE_FEATURES, temperature: float = SINE_TEMPERATURE) -> Tensor:
+    """[..., num_feats]: feature i = sin(v / T^(2*floor(i/2)/num_feats)) for even i, cos(...) for odd i.
+
+    `values` are angles already scaled (callers multiply normalised coordinates by 2*pi).
+    """
+    index = torch.arange(num_feats, device=values.device, dtype=torch.float32)
+    dim_t = temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / num_feats)
+    angles = values.float()[..., None] / dim_t
+    out = torch.empty_like(angles)
+    out[..., 0::2] = angles[..., 0::2].sin()
+    out[..., 1::2] = angles[..., 1::2].cos()
+    return out
+
+
+def sine_position_embedding(valid: Tensor, num_feats: int = SINE_FEATURES) -> Tensor:
+    """DETR's normalised 2D sine embedding of a validity mask [N, H, W] -> [N, 2*num_feats, H, W] (y then x).
+
+    Coordinates are the cumulative count of valid positions along each axis divided by the axis' valid
+    length, times 2*pi, so the embedding spans the image, not the padded batch.
+    """
+    eps = 1e-6
+    valid_f = valid.float()
+    y_embed = valid_f.cumsum(1)
+    x_embed = valid_f.cumsum(2)
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * (2 * math.pi)
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * (2 * math.pi)
+    pos = torch.cat([sine_features(y_embed, num_feats), sine_features(x_embed, num_feats)], dim=-1)
+    return pos.permute(0, 3, 1, 2)
+
+
+def position_embedding(
+    image_sizes: ImageSizes,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str | None = None,
+    num_feats: int = SINE_FEATURES,
+) -> Tensor:
+    """Per-level sine position embeddings flattened like the tokens: [N, S, 2*num_feats]."""
+    masks = valid_level_masks(image_sizes, shapes, strides, device)
+    return torch.cat([sine_position_embedding(m, num_feats).flatten(2).transpose(1, 2) for m in masks], dim=1)
