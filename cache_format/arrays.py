@@ -1,0 +1,94 @@
+"""Create and open the zarr arrays of a cache (features, records, quant, instances).
+
+Every array is chunked so that one chunk (or one shard) belongs to exactly one feature shard of
+`shard_samples` samples: writers owning disjoint shards therefore never write the same object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from cache_format.compressors import compressor_codecs
+from cache_format.encodings import Encoding
+from cache_format.errors import CacheError
+from cache_format.schema import (BOXES_ARRAY, CLASSES_ARRAY, FEATURES_GROUP, QUANT_ARRAY, RECORD_FIELDS,
+                                  RECORDS_ARRAY, Layout, LevelSpec, quant_columns)
+
+_NO_EMPTY = {"write_empty_chunks": False}
+
+
+@dataclass
+class CacheArrays:
+    """Handles on a cache's arrays; `quant` is None unless the encoding is quantized."""
+
+    features: dict[str, zarr.Array]
+    records: zarr.Array
+    quant: zarr.Array | None
+    boxes: zarr.Array
+    classes: zarr.Array
+
+
+def _meta_codecs() -> list:
+    return [ZstdCodec(level=3), Crc32cCodec()]
+
+
+def create_arrays(root: zarr.Group, levels: list[LevelSpec], layout: Layout, encoding: Encoding,
+                  compressor: str) -> CacheArrays:
+    """Create every array of an empty cache (metadata only: no chunk is written)."""
+    n, s = layout.num_samples, layout.shard_samples
+    features = {}
+    for lv in levels:
+        th, tw = layout.level_tile(lv)
+        features[lv.name] = root.create_array(
+            f"{FEATURES_GROUP}/{lv.name}", shape=(n, lv.channels, lv.max_h, lv.max_w),
+            chunks=(1, lv.channels, th, tw), shards=layout.level_shard(lv), dtype=encoding.stored_dtype,
+            fill_value=0, compressors=compressor_codecs(compressor, encoding.stored_dtype),
+            dimension_names=("sample", "channel", "y", "x"), config=_NO_EMPTY)
+    width = len(RECORD_FIELDS) + len(levels)
+    records = root.create_array(
+        RECORDS_ARRAY, shape=(n, width), chunks=(s, width), dtype="float64", fill_value=np.nan,
+        compressors=_meta_codecs(), dimension_names=("sample", "field"), config=_NO_EMPTY,
+        attributes={"fields": list(RECORD_FIELDS) + [f"crc_{lv.name}" for lv in levels]})
+    quant = None
+    if encoding.quantized:
+        cols = quant_columns(levels)
+        quant = root.create_array(
+            QUANT_ARRAY, shape=(n, sum(b - a for a, b in cols.values())), chunks=(s, sum(b - a for a, b in cols.values())),
+            dtype="float32", fill_value=np.nan, compressors=_meta_codecs(), config=_NO_EMPTY,
+            dimension_names=("sample", "column"),
+            attributes={"columns": {k: list(v) for k, v in cols.items()}})
+    rows = layout.instance_rows_per_shard
+    boxes = root.create_array(
+        BOXES_ARRAY, shape=(layout.num_shards * rows, 4), chunks=(rows, 4), dtype="float32",
+        fill_value=0.0, compressors=_meta_codecs(), config=_NO_EMPTY, dimension_names=("row", "xyxy"))
+    classes = root.create_array(
+        CLASSES_ARRAY, shape=(layout.num_shards * rows,), chunks=(rows,), dtype="int64",
+        fill_value=0, compressors=_meta_codecs(), config=_NO_EMPTY, dimension_names=("row",))
+    return CacheArrays(features, records, quant, boxes, classes)
+
+
+def open_arrays(root: zarr.Group, levels: list[LevelSpec], encoding: Encoding, url: str) -> CacheArrays:
+    """Open the arrays of an existing cache; a missing one means a truncated store."""
+
+    def get(path: str) -> zarr.Array:
+        try:
+            node = root[path]
+        except KeyError:
+            raise CacheError(f"cache {url} is truncated: array '{path}' is missing",
+                             "restore the store from a complete copy or re-create it with `icd dump`") from None
+        if not isinstance(node, zarr.Array):
+            raise CacheError(f"cache {url}: '{path}' is not an array", "the store is damaged; re-create it")
+        return node
+
+    features = {lv.name: get(f"{FEATURES_GROUP}/{lv.name}") for lv in levels}
+    for lv in levels:
+        arr = features[lv.name]
+        if arr.shape[1:] != (lv.channels, lv.max_h, lv.max_w) or arr.dtype != encoding.stored_dtype:
+            raise CacheError(f"cache {url}: features/{lv.name} has shape {arr.shape} dtype {arr.dtype}, "
+                             f"the attributes say {lv} with {encoding.stored_dtype}",
+                             "the store is damaged; re-create it")
+    quant = get(QUANT_ARRAY) if encoding.quantized else None
+    return CacheArrays(features, get(RECORDS_ARRAY), quant, get(BOXES_ARRAY), get(CLASSES_ARRAY))

@@ -1,0 +1,73 @@
+"""Cache URLs -> zarr stores, plus file counting for `inspect`.
+
+Local paths and file:// use zarr's LocalStore, whose writes are atomic (temporary file + rename), so a
+reader never sees a half-written chunk and a killed writer never leaves one. Every other URL
+(memory://, s3://, gs://, ...) goes through fsspec via zarr's FsspecStore; object stores replace
+whole objects atomically too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from cache_format.errors import CacheError
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path for a plain path or file:// URL, else None."""
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return os.path.abspath(parsed.netloc + parsed.path if parsed.netloc else parsed.path)
+    return None
+
+
+def open_store(url: str, *, read_only: bool) -> Store:
+    """The zarr store behind a cache URL."""
+    url = str(url)
+    path = _local_path(url)
+    if path is not None:
+        if read_only and not os.path.isdir(path):
+            raise CacheError(f"{url} is not a cache: no such directory",
+                             "pass the directory given to `icd dump --cache` (or create the cache first)")
+        return LocalStore(path, read_only=read_only)
+    try:
+        return FsspecStore.from_url(url, read_only=read_only)
+    except (ImportError, ValueError) as exc:
+        raise CacheError(f"cannot open cache URL {url}: {exc}",
+                         "install the fsspec filesystem package for this scheme (e.g. s3fs, gcsfs) "
+                         "or use a local path") from exc
+
+
+def store_is_empty(store: Store) -> bool:
+    return bool(sync(store.is_empty("")))
+
+
+def key_size(store: Store, key: str) -> int:
+    """Bytes of one stored object (0 when it does not exist, e.g. an all-padding shard)."""
+    try:
+        return int(sync(store.getsize(key)))
+    except (FileNotFoundError, KeyError):
+        return 0
+
+
+def usage(url: str) -> tuple[int, int]:
+    """(number of files/objects, total bytes) under a cache URL."""
+    path = _local_path(str(url))
+    if path is not None:
+        files = total = 0
+        for dirpath, _, names in os.walk(path):
+            for name in names:
+                files += 1
+                total += os.path.getsize(os.path.join(dirpath, name))
+        return files, total
+    fs, root = fsspec.core.url_to_fs(str(url))
+    found: dict[str, Any] = fs.find(root, detail=True)
+    return len(found), sum(int(info.get("size") or 0) for info in found.values())
