@@ -411,6 +411,7 @@ def save_config(cfg: CfgNode, output_dir: str | os.PathLike | None = None) -> Pa
             f.write(cfg.dump())
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a config is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
