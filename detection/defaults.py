@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
         # 3 octave scales per base. Empty: torchvision's [32, 64, 128, 256, 512]. Small images (the
         # synthetic demo) want smaller anchors. Added by detection.zoo.
         "ANCHOR_GENERATOR": {"SIZES": []},
+        # RetinaNet head normalisation, as detectron2's MODEL.RETINANET.NORM: "" (torchvision's v1 head)
+        # or "GN" (GroupNorm, torchvision's v2 head; trains far faster from scratch). Added by detection.zoo.
+        "RETINANET": {"NORM": ""},
         # Score threshold / NMS / detections per image at test time.
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
