@@ -59,6 +59,10 @@ class CacheReader:
     def __len__(self) -> int:
         return self.num_samples
 
+    def feature_array(self, level: str) -> zarr.Array:
+        """The zarr array of one level (stored dtype, [num_samples, C, max_h, max_w]) for inspection."""
+        return self._arrays.features[level]
+
     @property
     def level_names(self) -> list[str]:
         return [lv.name for lv in self.levels]
@@ -81,6 +85,17 @@ class CacheReader:
             except Exception:
                 out[rng.start:rng.stop] = False
         return out
+
+    def records(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Raw sample records [stop - start, fields] (float64, columns in attributes['record_fields']
+        then one crc per level); uncommitted rows are NaN or stale. Raises CorruptChunkError."""
+        stop = self.num_samples if stop is None else stop
+        try:
+            return np.asarray(self._arrays.records[start:stop])
+        except Exception as exc:
+            raise CorruptChunkError(f"cache {self.url}: the records of samples {start}-{stop - 1} cannot be read "
+                                    f"({type(exc).__name__}: {exc})",
+                                    "run `icd cache verify`; restore or re-create the cache") from exc
 
     def _block(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
         """(records rows, quant rows, first index) of the shard holding `index`, cached while valid."""
@@ -138,13 +153,27 @@ class CacheReader:
         """One committed sample: float32 features [C, h, w] per level (all, or the named ones), meta, instances."""
         row, quant = self._record(index)
         index = int(index)
-        names = self.level_names if levels is None else list(levels)
+        features = self._decode_levels(index, row, quant, self.level_names if levels is None else list(levels))
+        boxes, classes = self._read_instances(index, row)
+        return CachedSample(index, features, _meta_of(row), boxes, classes)
+
+    def read_level(self, index: int, level: str) -> np.ndarray:
+        """One level of one committed sample, float32 [C, h, w] (no instances read)."""
+        row, quant = self._record(index)
+        return self._decode_levels(int(index), row, quant, [level])[level]
+
+    def read_instances(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """GT boxes [n, 4] float32 and classes [n] int64 of one committed sample."""
+        row, _ = self._record(index)
+        return self._read_instances(int(index), row)
+
+    def _decode_levels(self, index: int, row: np.ndarray, quant: np.ndarray | None,
+                       names: list[str]) -> dict[str, np.ndarray]:
         unknown = [n for n in names if n not in self._level_index]
         if unknown:
             raise CacheError(f"levels {unknown} are not in cache {self.url} (it has {self.level_names})",
                              "ask for levels the cache holds")
-        meta = _meta_of(row)
-        stored = self._read_levels(index, names, meta)
+        stored = self._read_levels(index, names, _meta_of(row))
         features = {}
         for name in names:
             lv = self.levels[self._level_index[name]]
@@ -152,18 +181,12 @@ class CacheReader:
             if quant is not None:
                 a, b = self._quant_cols[name]
                 q = quant[a:b].reshape(2, lv.channels)
-            crc = level_crc(stored[name], q)
-            if crc != int(row[len(RECORD_FIELDS) + self._level_index[name]]):
+            if level_crc(stored[name], q) != int(row[len(RECORD_FIELDS) + self._level_index[name]]):
                 raise CorruptChunkError(
                     f"cache {self.url}: sample {index} level {name}: stored values fail their checksum "
                     "(a missing, truncated or altered shard)", "run `icd cache verify`; restore or re-create the cache")
             features[name] = self._encoding.decode(stored[name], q)
-        boxes, classes = self._read_instances(index, row)
-        return CachedSample(index, features, meta, boxes, classes)
-
-    def read_level(self, index: int, level: str) -> np.ndarray:
-        """One level of one committed sample, float32 [C, h, w]."""
-        return self.read_sample(index, [level]).features[level]
+        return features
 
     def _read_levels(self, index: int, names: list[str], meta: SampleMeta) -> dict[str, np.ndarray]:
         """Stored (encoded) valid regions of several levels, fetched concurrently."""

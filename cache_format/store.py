@@ -58,16 +58,21 @@ def key_size(store: Store, key: str) -> int:
         return 0
 
 
-def usage(url: str) -> tuple[int, int]:
-    """(number of files/objects, total bytes) under a cache URL."""
-    path = _local_path(str(url))
+def usage(url: str, prefix: str = "") -> tuple[int, int]:
+    """(number of files/objects, total bytes) under a cache URL (or a key prefix inside it)."""
+    url = str(url).rstrip("/") + (f"/{prefix.strip('/')}" if prefix else "")
+    path = _local_path(url)
     if path is not None:
         files = total = 0
+        if not os.path.isdir(path):
+            return 0, 0
         for dirpath, _, names in os.walk(path):
             for name in names:
                 files += 1
                 total += os.path.getsize(os.path.join(dirpath, name))
         return files, total
-    fs, root = fsspec.core.url_to_fs(str(url))
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(root):
+        return 0, 0
     found: dict[str, Any] = fs.find(root, detail=True)
     return len(found), sum(int(info.get("size") or 0) for info in found.values())
