@@ -1,0 +1,205 @@
+"""`icd distill`: stage two, train a student with ICD from a teacher cache (or, with --online, a live teacher).
+
+    icd distill --config-file CFG --cache PATH [--online] [--resume] [--eval-only] [--num-gpus N] [KEY VALUE ...]
+
+Everything that can reject the run (dataset, cache compatibility, teacher weights) is checked while the
+run is set up, before the first iteration. In cached mode no teacher is built. With --online the teacher
+runs live on the same samples: with --cache, the cache's samples, variants and geometry (its features
+are ignored) so the run is directly comparable with the cached one; without --cache, the augmentation
+plan of the config (the original ICD).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from cache_format import CacheReader, check_compatibility
+from cache_format.errors import CacheError
+from detection import distributed as comm
+from detection.augment import AugmentationPlan
+from detection.config import CfgNode, add_config_arguments, save_config, setup_cfg
+from detection.datasets import CocoIndex, class_statistics
+from detection.errors import UserError
+from detection.evaluation import evaluate
+from detection.train import NUM_GPUS_HELP, build_model, resolve_num_classes, seed_all, train_detector, train_index
+from detection.zoo import DetectorAdapter
+from stage1_teacher_dump.identity import preprocessing_identity
+from stage2_student_distill.data import (
+    DistillCollate,
+    DistillDataset,
+    SampleTable,
+    build_distill_loader,
+    cache_plan,
+    report_skipped,
+)
+from stage2_student_distill.icd import ICDModule
+from stage2_student_distill.online import OnlineTeacher, build_online_teacher
+from stage2_student_distill.trainer import DistillTrainer
+
+
+def distill_levels(cfg: Any, student: DetectorAdapter) -> list[str]:
+    """The levels to distil: CACHE.LEVELS when set (a subset of the student's), else ICD's for the student."""
+    names = list(cfg.CACHE.LEVELS) or list(student.levels)
+    unknown = [name for name in names if name not in student.strides]
+    if unknown:
+        raise UserError(f"CACHE.LEVELS {unknown} are not FPN levels of the student {student.architecture} "
+                        f"(it has {student.levels})",
+                        f"choose CACHE.LEVELS from {student.levels}, or leave it empty for ICD's default")
+    return names
+
+
+def student_identity(cfg: Any, student: DetectorAdapter, levels: list[str]) -> dict[str, Any]:
+    """What check_compatibility compares: the distilled levels and the preprocessing (as stage one records it)."""
+    return {"levels": [{"name": name, "stride": student.strides[name], "channels": student.out_channels}
+                       for name in levels],
+            "preprocessing": preprocessing_identity(cfg)}
+
+
+def check_cache(reader: CacheReader, cfg: Any, index: CocoIndex, student: DetectorAdapter, levels: list[str],
+                features: bool = True) -> None:
+    """Refuse a cache this student cannot distil from, naming the reason (before any training).
+
+    features=False (--online with a cache): only its samples are used, so its levels and teacher
+    weights do not matter, but its preprocessing and dataset still must match.
+    """
+    check_compatibility(reader.attributes, student_identity(cfg, student, levels if features else []))
+    recorded = reader.attributes.get("dataset", {}) or {}
+    sha = recorded.get("annotation_sha256", "")
+    if sha and sha != index.json_sha256:
+        raise UserError(
+            f"the cache {reader.url} was dumped from annotation file {recorded.get('annotation_file', '?')}, "
+            f"but DATASETS.TRAIN is {index.json_path}, whose content differs (sha256 {index.json_sha256[:12]}... "
+            f"vs {sha[:12]}...)",
+            "train the student on the dataset the cache was made from, or dump a cache for this dataset",
+        )
+    cached_k = reader.attributes.get("num_classes")
+    if cached_k is not None and int(cached_k) != index.num_classes:
+        raise UserError(f"the cache {reader.url} has {cached_k} classes, the training dataset {index.num_classes}",
+                        "use the dataset the cache was dumped from")
+    if features and cfg.DISTILL.INIT_FROM_TEACHER and not reader.has_teacher_weights():
+        raise UserError(f"DISTILL.INIT_FROM_TEACHER is set but the cache {reader.url} holds no teacher weights",
+                        "set DISTILL.INIT_FROM_TEACHER False, or re-run `icd dump`, which stores them")
+
+
+def check_teacher(teacher: DetectorAdapter, tcfg: Any, cfg: Any, student: DetectorAdapter, levels: list[str]) -> None:
+    """--online: the live teacher must offer the student's levels, strides and channels."""
+    offered = {"levels": [{"name": n, "stride": s, "channels": teacher.out_channels} for n, s in teacher.strides.items()],
+               "preprocessing": preprocessing_identity(tcfg)}
+    try:
+        check_compatibility(offered, student_identity(cfg, student, levels))
+    except CacheError as exc:
+        raise UserError(exc.problem.replace("the cache does not match", "the online teacher does not match"),
+                        "choose a teacher (DISTILL.TEACHER) with the student's levels and FPN width") from None
+
+
+def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
+                          with_evaluation: bool = True) -> DistillTrainer:
+    """Check everything and build the trainer for this process (one of several under DDP)."""
+    seed_all(int(cfg.SEED) + comm.get_rank())
+    cfg = cfg.clone()
+    if not cfg.DISTILL.ENABLED:
+        raise UserError("DISTILL.ENABLED is False: `icd distill` has nothing to distil",
+                        "set DISTILL.ENABLED True, or train the student alone with `icd train`")
+    if not online and not cache:
+        raise UserError("cached distillation needs the teacher cache: no --cache was given",
+                        "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
+    index = train_index(cfg)
+    cfg.MODEL.NUM_CLASSES = resolve_num_classes(cfg, index)
+    num_classes = int(cfg.MODEL.NUM_CLASSES)
+    reader = CacheReader(cache) if cache else None
+    if comm.is_main_process():
+        save_config(cfg)
+
+    student = build_model(cfg, num_classes)
+    levels = distill_levels(cfg, student)
+    if reader is not None:
+        check_cache(reader, cfg, index, student, levels, features=not online)
+    prior, size_mean, size_std = class_statistics(index)
+    icd = ICDModule.from_config(cfg, num_classes, student.out_channels, class_prior=prior,
+                                size_prior_mean=size_mean, size_prior_std=size_std)
+
+    teacher = None
+    if online:
+        device = comm.device_for_process(cfg.MODEL.DEVICE)
+        adapter, tcfg = build_online_teacher(cfg, num_classes, device, reader.attributes if reader else None)
+        check_teacher(adapter, tcfg, cfg, student, levels)
+        teacher = OnlineTeacher(adapter, levels, adapter.strides, amp=bool(cfg.SOLVER.AMP))
+
+    with_masks = bool(cfg.MODEL.MASK_ON)
+    if reader is not None:
+        plan = cache_plan(reader.attributes, reader.url)
+        table = SampleTable.from_reader(reader, plan.num_variants)
+        if not any(table.has_image(image.id) for image in index.training_images()):
+            raise CacheError(f"no training image of {index.json_path} has a committed sample in {reader.url}",
+                             "dump the cache from this dataset (`icd dump`), or finish the dump with --resume")
+        dataset = DistillDataset(index, plan, table=table, cache_url=reader.url, levels=levels,
+                                 read_features=not online, with_masks=with_masks)
+        report_skipped(dataset, reader.url)
+    else:
+        dataset = DistillDataset(index, AugmentationPlan.for_training(cfg), with_masks=with_masks)
+    loader = build_distill_loader(cfg, dataset, DistillCollate(levels, student.strides, student.size_divisibility))
+
+    teacher_weights = None
+    if cfg.DISTILL.INIT_FROM_TEACHER:
+        teacher_weights = teacher.fpn_and_head_state_dict if teacher is not None else reader.teacher_weights
+    if comm.is_main_process():
+        if teacher is None:
+            source = f"the cache {reader.url} ({reader.encoding})"
+        else:
+            source = f"the live teacher {teacher.teacher.architecture}" + (
+                f", samples and geometry from the cache {reader.url}" if reader is not None else "")
+        print(f"icd distill: {student.architecture} student, levels {', '.join(levels)}, {len(dataset)} training "
+              f"images; teacher features from {source}", flush=True)
+    return DistillTrainer(cfg, student, loader, icd, levels, teacher=teacher, teacher_weights=teacher_weights,
+                          evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None, resume=resume)
+
+
+def distill(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
+            eval_only: bool = False) -> dict[str, dict[str, float]]:
+    """Train (or with eval_only, only evaluate) the student; returns the final COCO evaluation."""
+    if eval_only:
+        return train_detector(cfg, resume=resume, eval_only=True)
+    return build_distill_trainer(cfg, cache, online=online, resume=resume).train()
+
+
+def _worker(cfg: CfgNode, cache: str | None, online: bool, resume: bool, eval_only: bool) -> None:
+    distill(cfg, cache, online=online, resume=resume, eval_only=eval_only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icd distill",
+        description="Train a student detector with ICD from the teacher features cached by `icd dump`, then "
+        "evaluate it with COCO AP (printed and saved under OUTPUT_DIR/inference/).")
+    parser.add_argument("--cache", default=None, metavar="PATH",
+                        help="the teacher cache (path or URL); with --online only its samples and geometry are used")
+    parser.add_argument("--online", action="store_true",
+                        help="run the teacher (DISTILL.TEACHER, defaulting to the cache's) live instead of reading "
+                        "its features: the original ICD, as a reference")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT_DIR/last_checkpoint (student, ICD modules, both optimizers, RNG, "
+                        "data order)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint)")
+    parser.add_argument("--num-gpus", type=int, default=1, metavar="N", help=NUM_GPUS_HELP)
+    return add_config_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = setup_cfg(args.config_file, args.opts)
+        if not args.eval_only and not args.online and not args.cache:
+            raise UserError("cached distillation needs the teacher cache: no --cache was given",
+                            "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
+        comm.launch(_worker, args.num_gpus, (cfg, args.cache, args.online, args.resume, args.eval_only),
+                    device=cfg.MODEL.DEVICE)
+    except (UserError, CacheError) as exc:
+        print(f"icd distill: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

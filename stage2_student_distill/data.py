@@ -1,0 +1,282 @@
+"""Stage two's data path: replay the cached samples' augmentation and stream their teacher features.
+
+One item per training image and epoch: the epoch draws one of the image's cached variants
+(`AugmentationPlan.sample_variant`, the plan stored in the cache), falling back to another committed
+variant when the drawn one is not in the cache. The image is read and the recorded geometry replayed
+with detection.augment, so the student sees exactly the teacher's pixels; targets come from the
+annotations transformed the same way. The sample's teacher features are read from the cache in the
+DataLoader worker that builds the item (one CacheReader per process, opened lazily, so nothing but the
+URL is pickled and memory does not grow with the cache), and the collate function pads them to the
+student's batch shape with zeros.
+
+Items are built by detection.datasets.DetectionDataset (image decoding, target transforms, masks); this
+module adds the choice of variant, the check that the plan reproduces the recorded geometry exactly,
+and the features.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cache_format import CacheReader
+from cache_format.errors import CacheError
+from detection import distributed as comm
+from detection.augment import AugmentationPlan, AugParams
+from detection.datasets import CocoIndex, DetectionDataset, InfiniteSampler
+from detection.engine import LoaderFactory
+from detection.errors import UserError
+from detection.train import _BatchSampler
+from stage1_teacher_dump.batching import padded_shape
+
+logger = logging.getLogger(__name__)
+
+
+# -- which cache sample holds each (image, variant) -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SampleTable:
+    """Committed cache samples by image: `samples[row, variant]` is a sample index, -1 if not committed.
+
+    numpy arrays rather than dicts so that the table stays a few bytes per sample and is shared
+    copy-on-write with DataLoader workers.
+    """
+
+    image_ids: np.ndarray  # [num_images] int64, sorted
+    samples: np.ndarray  # [num_images, num_variants] int64
+
+    @classmethod
+    def from_reader(cls, reader: CacheReader, num_variants: int) -> "SampleTable":
+        """Read every committed sample's (image id, variant) from the cache's records."""
+        committed = np.flatnonzero(reader.committed())
+        if committed.size == 0:
+            raise CacheError(f"cache {reader.url} has no committed sample",
+                             "finish stage one (`icd dump ... --resume`) before training a student from it")
+        pairs = np.empty((committed.size, 2), dtype=np.int64)
+        for row, index in enumerate(committed.tolist()):
+            meta = reader.meta(index)
+            pairs[row] = (meta.image_id, meta.variant)
+        bad = pairs[(pairs[:, 1] < 0) | (pairs[:, 1] >= num_variants)]
+        if len(bad):
+            raise CacheError(f"cache {reader.url} holds variant {int(bad[0, 1])} of image {int(bad[0, 0])}, outside "
+                             f"the 0..{num_variants - 1} of its augmentation plan",
+                             "the cache is damaged or was written by another tool; re-create it with `icd dump`")
+        image_ids = np.unique(pairs[:, 0])
+        samples = np.full((len(image_ids), num_variants), -1, dtype=np.int64)
+        rows = np.searchsorted(image_ids, pairs[:, 0])
+        flat = rows * num_variants + pairs[:, 1]
+        if len(np.unique(flat)) != len(flat):
+            raise CacheError(f"cache {reader.url} holds the same (image, variant) in more than one sample",
+                             "the cache is damaged or was written by another tool; re-create it with `icd dump`")
+        samples[rows, pairs[:, 1]] = committed
+        return cls(image_ids, samples)
+
+    def _row(self, image_id: int) -> int:
+        row = int(np.searchsorted(self.image_ids, image_id))
+        if row >= len(self.image_ids) or self.image_ids[row] != image_id:
+            return -1
+        return row
+
+    def has_image(self, image_id: int) -> bool:
+        return self._row(image_id) >= 0
+
+    def choose_variant(self, image_id: int, drawn: int) -> int:
+        """`drawn` if that variant is cached, else the next cached one (drawn + 1, drawn + 2, ... cyclically)."""
+        row = self._row(image_id)
+        if row < 0:
+            raise KeyError(f"image {image_id} has no committed sample")
+        variants = self.samples.shape[1]
+        for step in range(variants):
+            variant = (int(drawn) + step) % variants
+            if self.samples[row, variant] >= 0:
+                return variant
+        raise KeyError(f"image {image_id} has no committed sample")
+
+    def sample_index(self, image_id: int, variant: int) -> int:
+        row = self._row(image_id)
+        index = int(self.samples[row, variant]) if row >= 0 else -1
+        if index < 0:
+            raise KeyError(f"image {image_id} variant {variant} is not in the cache")
+        return index
+
+
+class _VariantChooser:
+    """variant_sampler for DetectionDataset: the plan's per-epoch draw, limited to cached variants."""
+
+    def __init__(self, plan: AugmentationPlan, table: SampleTable | None) -> None:
+        self.plan, self.table = plan, table
+
+    def __call__(self, epoch: int, image_id: int) -> int:
+        drawn = self.plan.sample_variant(epoch, image_id)
+        return drawn if self.table is None else self.table.choose_variant(image_id, drawn)
+
+
+def cache_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
+    """The augmentation plan a cache was dumped with (stored in its root attributes by stage one)."""
+    if "augmentation" not in attributes:
+        raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
+                         "re-create the cache with `icd dump`, which stores the plan it used")
+    try:
+        return AugmentationPlan.from_dict(attributes["augmentation"])
+    except UserError as exc:
+        raise CacheError(f"cache {url}: {exc.problem}", exc.fix) from None
+
+
+# -- the dataset ----------------------------------------------------------------------------------------
+class DistillDataset(Dataset):
+    """Training items for stage two: DetectionDataset items (+ teacher features from the cache).
+
+    Modes: `cache_url` and `read_features` (cached ICD); `cache_url` without features (online ICD on
+    the cache's samples: same images, variants and geometry, the teacher runs live); no cache (online
+    ICD on the plan from the config). Item indices are `(epoch, i)` as InfiniteSampler(yield_epoch=True)
+    yields them; `locate()` serves detection.train.batch_stream.
+    """
+
+    def __init__(self, index: CocoIndex, plan: AugmentationPlan, *, table: SampleTable | None = None,
+                 cache_url: str | None = None, levels: Sequence[str] = (), read_features: bool = False,
+                 with_masks: bool = False) -> None:
+        if read_features and (cache_url is None or table is None or not levels):
+            raise ValueError("reading teacher features needs a cache URL, its sample table and the levels")
+        self.plan = plan
+        self.table = table
+        self.cache_url = cache_url
+        self.levels = list(levels)
+        self.read_features = read_features
+        self.skipped_images = 0
+        if table is not None:
+            cached = [im for im in index.images if table.has_image(im.id)]
+            self.skipped_images = len([im for im in index.training_images() if not table.has_image(im.id)])
+            index = dataclasses.replace(index, images=cached)
+        self.items = DetectionDataset(index, plan, training=True, variant_sampler=_VariantChooser(plan, table),
+                                      with_masks=with_masks)
+        self._reader: CacheReader | None = None
+        self._reader_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def locate(self, item: Any) -> Any:
+        return self.items.locate(item)
+
+    def reader(self) -> CacheReader:
+        """This process's CacheReader (opened on first use, so DataLoader workers each open their own)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = CacheReader(self.cache_url)
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"], state["_reader_pid"] = None, -1
+        return state
+
+    def __getitem__(self, item: Any) -> dict[str, Any]:
+        sample = self.items[item]
+        if self.table is None:
+            return sample
+        p: AugParams = sample["aug"]
+        index = self.table.sample_index(p.image_id, p.variant)
+        sample["cache_index"] = index
+        if self.read_features:
+            cached = self.reader().read_sample(index, self.levels)
+            check_geometry(cached.meta, p, index, self.cache_url)
+            sample["teacher_features"] = {name: torch.from_numpy(cached.features[name]) for name in self.levels}
+        else:
+            check_geometry(self.reader().meta(index), p, index, self.cache_url)
+        return sample
+
+
+def check_geometry(meta: Any, p: AugParams, index: int, url: str | None) -> None:
+    """The plan's replay of (image, variant) must be the geometry stage one recorded, or pixels differ."""
+    recorded = (meta.image_id, meta.variant, meta.scale, meta.flip, meta.resized_h, meta.resized_w)
+    replayed = (p.image_id, p.variant, p.scale, p.flip, p.resized_h, p.resized_w)
+    if recorded != replayed:
+        raise CacheError(
+            f"cache {url} sample {index} recorded (image, variant, scale, flip, h, w) = {recorded}, but replaying "
+            f"its augmentation plan on this annotation file gives {replayed}",
+            "train on the annotation file and images the cache was dumped from (DATASETS.TRAIN), or re-dump it",
+        )
+
+
+# -- batching ---------------------------------------------------------------------------------------------
+def level_shape(padded_hw: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The FPN level size of a batch padded to `padded_hw`: ceil(padded / stride) per axis."""
+    return math.ceil(padded_hw[0] / stride), math.ceil(padded_hw[1] / stride)
+
+
+def batch_padded_shape(image_sizes: Iterable[Sequence[int]], size_divisibility: int) -> tuple[int, int]:
+    """The student's padded batch shape: the largest h and w, rounded up to the size divisibility."""
+    sizes = list(image_sizes)
+    return padded_shape(max(int(s[0]) for s in sizes), max(int(s[1]) for s in sizes), size_divisibility)
+
+
+def pad_levels(per_sample: Sequence[Mapping[str, Tensor]], padded_hw: tuple[int, int], levels: Sequence[str],
+               strides: Mapping[str, int]) -> dict[str, Tensor]:
+    """Stack per-sample valid regions [C, h, w] into zero-padded [N, C, ceil(H/s), ceil(W/s)] per level."""
+    out: dict[str, Tensor] = {}
+    for name in levels:
+        first = per_sample[0][name]
+        height, width = level_shape(padded_hw, strides[name])
+        batch = first.new_zeros((len(per_sample), first.shape[0], height, width))
+        for i, features in enumerate(per_sample):
+            feature = features[name]
+            h, w = feature.shape[-2:]
+            if h > height or w > width:
+                raise CacheError(f"teacher level {name} of sample {i} is {h}x{w}, larger than the batch's "
+                                 f"{height}x{width} at stride {strides[name]}",
+                                 "the cache's levels do not match the student's strides; check the cache")
+            batch[i, :, :h, :w] = feature
+        out[name] = batch
+    return out
+
+
+class DistillCollate:
+    """Batch = {'samples': [items], 'teacher_features': {level: [N, C, H, W]} or None} (runs in workers)."""
+
+    def __init__(self, levels: Sequence[str], strides: Mapping[str, int], size_divisibility: int) -> None:
+        self.levels = list(levels)
+        self.strides = {name: int(strides[name]) for name in self.levels}
+        self.size_divisibility = int(size_divisibility)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        features = None
+        if items and "teacher_features" in items[0]:
+            sizes = [tuple(item["image"].shape[-2:]) for item in items]
+            padded = batch_padded_shape(sizes, self.size_divisibility)
+            features = pad_levels([item.pop("teacher_features") for item in items], padded, self.levels,
+                                  self.strides)
+        return {"samples": items, "teacher_features": features}
+
+
+def build_distill_loader(cfg: Any, dataset: DistillDataset, collate: DistillCollate) -> LoaderFactory:
+    """start_iter -> DataLoader at that position of the seeded, resumable batch stream (as icd train)."""
+    world = comm.get_world_size()
+    total = int(cfg.SOLVER.IMS_PER_BATCH)
+    if total < world or total % world:
+        raise UserError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
+                        f"use a multiple of {world} (images per batch are split evenly across processes).")
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    pin = str(cfg.MODEL.DEVICE).startswith("cuda")
+
+    def build(start_iter: int) -> DataLoader:
+        sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
+        batches = _BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
+                                group_by_aspect=bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING), skip_batches=start_iter)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin, persistent_workers=False, prefetch_factor=2 if workers else None)
+
+    return build
+
+
+def report_skipped(dataset: DistillDataset, url: str | None) -> None:
+    """Warn (once, rank 0) when training images have no committed sample in the cache."""
+    if dataset.skipped_images and comm.is_main_process():
+        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped "
+                       "(an unfinished dump, or images stage one skipped as unreadable); "
+                       "finish the dump with `icd dump ... --resume` to train on them", dataset.skipped_images, url)
