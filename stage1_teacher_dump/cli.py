@@ -1,0 +1,85 @@
+"""`icd dump`: stage one, the only place the teacher runs.
+
+    icd dump --config-file CFG --cache PATH [--budget SIZE] [--dry-run] [--resume] [--num-gpus N] [KEY VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from cache_format.budget import format_size, parse_size
+from cache_format.errors import CacheError
+from detection import distributed as comm
+from detection.config import add_config_arguments, save_config, setup_cfg
+from detection.errors import UserError
+from detection.train import NUM_GPUS_HELP, seed_all
+from stage1_teacher_dump.dump import DumpSummary, run_dump
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icd dump",
+        description="Run the frozen teacher once over every (image, augmentation variant) of DATASETS.TRAIN and "
+        "write its FPN features and GT instances to a zarr cache that stage two streams.",
+    )
+    parser.add_argument("--cache", required=True, metavar="PATH", help="cache location: a path, file:// or memory:// URL")
+    parser.add_argument("--budget", default=None, metavar="SIZE",
+                        help="disk budget, e.g. 200GB, 1.5TiB, 500M: the planner measures every encoding on "
+                        "calibration samples and picks the most faithful that fits (CACHE.ENCODING auto), or "
+                        "checks the configured encoding fits; refuses before the full run if nothing fits")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (encoding, bytes/sample, projected total, fidelity) and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted dump from its committed samples (same config required)")
+    parser.add_argument("--num-gpus", type=int, default=1, metavar="N", help=NUM_GPUS_HELP)
+    return add_config_arguments(parser)
+
+
+def _worker(cfg: Any, cache: str, budget: int | None, dry_run: bool, resume: bool) -> None:
+    seed_all(int(cfg.SEED))
+    summary = run_dump(cfg, cache, budget=budget, dry_run=dry_run, resume=resume)
+    if comm.is_main_process():
+        print(format_summary(summary, budget, dry_run), flush=True)
+
+
+def format_summary(summary: DumpSummary, budget: int | None, dry_run: bool) -> str:
+    lines = []
+    if summary.plan_table:
+        lines.append(summary.plan_table)
+    if dry_run:
+        lines.append(f"dry run: would write {summary.num_samples} samples to {summary.cache} "
+                     f"with encoding {summary.encoding}" + (f" within {format_size(budget)}" if budget else ""))
+        return "\n".join(lines)
+    lines.append(
+        f"cache {summary.cache}: {summary.committed}/{summary.num_samples} samples committed "
+        f"({summary.written_now} written by this run) in {summary.seconds:.1f} s, encoding {summary.encoding}, "
+        f"{format_size(summary.bytes_on_disk)} on disk"
+        + (f" (budget {format_size(budget)})" if budget else "")
+    )
+    if summary.skipped:
+        lines.append(f"{len(summary.skipped)} unreadable image(s) skipped (CACHE.SKIP_UNREADABLE):")
+        lines += [f"  {item}" for item in summary.skipped]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = setup_cfg(args.config_file, args.opts)
+        budget = parse_size(args.budget) if args.budget is not None else None
+        if not args.dry_run:
+            save_config(cfg)
+        comm.launch(_worker, args.num_gpus, (cfg, args.cache, budget, args.dry_run, args.resume),
+                    device=cfg.MODEL.DEVICE)
+    except (UserError, CacheError) as exc:
+        print(f"icd dump: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icd dump: interrupted; committed samples are kept - rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

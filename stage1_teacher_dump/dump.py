@@ -1,0 +1,325 @@
+"""Stage one as one straight flow: plan the cache, open it, run the teacher over owned shards, write.
+
+    samples (image x variant) -> identity + levels -> encoding (config or budget plan) -> create/resume
+    -> DataLoader (decode + augment in workers) -> teacher forward -> background writer -> commit
+
+Each process owns whole shards (shard s belongs to rank s % world_size) and batches never cross a
+shard, so the cache is the same whatever the number of processes or interruptions (stage1.batching).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
+from cache_format.budget import format_size, plan as plan_budget
+from cache_format.errors import CacheError
+from cache_format.store import open_store, store_is_empty, usage
+from detection import distributed as comm
+from detection.augment import AugmentationPlan
+from detection.errors import UserError
+from detection.train import train_index
+from detection.zoo import DetectorAdapter
+from stage1_teacher_dump.background_writer import BackgroundWriter
+from stage1_teacher_dump.batching import padded_shape, shard_batches
+from stage1_teacher_dump.identity import (
+    dataset_identity,
+    identity_differences,
+    preprocessing_identity,
+    teacher_identity,
+)
+from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
+from stage1_teacher_dump.teacher import fpn_and_head_weights, load_teacher, teacher_features, valid_region
+
+IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")
+# Fault injection for the crash-safety tests: SIGKILL this process after N samples were handed to the
+# cache writer - a real `kill -9` at a chosen point, reproducible unlike a timer in the test.
+KILL_AFTER_ENV = "ICD_DUMP_FAULT_KILL_AFTER"
+
+
+@dataclass
+class DumpSummary:
+    """What a dump did, for the final message and for tests."""
+
+    cache: str
+    encoding: str
+    num_samples: int
+    written_now: int
+    committed: int
+    bytes_on_disk: int
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    plan_table: str = ""
+
+
+def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[LevelSpec]:
+    """The levels to keep (CACHE.LEVELS, default: ICD's for the architecture) sized for the largest sample."""
+    names = list(cfg.CACHE.LEVELS) or list(teacher.levels)
+    unknown = [name for name in names if name not in teacher.strides]
+    if unknown:
+        raise UserError(
+            f"CACHE.LEVELS {unknown} are not FPN levels of {teacher.architecture} (it has {teacher.levels})",
+            f"choose CACHE.LEVELS from {teacher.levels}, or leave it empty for ICD's default",
+        )
+    max_h = max(p.resized_h for _, p in samples)
+    max_w = max(p.resized_w for _, p in samples)
+    return [
+        LevelSpec(name=name, stride=teacher.strides[name], channels=teacher.out_channels,
+                  max_h=-(-max_h // teacher.strides[name]), max_w=-(-max_w // teacher.strides[name]))
+        for name in names
+    ]
+
+
+def identity_attributes(cfg: Any, index: Any, plan: AugmentationPlan) -> dict[str, Any]:
+    return {
+        "teacher": teacher_identity(cfg),
+        "preprocessing": preprocessing_identity(cfg),
+        "dataset": dataset_identity(cfg.DATASETS.TRAIN[0], index.json_path, len(index.images)),
+        "augmentation": plan.to_dict(),
+        "num_classes": int(index.num_classes),
+        "class_names": index.class_names,
+    }
+
+
+def check_resumable(url: str, wanted: dict[str, Any], encoding: str | None) -> str:
+    """The existing cache's encoding, after checking it is the same teacher, data, preprocessing and plan."""
+    reader = CacheReader(url)
+    diffs: list[str] = []
+    for key in IDENTITY_FIELDS:
+        diffs += identity_differences({key: reader.attributes.get(key, {})}, {key: wanted[key]})
+    if diffs:
+        raise UserError(
+            f"the cache at {url} was written for a different run:\n    " + "\n    ".join(diffs),
+            "use a new --cache path for this teacher/dataset/plan, or restore the original config to resume",
+        )
+    if encoding and encoding != "auto" and encoding != reader.encoding:
+        raise UserError(
+            f"CACHE.ENCODING {encoding} contradicts the cache being resumed, which is {reader.encoding}",
+            f"drop the override (resume keeps {reader.encoding}) or start a new cache",
+        )
+    return reader.encoding
+
+
+def calibration_features(
+    teacher: DetectorAdapter, dataset: DumpDataset, count: int, levels: list[LevelSpec], amp: bool
+) -> list[dict[str, np.ndarray]]:
+    """Teacher features of the first `count` readable samples: the budget planner's measurement set."""
+    calib: list[dict[str, np.ndarray]] = []
+    for index in range(len(dataset)):
+        if len(calib) >= count:
+            break
+        record = dataset[index]
+        if "error" in record:
+            continue
+        p = record["params"]
+        feats = teacher_features(teacher, [record["image"]], [lv.name for lv in levels], amp)
+        calib.append({lv.name: valid_region(feats[lv.name][0], lv.stride, p.resized_h, p.resized_w) for lv in levels})
+    return calib
+
+
+def choose_encoding(
+    cfg: Any, teacher: DetectorAdapter, dataset: DumpDataset, levels: list[LevelSpec],
+    budget: int | None, dry_run: bool,
+) -> tuple[str, str, str]:
+    """(encoding, compressor, plan table): the configured ones, or the planner's choice under `budget`.
+
+    With a budget (or --dry-run) the planner measures real teacher features of the first samples, so a
+    cache that cannot fit is refused before the full run spends any GPU time.
+    """
+    encoding, compressor = str(cfg.CACHE.ENCODING), str(cfg.CACHE.COMPRESSOR)
+    if encoding == "auto" and budget is None:
+        raise UserError("CACHE.ENCODING auto lets the budget planner choose, but no --budget was given",
+                        "pass --budget SIZE (e.g. --budget 200GB) or set CACHE.ENCODING to fp32/fp16/bf16/int8")
+    if budget is None and not dry_run:
+        return encoding, compressor, ""
+    calib = calibration_features(teacher, dataset, int(cfg.CACHE.CALIBRATION_SAMPLES), levels, bool(cfg.SOLVER.AMP))
+    if not calib:
+        raise UserError("no readable image to calibrate the budget planner on", "check the training images")
+    candidates = None if encoding == "auto" else [(encoding, compressor)]
+    result = plan_budget(calib, num_samples=len(dataset), budget_bytes=budget if budget is not None else 2**62,
+                         candidates=candidates, levels=levels, compressor=compressor,
+                         shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE))
+    return result.choice.encoding, result.choice.compressor, result.table()
+
+
+def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False,
+             resume: bool = False) -> DumpSummary:
+    """Dump the teacher's features of every (image, variant) of DATASETS.TRAIN into `cache`."""
+    start = time.perf_counter()
+    rank, world = comm.get_rank(), comm.get_world_size()
+    device = comm.device_for_process(cfg.MODEL.DEVICE)
+    amp = bool(cfg.SOLVER.AMP)
+    index = train_index(cfg)
+    plan = AugmentationPlan.for_training(cfg)
+    samples = enumerate_samples(index, plan)
+    dataset = DumpDataset(samples)
+    teacher = load_teacher(cfg, index.num_classes, device)
+    levels = cache_levels(cfg, teacher, samples)
+    attributes = identity_attributes(cfg, index, plan)
+
+    exists = cache_exists(cache)
+    if exists and not resume and not dry_run:
+        raise UserError(f"a cache already exists at {cache}; stage one never overwrites one silently",
+                        "pass --resume to continue it, or choose a new --cache path (or delete the old one)")
+    if resume and not exists:
+        raise UserError(f"--resume was given but there is no cache at {cache}", "drop --resume to start a new cache")
+
+    plan_table = ""
+    if exists and resume:
+        encoding = check_resumable(cache, attributes, str(cfg.CACHE.ENCODING))
+    else:
+        choice: tuple[str, str, str] | None = None
+        if rank == 0:
+            choice = choose_encoding(cfg, teacher, dataset, levels, budget, dry_run)
+        encoding, compressor, plan_table = comm.broadcast_object(choice)
+    if dry_run:
+        return DumpSummary(cache, encoding, len(samples), 0, 0, 0, time.perf_counter() - start, plan_table=plan_table)
+
+    if not exists and rank == 0:
+        writer = CacheWriter.create(
+            cache, num_samples=len(samples), levels=levels, encoding=encoding, compressor=compressor,
+            attributes=attributes, shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE),
+        )
+        writer.put_teacher_weights(fpn_and_head_weights(teacher))
+        writer.close()
+    comm.synchronize()
+
+    writer = CacheWriter.open(cache, rank=rank, world_size=world)
+    todo = writer.uncommitted_owned_samples()
+    shapes = {i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo}
+    batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_records,
+                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    owned_total = len(writer.owned_samples())
+    budget_share = None if budget is None else budget * owned_total / max(1, len(samples))
+
+    skipped: list[str] = []
+    written = 0
+    tracker = WriteTracker(writer, todo)
+    background = BackgroundWriter(tracker.write)
+    progress = tqdm(total=len(todo), unit="img", desc=f"dump {encoding}", disable=rank != 0, dynamic_ncols=True)
+    try:
+        for records in loader:
+            readable = []
+            for record in records:
+                if "error" in record:
+                    if not cfg.CACHE.SKIP_UNREADABLE:
+                        raise record["error"]
+                    skipped.append(f"{record['file_name']}: {record['error'].problem}")
+                    tqdm.write(f"icd dump: skipping unreadable image {record['file_name']} (CACHE.SKIP_UNREADABLE)")
+                else:
+                    readable.append(record)
+            if readable:
+                feats = teacher_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
+                for b, record in enumerate(readable):
+                    p = record["params"]
+                    per_level = {lv.name: valid_region(feats[lv.name][b], lv.stride, p.resized_h, p.resized_w)
+                                 for lv in levels}
+                    meta = SampleMeta(image_id=p.image_id, variant=p.variant, scale=p.scale, flip=p.flip,
+                                      resized_h=p.resized_h, resized_w=p.resized_w)
+                    background.submit((record["index"], per_level, meta, record["boxes"], record["classes"]))
+                    written += 1
+            progress.update(len(records))
+            check_budget(tracker, budget_share, owned_total, progress, cache)
+        background.close()
+        writer.close()
+    except OSError as exc:
+        _abandon(background, progress)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"the disk holding {cache} is full; committed samples are kept",
+                            "free space (or move the cache), then rerun the same command with --resume") from None
+        raise
+    except BaseException:
+        _abandon(background, progress)
+        raise
+    progress.close()
+    if skipped and rank == 0:
+        _record_skipped(cfg, skipped)
+    comm.synchronize()
+    committed = int(np.count_nonzero(CacheReader(cache).committed()))
+    return DumpSummary(cache, encoding, len(samples), written, committed, usage(cache)[1],
+                       time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table)
+
+
+class WriteTracker:
+    """Counts samples whose shard has been written, so bytes/sample is measured on what is on disk."""
+
+    def __init__(self, writer: CacheWriter, todo: list[int]) -> None:
+        self.writer = writer
+        self.pending_per_shard: dict[int, int] = {}
+        for index in todo:
+            shard = writer.layout.shard_of(index)
+            self.pending_per_shard[shard] = self.pending_per_shard.get(shard, 0) + 1
+        self.written_shards: set[int] = set()
+        self.samples_on_disk = 0
+        self.handed_over = 0
+        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+
+    def write(self, item: tuple) -> None:
+        index = item[0]
+        self.writer.write_sample(*item)
+        self.handed_over += 1
+        if self.kill_after and self.handed_over >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        shard = self.writer.layout.shard_of(index)
+        if shard not in self.written_shards and self.writer.is_committed(index):
+            self.written_shards.add(shard)
+            self.samples_on_disk += self.pending_per_shard.get(shard, 0)
+
+
+def check_budget(tracker: WriteTracker, budget_share: float | None, total: int, progress: tqdm, cache: str) -> None:
+    """Show bytes written and the projection; stop cleanly (resumable) if the budget would be exceeded."""
+    done_bytes = tracker.writer.bytes_written
+    if tracker.samples_on_disk == 0 or done_bytes == 0:
+        return
+    per_sample = done_bytes / tracker.samples_on_disk
+    projected = per_sample * max(total, 1)
+    progress.set_postfix_str(f"{format_size(done_bytes)} written, projected {format_size(projected)}"
+                             + (f" / budget {format_size(budget_share)}" if budget_share else ""))
+    if budget_share is not None and projected > budget_share:
+        raise UserError(
+            f"the cache at {cache} would exceed its budget: at {format_size(per_sample)}/sample the projected "
+            f"total is {format_size(projected)} > {format_size(budget_share)} for this process; the committed "
+            "samples are kept",
+            "raise --budget, or repack to a smaller encoding (`icd cache repack SRC DST --encoding int8`), "
+            "then rerun with --resume",
+        )
+
+
+def cache_exists(url: str) -> bool:
+    """Whether anything is stored at `url` (a finished, partial or foreign store alike)."""
+    try:
+        return not store_is_empty(open_store(url, read_only=True))
+    except CacheError:
+        return False
+
+
+def _abandon(background: BackgroundWriter, progress: tqdm) -> None:
+    """Stop writing after an error: committed samples stay, the uncommitted rest is redone on resume."""
+    progress.close()
+    try:
+        background.close()
+    except BaseException:
+        pass  # the original error is the one the user needs to see
+
+
+def _record_skipped(cfg: Any, skipped: list[str]) -> None:
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "skipped_images.json").write_text(json.dumps(skipped, indent=2))
+
+
+def comm_gather_skipped(skipped: list[str]) -> list[str]:
+    return [item for part in comm.all_gather(skipped) for item in part]

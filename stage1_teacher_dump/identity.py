@@ -1,0 +1,80 @@
+"""The identity records a cache carries: which teacher, which data, which preprocessing, which plan.
+
+A cache is only reusable if every one of these matches; stage one compares them on `--resume` and
+stage two compares preprocessing and levels before training a student.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+
+def file_sha256(path: str, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes ('' for no file), streamed so multi-GB checkpoints do not load into RAM."""
+    if not path:
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_identity(cfg: Any) -> dict[str, Any]:
+    """The teacher's architecture config and the sha256 of its weights file."""
+    weights = cfg.MODEL.WEIGHTS
+    return {
+        "architecture": cfg.MODEL.META_ARCHITECTURE,
+        "depth": int(cfg.MODEL.BACKBONE.DEPTH),
+        "norm": cfg.MODEL.BACKBONE.NORM,
+        "fpn_channels": int(cfg.MODEL.FPN.OUT_CHANNELS),
+        "weights": os.path.abspath(weights) if weights else "",
+        "weights_sha256": file_sha256(weights) if weights and os.path.isfile(weights) else "",
+    }
+
+
+def preprocessing_identity(cfg: Any) -> dict[str, Any]:
+    """What a student must share with the teacher to see the same pixels at the same positions."""
+    return {
+        "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
+        "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
+        "size_divisibility": int(cfg.MODEL.SIZE_DIVISIBILITY),
+        "min_size_train": [int(v) for v in cfg.INPUT.MIN_SIZE_TRAIN],
+        "max_size_train": int(cfg.INPUT.MAX_SIZE_TRAIN),
+        "random_flip": cfg.INPUT.RANDOM_FLIP,
+    }
+
+
+def dataset_identity(name: str, json_path: str, num_images: int) -> dict[str, Any]:
+    """The training set by content (annotation sha256), not by path, so a moved dataset still matches."""
+    return {
+        "name": name,
+        "annotation_file": os.path.abspath(json_path),
+        "annotation_sha256": file_sha256(json_path),
+        "num_images": int(num_images),
+    }
+
+
+def identity_differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity records (nested dicts), one line per field.
+
+    Paths are informational (a dataset may move); they never count as a difference.
+    """
+    diffs: list[str] = []
+    for key in sorted(set(stored) | set(wanted)):
+        if key in ("annotation_file", "weights"):
+            continue
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += identity_differences(a, b, f"{prefix}{key}.")
+        elif _normalise(a) != _normalise(b):
+            diffs.append(f"{prefix}{key}: cache has {a!r}, this run has {b!r}")
+    return diffs
+
+
+def _normalise(value: Any) -> Any:
+    # JSON round-trips tuples to lists; compare structurally.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
