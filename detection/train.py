@@ -117,26 +117,38 @@ def build_train_loader(cfg: Any, index: CocoIndex) -> LoaderFactory:
     return build
 
 
-def train_detector(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> dict[str, dict[str, float]]:
-    """Train (or only evaluate) in this process, which may be one of several; returns the evaluation."""
+def _prepare(cfg: CfgNode, need_train_index: bool) -> tuple[CfgNode, CocoIndex | None]:
+    """Seed this process, resolve MODEL.NUM_CLASSES and save the merged config (rank 0)."""
     seed_all(int(cfg.SEED) + comm.get_rank())
     torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
     cfg = cfg.clone()
-    index = None if eval_only and cfg.MODEL.NUM_CLASSES else train_index(cfg)
+    index = train_index(cfg) if need_train_index or not cfg.MODEL.NUM_CLASSES else None
     cfg.MODEL.NUM_CLASSES = resolve_num_classes(cfg, index)
     if comm.is_main_process():
         save_config(cfg)
+    return cfg, index
+
+
+def build_trainer(cfg: CfgNode, resume: bool = False) -> Trainer:
+    """The Trainer for `cfg` in this process (one of several under DDP), resumed or loaded from MODEL.WEIGHTS."""
+    cfg, index = _prepare(cfg, need_train_index=True)
     model = build_model(cfg, cfg.MODEL.NUM_CLASSES)
-    if eval_only:
-        checkpoint = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
-        weights = str(checkpoint) if checkpoint is not None else cfg.MODEL.WEIGHTS
-        if not weights:
-            raise UserError("--eval-only needs weights to evaluate.",
-                            "give MODEL.WEIGHTS /path/model_final.pth, or --resume with a checkpoint in OUTPUT_DIR.")
-        load_weights(model, weights)
-        return evaluate(cfg, model)
-    trainer = Trainer(cfg, model, build_train_loader(cfg, index), evaluate=lambda m: evaluate(cfg, m), resume=resume)
-    return trainer.train()
+    return Trainer(cfg, model, build_train_loader(cfg, index), evaluate=lambda m: evaluate(cfg, m), resume=resume)
+
+
+def train_detector(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> dict[str, dict[str, float]]:
+    """Train (or only evaluate) in this process, which may be one of several; returns the evaluation."""
+    if not eval_only:
+        return build_trainer(cfg, resume).train()
+    cfg, _index = _prepare(cfg, need_train_index=False)
+    model = build_model(cfg, cfg.MODEL.NUM_CLASSES)
+    checkpoint = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
+    weights = str(checkpoint) if checkpoint is not None else cfg.MODEL.WEIGHTS
+    if not weights:
+        raise UserError("--eval-only needs weights to evaluate.",
+                        "give MODEL.WEIGHTS /path/model_final.pth, or --resume with a checkpoint in OUTPUT_DIR.")
+    load_weights(model, weights)
+    return evaluate(cfg, model)
 
 
 def _worker(cfg: CfgNode, resume: bool, eval_only: bool) -> None:

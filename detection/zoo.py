@@ -11,6 +11,7 @@ is returned alongside the outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -20,8 +21,10 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -127,6 +130,38 @@ def _anchor_sizes(cfg: Any) -> tuple[int, ...]:
     return sizes
 
 
+def _group_norm(channels: int, what: str) -> Callable[[int], nn.Module]:
+    """GroupNorm(32) as torchvision's heads use, but 16 groups for a 32-channel FPN.
+
+    With 32 channels GroupNorm(32) normalises single values on a 1x1 P7 of one image and torch
+    refuses it; the group count has no parameters, so state dicts stay torchvision's.
+    """
+    if channels % 32:
+        raise UserError(
+            f"{what} needs MODEL.FPN.OUT_CHANNELS divisible by 32 (its head uses GroupNorm); got {channels}.",
+            "set MODEL.FPN.OUT_CHANNELS to a multiple of 32 (e.g. 32, 64, 256).",
+        )
+    return partial(nn.GroupNorm, 32 if channels >= 64 else 16)
+
+
+def _fcos_head(channels: int, num_classes: int) -> FCOSHead:
+    """torchvision's FCOS head (GroupNorm after each of its 4 convs), with `_group_norm`'s group count."""
+    norm = _group_norm(channels, "FCOS")
+    head = FCOSHead(channels, 1, num_classes)
+    head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+    return head
+
+
+def _retinanet_head(cfg: Any, channels: int, num_anchors: int, num_classes: int) -> RetinaNetHead:
+    """torchvision's RetinaNet head: plain (v1) or with GroupNorm (v2) per MODEL.RETINANET.NORM."""
+    norm = cfg.MODEL.RETINANET.NORM
+    if norm not in ("", "GN"):
+        raise UserError(f"MODEL.RETINANET.NORM '{norm}' is not supported.", 'use "" (no norm) or "GN".')
+    layer = _group_norm(channels, "RetinaNet with NORM GN") if norm == "GN" else None
+    return RetinaNetHead(channels, num_anchors, num_classes, norm_layer=layer)
+
+
 def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
     arch = cfg.MODEL.META_ARCHITECTURE
     two_stage = arch in TWO_STAGE
@@ -145,15 +180,12 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
         # torchvision's RetinaNet anchors: 3 octave scales x 3 aspect ratios per level.
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in _anchor_sizes(cfg))
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, score_thresh=score, nms_thresh=nms,
-                          detections_per_img=per_image, **common)
+        head = _retinanet_head(cfg, channels, anchors.num_anchors_per_location()[0], num_classes)
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, score_thresh=score,
+                          nms_thresh=nms, detections_per_img=per_image, **common)
     elif arch == "FCOS":
-        if channels % 32:
-            raise UserError(
-                f"FCOS needs MODEL.FPN.OUT_CHANNELS divisible by 32 (its head uses GroupNorm(32)); got {channels}.",
-                "set MODEL.FPN.OUT_CHANNELS to a multiple of 32.",
-            )
-        model = FCOS(backbone, num_classes, score_thresh=score, nms_thresh=nms, detections_per_img=per_image, **common)
+        model = FCOS(backbone, num_classes, head=_fcos_head(channels, num_classes), score_thresh=score,
+                     nms_thresh=nms, detections_per_img=per_image, **common)
     else:
         sizes = tuple((s,) for s in _anchor_sizes(cfg))
         rpn_anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
