@@ -1,0 +1,206 @@
+"""DistillTrainer: cached == online, no teacher in cached mode, refusals before training, resume, warm-up."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_stage2_support import distill_cfg, teacher_cache  # noqa: F401  (fixture)
+
+from cache_format import CacheReader
+from cache_format.errors import CacheError
+from detection import zoo
+from detection.checkpoint import load_checkpoint
+from detection.config import save_config
+from detection.errors import UserError
+from stage2_student_distill import cli
+from stage2_student_distill.cli import build_distill_trainer
+from stage2_student_distill.trainer import DistillTrainer
+
+ICD_LOSSES = ("loss_distill", "loss_ident", "loss_loc")
+
+
+def metrics(output_dir: str) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss_distill" in line]
+
+
+def parameters(trainer: DistillTrainer) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v.detach().clone() for k, v in trainer.module.state_dict().items()}
+    out.update({f"icd.{k}": v.detach().clone() for k, v in trainer.icd.state_dict().items()})
+    return out
+
+
+def run(cfg, cache: str | None, online: bool = False, resume: bool = False) -> DistillTrainer:
+    trainer = build_distill_trainer(cfg, cache, online=online, resume=resume, with_evaluation=False)
+    trainer.train()
+    return trainer
+
+
+def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp32")
+    results = {}
+    for mode in ("cached", "online"):
+        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / mode), SOLVER={"MAX_ITER": 3})
+        results[mode] = (run(cfg, url, online=mode == "online"), metrics(cfg.OUTPUT_DIR))
+    (cached, cached_log), (online, online_log) = results["cached"], results["online"]
+    assert len(cached_log) == len(online_log) == 3
+    for a, b in zip(cached_log, online_log):
+        losses = [k for k in a if k in ICD_LOSSES or k in ("classification", "bbox_regression", "total_loss")]
+        assert len(losses) == 6  # every loss is logged separately
+        for key in losses:
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), key
+    p_cached, p_online = parameters(cached), parameters(online)
+    assert p_cached.keys() == p_online.keys()
+    # Teacher features of a batched (online) and a per-sample (cache) forward differ by fp32 rounding
+    # (~1e-6 relative); three SGD steps carry that to ~1e-5 relative on parameters that start at zero.
+    # Any real divergence (padding, variant, geometry, RNG) moves them by orders of magnitude more.
+    for key in p_cached:
+        a, b = p_cached[key].double(), p_online[key].double()
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12, key
+    assert cached.teacher is None and online.teacher is not None
+
+
+def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, tmp_path, monkeypatch):
+    url, _ = teacher_cache("fp16")
+    built = []
+    original_init = zoo.DetectorAdapter.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(args[1])
+        original_init(self, *args, **kwargs)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher forward pass ran in cached mode")
+
+    monkeypatch.setattr(zoo.DetectorAdapter, "__init__", counting_init)
+    monkeypatch.setattr("stage2_student_distill.online.teacher_features", no_teacher)
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), SOLVER={"MAX_ITER": 2})
+    trainer = run(cfg, url)
+    assert built == ["RetinaNet"]  # the student, and nothing else
+    assert trainer.teacher is None
+    assert len(metrics(cfg.OUTPUT_DIR)) == 2
+
+
+@pytest.mark.parametrize("override, reason", [
+    ({"MODEL": {"FPN": {"OUT_CHANNELS": 64}}, "DISTILL": {"HIDDEN_DIM": 64}}, "level p3 channels: cache 32, student 64"),
+    ({"MODEL": {"PIXEL_MEAN": [120.0, 116.28, 103.53]}}, "preprocessing.pixel_mean"),
+    ({"INPUT": {"MIN_SIZE_TRAIN": [48]}}, "preprocessing.min_size_train"),
+    ({"MODEL": {"META_ARCHITECTURE": "FasterRCNN"}}, "level p2: the student needs it"),
+])
+def test_an_incompatible_student_fails_before_the_first_iteration(cfg_tiny, teacher_cache, tmp_path, monkeypatch,
+                                                                  capsys, override, reason):
+    url, _ = teacher_cache("fp16")
+    monkeypatch.setattr(DistillTrainer, "compute_losses", lambda *a: pytest.fail("training started"))
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"))
+    cfg.merge_from_dict(override, source="test")
+    config = save_config(cfg, tmp_path / "cfg")
+    assert cli.main(["--config-file", str(config), "--cache", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icd distill: error: the cache does not match the student")
+    assert reason in err and "fix:" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_resume_continues_exactly(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp32")
+    straight_cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "straight"), DISTILL={"WARMUP_DETACH_ITERS": 3},
+                               SOLVER={"MAX_ITER": 4, "CHECKPOINT_PERIOD": 2})
+    straight = run(straight_cfg, url)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "straight" / "model_0000002.pth", resumed_dir)
+    (resumed_dir / "last_checkpoint").write_text("model_0000002.pth\n")
+    assert set(load_checkpoint(resumed_dir / "model_0000002.pth")["extra"]) == {"icd", "icd_optimizer"}
+    resumed_cfg = straight_cfg.clone()
+    resumed_cfg.OUTPUT_DIR = str(resumed_dir)
+    resumed = run(resumed_cfg, url, resume=True)
+    assert resumed.iteration == straight.iteration == 4
+    assert resumed.skipped_teacher_keys is None  # resumed weights are not overwritten by the teacher's
+    timing = ("time", "data_time", "eta_seconds")
+    drop = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
+    assert drop(metrics(str(resumed_dir))) == drop(metrics(straight_cfg.OUTPUT_DIR))[2:]
+    a, b = parameters(straight), parameters(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert straight.icd_optimizer.scheduler.state_dict() == resumed.icd_optimizer.scheduler.state_dict()
+
+
+def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp32")
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), DISTILL={"WARMUP_DETACH_ITERS": 5})
+    trainer = build_distill_trainer(cfg, url, with_evaluation=False)
+    batch = next(iter(trainer.build_loader(0)))
+    fpn = [p for n, p in trainer.module.named_parameters() if ".fpn." in n]
+    for iteration, student_learns in ((4, False), (5, True)):
+        trainer.iteration = iteration
+        trainer.module.zero_grad(set_to_none=True)
+        trainer.icd.zero_grad(set_to_none=True)
+        trainer.compute_losses(batch)["loss_distill"].backward()
+        reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in fpn)
+        assert reached == student_learns
+        assert trainer.icd.student_value.v_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_two_optimizers_own_disjoint_parameters(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp16")
+    trainer = build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url,
+                                    with_evaluation=False)
+    sgd = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    adamw = {id(p) for group in trainer.icd_optimizer.optimizer.param_groups for p in group["params"]}
+    assert not sgd & adamw
+    assert sgd == {id(p) for p in trainer.module.parameters() if p.requires_grad}
+    assert adamw == {id(p) for p in trainer.icd.parameters()}
+    assert isinstance(trainer.icd_optimizer.optimizer, torch.optim.AdamW)
+
+
+def test_init_from_teacher_copies_the_cached_fpn_and_head(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp16")
+    stored = CacheReader(url).teacher_weights()
+    for init in (True, False):
+        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / str(init)), DISTILL={"INIT_FROM_TEACHER": init})
+        student = build_distill_trainer(cfg, url, with_evaluation=False).module.fpn_and_head_state_dict()
+        same = [torch.equal(student[k], torch.from_numpy(v)) for k, v in stored.items()
+                if k.endswith("weight") and "fpn" in k]
+        assert all(same) if init else not any(same)
+
+
+def test_cli_errors_exit_2_with_the_reason(cfg_tiny, teacher_cache, tmp_path, capsys):
+    config = str(save_config(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), tmp_path / "cfg"))
+    assert cli.main(["--config-file", config]) == 2
+    assert "no --cache was given" in capsys.readouterr().err
+    assert cli.main(["--config-file", config, "--cache", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("icd distill: error: ")
+    assert cli.main(["--config-file", config, "--online"]) == 2
+    assert "DISTILL.TEACHER" in capsys.readouterr().err
+    assert cli.main(["--config-file", config, "--cache", teacher_cache("fp16")[0], "DISTILL.ENABLED", "False"]) == 2
+    assert "icd train" in capsys.readouterr().err
+
+
+def test_icd_distill_trains_and_prints_the_coco_table(cfg_tiny, teacher_cache, tmp_path, capsys):
+    url, _ = teacher_cache("int8")
+    out = tmp_path / "out"
+    config = str(save_config(distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), SOLVER={"MAX_ITER": 2}), tmp_path / "cfg"))
+    assert cli.main(["--config-file", config, "--cache", url]) == 0
+    assert "Evaluation results for bbox" in capsys.readouterr().out
+    assert "bbox" in json.loads((out / "inference" / "metrics.json").read_text())
+    assert (out / "model_final.pth").is_file()
+    # the final checkpoint's model is a plain student: --eval-only (icd eval's path) loads it
+    assert cli.main(["--config-file", config, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")]) == 0
+
+
+def test_icd_state_from_another_config_is_refused_on_resume(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp16")
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), SOLVER={"MAX_ITER": 1})
+    run(cfg, url)
+    other = distill_cfg(cfg, DISTILL={"FFN_DIM": 32}, SOLVER={"MAX_ITER": 2})
+    with pytest.raises(UserError, match="ICD module does not fit"):
+        build_distill_trainer(other, url, resume=True, with_evaluation=False)
+
+
+def test_an_empty_cache_is_refused(cfg_tiny, teacher_cache, tmp_path):
+    url, _ = teacher_cache("fp16", skip=frozenset(range(16)))
+    with pytest.raises(CacheError, match="no committed sample"):
+        build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url, with_evaluation=False)
