@@ -173,20 +173,26 @@ class CacheReader:
         if unknown:
             raise CacheError(f"levels {unknown} are not in cache {self.url} (it has {self.level_names})",
                              "ask for levels the cache holds")
-        stored = self._read_levels(index, names, _meta_of(row))
-        features = {}
+        qs: dict[str, np.ndarray | None] = {}
         for name in names:
-            lv = self.levels[self._level_index[name]]
-            q = None
-            if quant is not None:
-                a, b = self._quant_cols[name]
-                q = quant[a:b].reshape(2, lv.channels)
-            if level_crc(stored[name], q) != int(row[len(RECORD_FIELDS) + self._level_index[name]]):
-                raise CorruptChunkError(
-                    f"cache {self.url}: sample {index} level {name}: stored values fail their checksum "
-                    "(a missing, truncated or altered shard)", "run `icd cache verify`; restore or re-create the cache")
-            features[name] = self._encoding.decode(stored[name], q)
-        return features
+            a, b = self._quant_cols[name]
+            qs[name] = None if quant is None else quant[a:b].reshape(2, -1)
+        # One retry: a resumed writer may atomically replace a shard object between this reader's read
+        # of the shard index and of a chunk (old index, new bytes); a second read sees one version.
+        for attempt in (0, 1):
+            try:
+                stored = self._read_levels(index, names, _meta_of(row))
+                for name in names:
+                    if level_crc(stored[name], qs[name]) != int(row[len(RECORD_FIELDS) + self._level_index[name]]):
+                        raise CorruptChunkError(
+                            f"cache {self.url}: sample {index} level {name}: stored values fail their checksum "
+                            "(a missing, truncated or altered shard)",
+                            "run `icd cache verify`; restore or re-create the cache")
+                break
+            except CorruptChunkError:
+                if attempt == 1:
+                    raise
+        return {name: self._encoding.decode(stored[name], qs[name]) for name in names}
 
     def _read_levels(self, index: int, names: list[str], meta: SampleMeta) -> dict[str, np.ndarray]:
         """Stored (encoded) valid regions of several levels, fetched concurrently."""
