@@ -18,11 +18,11 @@ from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
-from detection.config import CfgNode, add_config_arguments, save_config, setup_cfg
+from detection.config import CfgNode, add_config_arguments, setup_cfg
 from detection.datasets import CocoIndex, class_statistics
 from detection.errors import UserError
 from detection.evaluation import evaluate
-from detection.train import NUM_GPUS_HELP, build_model, resolve_num_classes, seed_all, train_detector, train_index
+from detection.train import NUM_GPUS_HELP, _prepare, build_model, train_detector
 from detection.zoo import DetectorAdapter
 from stage1_teacher_dump.identity import preprocessing_identity
 from stage2_student_distill.data import (
@@ -96,20 +96,15 @@ def check_teacher(teacher: DetectorAdapter, tcfg: Any, cfg: Any, student: Detect
 def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
                           with_evaluation: bool = True) -> DistillTrainer:
     """Check everything and build the trainer for this process (one of several under DDP)."""
-    seed_all(int(cfg.SEED) + comm.get_rank())
-    cfg = cfg.clone()
     if not cfg.DISTILL.ENABLED:
         raise UserError("DISTILL.ENABLED is False: `icd distill` has nothing to distil",
                         "set DISTILL.ENABLED True, or train the student alone with `icd train`")
     if not online and not cache:
         raise UserError("cached distillation needs the teacher cache: no --cache was given",
                         "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
-    index = train_index(cfg)
-    cfg.MODEL.NUM_CLASSES = resolve_num_classes(cfg, index)
-    num_classes = int(cfg.MODEL.NUM_CLASSES)
     reader = CacheReader(cache) if cache else None
-    if comm.is_main_process():
-        save_config(cfg)
+    cfg, index = _prepare(cfg, need_train_index=True)  # seeds this rank, resolves K, saves config.yaml
+    num_classes = int(cfg.MODEL.NUM_CLASSES)
 
     student = build_model(cfg, num_classes)
     levels = distill_levels(cfg, student)
