@@ -149,26 +149,32 @@ class CacheReader:
         return _meta_of(row)
 
     # ----------------------------------------------------------------- samples
-    def read_sample(self, index: int, levels: Iterable[str] | None = None) -> CachedSample:
-        """One committed sample: float32 features [C, h, w] per level (all, or the named ones), meta, instances."""
+    def read_sample(self, index: int, levels: Iterable[str] | None = None, decode: bool = True) -> CachedSample:
+        """One committed sample: float32 features [C, h, w] per level (all, or the named ones), meta, instances.
+
+        decode=False returns the checked stored arrays instead (plus int8 scales in `.quant`), for callers
+        that decode on a GPU: it skips the CPU cast, which dominates fp16 reads.
+        """
         row, quant = self._record(index)
         index = int(index)
-        features = self._decode_levels(index, row, quant, self.level_names if levels is None else list(levels))
+        names = self.level_names if levels is None else list(levels)
+        features, quants = self._decode_levels(index, row, quant, names, decode)
         boxes, classes = self._read_instances(index, row)
-        return CachedSample(index, features, _meta_of(row), boxes, classes)
+        return CachedSample(index, features, _meta_of(row), boxes, classes,
+                            None if decode or quant is None else quants)
 
     def read_level(self, index: int, level: str) -> np.ndarray:
         """One level of one committed sample, float32 [C, h, w] (no instances read)."""
         row, quant = self._record(index)
-        return self._decode_levels(int(index), row, quant, [level])[level]
+        return self._decode_levels(int(index), row, quant, [level], True)[0][level]
 
     def read_instances(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """GT boxes [n, 4] float32 and classes [n] int64 of one committed sample."""
         row, _ = self._record(index)
         return self._read_instances(int(index), row)
 
-    def _decode_levels(self, index: int, row: np.ndarray, quant: np.ndarray | None,
-                       names: list[str]) -> dict[str, np.ndarray]:
+    def _decode_levels(self, index: int, row: np.ndarray, quant: np.ndarray | None, names: list[str],
+                       decode: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
         unknown = [n for n in names if n not in self._level_index]
         if unknown:
             raise CacheError(f"levels {unknown} are not in cache {self.url} (it has {self.level_names})",
@@ -192,7 +198,9 @@ class CacheReader:
             except CorruptChunkError:
                 if attempt == 1:
                     raise
-        return {name: self._encoding.decode(stored[name], qs[name]) for name in names}
+        if not decode:
+            return stored, qs
+        return {name: self._encoding.decode(stored[name], qs[name]) for name in names}, qs
 
     def _read_levels(self, index: int, names: list[str], meta: SampleMeta) -> dict[str, np.ndarray]:
         """Stored (encoded) valid regions of several levels, fetched concurrently."""

@@ -82,13 +82,19 @@ class SampleMeta:
 
 @dataclass
 class CachedSample:
-    """One committed sample as read back: float32 features per level [C, h, w], meta and instances."""
+    """One committed sample as read back: features per level [C, h, w], meta and instances.
+
+    Features are float32 unless read with decode=False: then they are the stored arrays (float32,
+    float16, bfloat16 bits as uint16, or int8) and `quant` holds each int8 level's [2, C] (scale;
+    offset), so the decode can run on an accelerator (SPEC.md, Encodings).
+    """
 
     index: int
     features: dict[str, np.ndarray]
     meta: SampleMeta
     boxes: np.ndarray      # [n, 4] float32 xyxy in the sample's pixel frame
     classes: np.ndarray    # [n] int64
+    quant: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)

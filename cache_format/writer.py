@@ -8,6 +8,7 @@ visible - a crash at any point leaves only invisible (uncommitted) samples behin
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -101,6 +102,12 @@ class CacheWriter:
         if clash:
             raise CacheError(f"attributes {clash} are reserved by the cache format",
                              "rename them (e.g. nest them under 'teacher' or 'dataset')")
+        try:
+            json.dumps(attributes, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise CacheError(f"cache attributes are not plain JSON: {exc}",
+                             "pass dicts of str/int/float/bool/list values (convert numpy scalars with "
+                             "int()/float(), tuples to lists are fine)") from None
         store = open_store(url, read_only=False)
         if not store_is_empty(store) and not overwrite:
             raise CacheError(f"{url} already exists and is not empty",
@@ -191,9 +198,15 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # On an exception, buffered samples are still complete and valid: write them so that a
-        # resume has less to redo.
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        # On an exception, buffered samples are still complete and valid: try to write them so that a
+        # resume has less to redo, but never let a second failure (e.g. the same full disk) hide the first.
+        try:
+            self.close()
+        except Exception:
+            self._closed = True
 
     def write_shard(self, shard: int) -> None:
         """Write the buffered samples of one shard now (one write per level per contiguous run)."""

@@ -111,6 +111,8 @@ def test_create_refuses_existing_store_unless_overwrite():
     (dict(encoding="fp16+bitround12"), "keepbits 12 out of range"),
     (dict(compressor="gzip"), "unknown compressor 'gzip'"),
     (dict(attributes={"levels": 1}), "reserved"),
+    (dict(attributes={"teacher": {"depth": np.int64(50)}}), "not plain JSON"),
+    (dict(num_samples=0), "num_samples must be >= 1"),
     (dict(levels=[LevelSpec("p3", 8, 4, 8, 8), LevelSpec("p3", 16, 4, 4, 4)]), "repeat"),
 ])
 def test_bad_create_arguments(kw, match):

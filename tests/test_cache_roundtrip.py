@@ -182,3 +182,18 @@ def test_importing_cache_format_does_not_import_torch():
             "cache_format.repack, cache_format.summary; print('torch' in sys.modules, 'detection' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16", "int8"])
+def test_stored_arrays_decode_like_the_reader(encoding):
+    url = _url("stored-" + encoding)
+    _write(url, encoding, n=4)
+    r = CacheReader(url)
+    enc = parse_encoding(encoding)
+    raw = r.read_sample(2, decode=False)
+    full = r.read_sample(2)
+    assert (raw.quant is not None) == enc.quantized and full.quant is None
+    for name, stored in raw.features.items():
+        assert stored.dtype == enc.stored_dtype
+        q = raw.quant[name] if raw.quant else None
+        assert np.array_equal(enc.decode(stored, q), full.features[name])
