@@ -91,6 +91,17 @@ def test_damaged_shard_index_and_missing_shard_are_caught(tmp_path):
         CacheReader(url).read_level(6, "p3")
 
 
+def test_truncated_shard_file_is_caught(tmp_path):
+    url = _create(tmp_path / "c")
+    _write_all(url)
+    shard = tmp_path / "c" / "features" / "p3" / "c" / "0" / "0" / "0" / "0"   # samples 0, 1
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    report = verify_cache(url)
+    assert {(p.sample, p.level) for p in report.problems} == {(0, "p3"), (1, "p3")}, report.summary()
+    with pytest.raises(CorruptChunkError, match="sample 1 level p3"):
+        CacheReader(url).read_sample(1)
+
+
 def test_damaged_records_and_instances_are_reported(tmp_path):
     url = _create(tmp_path / "c")
     _write_all(url)
