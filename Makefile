@@ -26,7 +26,7 @@ test-all: install
 	$(BIN)/python -m pytest -q -m ''
 
 demo: install
-	$(BIN)/python -m detection.demo
+	$(BIN)/python demo.py
 
 stage1: install
 	$(BIN)/icd dump --config-file $(CONFIG) --cache $(CACHE) $(if $(BUDGET),--budget $(BUDGET)) $(OPTS)
