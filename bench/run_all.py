@@ -5,8 +5,8 @@
 Each benchmark runs as `python -m bench.<name> [--quick] --out <results>/<name>.json` in a fresh
 process (so one benchmark's peak RSS, threads or a crash never leak into another's numbers), with its
 stdout and stderr kept in <results>/<name>.log and <name>.err.log. The summary has one section per
-benchmark: the markdown tables the benchmark put under "markdown" in its JSON, or a generic rendering
-of its "ratios", plus the machine (CPU model, cores, GPU, torch version) and the date. A benchmark
+benchmark: the markdown tables the benchmark put under "markdown" in its JSON (or, lacking it, tables
+rendered from the JSON's fields), plus the machine (CPU model, cores, GPU, torch version) and the date. A benchmark
 that fails (non-zero exit, or no JSON) is reported as failed with the tail of its stderr, and run_all
 exits 1. The accuracy benchmark trains ~25 detectors (up to an hour on 2 CPU cores), so it runs only
 with --with-accuracy.
@@ -118,8 +118,52 @@ def run_benchmark(name: str, results_dir: Path, quick: bool, extra_args: Sequenc
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+        return f"{value:.4g}"
+    return str(value).replace("|", "/")
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def _key_value_table(mapping: dict[str, Any]) -> str:
+    rows = ["| key | value |", "|---|---|"]
+    return "\n".join(rows + [f"| {k} | {_format_value(v)} |" for k, v in mapping.items()])
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if _is_scalar(v) and k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format_value(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _render(key: str, value: Any, depth: int = 0) -> list[str]:
+    """Markdown for one JSON field: tables for dicts of scalars and lists of records, recursing once."""
+    if isinstance(value, dict) and value and all(_is_scalar(v) for v in value.values()):
+        return [f"**{key}**", "", _key_value_table(value), ""]
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        return [f"**{key}**", "", _rows_table(value), ""]
+    if isinstance(value, list) and value and all(_is_scalar(v) for v in value):
+        return [f"**{key}**: " + ", ".join(_format_value(v) for v in value), ""]
+    if isinstance(value, dict) and value and depth == 0:
+        scalars = {k: v for k, v in value.items() if _is_scalar(v)}
+        lines = [f"**{key}**", "", _key_value_table(scalars), ""] if scalars else []
+        return lines + [line for sub, v in value.items() if not _is_scalar(v)
+                        for line in _render(f"{key} / {sub}", v, depth + 1)]
+    return []
+
+
+def generic_markdown(data: dict[str, Any]) -> str:
+    """A readable rendering of a benchmark JSON that brings no "markdown" of its own."""
+    scalars = {k: v for k, v in data.items() if _is_scalar(v) and k != "markdown"}
+    lines = ([_key_value_table(scalars), ""] if scalars else [])
+    for key, value in data.items():
+        if key not in ("markdown", "machine") and not _is_scalar(value):
+            lines += _render(key, value)
+    return "\n".join(lines).strip()
 
 
 def benchmark_section(result: BenchResult) -> str:
@@ -133,18 +177,10 @@ def benchmark_section(result: BenchResult) -> str:
         return "\n".join(lines)
     data = result.data or {}
     lines = [f"{head} - ok ({result.seconds:.0f} s)", ""]
-    if data.get("quick"):
+    if data.get("quick") or (data.get("config") or {}).get("quick"):
         lines += ["Quick mode (--quick): fewer samples/iterations, for a smoke check more than for numbers.", ""]
     markdown = data.get("markdown")
-    if isinstance(markdown, str) and markdown.strip():
-        lines.append(markdown.strip())
-    elif isinstance(data.get("ratios"), dict) and data["ratios"]:
-        lines += ["| ratio | value |", "|---|---|"]
-        lines += [f"| {key} | {_format_value(value)} |" for key, value in data["ratios"].items()]
-    else:
-        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) and k != "markdown"}
-        lines += ["| field | value |", "|---|---|"]
-        lines += [f"| {key} | {_format_value(value)} |" for key, value in scalars.items()]
+    lines.append(markdown.strip() if isinstance(markdown, str) and markdown.strip() else generic_markdown(data))
     lines += ["", f"Full results: `{result.name}.json`."]
     return "\n".join(lines)
 
