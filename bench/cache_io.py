@@ -217,12 +217,12 @@ def bench(quick: bool, workdir: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    head = (f"{'reader':<34}{'MB/s/core':>10}{'MB/s wall':>10}{'x naive':>9}{'x @' + str(int(STORAGE_MBPS)) + 'MB/s':>11}"
+    head = (f"{'reader':<42}{'MB/s/core':>10}{'MB/s wall':>10}{'x naive':>9}{'x @' + str(int(STORAGE_MBPS)) + 'MB/s':>11}"
             f"{'B/value':>9}{'rel RMSE':>10}{'files/10k':>10}{'write MB/s':>11}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         model = f"{r['x_naive_modelled']:.2f}" if r.get("x_naive_modelled") and "(cold)" not in r["name"] else ""
-        lines.append(f"{r['name']:<34}{r['mb_per_s_per_core']:>10.0f}{r['mb_per_s_wall']:>10.0f}"
+        lines.append(f"{r['name']:<42}{r['mb_per_s_per_core']:>10.0f}{r['mb_per_s_wall']:>10.0f}"
                      f"{r['x_naive_per_core']:>9.2f}{model:>11}{r['bytes_per_value']:>9.3f}{r['rel_rmse']:>10.2e}"
                      f"{r.get('files_per_10k', ''):>10}{r.get('write_mb_per_s', float('nan')):>11.0f}")
     cfg = result["config"]

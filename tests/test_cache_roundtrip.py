@@ -197,3 +197,28 @@ def test_stored_arrays_decode_like_the_reader(encoding):
         assert stored.dtype == enc.stored_dtype
         q = raw.quant[name] if raw.quant else None
         assert np.array_equal(enc.decode(stored, q), full.features[name])
+
+
+def test_resume_completes_a_partially_committed_shard_without_touching_committed_samples():
+    url = _url("resume")
+    w = CacheWriter.create(url, num_samples=6, levels=LEVELS, encoding="int8", attributes={}, shard_samples=3, tile=8)
+    for i in (0, 1, 2, 4):          # shard 1 = [3, 4, 5]: only sample 4 buffered, written by close()
+        w.write_sample(i, *_sample(i))
+    w.close()
+    before = CacheReader(url).read_sample(4)
+    w = CacheWriter.open(url)
+    assert w.uncommitted_owned_samples() == [3, 5]
+    w.write_sample(5, *_sample(5))   # shard still incomplete (3 missing): stays buffered
+    assert not CacheReader(url).committed()[5]
+    w.write_sample(3, *_sample(3))   # completes shard 1: rewrites it around committed sample 4
+    r = CacheReader(url)
+    assert r.committed().all()
+    after = r.read_sample(4)
+    for name in before.features:
+        assert np.array_equal(before.features[name], after.features[name])
+    assert np.array_equal(before.boxes, after.boxes) and np.array_equal(before.classes, after.classes)
+    for i in (3, 5):
+        feats, meta, boxes, classes = _sample(i)
+        got = r.read_sample(i)
+        assert got.meta == meta and np.array_equal(got.boxes, boxes) and np.array_equal(got.classes, classes)
+        assert all(np.abs(got.features[k] - feats[k]).max() < 0.1 for k in feats)
