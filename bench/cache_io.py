@@ -203,7 +203,8 @@ def bench(quick: bool, workdir: Path) -> dict:
         f"fp16_int8_read_3x_naive_modelled_at_{STORAGE_MBPS:.0f}MBps_storage": {
             r["name"].replace(" (warm)", ""): round(r["x_naive_modelled"], 2) for r in rows
             if r.get("encoding") in ("fp16", "int8") and "(warm)" in r["name"]},
-        "encodings_at_most_1_byte_per_value_with_rel_rmse_below_1pct": sorted({r["name"].split(" ")[0] for r in under_1}),
+        "encodings_at_most_1_byte_per_value_with_rel_rmse_below_1pct":
+            sorted({r["name"].split(" ")[0] for r in under_1}),
     }
     return {
         "config": {"quick": quick, "samples": n, "shard_samples": shard, "channels": CHANNELS,
@@ -217,7 +218,8 @@ def bench(quick: bool, workdir: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    head = (f"{'reader':<42}{'MB/s/core':>10}{'MB/s wall':>10}{'x naive':>9}{'x @' + str(int(STORAGE_MBPS)) + 'MB/s':>11}"
+    model_head = f"x @{STORAGE_MBPS:.0f}MB/s"
+    head = (f"{'reader':<42}{'MB/s/core':>10}{'MB/s wall':>10}{'x naive':>9}{model_head:>11}"
             f"{'B/value':>9}{'rel RMSE':>10}{'files/10k':>10}{'write MB/s':>11}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:

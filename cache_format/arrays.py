@@ -55,8 +55,9 @@ def create_arrays(root: zarr.Group, levels: list[LevelSpec], layout: Layout, enc
     quant = None
     if encoding.quantized:
         cols = quant_columns(levels)
+        width = sum(b - a for a, b in cols.values())
         quant = root.create_array(
-            QUANT_ARRAY, shape=(n, sum(b - a for a, b in cols.values())), chunks=(s, sum(b - a for a, b in cols.values())),
+            QUANT_ARRAY, shape=(n, width), chunks=(s, width),
             dtype="float32", fill_value=np.nan, compressors=_meta_codecs(), config=_NO_EMPTY,
             dimension_names=("sample", "column"),
             attributes={"columns": {k: list(v) for k, v in cols.items()}})

@@ -120,7 +120,8 @@ class CacheReader:
                 except Exception as exc:
                     raise CorruptChunkError(
                         f"cache {self.url}: sample {index}: the int8 scales of shard {shard} cannot be read "
-                        f"({type(exc).__name__}: {exc})", "run `icd cache verify`; restore or re-create the cache") from exc
+                        f"({type(exc).__name__}: {exc})",
+                        "run `icd cache verify`; restore or re-create the cache") from exc
             cached = (rows, quant)
             with self._lock:
                 self._blocks[shard] = cached

@@ -86,7 +86,7 @@ def test_writer_refuses_another_ranks_shard_and_committed_samples():
     _writer(url).close()
     w1 = CacheWriter.open(url, rank=1, world_size=2)
     assert w1.owned_samples() == [2, 3, 6, 7]
-    with pytest.raises(CacheError, match="sample 0 is in shard 0, owned by rank 0, not by this writer \\(rank 1 of 2\\)"):
+    with pytest.raises(CacheError, match=r"sample 0 is in shard 0, owned by rank 0, not by this writer \(rank 1 of 2\)"):
         w1.write_sample(0, _feats(), META)
     w1.write_sample(2, _feats(), META)
     w1.write_sample(3, _feats(), META)   # shard 1 complete -> committed
