@@ -29,8 +29,6 @@ from stage2_student_distill.data import batch_padded_shape
 from stage2_student_distill.icd import ICDModule, build_icd_optimizer
 from stage2_student_distill.online import OnlineTeacher
 
-ICD_LOSSES = ("loss_distill", "loss_ident", "loss_loc")
-
 
 class DistillTrainer(Trainer):
     """Trainer for a student distilled with ICD from cached (default) or live (`teacher=`) teacher features."""

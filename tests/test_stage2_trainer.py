@@ -204,3 +204,25 @@ def test_an_empty_cache_is_refused(cfg_tiny, teacher_cache, tmp_path):
     url, _ = teacher_cache("fp16", skip=frozenset(range(16)))
     with pytest.raises(CacheError, match="no committed sample"):
         build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url, with_evaluation=False)
+
+
+def test_online_without_a_cache_replays_the_configs_plan_and_pads_like_the_cache(cfg_tiny, teacher_cache, tmp_path):
+    url, weights = teacher_cache("fp32")
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "online"),
+                      DISTILL={"TEACHER": {"META_ARCHITECTURE": "RetinaNet", "DEPTH": 18, "WEIGHTS": weights}})
+    online = build_distill_trainer(cfg, None, online=True, with_evaluation=False)
+    cached = build_distill_trainer(distill_cfg(cfg, OUTPUT_DIR=str(tmp_path / "cached")), url, with_evaluation=False)
+    for a, b in zip(online.build_loader(0), cached.build_loader(0)):
+        images = [s["image"] for s in a["samples"]]
+        assert all(torch.equal(x, s["image"]) for x, s in zip(images, b["samples"]))
+        live = online.teacher_features(a, images)
+        for level, stored in b["teacher_features"].items():
+            assert live[level].shape == stored.shape
+            assert (live[level] - stored).abs().max() <= 1e-5 * stored.abs().max()
+            stride = online.strides[level]
+            for i, image in enumerate(images):  # zero outside each image's valid region, as in the cache
+                h, w = -(-image.shape[-2] // stride), -(-image.shape[-1] // stride)
+                padding = torch.ones(stored.shape[-2:], dtype=torch.bool)
+                padding[:h, :w] = False
+                assert (live[level][i][:, padding] == 0).all() and (stored[i][:, padding] == 0).all()
+        break
