@@ -178,3 +178,31 @@ def test_two_process_dump_equals_one_process_dump(teacher_cfg: CfgNode, tmp_path
         np.testing.assert_array_equal(a.boxes, b.boxes)
         for name in a.features:
             np.testing.assert_array_equal(a.features[name], b.features[name])
+
+
+def test_full_disk_stops_cleanly_and_resumes(teacher_cfg: CfgNode, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from cache_format import CacheWriter
+
+    reference, cache = str(tmp_path / "reference"), str(tmp_path / "cache")
+    run_dump(teacher_cfg, reference)
+    original = CacheWriter.write_sample
+    calls = {"n": 0}
+
+    def write_until_full(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 10:  # two shards of 4 committed, the third half written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "write_sample", write_until_full)
+    with pytest.raises(UserError, match="(?s)disk holding .* is full.*--resume"):
+        run_dump(teacher_cfg, cache)
+    committed = CacheReader(cache).committed()
+    assert committed[:8].all() and not committed[8:].any()
+    monkeypatch.setattr(CacheWriter, "write_sample", original)
+    assert run_dump(teacher_cfg, cache, resume=True).written_now == committed.size - 8
+    for a, b in zip(_all_samples(reference), _all_samples(cache)):
+        for name in a.features:
+            np.testing.assert_array_equal(a.features[name], b.features[name])
