@@ -71,7 +71,7 @@ class Sizes:
 
 
 QUICK = Sizes(images=8, batch=2, rounds=3, steps_per_turn=4, rss_steps=4)
-FULL = Sizes(images=64, batch=8, rounds=8, steps_per_turn=4, rss_steps=20)
+FULL = Sizes(images=64, batch=8, rounds=8, steps_per_turn=4, rss_steps=8)
 
 
 # --- set-up ----------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class DistillTrainer(Trainer):
     # --- the step --------------------------------------------------------------------------------
     def query_generator(self) -> torch.Generator:
         """The fake-query/jitter generator of this iteration and rank (CPU, as the ICD modules require)."""
-        seed = np.random.SeedSequence([int(self.cfg.SEED), comm.get_rank(), self.iteration]).generate_state(1, np.uint64)
+        entropy = [int(self.cfg.SEED) % 2**63, comm.get_rank(), self.iteration]  # SeedSequence wants ints >= 0
+        seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
         return torch.Generator().manual_seed(int(seed[0]) & (2**63 - 1))
 
     def teacher_features(self, batch: Mapping[str, Any], images: list[Tensor]) -> dict[str, Tensor]:
@@ -127,10 +128,9 @@ class DistillTrainer(Trainer):
     def _unscale_icd_gradients(self) -> bool:
         """Divide the ICD gradients by the loss scale of this iteration; False if any is not finite."""
         grads = [p.grad for p in self.icd_optimizer.parameters if p.grad is not None]
-        if not grads:
-            return True
-        torch._foreach_mul_(grads, 1.0 / self._loss_scale)
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        for grad in grads:
+            grad.mul_(1.0 / self._loss_scale)
+        return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
