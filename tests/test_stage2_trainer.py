@@ -142,6 +142,13 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
         reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in fpn)
         assert reached == student_learns
         assert trainer.icd.student_value.v_proj.weight.grad.abs().sum() > 0
+    # the auxiliary losses train the query encoder and decoder, never the student
+    trainer.module.zero_grad(set_to_none=True)
+    trainer.icd.zero_grad(set_to_none=True)
+    losses = trainer.compute_losses(batch)
+    (losses["loss_ident"] + losses["loss_loc"]).backward()
+    assert all(p.grad is None for p in trainer.module.parameters())
+    assert trainer.icd.decoder.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_the_two_optimizers_own_disjoint_parameters(cfg_tiny, teacher_cache, tmp_path):
