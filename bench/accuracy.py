@@ -24,8 +24,10 @@ Every step is the CLI a user runs (`python -m detection.cli ...`), as a subproce
 torch thread: on 2 cores that uses both without OpenMP oversubscription. Step times are therefore
 measured with a neighbour running; every mode has one alike, so their ratios hold, but use
 bench/stage2.py for clean step times. Sizes: full (3 seeds, 2 students, 150-iteration students, 300-
-iteration teacher) about 40 minutes on 2 CPU cores; --quick (1 seed, RetinaNet R-18 only, shortened
-schedules on a smaller set) about 6 minutes. Quick numbers are a smoke test, not results.
+iteration teacher, 200 train / 50 val images): about 30-40 minutes on 2 idle CPU cores, estimated from
+measured per-iteration times (0.7-1 s per student iteration with one thread), longer when other
+processes share the cores. --quick (1 seed, RetinaNet R-18 only, 60-iteration teacher, 40-iteration
+students on 64 / 16 images): a few minutes. Quick numbers are a smoke test, not results.
 """
 from __future__ import annotations
 
@@ -73,10 +75,10 @@ class Sizes:
 FULL = Sizes("full", train_images=200, val_images=50, seeds=3, students=("retinanet_r18", "fcos_r18"))
 QUICK = Sizes(
     "quick", train_images=64, val_images=16, seeds=1, students=("retinanet_r18",),
-    teacher_opts=("SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "[80]", "SOLVER.CHECKPOINT_PERIOD", "100",
-                  "SOLVER.WARMUP_ITERS", "20"),
-    student_opts=("SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "[48]", "SOLVER.CHECKPOINT_PERIOD", "60",
-                  "SOLVER.WARMUP_ITERS", "15", "SOLVER.LOG_PERIOD", "10", "DISTILL.WARMUP_DETACH_ITERS", "9"),
+    teacher_opts=("SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "[48]", "SOLVER.CHECKPOINT_PERIOD", "60",
+                  "SOLVER.WARMUP_ITERS", "15"),
+    student_opts=("SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "[32]", "SOLVER.CHECKPOINT_PERIOD", "40",
+                  "SOLVER.WARMUP_ITERS", "10", "SOLVER.LOG_PERIOD", "10", "DISTILL.WARMUP_DETACH_ITERS", "6"),
 )
 
 
@@ -440,7 +442,7 @@ def describe_caches(layout: Layout, tasks: dict[str, Task], budget_bytes: int | 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, RetinaNet R-18 only, short schedules on a smaller set (~6 min on 2 cores)")
+                        help="1 seed, RetinaNet R-18 only, short schedules on a smaller set (minutes on 2 cores)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; 1 with --quick)")
     parser.add_argument("--students", nargs="+", choices=sorted(STUDENTS), default=None,
                         help="students to train (default both; RetinaNet R-18 with --quick)")

@@ -194,7 +194,7 @@ def machine_section(machine: dict[str, Any], date: str) -> str:
         "|---|---|",
         f"| CPU | {machine.get('cpu')} |",
         f"| cores | {machine.get('cpu_cores')} ({machine.get('usable_cores')} usable, "
-        f"torch threads {machine.get('torch_threads')}) |",
+        f"torch default threads {machine.get('torch_threads')}) |",
         f"| GPU | {gpu}" + (f" (CUDA {machine['cuda']})" if machine.get("cuda") else "") + " |",
         f"| torch | {machine.get('torch')} |",
         f"| python | {machine.get('python')} on {machine.get('platform')} |",
