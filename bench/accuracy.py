@@ -23,7 +23,7 @@ Every step is the CLI a user runs (`python -m detection.cli ...`), as a subproce
 <work>/<size>/logs/. On CPU up to --jobs runs go side by side (default: 2 on 2+ cores), each with one
 torch thread: on 2 cores that uses both without OpenMP oversubscription. Step times are therefore
 measured with a neighbour running; every mode has one alike, so their ratios hold, but use
-bench/stage2.py for clean step times. Sizes: full (3 seeds, 2 students, 150-iteration students, 300-
+bench/stage2.py for clean step times. Sizes: full (3 seeds, 2 students, 150-iteration students, 500-
 iteration teacher, 200 train / 50 val images): about 30-40 minutes on 2 idle CPU cores, estimated from
 measured per-iteration times (0.7-1 s per student iteration with one thread), longer when other
 processes share the cores. --quick (1 seed, RetinaNet R-18 only, 60-iteration teacher, 40-iteration
