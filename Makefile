@@ -8,6 +8,8 @@ CONFIG ?= configs/demo/teacher_retinanet_r34.yaml
 CACHE  ?= output/demo/cache
 BUDGET ?=
 OPTS   ?=
+# e.g. BENCH_OPTS=--quick, or --with-accuracy for the (up to an hour) accuracy reproduction
+BENCH_OPTS ?=
 
 .PHONY: install demo test test-all stage1 stage2 bench clean
 
@@ -35,7 +37,7 @@ stage2: install
 	$(BIN)/icd distill --config-file $(CONFIG) --cache $(CACHE) $(OPTS)
 
 bench: install
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_OPTS)
 
 clean:
 	rm -rf output
