@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import tempfile
 import os
 import platform
 import subprocess
@@ -23,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "bench" / "results"
@@ -54,6 +55,21 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def run_in_workdir(run: Callable[[Any, Path], dict[str, Any]], args: Any, prefix: str) -> int:
+    """Run a benchmark in args.work (kept) or a temporary directory, print its markdown, write args.out."""
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = run(args, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            result = run(args, Path(tmp))
+    print(result["markdown"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    return 0
 
 
 def machine_info() -> dict[str, Any]:

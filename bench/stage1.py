@@ -33,13 +33,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from bench.run_all import machine_info, now_iso
+from bench.run_all import machine_info, now_iso, run_in_workdir
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.schema import LevelSpec
 from cache_format.store import usage
@@ -399,17 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if (args.rounds is not None and args.rounds < 1) or (args.images is not None and args.images < 1):
         parser.error("--rounds and --images must be at least 1")
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="icd-bench-stage1-") as tmp:
-            result = run(args, Path(tmp))
-    print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
-    return 0
+    return run_in_workdir(run, args, "icd-bench-stage1-")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.run_all import machine_info, now_iso
+from bench.run_all import machine_info, now_iso, run_in_workdir
 from cache_format.repack import repack
 from detection.checkpoint import save_checkpoint
 from detection.config import CfgNode, save_config, setup_cfg
@@ -462,17 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit("bench.stage2: --rounds must be at least 1")
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="icd-bench-stage2-") as tmp:
-            result = run(args, Path(tmp))
-    print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
-    return 0
+    return run_in_workdir(run, args, "icd-bench-stage2-")
 
 
 if __name__ == "__main__":
