@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from detection import distributed as comm
 from detection.checkpoint import (
-    capture_rng_state, last_checkpoint, load_weights, restore_rng_state, resume_from, save_checkpoint, unwrap,
+    capture_rng_state, last_checkpoint, load_weights, restore_rng_state, resume_from, save_checkpoint,
 )
 from detection.errors import UserError
 
