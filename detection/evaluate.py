@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cache_format.errors import CacheError
 from detection import distributed as comm
 from detection.checkpoint import load_weights
 from detection.config import CfgNode, add_config_arguments, setup_cfg
-from detection.errors import UserError
+from detection.errors import UserError, run_command
 from detection.evaluation import evaluate
 from detection.train import NUM_GPUS_HELP, build_model, resolve_num_classes, seed_all
 
@@ -43,16 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         if not cfg.MODEL.WEIGHTS:
             raise UserError("no weights to evaluate: MODEL.WEIGHTS is empty.",
                             "add `MODEL.WEIGHTS /path/to/model_final.pth` to the command line.")
         comm.launch(_worker, args.num_gpus, (cfg,), device=cfg.MODEL.DEVICE)
-    except (UserError, CacheError) as exc:
-        print(f"icd eval: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command("eval", body)
 
 
 if __name__ == "__main__":

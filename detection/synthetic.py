@@ -23,7 +23,7 @@ import contourpy
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detection.errors import UserError
+from detection.errors import UserError, run_command
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -279,11 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="image height; widths vary 0.75-1.25x")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        paths = generate(args.out, args.train, args.val, args.size, args.seed)
-    except UserError as exc:
-        print(f"icd synth: error: {exc}", file=sys.stderr)
-        return 2
+    paths: dict[str, str] = {}
+
+    def body() -> None:
+        paths.update(generate(args.out, args.train, args.val, args.size, args.seed))
+
+    code = run_command("synth", body)
+    if code:
+        return code
     print(f"wrote {args.train} train + {args.val} val images to {paths['root']}\n"
           f"  register with: DATASETS.CATALOG.synth_train \"[{paths['train_json']}, {paths['train_images']}]\" "
           f"DATASETS.CATALOG.synth_val \"[{paths['val_json']}, {paths['val_images']}]\"")

@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache_format.errors import CacheError
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
 from detection.checkpoint import last_checkpoint, load_weights
 from detection.config import CfgNode, add_config_arguments, save_config, setup_cfg
 from detection.datasets import CocoIndex, DetectionDataset, InfiniteSampler, collate, load_dataset
 from detection.engine import LoaderFactory, Trainer
-from detection.errors import UserError
+from detection.errors import UserError, run_command
 from detection.evaluation import evaluate
 from detection.zoo import DetectorAdapter, build_detector
 
@@ -168,13 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         comm.launch(_worker, args.num_gpus, (cfg, args.resume, args.eval_only), device=cfg.MODEL.DEVICE)
-    except (UserError, CacheError) as exc:
-        print(f"icd train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command("train", body, interrupted="continue with --resume from the last checkpoint")
 
 
 if __name__ == "__main__":

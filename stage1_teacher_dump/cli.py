@@ -9,10 +9,9 @@ import sys
 from typing import Any
 
 from cache_format.budget import format_size, parse_size
-from cache_format.errors import CacheError
 from detection import distributed as comm
 from detection.config import add_config_arguments, save_config, setup_cfg
-from detection.errors import UserError
+from detection.errors import run_command
 from detection.train import NUM_GPUS_HELP, seed_all
 from stage1_teacher_dump.dump import DumpSummary, run_dump
 
@@ -65,20 +64,16 @@ def format_summary(summary: DumpSummary, budget: int | None, dry_run: bool) -> s
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         budget = parse_size(args.budget) if args.budget is not None else None
         if not args.dry_run:
             save_config(cfg)
         comm.launch(_worker, args.num_gpus, (cfg, args.cache, budget, args.dry_run, args.resume),
                     device=cfg.MODEL.DEVICE)
-    except (UserError, CacheError) as exc:
-        print(f"icd dump: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("icd dump: interrupted; committed samples are kept - rerun with --resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command("dump", body, interrupted="committed samples are kept - rerun with --resume")
 
 
 if __name__ == "__main__":

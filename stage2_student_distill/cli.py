@@ -20,7 +20,7 @@ from detection import distributed as comm
 from detection.augment import AugmentationPlan
 from detection.config import CfgNode, add_config_arguments, setup_cfg
 from detection.datasets import CocoIndex, class_statistics
-from detection.errors import UserError
+from detection.errors import UserError, run_command
 from detection.evaluation import evaluate
 from detection.train import NUM_GPUS_HELP, _prepare, build_model, train_detector
 from detection.zoo import DetectorAdapter
@@ -183,17 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         if not args.eval_only and not args.online and not args.cache:
             raise UserError("cached distillation needs the teacher cache: no --cache was given",
                             "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
         comm.launch(_worker, args.num_gpus, (cfg, args.cache, args.online, args.resume, args.eval_only),
                     device=cfg.MODEL.DEVICE)
-    except (UserError, CacheError) as exc:
-        print(f"icd distill: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command("distill", body, interrupted="continue with --resume from the last checkpoint")
 
 
 if __name__ == "__main__":
