@@ -27,7 +27,7 @@ DATA = REPO / "datasets" / "synth"
 OUT = REPO / "output" / "demo"
 CACHE = OUT / "cache"
 # The budget the demo asks stage one to respect; the planner picks the most faithful encoding under it.
-BUDGET = "16MB"
+BUDGET = "18MB"
 SYNTH = dict(train=240, val=60, size=128, seed=0)
 TEACHER = "configs/demo/teacher_retinanet_r34.yaml"
 # (name, baseline config, stage-two config)

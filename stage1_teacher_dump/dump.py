@@ -127,14 +127,28 @@ def calibration_features(
     return calib
 
 
+def feature_budget(budget: int | None, reserved: int) -> int | None:
+    """What the features may use of `budget` once the teacher-weights blob (`reserved` bytes) is stored."""
+    if budget is None:
+        return None
+    if budget <= reserved:
+        raise UserError(
+            f"the budget {format_size(budget)} does not even hold the teacher's FPN + head weights "
+            f"({format_size(reserved)}), which every cache stores for DISTILL.INIT_FROM_TEACHER",
+            "raise --budget",
+        )
+    return budget - reserved
+
+
 def choose_encoding(
     cfg: Any, teacher: DetectorAdapter, dataset: DumpDataset, levels: list[LevelSpec],
-    budget: int | None, dry_run: bool,
+    budget: int | None, dry_run: bool, reserved: int = 0,
 ) -> tuple[str, str, str]:
     """(encoding, compressor, plan table): the configured ones, or the planner's choice under `budget`.
 
     With a budget (or --dry-run) the planner measures real teacher features of the first samples, so a
-    cache that cannot fit is refused before the full run spends any GPU time.
+    cache that cannot fit is refused before the full run spends any GPU time. `reserved` bytes of the
+    budget (the teacher weights) are not available to the features.
     """
     encoding, compressor = str(cfg.CACHE.ENCODING), str(cfg.CACHE.COMPRESSOR)
     if encoding == "auto" and budget is None:
@@ -146,10 +160,13 @@ def choose_encoding(
     if not calib:
         raise UserError("no readable image to calibrate the budget planner on", "check the training images")
     candidates = None if encoding == "auto" else [(encoding, compressor)]
-    result = plan_budget(calib, num_samples=len(dataset), budget_bytes=budget if budget is not None else 2**62,
+    available = feature_budget(budget, reserved)
+    result = plan_budget(calib, num_samples=len(dataset), budget_bytes=available if available is not None else 2**62,
                          candidates=candidates, levels=levels, compressor=compressor,
                          shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE))
-    return result.choice.encoding, result.choice.compressor, result.table()
+    note = (f"\n(budget {format_size(budget)} = {format_size(available)} for features + {format_size(reserved)} "
+            "teacher weights)" if budget is not None else "")
+    return result.choice.encoding, result.choice.compressor, result.table() + note
 
 
 def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False,
@@ -175,12 +192,14 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
         raise UserError(f"--resume was given but there is no cache at {cache}", "drop --resume to start a new cache")
 
     plan_table = ""
+    weights = fpn_and_head_weights(teacher)
+    reserved = sum(int(value.nbytes) for value in weights.values())  # stored compressed: an upper bound
     if exists and resume:
         encoding = check_resumable(cache, attributes, str(cfg.CACHE.ENCODING))
     else:
         choice: tuple[str, str, str] | None = None
         if rank == 0:
-            choice = choose_encoding(cfg, teacher, dataset, levels, budget, dry_run)
+            choice = choose_encoding(cfg, teacher, dataset, levels, budget, dry_run, reserved)
         encoding, compressor, plan_table = comm.broadcast_object(choice)
     if dry_run:
         return DumpSummary(cache, encoding, len(samples), 0, 0, 0, time.perf_counter() - start, plan_table=plan_table)
@@ -190,7 +209,7 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
             cache, num_samples=len(samples), levels=levels, encoding=encoding, compressor=compressor,
             attributes=attributes, shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE),
         )
-        writer.put_teacher_weights(fpn_and_head_weights(teacher))
+        writer.put_teacher_weights(weights)
         writer.close()
     comm.synchronize()
 
@@ -202,7 +221,8 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_records,
                         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     owned_total = len(writer.owned_samples())
-    budget_share = None if budget is None else budget * owned_total / max(1, len(samples))
+    available = feature_budget(budget, reserved)
+    budget_share = None if available is None else available * owned_total / max(1, len(samples))
 
     skipped: list[str] = []
     written = 0

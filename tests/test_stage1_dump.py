@@ -138,6 +138,28 @@ def test_budget_too_small_refuses_before_writing(teacher_cfg: CfgNode, tmp_path:
     assert summary.plan_table and summary.encoding and not cache.exists()
 
 
+def test_finished_cache_stays_within_its_budget(teacher_cfg: CfgNode, tmp_path: Path) -> None:
+    from cache_format import CacheError
+    from cache_format.store import usage
+
+    cfg = teacher_cfg.clone()
+    cfg.CACHE.ENCODING = "auto"
+    with pytest.raises(UserError, match="does not even hold the teacher"):
+        run_dump(cfg, str(tmp_path / "tiny"), budget=10_000)
+    finished = 0
+    # Teacher weights here are ~0.7 MB and the features 0.15-0.35 MB: from "nothing fits" to "lossless fits".
+    for budget in (750_000, 900_000, 1_200_000):
+        cache = tmp_path / f"cache_{budget}"
+        try:
+            run_dump(cfg, str(cache), budget=budget)
+        except (UserError, CacheError) as exc:
+            assert "budget" in str(exc) and not cache.exists()
+            continue
+        finished += 1
+        assert usage(str(cache))[1] <= budget, f"cache of {usage(str(cache))[1]} bytes over its {budget}-byte budget"
+    assert finished >= 1
+
+
 def _dump_cli(cfg: CfgNode, cache: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     config = Path(cfg.OUTPUT_DIR) / "dump_config.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
