@@ -8,6 +8,7 @@ shard, so the cache is the same whatever the number of processes or interruption
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -328,10 +329,10 @@ def cache_exists(url: str) -> bool:
 def _abandon(background: BackgroundWriter, progress: tqdm) -> None:
     """Stop writing after an error: committed samples stay, the uncommitted rest is redone on resume."""
     progress.close()
-    try:
+    # The writer thread may fail again on the same cause (e.g. the full disk); the original error is the
+    # one the user needs to see, so a second one from closing is dropped.
+    with contextlib.suppress(Exception):
         background.close()
-    except BaseException:
-        pass  # the original error is the one the user needs to see
 
 
 def _record_skipped(cfg: Any, skipped: list[str]) -> None:
