@@ -251,17 +251,21 @@ def dataset_opts(layout: Layout) -> list[str]:
 
 
 def budget_for(layout: Layout, fraction: float, explicit: str | None) -> int:
-    """The budget cache's --budget: explicit, or `fraction` of the fp32 cache's samples (weights excluded)."""
+    """The budget cache's --budget: explicit, or `fraction` of the fp32 cache's per-sample bytes plus the
+    fixed part every cache holds (the teacher weights at their raw size, which stage one reserves, and
+    the zarr metadata), so the fraction constrains the features alone."""
     from bench.stage1 import cache_bytes
     from cache_format import CacheReader
     from cache_format.budget import parse_size
 
     if explicit:
         return parse_size(explicit)
-    url = layout.caches["fp32"]
-    samples = CacheReader(str(url)).num_samples
-    per_image = cache_bytes(str(url), samples)["bytes_per_image"]
-    return int(fraction * per_image * samples)
+    url = str(layout.caches["fp32"])
+    reader = CacheReader(url)
+    measured = cache_bytes(url, reader.num_samples)
+    weights = sum(int(value.nbytes) for value in reader.teacher_weights().values())
+    metadata = sum(p.stat().st_size for p in Path(url).rglob("zarr.json"))
+    return int(fraction * measured["bytes_per_image"] * reader.num_samples + weights + metadata)
 
 
 def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], students: Sequence[str], device_opts: list[str],
