@@ -66,12 +66,7 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out: str | Path) -> Path:
         ax.axis("off")
     fig.legend(handles=[plt.Line2D([], [], color=c, label=label) for label, c in colours.items()],
                loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def load_icd_module(cfg: Any, checkpoint: str | Path, channels: int) -> ICDModule:
@@ -136,6 +131,11 @@ def plot_attention_maps(cfg: Any, cache: str, checkpoint: str | Path, out: str |
             ax.set_title(f"instance {k}: {name}", fontsize=8)
         row[0].axis("off")
     fig.suptitle(f"instance-conditional attention ({finest}, mean over heads)", fontsize=10)
+    return _save_figure(fig, out)
+
+
+def _save_figure(fig: Any, out: str | Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
