@@ -13,7 +13,8 @@ DEFAULTS: dict[str, Any] = {
     "SEED": 0,
     "CUDNN_BENCHMARK": False,
     "MODEL": {
-        # RetinaNet | FCOS | FasterRCNN | MaskRCNN (torchvision.models.detection)
+        # RetinaNet | FCOS | FasterRCNN | MaskRCNN (torchvision.models.detection) | CondInst | SOLOv2
+        # (detection/condinst.py, detection/solov2.py; both need MASK_ON True)
         "META_ARCHITECTURE": "RetinaNet",
         "DEVICE": "cpu",
         # Path to a checkpoint (ours, or a torchvision state dict). Empty: train from scratch.
@@ -44,6 +45,34 @@ DEFAULTS: dict[str, Any] = {
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
         "MASK_ON": False,
+        # CondInst (detection/condinst.py); AdelaiDet's MODEL.CONDINST defaults (Base-CondInst.yaml: 500 proposals).
+        "CONDINST": {
+            "MASK_OUT_STRIDE": 4,
+            # positive locations per batch whose dynamic masks are trained (random subset); -1: all
+            "MAX_PROPOSALS": 500,
+            "MASK_HEAD": {"CHANNELS": 8, "NUM_LAYERS": 3},
+            # P3-P5 -> stride-8 mask features; NORM: BN | GN | "" (none)
+            "MASK_BRANCH": {"CHANNELS": 128, "OUT_CHANNELS": 8, "NUM_CONVS": 4, "NORM": "BN"},
+        },
+        # SOLOv2 (detection/solov2.py); AdelaiDet's MODEL.SOLOV2 defaults. MODEL.SCORE_THRESH_TEST is its
+        # category score threshold (AdelaiDet: 0.1, set in Base-SOLOv2.yaml); NMS_THRESH_TEST is unused.
+        "SOLOV2": {
+            "NUM_GRIDS": [40, 36, 24, 16, 12],
+            # per instance level: [low, high] of sqrt(box area) in pixels of the resized image
+            "SCALE_RANGES": [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]],
+            "SIGMA": 0.2,  # centre region: sigma x half the box around the mask's centre of mass
+            "INSTANCE_CHANNELS": 512,
+            "NUM_INSTANCE_CONVS": 4,
+            "NUM_MASKS": 256,  # channels of the unified mask features = length of a 1x1 dynamic kernel
+            "MASK_CHANNELS": 128,
+            "NORM": "GN",  # GN | "" (none)
+            "NMS_PRE": 500,
+            "MASK_THR": 0.5,
+            "UPDATE_THR": 0.05,  # score kept after Matrix NMS
+            "NMS_KERNEL": "gaussian",  # gaussian | linear
+            "NMS_SIGMA": 2.0,
+            "LOSS": {"FOCAL_ALPHA": 0.25, "FOCAL_GAMMA": 2.0, "FOCAL_WEIGHT": 1.0, "DICE_WEIGHT": 3.0},
+        },
     },
     "INPUT": {
         # Training resize: the short side is drawn from MIN_SIZE_TRAIN by the augmentation plan.
@@ -85,7 +114,8 @@ DEFAULTS: dict[str, Any] = {
     },
     # Stage one: what the teacher cache holds and how it is encoded.
     "CACHE": {
-        # Levels to keep; empty: those ICD distils for the architecture (P3-P7 single-stage, P2-P6 R-CNN).
+        # Levels to keep; empty: those ICD distils for the architecture (P3-P7 RetinaNet/FCOS/CondInst,
+        # P2-P6 R-CNN/SOLOv2).
         "LEVELS": [],
         # Augmentation variants per training image (multi-scale + flip drawn from the plan).
         "NUM_VARIANTS": 1,

@@ -1,4 +1,4 @@
-"""COCO evaluation with pycocotools: box AP (and mask AP for Mask R-CNN), as a table and as JSON.
+"""COCO evaluation with pycocotools: box AP and/or mask AP (per architecture), as a table and as JSON.
 
 The model sees test images resized by the test-time augmentation plan; its detections come back in
 that sample frame and are mapped to the original image frame (`invert_boxes`) and to the dataset's
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams, invert_boxes
 from detection.datasets import CocoIndex, DetectionDataset, collate, load_dataset
+from detection.zoo import BOX_ARCHITECTURES
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -157,6 +158,13 @@ def _json_safe(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 
 
 # --- the whole evaluation ----------------------------------------------------------------------
+def evaluation_tasks(cfg: Any) -> list[str]:
+    """COCOeval tasks for MODEL.META_ARCHITECTURE: box AP where it predicts boxes (not SOLOv2, whose
+    boxes are only its masks' extents), mask AP where it predicts masks (MODEL.MASK_ON)."""
+    tasks = ["bbox"] if cfg.MODEL.META_ARCHITECTURE in BOX_ARCHITECTURES else []
+    return tasks + (["segm"] if cfg.MODEL.MASK_ON else [])
+
+
 def evaluate_dataset(cfg: Any, model: nn.Module, name: str, output_dir: Path) -> dict[str, dict[str, float]]:
     """Evaluate one test dataset on all ranks; every rank returns rank 0's metrics."""
     index = load_dataset(cfg, name)
@@ -167,7 +175,7 @@ def evaluate_dataset(cfg: Any, model: nn.Module, name: str, output_dir: Path) ->
     results: dict[str, dict[str, float]] = {}
     if comm.is_main_process():
         records = [r for part in gathered for r in part]
-        tasks = ["bbox"] + (["segm"] if cfg.MODEL.MASK_ON else [])
+        tasks = evaluation_tasks(cfg)
         gt = coco_ground_truth(index)
         names = {c["id"]: c["name"] for c in index.categories}
         for task in tasks:

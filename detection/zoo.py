@@ -11,6 +11,7 @@ is returned alongside the outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -29,11 +30,25 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detection.condinst import build_condinst
 from detection.errors import UserError
+from detection.solov2 import build_solov2
 
 SINGLE_STAGE = ("RetinaNet", "FCOS")
 TWO_STAGE = ("FasterRCNN", "MaskRCNN")
-ARCHITECTURES = SINGLE_STAGE + TWO_STAGE
+# Dense instance segmentation (detection/condinst.py, detection/solov2.py): their own heads on this FPN.
+DENSE_INSTANCE = ("CondInst", "SOLOv2")
+ARCHITECTURES = SINGLE_STAGE + TWO_STAGE + DENSE_INSTANCE
+# Architectures on the P2-P6 FPN from res2-res5 (max-pooled P6); the others use P3-P7 from res3-res5.
+P2_P6 = TWO_STAGE + ("SOLOv2",)
+# Architectures that predict instance masks (MODEL.MASK_ON must be True) and boxes (box AP is evaluated).
+MASK_ARCHITECTURES = ("MaskRCNN", "CondInst", "SOLOv2")
+BOX_ARCHITECTURES = SINGLE_STAGE + TWO_STAGE + ("CondInst",)
+# Detection-head lineages: DISTILL.INIT_FROM_TEACHER copies a teacher's head only into a student of the
+# same family (CondInst's detector is FCOS's head, Mask R-CNN's box branch is Faster R-CNN's); across
+# families it copies the FPN alone.
+HEAD_FAMILIES = {"RetinaNet": "RetinaNet", "FCOS": "FCOS", "CondInst": "FCOS", "FasterRCNN": "R-CNN",
+                 "MaskRCNN": "R-CNN", "SOLOv2": "SOLOv2"}
 DEPTHS = (18, 34, 50, 101)
 NORMS = ("BN", "FrozenBN")
 
@@ -44,11 +59,13 @@ DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 
 
 def default_distill_levels(architecture: str) -> list[str]:
-    """The FPN levels ICD distils: P3-P7 for single-stage detectors, P2-P6 for R-CNNs (ICD_METHOD.md 1)."""
+    """The FPN levels ICD distils, all of the architecture's FPN: P3-P7 for RetinaNet, FCOS and CondInst
+    (the authors' default), P2-P6 for the R-CNNs (their R-CNN configs) and SOLOv2 (its FPN has no P7;
+    docs/METHOD.md, section "CondInst and SOLOv2")."""
     _check_architecture(architecture)
-    if architecture in SINGLE_STAGE:
-        return ["p3", "p4", "p5", "p6", "p7"]
-    return ["p2", "p3", "p4", "p5", "p6"]
+    if architecture in P2_P6:
+        return ["p2", "p3", "p4", "p5", "p6"]
+    return ["p3", "p4", "p5", "p6", "p7"]
 
 
 def _check_architecture(architecture: str) -> None:
@@ -164,7 +181,7 @@ def _retinanet_head(cfg: Any, channels: int, num_anchors: int, num_classes: int)
 
 def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
     arch = cfg.MODEL.META_ARCHITECTURE
-    two_stage = arch in TWO_STAGE
+    two_stage = arch in P2_P6
     channels = int(cfg.MODEL.FPN.OUT_CHANNELS)
     backbone = _backbone_with_fpn(
         int(cfg.MODEL.BACKBONE.DEPTH), cfg.MODEL.BACKBONE.NORM, int(cfg.MODEL.BACKBONE.FREEZE_AT), channels, two_stage
@@ -186,6 +203,11 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
     elif arch == "FCOS":
         model = FCOS(backbone, num_classes, head=_fcos_head(channels, num_classes), score_thresh=score,
                      nms_thresh=nms, detections_per_img=per_image, **common)
+    elif arch == "CondInst":
+        model = build_condinst(cfg, backbone, num_classes, head=_fcos_head(channels, num_classes), score_thresh=score,
+                               nms_thresh=nms, detections_per_img=per_image, **common)
+    elif arch == "SOLOv2":
+        model = build_solov2(cfg, backbone, num_classes, score_thresh=score, detections_per_img=per_image, **common)
     else:
         sizes = tuple((s,) for s in _anchor_sizes(cfg))
         rpn_anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
@@ -247,6 +269,9 @@ class DetectorAdapter(nn.Module):
         raw = self.model.backbone(image_list.tensors)
         if self.architecture in SINGLE_STAGE:
             outputs = self._single_stage(image_list, raw, targets)
+        elif self.architecture in DENSE_INSTANCE:
+            # detections are already in the sample frame, masks [n, 1, h, w]: no torchvision postprocess
+            outputs = self.model.forward_from_features(image_list, raw, targets)
         else:
             outputs = self._two_stage(image_list, raw, targets)
         return outputs, self._named(raw), image_list
@@ -292,16 +317,89 @@ class DetectorAdapter(nn.Module):
             if not key.startswith("model.backbone.body.")
         }
 
-    def load_fpn_and_head(self, state: dict[str, Tensor]) -> list[str]:
-        """Load every FPN/head tensor whose name and shape match; return the keys that were skipped."""
+    def load_fpn_and_head(self, state: dict[str, Tensor], teacher_architecture: str) -> "TeacherInit":
+        """Initialise from a teacher's `fpn_and_head_state_dict()` what this student shares with it.
+
+        The FPN always (level by level, so a P3-P7 teacher's P3 convs land on a P2-P6 student's P3);
+        the head only when both are of one head family (HEAD_FAMILIES): torchvision's RetinaNet and
+        FCOS heads share tensor names and shapes, but one is not an initialisation of the other.
+        Tensors without a same-shaped counterpart are skipped. An empty `teacher_architecture`
+        (unknown) initialises the FPN only.
+        """
         own = self.fpn_and_head_state_dict()
-        accepted = {
-            f"model.{key}": torch.as_tensor(value)
-            for key, value in state.items()
-            if key in own and tuple(own[key].shape) == tuple(torch.as_tensor(value).shape)
-        }
+        same_family = bool(teacher_architecture) and (
+            HEAD_FAMILIES.get(teacher_architecture) == HEAD_FAMILIES.get(self.architecture))
+        report = TeacherInit(teacher_architecture or "unknown", self.architecture, same_family)
+        accepted: dict[str, Tensor] = {}
+        for key, value in sorted(state.items()):
+            value = torch.as_tensor(value)
+            if key.startswith(_FPN_PREFIX):
+                target = _translate_fpn_key(key, teacher_architecture, self.architecture) if teacher_architecture \
+                    else key
+                loaded = report.fpn
+            elif same_family:
+                target, loaded = key, report.head
+            else:
+                report.skipped_head.append(key)
+                continue
+            if target is None or target not in own or tuple(own[target].shape) != tuple(value.shape):
+                report.skipped_mismatch.append(key)
+                continue
+            accepted[f"model.{target}"] = value
+            loaded.append(target)
         self.load_state_dict(accepted, strict=False)
-        return sorted(key for key in state if f"model.{key}" not in accepted)
+        return report
+
+
+_FPN_PREFIX = "backbone.fpn."
+
+
+def _translate_fpn_key(key: str, teacher_architecture: str, student_architecture: str) -> str | None:
+    """A teacher FPN key -> the student's key of the same level (None: the student has no such tensor).
+
+    torchvision numbers the FPN's lateral (`inner_blocks.i`) and output (`layer_blocks.i`) convs from
+    its first level, P3 or P2; the extra levels are named (`extra_blocks.p6`, `.p7`).
+    """
+    parts = key[len(_FPN_PREFIX):].split(".")
+    if parts[0] not in ("inner_blocks", "layer_blocks") or teacher_architecture not in ARCHITECTURES:
+        return key
+    first = {arch: 2 if arch in P2_P6 else 3 for arch in (teacher_architecture, student_architecture)}
+    index = int(parts[1]) + first[teacher_architecture] - first[student_architecture]
+    if index < 0:
+        return None
+    return _FPN_PREFIX + ".".join([parts[0], str(index), *parts[2:]])
+
+
+@dataclass
+class TeacherInit:
+    """What DISTILL.INIT_FROM_TEACHER loaded into a student (student key names) and what it left out."""
+
+    teacher_architecture: str
+    student_architecture: str
+    same_family: bool
+    fpn: list[str] = field(default_factory=list)
+    head: list[str] = field(default_factory=list)
+    skipped_head: list[str] = field(default_factory=list)  # teacher head tensors of another family
+    skipped_mismatch: list[str] = field(default_factory=list)  # teacher tensors without a same-shaped counterpart
+
+    @property
+    def skipped(self) -> list[str]:
+        return sorted(self.skipped_head + self.skipped_mismatch)
+
+    def summary(self) -> str:
+        """One line, e.g. 'initialised from the RetinaNet teacher: FPN (10 tensors) + head (18 tensors); skipped: ...'."""
+        loaded = f"FPN ({len(self.fpn)} tensors)"
+        if self.same_family:
+            loaded += f" + head ({len(self.head)} tensors)"
+        notes = []
+        if self.skipped_head:
+            notes.append(f"the {self.teacher_architecture} head ({len(self.skipped_head)} tensors: not the "
+                         f"{self.student_architecture} family)")
+        if self.skipped_mismatch:
+            notes.append(f"{len(self.skipped_mismatch)} without a same-shaped counterpart ("
+                         + ", ".join(self.skipped_mismatch) + ")")
+        return (f"initialised from the {self.teacher_architecture} teacher: {loaded}; skipped: "
+                + ("; ".join(notes) if notes else "nothing"))
 
 
 def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
@@ -318,8 +416,11 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
             "check MODEL.NUM_CLASSES or the categories of the training dataset.",
         )
     mask_on = bool(cfg.MODEL.MASK_ON)
-    if mask_on and arch != "MaskRCNN":
-        raise UserError(f"MODEL.MASK_ON is set but {arch} predicts no masks.", "use MaskRCNN or set MODEL.MASK_ON False.")
-    if arch == "MaskRCNN" and not mask_on:
-        raise UserError("MaskRCNN needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True, or use FasterRCNN for boxes only.")
+    if mask_on and arch not in MASK_ARCHITECTURES:
+        raise UserError(f"MODEL.MASK_ON is set but {arch} predicts no masks.",
+                        f"use one of {', '.join(MASK_ARCHITECTURES)} or set MODEL.MASK_ON False.")
+    if arch in MASK_ARCHITECTURES and not mask_on:
+        boxes_only = {"MaskRCNN": "FasterRCNN", "CondInst": "FCOS"}.get(arch)
+        raise UserError(f"{arch} needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True"
+                        + (f", or use {boxes_only} for boxes only." if boxes_only else "."))
     return DetectorAdapter(_build_torchvision_model(cfg, num_classes), arch, mask_on)

@@ -138,6 +138,8 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
     teacher_weights = None
     if cfg.DISTILL.INIT_FROM_TEACHER:
         teacher_weights = teacher.fpn_and_head_state_dict if teacher is not None else reader.teacher_weights
+    teacher_architecture = (teacher.teacher.architecture if teacher is not None
+                            else str((reader.attributes.get("teacher") or {}).get("architecture", "")))
     if comm.is_main_process():
         if teacher is None:
             source = f"the cache {reader.url} ({reader.encoding})"
@@ -147,6 +149,7 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
         print(f"icd distill: {student.architecture} student, levels {', '.join(levels)}, {len(dataset)} training "
               f"images; teacher features from {source}", flush=True)
     return DistillTrainer(cfg, student, loader, icd, levels, teacher=teacher, teacher_weights=teacher_weights,
+                          teacher_architecture=teacher_architecture,
                           evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None, resume=resume)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from detection.errors import UserError
-from detection.zoo import DetectorAdapter
+from detection.zoo import MASK_ARCHITECTURES, DetectorAdapter
 from stage1_teacher_dump.batching import padded_shape
 from stage1_teacher_dump.identity import file_sha256
 from stage1_teacher_dump.teacher import load_teacher, teacher_features
@@ -40,7 +40,7 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
         tcfg.MODEL.BACKBONE.NORM = recorded["norm"]
     if "fpn_channels" in recorded:
         tcfg.MODEL.FPN.OUT_CHANNELS = int(recorded["fpn_channels"])
-    tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
+    tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE in MASK_ARCHITECTURES
     missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
                                       ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]
     if missing:

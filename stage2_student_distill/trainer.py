@@ -24,7 +24,7 @@ from detection import distributed as comm
 from detection.checkpoint import last_checkpoint
 from detection.engine import EvaluateFn, LoaderFactory, Trainer
 from detection.errors import UserError
-from detection.zoo import DetectorAdapter
+from detection.zoo import DetectorAdapter, TeacherInit
 from stage2_student_distill.data import batch_padded_shape
 from stage2_student_distill.icd import ICDModule, build_icd_optimizer
 from stage2_student_distill.online import OnlineTeacher
@@ -43,10 +43,12 @@ class DistillTrainer(Trainer):
         *,
         teacher: OnlineTeacher | None = None,
         teacher_weights: Callable[[], Mapping[str, Any]] | None = None,
+        teacher_architecture: str = "",
         evaluate: EvaluateFn | None = None,
         resume: bool = False,
     ) -> None:
-        """`teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None."""
+        """`teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None;
+        `teacher_architecture` (its MODEL.META_ARCHITECTURE, "" if unknown) decides whether the head is shared."""
         device = comm.device_for_process(cfg.MODEL.DEVICE)
         self.levels = list(levels)
         self.strides = {name: int(student.strides[name]) for name in self.levels}
@@ -56,6 +58,8 @@ class DistillTrainer(Trainer):
         self.icd = icd.to(device)
         self.icd_optimizer = build_icd_optimizer(self.icd, cfg)
         self._teacher_weights = teacher_weights
+        self._teacher_architecture = teacher_architecture
+        self.teacher_init: TeacherInit | None = None
         self.skipped_teacher_keys: list[str] | None = None
         self._loss_scale = 1.0
         super().__init__(cfg, student, build_loader, evaluate=evaluate, resume=resume)
@@ -67,18 +71,16 @@ class DistillTrainer(Trainer):
 
     # --- initialisation --------------------------------------------------------------------------
     def _resume_or_load(self, resume: bool) -> None:
-        """The engine's resume / MODEL.WEIGHTS, then (new runs only) the teacher's FPN + head weights."""
+        """The engine's resume / MODEL.WEIGHTS, then (new runs only) the teacher's FPN (+ head, same family only)."""
         resuming = resume and last_checkpoint(self.output_dir) is not None
         super()._resume_or_load(resume)
         if resuming or self._teacher_weights is None:
             return
         state = {key: torch.as_tensor(np.asarray(value)) for key, value in self._teacher_weights().items()}
-        self.skipped_teacher_keys = self.module.load_fpn_and_head(state)
+        self.teacher_init = self.module.load_fpn_and_head(state, self._teacher_architecture)
+        self.skipped_teacher_keys = self.teacher_init.skipped
         if comm.is_main_process():
-            loaded = len(state) - len(self.skipped_teacher_keys)
-            skipped = self.skipped_teacher_keys
-            print(f"DISTILL.INIT_FROM_TEACHER: student FPN + head initialised from {loaded} teacher tensor(s); "
-                  f"{len(skipped)} skipped (name or shape differs)" + (f": {', '.join(skipped)}" if skipped else ""),
+            print(f"DISTILL.INIT_FROM_TEACHER: {self.module.architecture} student {self.teacher_init.summary()}",
                   flush=True)
 
     # --- the step --------------------------------------------------------------------------------

@@ -130,12 +130,12 @@ def test_fpn_and_head_transfer_between_depths_and_class_counts(cfg_tiny):
 
     torch.manual_seed(1)
     student = build_detector(_cfg(cfg_tiny.clone(), "RetinaNet"), K + 1)  # same FPN input widths
-    assert student.load_fpn_and_head(state) == []
+    assert student.load_fpn_and_head(state, "RetinaNet").skipped == []
     loaded = student.fpn_and_head_state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
     other = build_detector(_cfg(cfg_tiny.clone(), "RetinaNet"), K + 3)  # two more classes
-    skipped = other.load_fpn_and_head(state)
+    skipped = other.load_fpn_and_head(state, "RetinaNet").skipped
     assert skipped == ["head.classification_head.cls_logits.bias", "head.classification_head.cls_logits.weight"]
 
 
