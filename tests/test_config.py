@@ -9,6 +9,7 @@ import pytest
 from detection.config import get_cfg, save_config, setup_cfg
 from detection.defaults import DEFAULTS
 from detection.errors import UserError
+from detection.zoo import ARCHITECTURES, MASK_ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,10 +185,19 @@ def test_save_config_defaults_to_output_dir(tmp_path):
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")))
 def test_every_shipped_config_loads(path):
     cfg = setup_cfg(REPO / path)
-    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "FCOS", "FasterRCNN", "MaskRCNN")
+    assert cfg.MODEL.META_ARCHITECTURE in ARCHITECTURES
+    assert cfg.MODEL.MASK_ON == (cfg.MODEL.META_ARCHITECTURE in MASK_ARCHITECTURES)
 
 
 def test_coco_configs_set_the_depth_their_name_says():
-    for path in (REPO / "configs" / "COCO-Detection").glob("*_R_*_FPN_*.yaml"):
+    paths = [p for folder in ("COCO-Detection", "COCO-InstanceSegmentation")
+             for p in (REPO / "configs" / folder).glob("*_R_*_FPN_*.yaml")]
+    assert len(paths) >= 12 + 18
+    arch_of = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "FasterRCNN", "mask_rcnn": "MaskRCNN",
+               "condinst": "CondInst", "solov2": "SOLOv2"}
+    for path in paths:
         depth = int(path.stem.split("_R_")[1].split("_")[0])
-        assert setup_cfg(path).MODEL.BACKBONE.DEPTH == depth, path.name
+        cfg = setup_cfg(path)
+        assert cfg.MODEL.BACKBONE.DEPTH == depth, path.name
+        assert cfg.MODEL.META_ARCHITECTURE == arch_of[path.stem.split("_R_")[0]], path.name
+        assert cfg.SOLVER.MAX_ITER == (270000 if path.stem.endswith("_3x") else 90000), path.name

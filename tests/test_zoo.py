@@ -157,6 +157,14 @@ def test_frozen_bn_and_freeze_at(cfg_tiny):
     ({"RETINANET": {"NORM": "BN"}}, "RETINANET.NORM"),
     ({"MASK_ON": True}, "MASK_ON"),
     ({"ANCHOR_GENERATOR": {"SIZES": [8, 16]}}, "5 positive base sizes"),
+    ({"META_ARCHITECTURE": "CondInst"}, "CondInst needs MODEL.MASK_ON True"),
+    ({"META_ARCHITECTURE": "SOLOv2"}, "SOLOv2 needs MODEL.MASK_ON True"),
+    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_OUT_STRIDE": 3}}, "MASK_OUT_STRIDE 3"),
+    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_BRANCH": {"NORM": "SyncBN"}}},
+     "MASK_BRANCH.NORM 'SyncBN'"),
+    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NUM_GRIDS": [40, 36]}}, "5 positive grid sizes"),
+    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NMS_KERNEL": "box"}}, "NMS_KERNEL 'box'"),
+    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"INSTANCE_CHANNELS": 40}}, "multiple of 16"),
 ])
 def test_bad_model_config_is_a_user_error(cfg_tiny, overrides, message):
     cfg_tiny.merge_from_dict({"MODEL": overrides})
