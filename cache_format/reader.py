@@ -14,13 +14,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from cache_format.arrays import CacheArrays, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.encodings import Encoding, parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError
 from cache_format.opening import open_root
+from cache_format.store import run_on_zarr_loop
 from cache_format.schema import (COL, RECORD_FIELDS, WEIGHTS_GROUP, CachedSample, Layout, LevelSpec,
                                   SampleMeta, layout_from_attributes, levels_from_attributes, quant_columns)
 
@@ -220,7 +220,7 @@ class CacheReader:
         async def all_levels() -> list[Any]:
             return await asyncio.gather(*(one(n) for n in names))
 
-        results = sync(all_levels())
+        results = run_on_zarr_loop(all_levels())
         out = {}
         for name, res in zip(names, results):
             if isinstance(res, BaseException):

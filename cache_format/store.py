@@ -8,15 +8,16 @@ whole objects atomically too.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Coroutine, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from cache_format.errors import CacheError
+
+T = TypeVar("T")
 
 
 def _local_path(url: str) -> str | None:
@@ -46,14 +47,27 @@ def open_store(url: str, *, read_only: bool) -> Store:
                          "or use a local path") from exc
 
 
+def run_on_zarr_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run one of zarr's async store/array coroutines from synchronous code and return its result.
+
+    The one use of a zarr-internal API in the project, kept in this wrapper: zarr 3's stores are
+    async-only and zarr exposes no public synchronous entry point for them (nor for gathering several
+    array reads concurrently). The coroutine must run on zarr's own IO event loop, not a fresh one
+    (`asyncio.run`), because an FsspecStore binds its async filesystem (s3fs, gcsfs) to that loop.
+    """
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
+
+
 def store_is_empty(store: Store) -> bool:
-    return bool(sync(store.is_empty("")))
+    return bool(run_on_zarr_loop(store.is_empty("")))
 
 
 def key_size(store: Store, key: str) -> int:
     """Bytes of one stored object (0 when it does not exist, e.g. an all-padding shard)."""
     try:
-        return int(sync(store.getsize(key)))
+        return int(run_on_zarr_loop(store.getsize(key)))
     except (FileNotFoundError, KeyError):
         return 0
 
