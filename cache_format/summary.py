@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from cache_format.reader import CacheReader
-from cache_format.schema import COL, RESERVED_ATTRIBUTES
+from cache_format.schema import COL, RESERVED_ATTRIBUTES, level_size
 from cache_format.store import usage
 
 
@@ -29,8 +29,7 @@ def summarize(url: str) -> dict[str, Any]:
     fp32_bytes = 0
     levels = []
     for lv in reader.levels:
-        h = np.ceil(rh / lv.stride)
-        w = np.ceil(rw / lv.stride)
+        h, w = level_size(rh.astype(np.int64), rw.astype(np.int64), lv.stride)
         fp32_bytes += int((h * w).sum()) * lv.channels * 4
         arr = reader.feature_array(lv.name)
         levels.append({"name": lv.name, "stride": lv.stride, "channels": lv.channels,
