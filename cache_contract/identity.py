@@ -1,13 +1,21 @@
 """The identity records a cache carries: which teacher, which data, which preprocessing, which plan.
 
-A cache is only reusable if every one of these matches; stage one compares them on `--resume` and
-stage two compares preprocessing and levels before training a student.
+A cache is only reusable if every one of these matches; stage one writes them (`identity_attributes`)
+and compares them on `--resume`; stage two compares preprocessing, dataset and levels before training
+a student and replays the recorded augmentation plan (`recorded_plan`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, Mapping
+
+from cache_format.errors import CacheError
+from detection.augment import AugmentationPlan
+from detection.datasets import CocoIndex
+
+# The root attributes that say what a cache was made from (besides the format's own keys).
+IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")
 
 
 def file_sha256(path: str, block: int = 1 << 20) -> str:
@@ -78,3 +86,23 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_normalise(v) for v in value]
     return value
+
+
+def identity_attributes(cfg: Any, index: CocoIndex, plan: AugmentationPlan) -> dict[str, Any]:
+    """Everything stage one records at a cache's root about what it was made from."""
+    return {
+        "teacher": teacher_identity(cfg),
+        "preprocessing": preprocessing_identity(cfg),
+        "dataset": dataset_identity(cfg.DATASETS.TRAIN[0], index.json_path, len(index.images)),
+        "augmentation": plan.to_dict(),
+        "num_classes": int(index.num_classes),
+        "class_names": index.class_names,
+    }
+
+
+def recorded_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
+    """The augmentation plan a cache was dumped with, which stage two replays."""
+    if "augmentation" not in attributes:
+        raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
+                         "re-create the cache with `icd dump`, which stores the plan it used")
+    return AugmentationPlan.from_dict(attributes["augmentation"], source=f"cache {url}")

@@ -1,12 +1,18 @@
-"""The frozen teacher: built from the config, loaded from MODEL.WEIGHTS, run without gradients."""
+"""The frozen teacher: built from the config, loaded from MODEL.WEIGHTS, run without gradients.
+
+Stage one dumps what `sample_features` returns; stage two's --online mode produces the same tensors
+live with the same function, so a lossless cache and a live teacher give identical inputs to ICD.
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from cache_contract.geometry import padded_shape, valid_region
 from detection.checkpoint import load_weights
 from detection.errors import UserError
 from detection.zoo import DetectorAdapter, build_detector
@@ -33,10 +39,9 @@ def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractCont
 
 
 @torch.no_grad()
-def teacher_features(
-    teacher: DetectorAdapter, images: list[torch.Tensor], levels: list[str], amp: bool = False
-) -> dict[str, torch.Tensor]:
-    """FPN features of a batch of equally padded images, as float32 on the teacher's device."""
+def teacher_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str],
+                     amp: bool = False) -> dict[str, Tensor]:
+    """FPN features {level: [N, C, H, W]} float32 of images that share one padded shape."""
     device = next(teacher.parameters()).device
     with autocast_for(device, amp):
         batched = teacher.preprocess([image.to(device, non_blocking=True) for image in images]).tensors
@@ -44,10 +49,18 @@ def teacher_features(
     return {name: features[name].float() for name in levels}
 
 
-def valid_region(feature: torch.Tensor, stride: int, resized_h: int, resized_w: int) -> np.ndarray:
-    """One sample's level [C, H, W] cut to its valid size ceil(h/stride) x ceil(w/stride), as numpy float32."""
-    h, w = -(-resized_h // stride), -(-resized_w // stride)
-    return feature[:, :h, :w].detach().to("cpu", torch.float32).contiguous().numpy()
+def sample_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str],
+                    amp: bool = False) -> list[dict[str, Tensor]]:
+    """Per image, each level cut to its valid region [C, ceil(h / s), ceil(w / s)]: what a cache sample holds.
+
+    The images must share one padded shape: a sample's features then depend on the sample alone (padding
+    reaches into the valid region through the receptive field, so mixing shapes would change them).
+    """
+    shapes = {padded_shape(image.shape[-2], image.shape[-1], teacher.size_divisibility) for image in images}
+    assert len(shapes) == 1, f"images of several padded shapes {sorted(shapes)} in one teacher batch"
+    features = teacher_features(teacher, images, levels, amp)
+    return [{name: valid_region(features[name][row], teacher.strides[name], image.shape[-2], image.shape[-1])
+             for name in levels} for row, image in enumerate(images)]
 
 
 def fpn_and_head_weights(teacher: DetectorAdapter) -> dict[str, np.ndarray]:

@@ -108,11 +108,6 @@ class AugmentationPlan:
                    max_size=cfg.INPUT.MAX_SIZE_TEST, flip=False)
 
     # -- the plan ---------------------------------------------------------------------------------
-    @property
-    def num_distinct(self) -> int:
-        """How many different (size, flip) combinations exist; variants beyond this repeat some."""
-        return len(self._combos)
-
     def params(self, image_id: int, variant: int, orig_h: int, orig_w: int) -> AugParams:
         """The geometry of (image, variant): a pure function of the seed and the arguments."""
         if not 0 <= variant < self.num_variants:
@@ -146,16 +141,17 @@ class AugmentationPlan:
                 "max_size": self.max_size, "flip": self.flip}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AugmentationPlan":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "a stored record") -> "AugmentationPlan":
+        """The plan `to_dict` wrote; `source` (e.g. "cache /data/c") names where the record came from."""
         required = ("seed", "num_variants", "min_sizes", "max_size", "flip")
         missing = [k for k in required if k not in d]
         if missing:
-            raise UserError(f"augmentation plan record is missing {missing}: {dict(d)}",
-                            "the cache or file was written by an incompatible version; re-create it")
+            raise UserError(f"the augmentation plan of {source} is missing {missing}: {dict(d)}",
+                            "it was written by an incompatible version; re-create it")
         version = int(d.get("version", PLAN_FORMAT_VERSION))
         if version != PLAN_FORMAT_VERSION:
-            raise UserError(f"augmentation plan version {version} is not supported (this code reads "
-                            f"version {PLAN_FORMAT_VERSION})", "re-create the cache with this version")
+            raise UserError(f"the augmentation plan of {source} has version {version}, which this code does not "
+                            f"read (it reads version {PLAN_FORMAT_VERSION})", "re-create it with this version")
         return cls(seed=d["seed"], num_variants=d["num_variants"], min_sizes=list(d["min_sizes"]),
                    max_size=d["max_size"], flip=d["flip"])
 

@@ -19,30 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cache_contract.geometry import level_size, padded_shape
+from cache_contract.identity import IDENTITY_FIELDS, identity_attributes, identity_differences
+from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.errors import CacheError
 from cache_format.store import open_store, store_is_empty, usage
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
+from detection.datasets import train_index
 from detection.errors import UserError
-from detection.train import train_index
 from detection.zoo import DetectorAdapter
 from stage1_teacher_dump.background_writer import BackgroundWriter
-from stage1_teacher_dump.batching import padded_shape, shard_batches
-from stage1_teacher_dump.identity import (
-    dataset_identity,
-    identity_differences,
-    preprocessing_identity,
-    teacher_identity,
-)
+from stage1_teacher_dump.batching import shard_batches
 from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
-from stage1_teacher_dump.teacher import fpn_and_head_weights, load_teacher, teacher_features, valid_region
-
-IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")
 # Fault injection for the crash-safety tests: SIGKILL this process after N samples were handed to the
 # cache writer - a real `kill -9` at a chosen point, reproducible unlike a timer in the test.
 KILL_AFTER_ENV = "ICD_DUMP_FAULT_KILL_AFTER"
@@ -74,22 +69,9 @@ def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[Leve
         )
     max_h = max(p.resized_h for _, p in samples)
     max_w = max(p.resized_w for _, p in samples)
-    return [
-        LevelSpec(name=name, stride=teacher.strides[name], channels=teacher.out_channels,
-                  max_h=-(-max_h // teacher.strides[name]), max_w=-(-max_w // teacher.strides[name]))
-        for name in names
-    ]
-
-
-def identity_attributes(cfg: Any, index: Any, plan: AugmentationPlan) -> dict[str, Any]:
-    return {
-        "teacher": teacher_identity(cfg),
-        "preprocessing": preprocessing_identity(cfg),
-        "dataset": dataset_identity(cfg.DATASETS.TRAIN[0], index.json_path, len(index.images)),
-        "augmentation": plan.to_dict(),
-        "num_classes": int(index.num_classes),
-        "class_names": index.class_names,
-    }
+    strides = teacher.strides
+    return [LevelSpec(name, strides[name], teacher.out_channels, *level_size(max_h, max_w, strides[name]))
+            for name in names]
 
 
 def check_resumable(url: str, wanted: dict[str, Any], encoding: str | None) -> str:
@@ -122,10 +104,14 @@ def calibration_features(
         record = dataset[index]
         if "error" in record:
             continue
-        p = record["params"]
-        feats = teacher_features(teacher, [record["image"]], [lv.name for lv in levels], amp)
-        calib.append({lv.name: valid_region(feats[lv.name][0], lv.stride, p.resized_h, p.resized_w) for lv in levels})
+        (features,) = sample_features(teacher, [record["image"]], [lv.name for lv in levels], amp)
+        calib.append({name: to_numpy(feature) for name, feature in features.items()})
     return calib
+
+
+def to_numpy(feature: Any) -> np.ndarray:
+    """A feature tensor as the float32 numpy array the cache writer takes."""
+    return feature.detach().to("cpu", dtype=torch.float32).contiguous().numpy()
 
 
 def feature_budget(budget: int | None, reserved: int) -> int | None:
@@ -242,14 +228,13 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
                 else:
                     readable.append(record)
             if readable:
-                feats = teacher_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
-                for b, record in enumerate(readable):
+                per_sample = sample_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
+                for record, features in zip(readable, per_sample):
                     p = record["params"]
-                    per_level = {lv.name: valid_region(feats[lv.name][b], lv.stride, p.resized_h, p.resized_w)
-                                 for lv in levels}
                     meta = SampleMeta(image_id=p.image_id, variant=p.variant, scale=p.scale, flip=p.flip,
                                       resized_h=p.resized_h, resized_w=p.resized_w)
-                    background.submit((record["index"], per_level, meta, record["boxes"], record["classes"]))
+                    arrays = {name: to_numpy(feature) for name, feature in features.items()}
+                    background.submit((record["index"], arrays, meta, record["boxes"], record["classes"]))
                     written += 1
             progress.update(len(records))
             check_budget(tracker, budget_share, owned_total, progress, cache)
