@@ -100,7 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "TILE": 64,
         "SKIP_UNREADABLE": False,
     },
-    # Stage two: ICD hyperparameters (../shared/ICD_METHOD.md sections 2-5).
+    # Stage two: ICD hyperparameters (docs/METHOD.md, sections 2-5).
     "DISTILL": {
         "ENABLED": True,
         "LAMBDA": 8.0,  # 8 for single-stage, 3 for R-CNN

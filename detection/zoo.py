@@ -29,6 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detection import distributed as comm
 from detection.errors import UserError
 
 SINGLE_STAGE = ("RetinaNet", "FCOS")
@@ -44,7 +45,7 @@ DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 
 
 def default_distill_levels(architecture: str) -> list[str]:
-    """The FPN levels ICD distils: P3-P7 for single-stage detectors, P2-P6 for R-CNNs (ICD_METHOD.md 1)."""
+    """The FPN levels ICD distils: P3-P7 for single-stage detectors, P2-P6 for R-CNNs (docs/METHOD.md, section 1)."""
     _check_architecture(architecture)
     if architecture in SINGLE_STAGE:
         return ["p3", "p4", "p5", "p6", "p7"]
@@ -323,3 +324,8 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
     if arch == "MaskRCNN" and not mask_on:
         raise UserError("MaskRCNN needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True, or use FasterRCNN for boxes only.")
     return DetectorAdapter(_build_torchvision_model(cfg, num_classes), arch, mask_on)
+
+
+def build_model(cfg: Any, num_classes: int) -> DetectorAdapter:
+    """The detector for K = `num_classes` foreground classes, randomly initialised, on this process's device."""
+    return build_detector(cfg, num_classes + 1).to(comm.device_for_process(cfg.MODEL.DEVICE))
