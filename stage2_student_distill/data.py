@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cache_contract.geometry import batch_padded_shape, pad_levels
 from cache_format import CacheReader
 from cache_format.errors import CacheError
 from cache_format.schema import COL
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams
-from detection.datasets import CocoIndex, DetectionDataset, InfiniteSampler
-from detection.engine import LoaderFactory
-from detection.errors import UserError
-from detection.train import _BatchSampler
-from stage1_teacher_dump.batching import padded_shape
+from detection.datasets import CocoIndex, DetectionDataset
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +112,6 @@ class _VariantChooser:
         return drawn if self.table is None else self.table.choose_variant(image_id, drawn)
 
 
-def cache_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
-    """The augmentation plan a cache was dumped with (stored in its root attributes by stage one)."""
-    if "augmentation" not in attributes:
-        raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
-                         "re-create the cache with `icd dump`, which stores the plan it used")
-    try:
-        return AugmentationPlan.from_dict(attributes["augmentation"])
-    except UserError as exc:
-        raise CacheError(f"cache {url}: {exc.problem}", exc.fix) from None
-
-
 # -- the dataset ----------------------------------------------------------------------------------------
 class DistillDataset(Dataset):
     """Training items for stage two: DetectionDataset items (+ teacher features from the cache).
@@ -135,7 +119,7 @@ class DistillDataset(Dataset):
     Modes: `cache_url` and `read_features` (cached ICD); `cache_url` without features (online ICD on
     the cache's samples: same images, variants and geometry, the teacher runs live); no cache (online
     ICD on the plan from the config). Item indices are `(epoch, i)` as InfiniteSampler(yield_epoch=True)
-    yields them; `locate()` serves detection.train.batch_stream.
+    yields them; `locate()` serves detection.loader.batch_stream.
     """
 
     def __init__(self, index: CocoIndex, plan: AugmentationPlan, *, table: SampleTable | None = None,
@@ -205,37 +189,6 @@ def check_geometry(meta: Any, p: AugParams, index: int, url: str | None) -> None
 
 
 # -- batching ---------------------------------------------------------------------------------------------
-def level_shape(padded_hw: tuple[int, int], stride: int) -> tuple[int, int]:
-    """The FPN level size of a batch padded to `padded_hw`: ceil(padded / stride) per axis."""
-    return math.ceil(padded_hw[0] / stride), math.ceil(padded_hw[1] / stride)
-
-
-def batch_padded_shape(image_sizes: Iterable[Sequence[int]], size_divisibility: int) -> tuple[int, int]:
-    """The student's padded batch shape: the largest h and w, rounded up to the size divisibility."""
-    sizes = list(image_sizes)
-    return padded_shape(max(int(s[0]) for s in sizes), max(int(s[1]) for s in sizes), size_divisibility)
-
-
-def pad_levels(per_sample: Sequence[Mapping[str, Tensor]], padded_hw: tuple[int, int], levels: Sequence[str],
-               strides: Mapping[str, int]) -> dict[str, Tensor]:
-    """Stack per-sample valid regions [C, h, w] into zero-padded [N, C, ceil(H/s), ceil(W/s)] per level."""
-    out: dict[str, Tensor] = {}
-    for name in levels:
-        first = per_sample[0][name]
-        height, width = level_shape(padded_hw, strides[name])
-        batch = first.new_zeros((len(per_sample), first.shape[0], height, width))
-        for i, features in enumerate(per_sample):
-            feature = features[name]
-            h, w = feature.shape[-2:]
-            if h > height or w > width:
-                raise CacheError(f"teacher level {name} of sample {i} is {h}x{w}, larger than the batch's "
-                                 f"{height}x{width} at stride {strides[name]}",
-                                 "the cache's levels do not match the student's strides; check the cache")
-            batch[i, :, :h, :w] = feature
-        out[name] = batch
-    return out
-
-
 class DistillCollate:
     """Batch = {'samples': [items], 'teacher_features': {level: [N, C, H, W]} or None} (runs in workers)."""
 
@@ -252,26 +205,6 @@ class DistillCollate:
             features = pad_levels([item.pop("teacher_features") for item in items], padded, self.levels,
                                   self.strides)
         return {"samples": items, "teacher_features": features}
-
-
-def build_distill_loader(cfg: Any, dataset: DistillDataset, collate: DistillCollate) -> LoaderFactory:
-    """start_iter -> DataLoader at that position of the seeded, resumable batch stream (as icd train)."""
-    world = comm.get_world_size()
-    total = int(cfg.SOLVER.IMS_PER_BATCH)
-    if total < world or total % world:
-        raise UserError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
-                        f"use a multiple of {world} (images per batch are split evenly across processes).")
-    workers = int(cfg.DATALOADER.NUM_WORKERS)
-    pin = str(cfg.MODEL.DEVICE).startswith("cuda")
-
-    def build(start_iter: int) -> DataLoader:
-        sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
-        batches = _BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
-                                group_by_aspect=bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING), skip_batches=start_iter)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, persistent_workers=False, prefetch_factor=2 if workers else None)
-
-    return build
 
 
 def report_skipped(dataset: DistillDataset, url: str | None) -> None:
