@@ -57,6 +57,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def bench_parser(name: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that works in a scratch directory: --quick, --out and --work."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / f"{name}.json", help="JSON result")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch directory (default: a temporary one, deleted at the end)")
+    return parser
+
+
 def run_in_workdir(run: Callable[[Any, Path], dict[str, Any]], args: Any, prefix: str) -> int:
     """Run a benchmark in args.work (kept) or a temporary directory, print its markdown, write args.out."""
     if args.work is not None:

@@ -39,13 +39,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.run_all import machine_info, now_iso, run_in_workdir
+from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
 from cache_format.repack import repack
 from detection.checkpoint import save_checkpoint
 from detection.config import CfgNode, save_config, setup_cfg
-from detection.engine import Trainer
+from detection.datasets import train_index
+from detection.engine import Trainer, build_trainer
 from detection.synthetic import generate
-from detection.train import build_trainer, train_index
 from detection.zoo import build_detector
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.cli import build_distill_trainer
@@ -443,11 +443,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.stage2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and steps (about 2 minutes on 2 cores)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stage2.json", help="JSON result")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch directory (default: a temporary one, deleted at the end)")
+    parser = bench_parser("stage2", __doc__, "fewer images and steps (about 2 minutes on 2 cores)")
     parser.add_argument("--rounds", type=int, default=None, help="measured turns per mode (default 3 quick, 6 full)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--rss-probe", nargs=2, metavar=("CONFIG", "CACHE"), help=argparse.SUPPRESS)
