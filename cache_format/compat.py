@@ -12,12 +12,19 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+# Normalisation is each model's own business: teacher and student read the same raw pixels and each
+# normalises them itself, so a BGR detectron2 teacher serves an RGB torchvision student. Caches written
+# before this rule carry these keys under "preprocessing"; they are not compared.
+PER_MODEL_KEYS = ("pixel_mean", "pixel_std", "input_format")
+
+
 def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[str, Any]) -> None:
     """Raise CacheError naming every differing field (with the cache's and the student's value).
 
     `student` = {"levels": [(name, stride, channels), ...], "preprocessing": {...}}. Every student
     level must exist in the cache with the same stride and channel count (the cache may hold more
-    levels); every preprocessing key present on either side must have the same value.
+    levels); every preprocessing key present on either side must have the same value (resize, padding
+    grid, flip plan), except the per-model normalisation keys (PER_MODEL_KEYS).
     """
     diffs: list[str] = []
     cache_levels = {d["name"]: d for d in cache_attributes.get("levels", [])}
@@ -34,7 +41,7 @@ def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[st
             diffs.append(f"level {name} channels: cache {have['channels']}, student {channels}")
     cache_pre = _normalise(cache_attributes.get("preprocessing", {}) or {})
     student_pre = _normalise(student.get("preprocessing", {}) or {})
-    for key in sorted(set(cache_pre) | set(student_pre)):
+    for key in sorted((set(cache_pre) | set(student_pre)) - set(PER_MODEL_KEYS)):
         a, b = cache_pre.get(key, "<missing>"), student_pre.get(key, "<missing>")
         if a != b:
             diffs.append(f"preprocessing.{key}: cache {a!r}, student {b!r}")

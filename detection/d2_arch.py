@@ -287,6 +287,9 @@ class D2AnchorGenerator(AnchorGenerator):
         anchors = []
         for level, ((gh, gw), stride) in enumerate(zip(grid_sizes, self.strides)):
             base = getattr(self, f"cell_anchors_{level}").to(device)
+            if gh == 0 or gw == 0:
+                anchors.append(base.new_zeros((0, 4)))
+                continue
             xs = torch.arange(self.offset * stride, gw * stride, step=stride, dtype=torch.float32, device=device)
             ys = torch.arange(self.offset * stride, gh * stride, step=stride, dtype=torch.float32, device=device)
             shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")

@@ -105,6 +105,9 @@ def from_payload(payload: Any, source: str) -> D2Checkpoint | None:
         return None
     author = str(payload.get("__author__", "")) if isinstance(payload.get("__author__", ""), str) else ""
     heuristics = bool(payload.get("matching_heuristics", False))
+    if isinstance(payload.get("blobs"), dict):  # Detectron (Caffe2) model zoo: {"blobs": {name: array}}
+        payload = {k: v for k, v in payload["blobs"].items() if not k.endswith("_momentum")}
+        author, heuristics = author or "Caffe2", True
     state = payload.get("model", payload) if isinstance(payload.get("model", None), dict) else payload
     if not isinstance(state, dict) or not state:
         return None
@@ -367,7 +370,7 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     facts = _model_facts(adapter)
     own, arch = facts["own"], facts["architecture"]
     family = ckpt.family
-    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'checkpoint of an unknown kind')}"
+    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
     if family in ("CondInst", "SOLOv2", "unknown") or (family != "backbone" and family != arch):
         fix = (f"use {TEACHER_CONFIGS[family]} (or MODEL.META_ARCHITECTURE {family} with its options)"
                if family in TEACHER_CONFIGS else
@@ -407,7 +410,7 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
             if tuple(tensor.shape) != shape:
                 problems.append(f"classes: checkpoint {_classes(value, family, num_anchors)}, model "
                                 f"{_model_classes(own, arch, num_anchors)} (MODEL.NUM_CLASSES or the training set's "
-                                f"categories; or other anchors per location / head width) [{key}]")
+                                f"categories; or other anchors per location / head width)")
                 continue
             out.converted.append(f"{key}: {rule.note}")
         else:
@@ -419,7 +422,7 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     needed = [k for k in own if not k.endswith("num_batches_tracked")
               and (family != "backbone" or k.startswith("backbone.body."))]
     missing = [k for k in needed if "model." + k not in out.state]
-    if unused:
+    if unused and not problems:  # a depth difference already explains the surplus blocks
         problems.append(f"{len(unused)} checkpoint tensor(s) the model has no place for, e.g. {unused[:4]}")
     if missing and not problems:
         problems.append(f"{len(missing)} model tensor(s) not in the checkpoint, e.g. {missing[:4]}")
@@ -501,7 +504,7 @@ def same_names(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     """`ckpt` for a detectron2-built adapter (MODEL.BACKEND detectron2): names as they are, strictly."""
     own = {k[len("model."):]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
     arch, family = adapter.architecture, ckpt.family
-    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'checkpoint of an unknown kind')}"
+    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
     if family == "unknown" or (family != "backbone" and family != arch):
         raise UserError(f"{what}, but MODEL.D2_CONFIG builds {arch}; nothing was loaded.",
                         "use a checkpoint of the configured architecture, or the matching MODEL.D2_CONFIG")

@@ -23,7 +23,7 @@ from torch import Tensor
 from detection.errors import UserError
 from detection.zoo import DetectorAdapter
 from stage1_teacher_dump.batching import padded_shape
-from stage1_teacher_dump.identity import file_sha256
+from stage1_teacher_dump.identity import apply_teacher_model_options, file_sha256
 from stage1_teacher_dump.teacher import load_teacher, teacher_features
 from stage2_student_distill.data import pad_levels
 
@@ -40,6 +40,7 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
         tcfg.MODEL.BACKBONE.NORM = recorded["norm"]
     if "fpn_channels" in recorded:
         tcfg.MODEL.FPN.OUT_CHANNELS = int(recorded["fpn_channels"])
+    apply_teacher_model_options(tcfg, recorded)  # the teacher's own normalisation / detectron2 options
     tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
     missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
                                       ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]
