@@ -358,11 +358,16 @@ def _num_anchors(own: dict[str, Tensor], architecture: str) -> int:
     return 1
 
 
-def _classes(value: Tensor, family: str, num_anchors: int) -> int:
-    """K (foreground classes) of a detectron2 classification tensor."""
-    if family in ("FasterRCNN", "MaskRCNN"):
-        return int(value.shape[0]) - 1
-    return int(value.shape[0]) // max(num_anchors, 1)
+def _classes(rule: Rule, value: Tensor) -> int:
+    """K (foreground classes) of a detectron2 class-layout tensor; 0 for class-agnostic deltas / masks."""
+    n = int(value.shape[0])
+    if rule.kind == "sigmoid_classes":
+        return n // rule.num_anchors if n % rule.num_anchors == 0 else -1
+    if rule.kind == "softmax_background":
+        return n - 1
+    if rule.kind == "box_deltas":
+        return 0 if n == 4 else n // 4
+    return 0 if n == 1 else n  # masks
 
 
 def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
@@ -405,13 +410,16 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
         shape = tuple(own[rule.target].shape)
         tensor = value.to(own[rule.target].dtype)
         if rule.kind:
-            fits = tensor.shape[0] % num_anchors == 0 and tensor.shape[1:] == own[rule.target].shape[1:]
-            tensor = rule.convert(tensor, _model_classes(own, arch, num_anchors) + 1) if fits else tensor
-            if tuple(tensor.shape) != shape:
-                problems.append(f"classes: checkpoint {_classes(value, family, num_anchors)}, model "
-                                f"{_model_classes(own, arch, num_anchors)} (MODEL.NUM_CLASSES or the training set's "
-                                f"categories; or other anchors per location / head width)")
+            if tensor.shape[1:] != own[rule.target].shape[1:]:
+                problems.append(_shape_problem(key, rule.target, tuple(tensor.shape), shape))
                 continue
+            model_k = _model_classes(own, arch, num_anchors)
+            ckpt_k = _classes(rule, tensor)
+            if ckpt_k != model_k and not (rule.kind in ("box_deltas", "masks") and ckpt_k == 0):
+                problems.append(f"classes: checkpoint {ckpt_k}, model {model_k} (MODEL.NUM_CLASSES or the training "
+                                "set's categories)")
+                continue
+            tensor = rule.convert(tensor, model_k + 1)
             out.converted.append(f"{key}: {rule.note}")
         else:
             out.loaded += 1
