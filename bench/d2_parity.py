@@ -16,7 +16,8 @@ For each detector (R-50 FPN, detectron2's model-zoo config, 80 classes):
    are compared. Per level: max abs difference, max abs difference / max |detectron2 value| (the
    "relative" difference of the goal: within 1e-4) and the relative L2 error. Detections: counts, and
    how many of detectron2's top detections the project reproduces (same class, IoU >= 0.99), with the
-   largest score and box-coordinate differences among them (mask IoU for Mask R-CNN).
+   largest score and box-coordinate differences among them (mask IoU for Mask R-CNN);
+5. two ablations on the same weights show what the options buy (see `ablations`).
 FCOS needs AdelaiDet, which is not installable here: it is reported as skipped (its conversion is
 tested in tests/test_d2_checkpoint.py with checkpoints written in AdelaiDet's names and shapes).
 Without detectron2 the benchmark writes a JSON saying it was skipped and exits 0 (so `make bench` runs).
@@ -181,10 +182,56 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
     result["levels"] = {lvl: level_stats(our_feats[lvl], d2_feats[lvl]) for lvl in ours.levels}
     result["detections"] = [compare_detections(o, r["instances"]) for o, r in zip(our_out, d2_out)]
     result["seconds"] = {"detectron2": round(d2_seconds, 2), "project": round(our_seconds, 2)}
+    result["ablations"] = ablations(name, ours, cfg, rgb, d2_feats, d2_out)
     result["worst_level_max_rel"] = max(s["max_rel"] for s in result["levels"].values())
     result["features_within_1e-4"] = result["worst_level_max_rel"] <= 1e-4
     result["top_detections_same"] = all(d["top_k_matched"] == d["top_k"] for d in result["detections"])
     return result
+
+
+def ablations(name: str, ours: torch.nn.Module, cfg: Any, rgb: list[torch.Tensor], d2_feats: dict[str, torch.Tensor],
+              d2_out: list[dict[str, Any]]) -> dict[str, Any]:
+    """What two of the options buy, measured by switching them off on the same converted weights.
+
+    - "torchvision FrozenBN arithmetic": the backbone's D2FrozenBatchNorm2d replaced by torchvision's
+      FrozenBatchNorm2d (same function, x * scale + shift instead of the fused op): features only;
+    - "torchvision conventions": the converted weights in a model built with MODEL.CONVENTIONS
+      torchvision (anchors, pooling, proposal selection, post-processing as torchvision does them; the
+      loader refuses this, so the tensors are copied directly here): detections.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detection.d2_arch import D2FrozenBatchNorm2d
+    from detection.zoo import build_detector
+
+    out: dict[str, Any] = {}
+    plain = build_detector(cfg, NUM_CLASSES + 1).eval()
+    plain.load_state_dict(ours.state_dict())
+
+    def swap(module: torch.nn.Module) -> None:
+        for child_name, child in module.named_children():
+            if isinstance(child, D2FrozenBatchNorm2d):
+                replacement = FrozenBatchNorm2d(child.weight.shape[0], eps=child.eps)
+                replacement.load_state_dict(child.state_dict())
+                setattr(module, child_name, replacement)
+            else:
+                swap(child)
+
+    swap(plain.model.backbone.body)
+    with torch.no_grad():
+        feats = plain.features(plain.preprocess(rgb).tensors)
+    out["torchvision FrozenBN arithmetic"] = {
+        "worst_level_max_rel": max(level_stats(feats[lvl], d2_feats[lvl])["max_rel"] for lvl in plain.levels)}
+    tv_cfg = cfg.clone()
+    tv_cfg.MODEL.CONVENTIONS = "torchvision"
+    tv = build_detector(tv_cfg, NUM_CLASSES + 1).eval()
+    tv.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        tv_out, _, _ = tv(rgb)
+    dets = [compare_detections(o, r["instances"]) for o, r in zip(tv_out, d2_out)]
+    out["torchvision conventions"] = {"top_k_matched": [d["top_k_matched"] for d in dets],
+                                      "top_k": [d["top_k"] for d in dets]}
+    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -213,6 +260,15 @@ def markdown(result: dict[str, Any]) -> str:
         if any("min_mask_iou" in d for d in dets):
             lines.append(f"| {name} masks: min IoU of matched masks "
                          f"{min(d.get('min_mask_iou', 1.0) for d in dets):.4f} |" + " |" * 11)
+    lines += ["", "Ablations on the same converted weights (what the options buy):", "",
+              "| model | torchvision FrozenBN arithmetic: worst level max rel | torchvision conventions: top-k matched |",
+              "|---|---:|---|"]
+    for name, r in result["models"].items():
+        if "ablations" in r:
+            a = r["ablations"]
+            tv = a["torchvision conventions"]
+            lines.append(f"| {name} | {a['torchvision FrozenBN arithmetic']['worst_level_max_rel']:.1e} | "
+                         + ", ".join(f"{m}/{k}" for m, k in zip(tv["top_k_matched"], tv["top_k"])) + " |")
     return "\n".join(lines)
 
 
@@ -224,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [(256, 320), (224, 288)] if args.quick else [(480, 640), (512, 384)]
-    result: dict[str, Any] = {"sizes": sizes, "seed": args.seed, "models": {}}
+    result: dict[str, Any] = {"sizes": sizes, "seed": args.seed, "quick": args.quick, "models": {}}
+    start = time.perf_counter()
     try:
         import detectron2
     except ImportError as exc:
@@ -240,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["models"][name] = run_model(name, d2_config, teacher_config, args.seed, sizes, Path(tmp))
         result["models"]["fcos"] = {"skipped": "needs AdelaiDet (not installable here); conversion tested in "
                                                "tests/test_d2_checkpoint.py"}
+    result["seconds_total"] = round(time.perf_counter() - start, 1)
     result["markdown"] = markdown(result)
     print(result["markdown"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

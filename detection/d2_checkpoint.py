@@ -500,6 +500,8 @@ def report(ckpt: D2Checkpoint, conversion: Conversion, adapter: nn.Module) -> st
     lines += [f"  checked {line}" for line in conversion.checked]
     if ckpt.family == "backbone":
         lines.append("  the FPN and heads keep their initialisation (an ImageNet backbone has none)")
+    if getattr(adapter, "backend", "") == "detectron2":
+        lines.append("  the model is built by detectron2 (MODEL.BACKEND detectron2): detectron2's names, nothing converted")
     if options:
         lines.append(f"  from the config (not stored in the file): input {options.get('input_format')}, pixel mean "
                      f"{options.get('pixel_mean')}, std {options.get('pixel_std')}, STRIDE_IN_1X1 "
