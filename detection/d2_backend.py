@@ -45,7 +45,7 @@ def import_detectron2(architecture: str) -> Any:
     if architecture == "FCOS":
         try:
             import adet.config  # noqa: F401
-            import adet.modeling  # noqa: F401  (registers FCOS with detectron2)
+            import adet.modeling  # noqa: F401 - importing it registers AdelaiDet's FCOS with detectron2
         except ImportError as exc:
             raise UserError(f"MODEL.BACKEND detectron2 with FCOS needs AdelaiDet, which cannot be imported ({exc}).",
                             ADELAIDET) from None
