@@ -28,8 +28,9 @@ from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "bench" / "results"
-# In the order they run: the cache format alone, then stage one, stage two, then the end-to-end accuracy.
-BENCHMARKS = ("cache_io", "stage1", "stage2", "accuracy")
+# In the order they run: the cache format alone, then stage one, stage two, detectron2 parity (records
+# "skipped" where detectron2 is not importable), then the end-to-end accuracy.
+BENCHMARKS = ("cache_io", "stage1", "stage2", "d2_parity", "accuracy")
 SLOW_BENCHMARKS = ("accuracy",)
 STDERR_TAIL_LINES = 40
 

@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping
 
 from cache_format.errors import CacheError
+from detection import d2_arch
 from detection.augment import AugmentationPlan
 from detection.datasets import CocoIndex
 
@@ -30,8 +31,16 @@ def file_sha256(path: str, block: int = 1 << 20) -> str:
 
 
 def teacher_identity(cfg: Any) -> dict[str, Any]:
-    """The teacher's architecture config and the sha256 of its weights file."""
+    """The teacher's architecture config, how it normalises its input, and the sha256 of its weights file.
+
+    Normalisation (input format, pixel mean/std) belongs to the teacher, not to the cache's
+    preprocessing: each model normalises the same raw pixels itself (docs/D2_INTEROP.md), so a BGR
+    detectron2 teacher serves an RGB torchvision student. It is recorded so that `--resume` refuses a
+    changed teacher and `--online` rebuilds the teacher as it was.
+    """
     weights = cfg.MODEL.WEIGHTS
+    options = d2_arch.describe(cfg)
+    d2_config = str(cfg.MODEL.D2_CONFIG) if cfg.MODEL.BACKEND == "detectron2" else ""
     return {
         "architecture": cfg.MODEL.META_ARCHITECTURE,
         "depth": int(cfg.MODEL.BACKBONE.DEPTH),
@@ -39,14 +48,43 @@ def teacher_identity(cfg: Any) -> dict[str, Any]:
         "fpn_channels": int(cfg.MODEL.FPN.OUT_CHANNELS),
         "weights": os.path.abspath(weights) if weights else "",
         "weights_sha256": file_sha256(weights) if weights and os.path.isfile(weights) else "",
+        "backend": str(cfg.MODEL.BACKEND),
+        "d2_config": d2_config,
+        "d2_config_sha256": file_sha256(d2_config) if d2_config and os.path.isfile(d2_config) else "",
+        **options,
     }
 
 
+# teacher identity field -> config key, for rebuilding a recorded teacher (stage two's --online)
+TEACHER_MODEL_KEYS = {
+    "backend": "MODEL.BACKEND", "d2_config": "MODEL.D2_CONFIG", "conventions": "MODEL.CONVENTIONS",
+    "input_format": "MODEL.INPUT_FORMAT", "pixel_mean": "MODEL.PIXEL_MEAN", "pixel_std": "MODEL.PIXEL_STD",
+    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1", "top_block_in": "MODEL.FPN.TOP_BLOCK_IN",
+}
+
+
+def apply_teacher_model_options(tcfg: Any, recorded: dict[str, Any]) -> None:
+    """Set the model options a teacher identity records (input format, normalisation, conventions) on tcfg."""
+    for field_name, key in TEACHER_MODEL_KEYS.items():
+        if field_name not in recorded:
+            continue
+        value = recorded[field_name]
+        if field_name == "top_block_in" and value not in ("p5", "res5"):
+            value = ""  # R-CNNs record how P6 is made ("p5-maxpool"); it is not configurable
+        *parents, leaf = key.split(".")
+        node = tcfg
+        for name in parents:
+            node = node[name]
+        node[leaf] = list(value) if isinstance(value, (list, tuple)) else value
+
+
 def preprocessing_identity(cfg: Any) -> dict[str, Any]:
-    """What a student must share with the teacher to see the same pixels at the same positions."""
+    """What a student must share with the teacher to see the same pixels at the same positions.
+
+    Not the normalisation: every model normalises the shared raw pixels with its own mean/std and
+    channel order (recorded in the teacher identity), so it need not match between teacher and student.
+    """
     return {
-        "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
-        "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
         "size_divisibility": int(cfg.MODEL.SIZE_DIVISIBILITY),
         "min_size_train": [int(v) for v in cfg.INPUT.MIN_SIZE_TRAIN],
         "max_size_train": int(cfg.INPUT.MAX_SIZE_TRAIN),

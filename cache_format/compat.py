@@ -14,6 +14,10 @@ def _normalise(value: Any) -> Any:
 
 DEFAULT_FIX = ("train the student with the teacher's preprocessing and levels (or add adapters for channel "
                "differences), or dump a cache for this configuration")
+# Normalisation is each model's own business: teacher and student read the same raw pixels and each
+# normalises them itself, so a BGR detectron2 teacher serves an RGB torchvision student. Caches written
+# before this rule carry these keys under "preprocessing"; they are not compared.
+PER_MODEL_KEYS = ("pixel_mean", "pixel_std", "input_format")
 
 
 def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[str, Any], *,
@@ -22,8 +26,9 @@ def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[st
 
     `student` = {"levels": [(name, stride, channels), ...], "preprocessing": {...}}. Every student
     level must exist in the cache with the same stride and channel count (the cache may hold more
-    levels); every preprocessing key present on either side must have the same value. `source` names
-    what offers the features in the message ("cache", or "online teacher" for the same check on a live
+    levels); every preprocessing key present on either side must have the same value (resize, padding
+    grid, flip plan), except the per-model normalisation keys (PER_MODEL_KEYS). `source` names what
+    offers the features in the message ("cache", or "online teacher" for the same check on a live
     teacher's identity).
     """
     diffs: list[str] = []
@@ -41,7 +46,7 @@ def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[st
             diffs.append(f"level {name} channels: {source} {have['channels']}, student {channels}")
     cache_pre = _normalise(cache_attributes.get("preprocessing", {}) or {})
     student_pre = _normalise(student.get("preprocessing", {}) or {})
-    for key in sorted(set(cache_pre) | set(student_pre)):
+    for key in sorted((set(cache_pre) | set(student_pre)) - set(PER_MODEL_KEYS)):
         a, b = cache_pre.get(key, "<missing>"), student_pre.get(key, "<missing>")
         if a != b:
             diffs.append(f"preprocessing.{key}: {source} {a!r}, student {b!r}")

@@ -25,10 +25,10 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detection import d2_arch
 from detection import distributed as comm
 from detection.errors import UserError
 
@@ -58,19 +58,6 @@ def _check_architecture(architecture: str) -> None:
             f"MODEL.META_ARCHITECTURE '{architecture}' is not a known detector.",
             f"use one of: {', '.join(ARCHITECTURES)}.",
         )
-
-
-class _PresizedTransform(GeneralizedRCNNTransform):
-    """torchvision's transform without its resize: normalise and pad only.
-
-    Images reach the model already resized by the augmentation plan (the teacher cache and the student
-    must see identical pixels), so a second resize inside the model would break that contract.
-    """
-
-    def resize(
-        self, image: Tensor, target: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        return image, target
 
 
 def _norm_layer(norm: str) -> Callable[..., nn.Module]:
@@ -170,10 +157,16 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
     backbone = _backbone_with_fpn(
         int(cfg.MODEL.BACKBONE.DEPTH), cfg.MODEL.BACKBONE.NORM, int(cfg.MODEL.BACKBONE.FREEZE_AT), channels, two_stage
     )
+    d2_arch.apply_backbone_options(cfg, backbone, arch)  # STRIDE_IN_1X1, TOP_BLOCK_IN
     common: dict[str, Any] = dict(
         min_size=1, max_size=1, image_mean=list(cfg.MODEL.PIXEL_MEAN), image_std=list(cfg.MODEL.PIXEL_STD),
         size_divisible=int(cfg.MODEL.SIZE_DIVISIBILITY),
     )
+    if d2_arch.conventions(cfg) == "detectron2":
+        model = d2_arch.build_detectron2_style(cfg, num_classes, backbone, common, _retinanet_head, _fcos_head,
+                                               _anchor_sizes(cfg))
+        model.transform = d2_arch.presized_transform(cfg, common)
+        return model
     score, nms, per_image = float(cfg.MODEL.SCORE_THRESH_TEST), float(cfg.MODEL.NMS_THRESH_TEST), int(
         cfg.TEST.DETECTIONS_PER_IMAGE
     )
@@ -200,7 +193,7 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
             model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
                              mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
                              mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **rcnn)
-    model.transform = _PresizedTransform(**common)
+    model.transform = d2_arch.presized_transform(cfg, common)  # MODEL.INPUT_FORMAT
     return model
 
 
@@ -313,6 +306,9 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
     """
     arch = cfg.MODEL.META_ARCHITECTURE
     _check_architecture(arch)
+    backend = str(cfg.MODEL.BACKEND)
+    if backend not in ("torchvision", "detectron2"):
+        raise UserError(f"MODEL.BACKEND '{backend}' is not known.", "use torchvision or detectron2.")
     if num_classes < 2:
         raise UserError(
             f"a detector needs at least one foreground class (num_classes = K + 1 = {num_classes}).",
@@ -323,6 +319,10 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
         raise UserError(f"MODEL.MASK_ON is set but {arch} predicts no masks.", "use MaskRCNN or set MODEL.MASK_ON False.")
     if arch == "MaskRCNN" and not mask_on:
         raise UserError("MaskRCNN needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True, or use FasterRCNN for boxes only.")
+    if backend == "detectron2":
+        from detection.d2_backend import build_d2_detector  # imports detectron2; only where asked for
+
+        return build_d2_detector(cfg, num_classes)  # type: ignore[return-value]  (same interface)
     return DetectorAdapter(_build_torchvision_model(cfg, num_classes), arch, mask_on)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from cache_contract.geometry import pad_levels, padded_shape
-from cache_contract.identity import file_sha256
+from cache_contract.identity import apply_teacher_model_options, file_sha256
 from cache_contract.teacher import load_teacher, sample_features
 from detection.errors import UserError
 from detection.zoo import DetectorAdapter
@@ -39,6 +39,7 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
         tcfg.MODEL.BACKBONE.NORM = recorded["norm"]
     if "fpn_channels" in recorded:
         tcfg.MODEL.FPN.OUT_CHANNELS = int(recorded["fpn_channels"])
+    apply_teacher_model_options(tcfg, recorded)  # the teacher's own normalisation / detectron2 options
     tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
     missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
                                       ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]

@@ -88,7 +88,7 @@ def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, distill
 
 @pytest.mark.parametrize("override, reason", [
     ({"MODEL": {"FPN": {"OUT_CHANNELS": 64}}, "DISTILL": {"HIDDEN_DIM": 64}}, "level p3 channels: cache 32, student 64"),
-    ({"MODEL": {"PIXEL_MEAN": [120.0, 116.28, 103.53]}}, "preprocessing.pixel_mean"),
+    ({"MODEL": {"SIZE_DIVISIBILITY": 64}}, "preprocessing.size_divisibility"),
     ({"INPUT": {"MIN_SIZE_TRAIN": [48]}}, "preprocessing.min_size_train"),
     ({"MODEL": {"META_ARCHITECTURE": "FasterRCNN"}}, "level p2: the student needs it"),
 ])
