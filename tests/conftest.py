@@ -11,6 +11,7 @@ import torch
 from cache_contract.identity import identity_attributes
 from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheWriter, LevelSpec, SampleMeta
+from cache_format.integrity import finish_cache
 from detection.augment import AugmentationPlan
 from detection.config import CfgNode, get_cfg
 from detection.datasets import train_index
@@ -117,6 +118,7 @@ def write_cache(cfg: CfgNode, url: str, encoding: str = "fp32", skip: frozenset[
                             SampleMeta(p.image_id, p.variant, p.scale, p.flip, p.resized_h, p.resized_w),
                             record["boxes"], record["classes"])
     writer.close()
+    finish_cache(url)  # as stage one finishes a dump: the manifest, written last (`skip` stay uncommitted)
     return url
 
 
