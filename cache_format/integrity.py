@@ -243,6 +243,19 @@ def _instances_match(arrays: CacheArrays, layout: Layout, shard: int, records: n
     return True
 
 
+def _instance_keys_at_fault(arrays: CacheArrays, layout: Layout, shard: int) -> list[str]:
+    """Which of the shard's boxes / classes objects fails to read (both named when neither fails alone:
+    then their values disagree with the records' checksum)."""
+    rows = layout.instance_rows_per_shard
+    bad = []
+    for arr in (arrays.boxes, arrays.classes):
+        try:
+            arr[shard * rows:(shard + 1) * rows]
+        except Exception:
+            bad.append(shard_key(arr, shard))
+    return bad or [shard_key(arrays.boxes, shard), shard_key(arrays.classes, shard)]
+
+
 def _deep_check(report: IntegrityReport, arrays: CacheArrays, layout: Layout, workers: int | None) -> None:
     from cache_format.reader import CacheReader  # the reader is what a training run uses: check through it
 
@@ -278,7 +291,8 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
         try:
             reader.read_instances(i)
         except CacheError as exc:
-            found.setdefault(shard_key(arrays.boxes, shard), []).append((i, "instances", _detail(exc)))
+            for key in _instance_keys_at_fault(arrays, layout, shard):
+                found.setdefault(key, []).append((i, "instances", _detail(exc)))
     out = []
     for key, items in found.items():
         samples = sorted({i for i, _, _ in items})

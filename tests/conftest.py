@@ -32,9 +32,14 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def cfg_tiny(tiny_coco: dict[str, str], tmp_path) -> CfgNode:
     """A fresh, unfrozen config for tiny CPU runs on `tiny_coco` (datasets synth_train / synth_val)."""
+    return make_cfg_tiny(tiny_coco, tmp_path / "output")
+
+
+def make_cfg_tiny(tiny_coco: dict[str, str], output_dir: Path) -> CfgNode:
+    """cfg_tiny's config, for fixtures of a wider scope than a test."""
     cfg = get_cfg()
     cfg.merge_from_dict({
-        "OUTPUT_DIR": str(tmp_path / "output"),
+        "OUTPUT_DIR": str(output_dir),
         "MODEL": {
             "DEVICE": "cpu",
             "BACKBONE": {"DEPTH": 18},
