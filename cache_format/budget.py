@@ -222,7 +222,8 @@ def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budg
             f"{format_size(budget / num_samples)} per sample; the smallest candidate, {smallest.label}, needs "
             f"{format_size(smallest.bytes_per_sample)} per sample ({format_size(smallest.projected_bytes)} in "
             f"all{extra})\n{result.table()}",
-            f"pass a total --budget of at least {format_size(total, round_up=True)} (for {smallest.label}), cache fewer samples "
+            f"raise the budget to a total of at least {format_size(total, round_up=True)} (for {smallest.label}), cache "
+            "fewer samples "
             "(fewer images or augmentation variants), or add a smaller candidate encoding")
     result.choice = min(fitting, key=lambda c: (c.worst_rel_rmse, c.projected_bytes))
     return result

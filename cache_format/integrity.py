@@ -270,7 +270,10 @@ def _deep_check(report: IntegrityReport, arrays: CacheArrays, layout: Layout, wo
 
 def _detail(exc: CacheError) -> str:
     """The problem without its 'cache URL: sample i level L: ' prefix (the report says where)."""
-    return re.sub(r"^cache .*?: sample \d+( level \S+)?: ", "", exc.problem)
+    text = re.sub(r"^cache .*?: sample \d+( level \S+)?: ", "", exc.problem)
+    if "checksum do not match" in text:  # zarr's crc32c codec, with the raw checksum bytes
+        return "its bytes fail their crc32c (altered or partly overwritten)"
+    return text
 
 
 def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,

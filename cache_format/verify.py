@@ -55,9 +55,11 @@ class VerifyReport:
         lines = [f"{r.url}: format {r.format_version}, {int(r.committed.sum())}/{r.num_samples} samples committed, "
                  f"{status}, {r.checked_levels} sample-levels read, teacher weights {r.weights}: "
                  f"{count} problem(s)"]
-        if self.unfinished:
-            tag = "UNFINISHED" if self.require_manifest else "note"
-            lines.append(f"  {tag} manifest/zarr.json missing: {self.unfinished}")
+        if self.unfinished and self.require_manifest:
+            lines.append(f"  UNFINISHED manifest/zarr.json missing: {self.unfinished}")
+        elif self.unfinished:
+            lines.append("  note: no manifest (--no-manifest): only the committed samples were checked, not that "
+                         "the cache is whole")
         lines += [f"  BAD {d.key}: {d.message}" for d in problems]
         if problems:
             fixable = all(d.kind in ("shard", "teacher_weights", "manifest") for d in problems)

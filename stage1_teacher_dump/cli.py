@@ -50,8 +50,9 @@ def format_summary(summary: DumpSummary, budget: int | None, dry_run: bool) -> s
         + (f" (budget {format_size(budget)})" if budget else "")
         + ("; finished: manifest written" if summary.finished else "")
     )
-    if summary.repairs:
-        lines.append(f"repaired: {len(summary.repairs)} finding(s) above were rewritten")
+    if summary.resumed and not summary.deep_checked:
+        lines.append("(the resume checked metadata, records, object sizes and teacher weights without reading every "
+                     "chunk: `--repair` or `icd cache verify` does)")
     if summary.skipped:
         lines.append(f"{len(summary.skipped)} unreadable image(s) skipped (CACHE.SKIP_UNREADABLE):")
         lines += [f"  {item}" for item in summary.skipped]

@@ -64,6 +64,8 @@ class DumpSummary:
     existing: bool = False          # dry run on an existing cache: `committed` is what it holds
     finished: bool = False          # the manifest was written: the cache is complete
     repairs: list[str] = field(default_factory=list)
+    resumed: bool = False           # an existing cache was continued
+    deep_checked: bool = False      # ... after reading every committed chunk (--repair, or damage found)
 
 
 def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[LevelSpec]:
@@ -289,7 +291,8 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     committed = int(np.count_nonzero(CacheReader(cache).committed()))
     return DumpSummary(cache, encoding, len(samples), written, committed, usage(cache)[1],
                        time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table,
-                       finished=True, repairs=repairs)
+                       finished=True, repairs=repairs, resumed=exists,
+                       deep_checked=repair or any(line.startswith("damage found") for line in repairs))
 
 
 class WriteTracker:

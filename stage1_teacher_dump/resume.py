@@ -69,6 +69,12 @@ def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bo
     repair (metadata), naming each file.
     """
     report = check_cache(url, deep=deep)
+    if not deep and any(d.kind != "manifest" for d in report.damage) and not report.of_kind(METADATA):
+        # Damage found cheaply suggests more that only reading finds: read every chunk, as --repair does.
+        notes_deep = True
+        report = check_cache(url, deep=True)
+    else:
+        notes_deep = False
     metadata = report.of_kind(METADATA)
     if metadata:
         raise UserError(
@@ -76,14 +82,16 @@ def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bo
             + "\n    ".join(f"{d.key}: {d.message}" for d in metadata),
             "restore these files from a copy of the cache, or delete the cache and dump again",
         )
-    notes: list[str] = []
+    notes: list[str] = ["damage found: every committed chunk was read, as --repair does"] if notes_deep else []
     store = open_store(url, read_only=False)
     if report.damage:
         delete_manifest(store)  # first: from here on the cache is not vouched for until the dump finishes
     shards = report.damaged_shards()
     if shards:
+        named = set()
         for d in report.damage:
-            if d.shard is not None:
+            if d.shard is not None and d.key not in named:
+                named.add(d.key)
                 notes.append(f"damaged: {d.key}: {d.message}")
         uncommit_shards(url, shards)
         notes.append(f"rewriting {len(shards)} damaged shard(s): {', '.join(map(str, shards))}")
