@@ -52,8 +52,9 @@ def single_chunk_key(array: zarr.Array) -> str:
     return chunk_key(array, (0,) * array.ndim)
 
 
-def object_sizes(store: Store, keys: Iterable[str]) -> dict[str, int | None]:
-    """Bytes of each object, None where it does not exist; asked concurrently (one stat or HEAD each)."""
+def object_sizes(store: Store, keys: Iterable[str], batch: int = 1000) -> dict[str, int | None]:
+    """Bytes of each object, None where it does not exist; asked concurrently (one stat or HEAD each),
+    `batch` at a time so that a COCO-scale cache (~10^5 objects) does not queue them all at once."""
     keys = list(keys)
 
     async def one(key: str) -> int | None:
@@ -62,10 +63,13 @@ def object_sizes(store: Store, keys: Iterable[str]) -> dict[str, int | None]:
         except (FileNotFoundError, KeyError):
             return None
 
-    async def all_keys() -> list[int | None]:
-        return await asyncio.gather(*(one(k) for k in keys))
+    async def some(part: list[str]) -> list[int | None]:
+        return await asyncio.gather(*(one(k) for k in part))
 
-    return dict(zip(keys, run_on_zarr_loop(all_keys()))) if keys else {}
+    sizes: list[int | None] = []
+    for start in range(0, len(keys), batch):
+        sizes += run_on_zarr_loop(some(keys[start:start + batch]))
+    return dict(zip(keys, sizes))
 
 
 def delete_objects(store: Store, keys: Iterable[str]) -> None:
