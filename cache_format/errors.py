@@ -5,10 +5,13 @@ project; `detection.errors.UserError` derives from it, so every command catches 
 
     IcdError(ValueError)            a problem the user can fix: `.problem` and `.fix`
     +-- CacheError                  a cache that is missing, corrupt, incompatible, or a request it cannot serve
-    |   +-- CorruptChunkError       stored bytes that fail their checksum or shape: names sample and level
+    |   +-- CorruptChunkError       stored bytes or metadata that fail their checks: names sample, level and
+    |                               (`.key`) the object or metadata document at fault
     +-- detection.errors.UserError  config, data, weights, command-line input
 """
 from __future__ import annotations
+
+import errno
 
 
 class IcdError(ValueError):
@@ -28,4 +31,40 @@ class CacheError(IcdError):
 
 
 class CorruptChunkError(CacheError):
-    """A chunk whose checksum or shape does not match: names the sample and level."""
+    """Stored data or metadata that fail their checks: names the sample and level, and in `key` the object
+    (relative to the cache root, e.g. 'features/p3/c/1/0/0/0' or 'zarr.json') when it is known."""
+
+    def __init__(self, problem: str, fix: str = "", key: str | None = None) -> None:
+        super().__init__(problem, fix)
+        self.key = key
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.fix, self.key)
+
+
+# errno values that describe the machine rather than a bug in this code: a full or read-only disk, missing
+# permissions, a path whose components are files where directories are needed (or the reverse).
+_ENVIRONMENT_FIXES = {
+    errno.ENOSPC: "free space on that disk (or choose another location), then rerun; `--resume` continues "
+                  "an interrupted dump or training run",
+    errno.EDQUOT: "free space within your quota (or choose another location), then rerun with `--resume`",
+    errno.EROFS: "choose a location on a writable filesystem (OUTPUT_DIR, --cache, the destination)",
+    errno.EACCES: "choose a location you may write to, or fix its permissions",
+    errno.EPERM: "choose a location you may write to, or fix its permissions",
+    errno.ENOTDIR: "a component of the path is a file where a directory is needed: choose another path",
+    errno.EISDIR: "the path is a directory where a file is needed: choose another path",
+    errno.EEXIST: "a file is in the way of a directory this command creates: choose another path or move it",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def environment_error(exc: BaseException, doing: str = "", cls: type[IcdError] = IcdError) -> IcdError | None:
+    """The user-facing error for an OSError that the machine caused (full disk, read-only filesystem,
+    permissions, a file in a directory's place), else None. `doing` says what failed, e.g.
+    'writing the cache at /data/c'."""
+    if not isinstance(exc, OSError) or exc.errno not in _ENVIRONMENT_FIXES:
+        return None
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    head = f"{doing} failed: " if doing else ""
+    return cls(f"{head}{reason}{where}", _ENVIRONMENT_FIXES[exc.errno])

@@ -8,7 +8,7 @@ from zarr.abc.store import Store
 from zarr.errors import GroupNotFoundError
 
 from cache_format.errors import CacheError
-from cache_format.schema import FORMAT_NAME, RESERVED_ATTRIBUTES, check_version
+from cache_format.schema import CREATING_ATTRIBUTE, FORMAT_NAME, RESERVED_ATTRIBUTES, check_version
 from cache_format.store import open_store
 
 
@@ -24,6 +24,9 @@ def open_root(url: str, *, read_only: bool) -> tuple[Store, zarr.Group, dict[str
         raise CacheError(f"{url} is not a cache: its zarr metadata does not parse ({exc})",
                          "the store is damaged; restore it or re-create it") from exc
     attrs = dict(root.attrs.asdict())
+    if CREATING_ATTRIBUTE in attrs and attrs.get("format") != FORMAT_NAME:
+        raise CacheError(f"{url} is not a cache yet: its creation was interrupted",
+                         "rerun `icd dump` (with or without --resume): it starts the creation over")
     if attrs.get("format") != FORMAT_NAME or "format_version" not in attrs:
         raise CacheError(
             f"{url} is not a cache: its root has no '{FORMAT_NAME}' format attributes "

@@ -3,6 +3,9 @@
 Every stored chunk carries a crc32c (zarr's Crc32cCodec, shard indexes included) and every sample
 record carries a crc32c of each level's stored values, so a flipped byte, a truncated shard or a
 missing shard file raises CorruptChunkError naming the sample and level instead of yielding garbage.
+A finished cache's manifest is checked cheaply as the reader goes: at open the root attributes and array
+shapes, in `committed()` and `records()` the committed samples and records, in `teacher_weights()` the
+weights' digest, so what `icd cache verify` would fail is refused here too (cache_format.manifest).
 Safe to pickle (e.g. into DataLoader workers): only the URL travels, the store reopens lazily.
 """
 from __future__ import annotations
@@ -19,10 +22,13 @@ from cache_format.arrays import CacheArrays, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.encodings import Encoding, parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError
+from cache_format.manifest import committed_mask, load_manifest, records_crc, root_differences
+from cache_format.objects import metadata_key, shard_key
 from cache_format.opening import open_root
 from cache_format.store import run_on_zarr_loop
-from cache_format.schema import (COL, RECORD_FIELDS, WEIGHTS_GROUP, CachedSample, Layout, LevelSpec,
-                                  SampleMeta, layout_from_attributes, levels_from_attributes, quant_columns)
+from cache_format.schema import (COL, RECORD_FIELDS, CachedSample, Layout, LevelSpec, SampleMeta,
+                                  layout_from_attributes, levels_from_attributes, quant_columns)
+from cache_format.weights import COMPLETE, UNCHECKED, read_weights, weights_state
 
 _BLOCK_CACHE_SHARDS = 64
 
@@ -30,8 +36,9 @@ _BLOCK_CACHE_SHARDS = 64
 class CacheReader:
     """Read access to a cache; any number of readers may run while writers append."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, check_manifest: bool = True) -> None:
         self.url = str(url)
+        self.check_manifest = check_manifest  # False only for `icd cache verify`, which reports instead
         self._open()
 
     def _open(self) -> None:
@@ -44,17 +51,74 @@ class CacheReader:
         self.compressor: str = attrs["compressor"]
         self._encoding: Encoding = parse_encoding(self.encoding)
         self._level_index = {lv.name: i for i, lv in enumerate(self.levels)}
-        self._arrays: CacheArrays = open_arrays(self._root, self.levels, self._encoding, self.url)
+        self._arrays: CacheArrays = open_arrays(self._root, self.levels, self._encoding, self.url, self.layout)
+        self.manifest: dict[str, Any] | None = None
+        if self.check_manifest:
+            self.manifest = load_manifest(self._root, self.url)
+            self._check_metadata()
         self._quant_cols = quant_columns(self.levels)
         self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url}
+        return {"url": self.url, "check_manifest": self.check_manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.url = state["url"]
+        self.check_manifest = state.get("check_manifest", True)
         self._open()
+
+    # ----------------------------------------------------------------- manifest
+    @property
+    def finished(self) -> bool:
+        """Whether a finished dump's manifest vouches for this cache (SPEC.md, Manifest)."""
+        return self.manifest is not None
+
+    def _check_metadata(self) -> None:
+        """Root attributes and array shapes must be those the finished dump recorded."""
+        if self.manifest is None:
+            return
+        diffs = root_differences(self.attributes, self.manifest)
+        if diffs:
+            raise CorruptChunkError(f"cache {self.url}: zarr.json differs from the manifest: {diffs[0]}",
+                                    "restore the cache's zarr.json from a copy (or re-create the cache)", key="zarr.json")
+        arrays = {a.path: a for a in [*self._arrays.features.values(), self._arrays.records, self._arrays.boxes,
+                                      self._arrays.classes] + ([self._arrays.quant] if self._arrays.quant else [])}
+        for path, arr in arrays.items():
+            want = self.manifest["arrays"].get(path)
+            if want is None or list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
+                raise CorruptChunkError(
+                    f"cache {self.url}: {metadata_key(path)} says shape {list(arr.shape)} {arr.dtype}, the manifest "
+                    f"{want and want['shape']} {want and want['dtype']}",
+                    "restore that file from a copy of the cache (or re-create the cache)", key=metadata_key(path))
+
+    def _manifest_still_current(self) -> bool:
+        """A resumed dump deletes the manifest before it writes: a mismatch then is progress, not damage."""
+        try:
+            current = load_manifest(self._root, self.url)
+        except CacheError:
+            return True
+        if current is None:
+            self.manifest = None
+        return current is not None
+
+    def _refuse_lost_records(self, committed: np.ndarray, records: np.ndarray | None = None) -> None:
+        """Raise naming the records chunk of the first shard that differs from the manifest."""
+        if self.manifest is None:
+            return
+        expected = committed_mask(self.manifest)
+        for s in range(self.layout.num_shards):
+            rng = self.layout.shard_range(s)
+            differs = not np.array_equal(expected[rng], committed[rng])
+            if not differs and records is not None:
+                differs = records_crc(records[rng]) != int(self.manifest["records_crc32c"][s])
+            if differs and self._manifest_still_current():
+                key = shard_key(self._arrays.records, s)
+                raise CorruptChunkError(
+                    f"cache {self.url}: the records of samples {rng.start}-{rng.stop - 1} ({key}) differ from those "
+                    "the finished dump wrote (a deleted, replaced or edited records chunk)",
+                    f"run `icd dump ... --resume` to rewrite that shard (`icd cache verify {self.url}` lists all damage)",
+                    key=key)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -69,7 +133,15 @@ class CacheReader:
 
     # ----------------------------------------------------------------- records
     def committed(self) -> np.ndarray:
-        """bool [num_samples]: which samples are complete and readable (read fresh from the store)."""
+        """bool [num_samples]: which samples are complete and readable (read fresh from the store).
+
+        On a finished cache, raises CorruptChunkError when they are not those the manifest lists.
+        """
+        out = self._committed()
+        self._refuse_lost_records(out)
+        return out
+
+    def _committed(self) -> np.ndarray:
         records = self._arrays.records
         out = np.zeros(self.num_samples, dtype=bool)
         try:
@@ -91,7 +163,12 @@ class CacheReader:
         then one crc per level); uncommitted rows are NaN or stale. Raises CorruptChunkError."""
         stop = self.num_samples if stop is None else stop
         try:
-            return np.asarray(self._arrays.records[start:stop])
+            rows = np.asarray(self._arrays.records[start:stop])
+            if start == 0 and stop == self.num_samples:  # a bulk scan: check it against the manifest
+                self._refuse_lost_records(rows[:, COL["committed"]] == 1.0, rows)
+            return rows
+        except CorruptChunkError:
+            raise
         except Exception as exc:
             raise CorruptChunkError(f"cache {self.url}: the records of samples {start}-{stop - 1} cannot be read "
                                     f"({type(exc).__name__}: {exc})",
@@ -254,27 +331,13 @@ class CacheReader:
 
     # ----------------------------------------------------------------- teacher weights
     def has_teacher_weights(self) -> bool:
-        try:
-            group = self._root[WEIGHTS_GROUP]
-        except KeyError:
-            return False
-        return isinstance(group, zarr.Group) and "names" in group.attrs
+        """Whether complete teacher weights are stored (a finished cache's are also checked on reading)."""
+        return weights_state(self._root) in (COMPLETE, UNCHECKED)
 
     def teacher_weights(self) -> dict[str, np.ndarray]:
-        """The teacher's FPN + head tensors stored by stage one (name -> array)."""
-        if not self.has_teacher_weights():
-            raise CacheError(f"cache {self.url} holds no (complete) teacher weights",
-                             "re-run stage one's dump, which stores them, or initialise the student otherwise")
-        group = self._root[WEIGHTS_GROUP]
-        out = {}
-        for name in group.attrs["names"]:
-            try:
-                out[name] = np.asarray(group[name][...])
-            except Exception as exc:
-                raise CorruptChunkError(f"cache {self.url}: teacher weight {name!r} cannot be read "
-                                        f"({type(exc).__name__}: {exc})",
-                                        "re-run stage one's dump to store the teacher weights again") from exc
-        return out
+        """The teacher's FPN + head tensors stored by stage one (name -> array), each checked against its
+        checksum and the set against the manifest: a deleted chunk is an error, never zeros."""
+        return read_weights(self._root, self.url, self.manifest)
 
 
 def _meta_of(row: np.ndarray) -> SampleMeta:

@@ -13,8 +13,12 @@ import numpy as np
 
 from cache_format.errors import CacheError
 
-FORMAT_VERSION = "1.0"
+# 1.1 adds (minor: 1.0 readers ignore it) the manifest a finished dump writes last, per-tensor checksums
+# of the teacher weights and the root's creation marker; SPEC.md, Versioning.
+FORMAT_VERSION = "1.1"
 FORMAT_NAME = "icd-teacher-cache"
+# The first version whose finished caches carry a manifest.
+MANIFEST_SINCE = (1, 1)
 
 # Array paths inside the root group.
 FEATURES_GROUP = "features"
@@ -23,6 +27,11 @@ QUANT_ARRAY = "samples/quant"
 BOXES_ARRAY = "instances/boxes"
 CLASSES_ARRAY = "instances/classes"
 WEIGHTS_GROUP = "teacher_weights"
+# A group whose attributes are the manifest: written last by a finished dump (SPEC.md, Manifest).
+MANIFEST_GROUP = "manifest"
+# Root attribute present only while a cache is being created (replaced by the format keys at the end):
+# a store holding it is an interrupted creation, which `icd dump` may start over.
+CREATING_ATTRIBUTE = "icd_cache_creating"
 
 # Root attribute keys written by the format itself; caller attributes may not use them.
 RESERVED_ATTRIBUTES = (

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cache_format.errors import IcdError
+from cache_format.errors import IcdError, environment_error
 from detection import distributed as comm
 from detection.config import CfgNode, save_config
 from detection.datasets import CocoIndex, resolve_num_classes, train_index
@@ -74,13 +74,21 @@ def run_command(command: str, body: Callable[[], Any], interrupted: str = "") ->
     """Run one `icd <command>`: a user's error prints `icd <command>: error: ...` and returns 2.
 
     Every error the project raises for bad input derives from IcdError, whichever process raised it
-    (spawned ranks re-raise it here, see detection.distributed.launch). Ctrl-C returns 130 with
-    `interrupted` as the advice.
+    (spawned ranks re-raise it here, see detection.distributed.launch; DataLoader workers hand it to
+    the main process, see detection.loader). An OSError the machine caused (a full or read-only disk,
+    permissions, a file where a directory must be) is the user's to fix too and is reported the same
+    way. Ctrl-C returns 130 with `interrupted` as the advice.
     """
     try:
         body()
     except IcdError as exc:
         print(f"icd {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        error = environment_error(exc)
+        if error is None:
+            raise
+        print(f"icd {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"icd {command}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from cache_format.errors import environment_error
 from detection.defaults import DEFAULTS
 from detection.errors import UserError
 
@@ -394,9 +395,15 @@ def setup_cfg(config_file: str | os.PathLike | None, opts: Sequence[str] | None 
 def save_config(cfg: CfgNode, output_dir: str | os.PathLike | None = None) -> Path:
     """Write `<output_dir>/config.yaml` (default: cfg.OUTPUT_DIR) atomically, so a crash never leaves half a file."""
     out = Path(output_dir if output_dir is not None else cfg.OUTPUT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / "config.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=out)
+    except OSError as exc:  # a read-only or full disk, a file in the way: say so before any work starts
+        error = environment_error(exc, f"writing {target} (OUTPUT_DIR)", UserError)
+        if error is None:
+            raise
+        raise error from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(cfg.dump())

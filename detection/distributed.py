@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cache_format.errors import IcdError
+from cache_format.errors import IcdError, environment_error
 from detection.errors import UserError
 
 _TIMEOUT = timedelta(minutes=30)
@@ -116,9 +116,13 @@ def _worker(
     )
     try:
         main_fn(*args)
-    except IcdError as exc:
-        # Carry the user's error itself to the parent so the CLI prints it and exits 2 (not a traceback).
-        errors.put(exc)
+    except (IcdError, OSError) as exc:
+        # Carry the user's error itself to the parent so the CLI prints it and exits 2 (not a traceback);
+        # a full or read-only disk is the user's to fix as well (cache_format.errors.environment_error).
+        error = exc if isinstance(exc, IcdError) else environment_error(exc)
+        if error is None:
+            raise
+        errors.put(error)
         raise SystemExit(2)
     finally:
         dist.destroy_process_group()

@@ -31,7 +31,7 @@ from detection.checkpoint import (
 )
 from detection.augment import AugmentationPlan
 from detection.commands import default_setup
-from detection.datasets import DetectionDataset
+from detection.datasets import DetectionDataset, check_image_files
 from detection.errors import UserError
 from detection.evaluation import evaluate
 from detection.loader import Batch, LoaderFactory, build_train_loader
@@ -290,6 +290,7 @@ def build_trainer(cfg: Any, resume: bool = False) -> Trainer:
     plan = AugmentationPlan.for_training(cfg)
     dataset = DetectionDataset(index, plan, training=True, variant_sampler=plan.sample_variant,
                                with_masks=bool(cfg.MODEL.MASK_ON))
+    check_image_files(dataset.images)
     trainer = Trainer(cfg, build_model(cfg, cfg.MODEL.NUM_CLASSES), build_train_loader(cfg, dataset),
                       evaluate=lambda model: evaluate(cfg, model))
     trainer.resume_or_load(resume)

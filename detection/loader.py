@@ -4,7 +4,9 @@ One loader for every trainer: `icd train` collates detection items into lists, `
 own collate (teacher features padded to the batch); the sampling, batching and exact-resume logic is
 the same. Exact resume: the stream is a pure function of (SEED, iteration), so a run resumed at
 iteration i rebuilds the loader at i (index arithmetic only, no image reads) and sees the batches the
-uninterrupted run would have seen.
+uninterrupted run would have seen. A user's error raised in a DataLoader worker (a corrupt cache chunk,
+an unreadable image) reaches the main process as the exception itself, not as a worker traceback
+(WorkerError), so every command ends such a run with its one-line error.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import math
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cache_format.errors import IcdError
 from detection import distributed as comm
 from detection.datasets import collate
 from detection.errors import UserError
@@ -105,6 +108,78 @@ class BatchSampler:
         return batch_stream(**self.stream_args)
 
 
+class WorkerError:
+    """A user's error (IcdError) raised while a DataLoader worker built a batch, carried to the main process.
+
+    Why: torch re-raises a worker's exception as a new one whose message is the worker's traceback, so a
+    corrupt cache chunk read in a worker would end `icd distill` with ~60 lines instead of one. The
+    dataset and collate wrappers below catch the error and return it in place of the batch; `_Batches`
+    raises the exception object itself (IcdError pickles as itself) in the main process.
+    """
+
+    def __init__(self, error: IcdError) -> None:
+        self.error = error
+
+
+class _CatchUserErrors(Dataset):
+    """The dataset, with an IcdError from an item returned as a WorkerError instead of raised."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        try:
+            return self.dataset[item]
+        except IcdError as exc:
+            return WorkerError(exc)
+
+    def __getitems__(self, items: list[Any]) -> list[Any]:
+        """A batch at once (the wrapped dataset's own __getitems__ when it has one, e.g. concurrent reads)."""
+        try:
+            getitems = getattr(self.dataset, "__getitems__", None)
+            return list(getitems(items)) if getitems else [self.dataset[i] for i in items]
+        except IcdError as exc:
+            return [WorkerError(exc)]
+
+
+class _CollateOrError:
+    """collate_fn, unless an item is a WorkerError (or collating raises one): then that error is the batch."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Batch]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[Any]) -> Any:
+        for item in items:
+            if isinstance(item, WorkerError):
+                return item
+        try:
+            return self.collate_fn(items)
+        except IcdError as exc:
+            return WorkerError(exc)
+
+
+class _Batches:
+    """Iterates a DataLoader, raising a worker's user error in the main process as the exception itself."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> "_Batches":
+        # Created now, not at the first batch: a DataLoader iterator draws its workers' base seed from
+        # torch's global RNG when created, and exact resume depends on when that draw happens.
+        self._batches = iter(self.loader)
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._batches)
+        if isinstance(batch, WorkerError):
+            raise batch.error
+        return batch
+
+
 def build_train_loader(cfg: Any, dataset: LocatableDataset,
                        collate_fn: Callable[[list[Any]], Batch] = collate) -> LoaderFactory:
     """A factory start_iter -> DataLoader yielding the batches the uninterrupted run would see from there.
@@ -120,11 +195,12 @@ def build_train_loader(cfg: Any, dataset: LocatableDataset,
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     pin = str(cfg.MODEL.DEVICE).startswith("cuda")
 
-    def build(start_iter: int) -> DataLoader:
+    def build(start_iter: int) -> _Batches:
         sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
         batches = BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
                                group_by_aspect=bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING), skip_batches=start_iter)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                          pin_memory=pin, persistent_workers=False, prefetch_factor=2 if workers else None)
+        return _Batches(DataLoader(_CatchUserErrors(dataset), batch_sampler=batches, num_workers=workers,
+                                   collate_fn=_CollateOrError(collate_fn), pin_memory=pin, persistent_workers=False,
+                                   prefetch_factor=2 if workers else None))
 
     return build

@@ -20,7 +20,7 @@ from detection import distributed as comm
 from detection.augment import AugmentationPlan
 from detection.commands import default_argument_parser, default_setup, launch, run_command
 from detection.config import CfgNode, setup_cfg
-from detection.datasets import CocoIndex, class_statistics
+from detection.datasets import CocoIndex, check_image_files, class_statistics
 from detection.errors import UserError
 from detection.evaluation import evaluate, evaluate_checkpoint
 from detection.loader import build_train_loader
@@ -70,9 +70,10 @@ def check_cache(reader: CacheReader, cfg: Any, index: CocoIndex, student: Detect
     if cached_k is not None and int(cached_k) != index.num_classes:
         raise UserError(f"the cache {reader.url} has {cached_k} classes, the training dataset {index.num_classes}",
                         "use the dataset the cache was dumped from")
-    if features and cfg.DISTILL.INIT_FROM_TEACHER and not reader.has_teacher_weights():
-        raise UserError(f"DISTILL.INIT_FROM_TEACHER is set but the cache {reader.url} holds no teacher weights",
-                        "set DISTILL.INIT_FROM_TEACHER False, or re-run `icd dump`, which stores them")
+    if features and cfg.DISTILL.INIT_FROM_TEACHER:
+        # Read (and checked against their checksums) before training: missing, incomplete or damaged
+        # weights are refused here with the fix (`icd dump ... --resume` stores them), never read as zeros.
+        reader.teacher_weights()
 
 
 def check_teacher(teacher: DetectorAdapter, tcfg: Any, cfg: Any, student: DetectorAdapter, levels: list[str]) -> None:
@@ -120,9 +121,10 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
                              "dump the cache from this dataset (`icd dump`), or finish the dump with --resume")
         dataset = DistillDataset(index, plan, table=table, cache_url=reader.url, levels=levels,
                                  read_features=not online, with_masks=with_masks)
-        report_skipped(dataset, reader.url)
+        report_skipped(dataset, reader)
     else:
         dataset = DistillDataset(index, AugmentationPlan.for_training(cfg), with_masks=with_masks)
+    check_image_files(dataset.items.images)
     loader = build_train_loader(cfg, dataset, DistillCollate(levels, student.strides, student.size_divisibility))
 
     teacher_weights = None

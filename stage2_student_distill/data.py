@@ -207,9 +207,19 @@ class DistillCollate:
         return {"samples": items, "teacher_features": features}
 
 
-def report_skipped(dataset: DistillDataset, url: str | None) -> None:
-    """Warn (once, rank 0) when training images have no committed sample in the cache."""
-    if dataset.skipped_images and comm.is_main_process():
-        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped "
-                       "(an unfinished dump, or images stage one skipped as unreadable); "
-                       "finish the dump with `icd dump ... --resume` to train on them", dataset.skipped_images, url)
+def report_skipped(dataset: DistillDataset, reader: CacheReader) -> None:
+    """Warn (once, rank 0) when training images have no committed sample in the cache, saying why.
+
+    A finished cache (one with a manifest) holds every sample its dump committed - the reader refuses it
+    otherwise - so its missing images were skipped by that dump; an unfinished one may still get them.
+    """
+    if not dataset.skipped_images or not comm.is_main_process():
+        return
+    if reader.finished:
+        logger.warning("%d training image(s) have no sample in the finished cache %s and are skipped: its dump "
+                       "skipped them (unreadable with CACHE.SKIP_UNREADABLE, or not in the dataset it was dumped "
+                       "from)", dataset.skipped_images, reader.url)
+    else:
+        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped: its dump has "
+                       "not finished (no manifest); finish it with `icd dump ... --resume` to train on them",
+                       dataset.skipped_images, reader.url)

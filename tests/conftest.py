@@ -11,6 +11,7 @@ import torch
 from cache_contract.identity import identity_attributes
 from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheWriter, LevelSpec, SampleMeta
+from cache_format.integrity import finish_cache
 from detection.augment import AugmentationPlan
 from detection.config import CfgNode, get_cfg
 from detection.datasets import train_index
@@ -31,9 +32,14 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def cfg_tiny(tiny_coco: dict[str, str], tmp_path) -> CfgNode:
     """A fresh, unfrozen config for tiny CPU runs on `tiny_coco` (datasets synth_train / synth_val)."""
+    return make_cfg_tiny(tiny_coco, tmp_path / "output")
+
+
+def make_cfg_tiny(tiny_coco: dict[str, str], output_dir: Path) -> CfgNode:
+    """cfg_tiny's config, for fixtures of a wider scope than a test."""
     cfg = get_cfg()
     cfg.merge_from_dict({
-        "OUTPUT_DIR": str(tmp_path / "output"),
+        "OUTPUT_DIR": str(output_dir),
         "MODEL": {
             "DEVICE": "cpu",
             "BACKBONE": {"DEPTH": 18},
@@ -117,6 +123,7 @@ def write_cache(cfg: CfgNode, url: str, encoding: str = "fp32", skip: frozenset[
                             SampleMeta(p.image_id, p.variant, p.scale, p.flip, p.resized_h, p.resized_w),
                             record["boxes"], record["classes"])
     writer.close()
+    finish_cache(url)  # as stage one finishes a dump: the manifest, written last (`skip` stay uncommitted)
     return url
 
 

@@ -49,7 +49,7 @@ def test_newer_major_version_refused_minor_accepted(tmp_path):
     assert CacheReader(url).attributes["format_version"] == "1.7"   # newer minor: still readable
     meta["attributes"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"format version 2\.0, newer than the 1\.0") as info:
+    with pytest.raises(CacheError, match=r"format version 2\.0, newer than the 1\.1") as info:
         CacheReader(url)
     assert "upgrade" in info.value.fix
 

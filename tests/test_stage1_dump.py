@@ -100,7 +100,7 @@ def test_existing_cache_is_never_overwritten_and_resume_checks_identity(teacher_
         run_dump(other, cache, resume=True)
     contradicting = teacher_cfg.clone()
     contradicting.CACHE.ENCODING = "int8"
-    with pytest.raises(UserError, match="contradicts the cache being resumed"):
+    with pytest.raises(UserError, match="CACHE.ENCODING: cache has fp32, this run has int8"):
         run_dump(contradicting, cache, resume=True)
     # Resuming a complete cache writes nothing and keeps it complete.
     assert run_dump(teacher_cfg, cache, resume=True).written_now == 0
@@ -179,9 +179,9 @@ def test_kill_9_then_resume_equals_uninterrupted_dump(teacher_cfg: CfgNode, tmp_
     assert killed.returncode == -9, killed.stderr
     partial = CacheReader(crashed).committed()
     assert 0 < partial.sum() < partial.size
-    verify = subprocess.run([sys.executable, "-m", "detection.cli", "cache", "verify", crashed], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify = subprocess.run([sys.executable, "-m", "detection.cli", "cache", "verify", crashed, "--no-manifest"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # what is committed is intact; unfinished
     resumed = _dump_cli(teacher_cfg, crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     for a, b in zip(_all_samples(reference), _all_samples(crashed)):

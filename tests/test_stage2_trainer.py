@@ -45,7 +45,11 @@ def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny
     url, _ = teacher_cache("fp32")
     results = {}
     for mode in ("cached", "online"):
-        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / mode), SOLVER={"MAX_ITER": 3})
+        # The distillation reaches the student in the last of the three iterations: with two steps through
+        # the student, a 1e-6 difference in teacher features can flip an argmax of the stem's max-pool (a
+        # discontinuity of the network, not of the data path) and move conv1 by ~1e-3 relative.
+        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / mode), SOLVER={"MAX_ITER": 3},
+                          DISTILL={"WARMUP_DETACH_ITERS": 2})
         results[mode] = (run(cfg, url, online=mode == "online"), metrics(cfg.OUTPUT_DIR))
     (cached, cached_log), (online, online_log) = results["cached"], results["online"]
     assert len(cached_log) == len(online_log) == 3
