@@ -17,3 +17,11 @@ class CacheError(ValueError):
 
 class CorruptChunkError(CacheError):
     """A chunk whose checksum or shape does not match: names the sample and level."""
+
+
+class StoreAccessError(CacheError):
+    """The store cannot be reached or refuses access (endpoint, credentials, bucket): not damage.
+
+    Kept apart from CorruptChunkError so that `verify` never reports an outage as a damaged cache and
+    a training run stops at once with the access problem instead of blaming the data.
+    """

@@ -8,6 +8,7 @@ from zarr.abc.store import Store
 from zarr.errors import GroupNotFoundError
 
 from cache_format.errors import CacheError
+from cache_format.remote import translated_errors
 from cache_format.schema import FORMAT_NAME, RESERVED_ATTRIBUTES, check_version
 from cache_format.store import open_store
 
@@ -16,7 +17,8 @@ def open_root(url: str, *, read_only: bool) -> tuple[Store, zarr.Group, dict[str
     """(store, root group, root attributes) of the cache at `url`, or CacheError saying why not."""
     store = open_store(url, read_only=read_only)
     try:
-        root = zarr.open_group(store, mode="r" if read_only else "r+")
+        with translated_errors(url, "opening"):
+            root = zarr.open_group(store, mode="r" if read_only else "r+")
     except (GroupNotFoundError, FileNotFoundError, KeyError):
         raise CacheError(f"{url} is not a cache: it holds no zarr group",
                          "pass the path of a cache written by `icd dump` (or CacheWriter.create)") from None

@@ -3,7 +3,7 @@
 Local paths and file:// use zarr's LocalStore, whose writes are atomic (temporary file + rename), so a
 reader never sees a half-written chunk and a killed writer never leaves one. Every other URL
 (memory://, s3://, gs://, ...) goes through fsspec via zarr's FsspecStore; object stores replace
-whole objects atomically too.
+whole objects atomically too (an S3 PUT, and a multipart upload at its completion; docs/OBJECT_STORAGE.md).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from cache_format.errors import CacheError
+from cache_format.remote import check_url, missing_package_error, redact, storage_options, translated_errors
 
 
 def _local_path(url: str) -> str | None:
@@ -38,16 +39,19 @@ def open_store(url: str, *, read_only: bool) -> Store:
             raise CacheError(f"{url} is not a cache: no such directory",
                              "pass the directory given to `icd dump --cache` (or create the cache first)")
         return LocalStore(path, read_only=read_only)
+    check_url(url)
     try:
-        return FsspecStore.from_url(url, read_only=read_only)
-    except (ImportError, ValueError) as exc:
-        raise CacheError(f"cannot open cache URL {url}: {exc}",
-                         "install the fsspec filesystem package for this scheme (e.g. s3fs, gcsfs) "
-                         "or use a local path") from exc
+        return FsspecStore.from_url(url, storage_options=storage_options(url), read_only=read_only)
+    except ImportError as exc:
+        raise missing_package_error(url, exc) from exc
+    except ValueError as exc:
+        raise CacheError(f"cannot open cache URL {redact(url)}: {exc}",
+                         "pass a local path or an fsspec URL such as s3://bucket/prefix") from exc
 
 
-def store_is_empty(store: Store) -> bool:
-    return bool(sync(store.is_empty("")))
+def store_is_empty(store: Store, url: str = "") -> bool:
+    with translated_errors(url, "listing"):
+        return bool(sync(store.is_empty("")))
 
 
 def key_size(store: Store, key: str) -> int:
@@ -71,8 +75,13 @@ def usage(url: str, prefix: str = "") -> tuple[int, int]:
                 files += 1
                 total += os.path.getsize(os.path.join(dirpath, name))
         return files, total
-    fs, root = fsspec.core.url_to_fs(url)
-    if not fs.exists(root):
-        return 0, 0
-    found: dict[str, Any] = fs.find(root, detail=True)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
+    except ImportError as exc:
+        raise missing_package_error(url, exc) from exc
+    with translated_errors(url, "listing"):
+        try:
+            found: dict[str, Any] = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return 0, 0
     return len(found), sum(int(info.get("size") or 0) for info in found.values())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import dask
 
-from cache_format.errors import CacheError
+from cache_format.errors import CacheError, StoreAccessError
 from cache_format.reader import CacheReader
 from cache_format.schema import COL
 
@@ -53,6 +53,8 @@ def _check_shard(reader: CacheReader, shard: int) -> tuple[int, list[Problem]]:
     problems: list[Problem] = []
     try:
         rows = reader.records(rng.start, rng.stop)
+    except StoreAccessError:
+        raise  # an outage or refused access is not damage: the whole run stops (exit 2)
     except CacheError as exc:
         return 0, [Problem(i, "records", _problem_text(exc)) for i in rng]
     checked = 0
@@ -63,10 +65,14 @@ def _check_shard(reader: CacheReader, shard: int) -> tuple[int, list[Problem]]:
             checked += 1
             try:
                 reader.read_level(i, name)
+            except StoreAccessError:
+                raise
             except CacheError as exc:
                 problems.append(Problem(i, name, _problem_text(exc)))
         try:
             reader.read_instances(i)
+        except StoreAccessError:
+            raise
         except CacheError as exc:
             problems.append(Problem(i, "instances", _problem_text(exc)))
     return checked, problems
@@ -85,6 +91,8 @@ def verify_cache(url: str, workers: int | None = None) -> VerifyReport:
     if reader.has_teacher_weights():
         try:
             reader.teacher_weights()
+        except StoreAccessError:
+            raise
         except CacheError as exc:
             report.problems.append(Problem(None, "teacher_weights", _problem_text(exc)))
     return report

@@ -23,6 +23,7 @@ from cache_format.compressors import validate_compressor
 from cache_format.encodings import Encoding, parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError
 from cache_format.opening import open_root
+from cache_format.remote import access_error, translated_errors
 from cache_format.schema import (COL, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS, RESERVED_ATTRIBUTES,
                                   WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta, layout_from_attributes,
                                   levels_from_attributes, quant_columns, validate_levels)
@@ -109,12 +110,13 @@ class CacheWriter:
                              "pass dicts of str/int/float/bool/list values (convert numpy scalars with "
                              "int()/float(), tuples to lists are fine)") from None
         store = open_store(url, read_only=False)
-        if not store_is_empty(store) and not overwrite:
+        if not store_is_empty(store, url) and not overwrite:
             raise CacheError(f"{url} already exists and is not empty",
                              "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
-        root = zarr.open_group(store, mode="w")
         layout = Layout(int(num_samples), int(shard_samples), int(tile), int(instance_capacity))
-        create_arrays(root, levels, layout, enc, comp)
+        with translated_errors(url, "creating the cache at"):
+            root = zarr.open_group(store, mode="w")
+            create_arrays(root, levels, layout, enc, comp)
         own = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "levels": [lv.to_dict() for lv in levels], "encoding": enc.name, "compressor": comp,
@@ -122,7 +124,8 @@ class CacheWriter:
             "instance_capacity": layout.instance_capacity, "record_fields": list(RECORD_FIELDS),
         }
         # The format attributes are written last: a store whose creation was interrupted is "not a cache".
-        root.update_attributes({**attributes, **own})
+        with translated_errors(url, "creating the cache at"):
+            root.update_attributes({**attributes, **own})
         return cls(url, root, dict(root.attrs.asdict()), 0, 1)
 
     @classmethod
@@ -219,6 +222,9 @@ class CacheWriter:
         except CacheError:
             raise
         except Exception as exc:
+            denied = access_error(exc, self.url)
+            if denied is not None:
+                raise denied from exc
             raise CacheError(f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url} "
                              f"failed: {type(exc).__name__}: {exc}",
                              "check free space and permissions; the shard stays uncommitted and "
@@ -231,17 +237,18 @@ class CacheWriter:
         if bad:
             raise CacheError(f"teacher weight names {bad[:5]} cannot be array names",
                              "use state-dict names without '/' that do not start with '__'")
-        group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
-        for name in names:
-            value = np.asarray(state[name])
-            if value.dtype == object or value.dtype.kind not in "biuf":
-                raise CacheError(f"teacher weight {name!r} has dtype {value.dtype}",
-                                 "pass numeric numpy arrays (tensor.cpu().numpy())")
-            arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
-                                     dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
-            arr[...] = value
-        # The name list is written last; teacher_weights() treats a group without it as incomplete.
-        group.update_attributes({"names": names})
+        with translated_errors(self.url, "writing the teacher weights to"):
+            group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
+            for name in names:
+                value = np.asarray(state[name])
+                if value.dtype == object or value.dtype.kind not in "biuf":
+                    raise CacheError(f"teacher weight {name!r} has dtype {value.dtype}",
+                                     "pass numeric numpy arrays (tensor.cpu().numpy())")
+                arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
+                                         dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
+                arr[...] = value
+            # The name list is written last; teacher_weights() treats a group without it as incomplete.
+            group.update_attributes({"names": names})
 
     # ----------------------------------------------------------------- internals
     def _read_all_records(self) -> np.ndarray:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.errors import CacheError
+from cache_format.remote import is_remote
 from cache_format.store import open_store, store_is_empty, usage
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
@@ -321,9 +322,12 @@ def check_budget(tracker: WriteTracker, budget_share: float | None, total: int, 
 def cache_exists(url: str) -> bool:
     """Whether anything is stored at `url` (a finished, partial or foreign store alike)."""
     try:
-        return not store_is_empty(open_store(url, read_only=True))
+        store = open_store(url, read_only=True)
     except CacheError:
-        return False
+        if is_remote(url):
+            raise  # a missing s3fs/gcsfs or a bad URL: say so, never "there is no cache"
+        return False  # a local path that is not a directory yet
+    return not store_is_empty(store, url)
 
 
 def _abandon(background: BackgroundWriter, progress: tqdm) -> None:

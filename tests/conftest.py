@@ -20,9 +20,14 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def cfg_tiny(tiny_coco: dict[str, str], tmp_path) -> CfgNode:
     """A fresh, unfrozen config for tiny CPU runs on `tiny_coco` (datasets synth_train / synth_val)."""
+    return tiny_cfg(tiny_coco, tmp_path / "output")
+
+
+def tiny_cfg(tiny_coco: dict[str, str], output_dir) -> CfgNode:
+    """cfg_tiny's config, for fixtures of a wider scope than a test."""
     cfg = get_cfg()
     cfg.merge_from_dict({
-        "OUTPUT_DIR": str(tmp_path / "output"),
+        "OUTPUT_DIR": str(output_dir),
         "MODEL": {
             "DEVICE": "cpu",
             "BACKBONE": {"DEPTH": 18},
@@ -42,3 +47,20 @@ def cfg_tiny(tiny_coco: dict[str, str], tmp_path) -> CfgNode:
         "SOLVER": {"IMS_PER_BATCH": 2},
     }, source="tests/conftest.py")
     return cfg
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """A real S3-protocol endpoint for the session: moto's server on 127.0.0.1:<free port> in a child
+    process (bench/local_s3.py), stopped at the end. Skips only if it cannot start."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' installs it)")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    from bench.local_s3 import LocalS3
+
+    server = LocalS3()
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - any failure to start is a reason to skip, named
+        pytest.skip(f"the local S3 endpoint (moto server) could not start: {exc}")
+    yield server
+    server.stop()
