@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache_format import CacheReader
 from cache_format.errors import CacheError
+from cache_format.remote import is_remote
 from cache_format.schema import COL
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams
@@ -189,13 +190,14 @@ class DistillDataset(Dataset):
         return self._fetcher
 
     def __getitems__(self, items: list[Any]) -> list[dict[str, Any]]:
-        """A whole batch (the DataLoader hands each worker a batch's indices): its samples' teacher
-        features are requested all at once (CacheReader.read_samples: concurrent range reads) in a
-        background thread while the images are decoded, so an object store's per-request latency is
-        paid about twice per batch, not several times per sample, and overlaps the image work.
-        On local disk it is the same reads, concurrently; docs/OBJECT_STORAGE.md has the numbers."""
-        if not self.read_features or not items:
-            return [self[item] for item in items]
+        """A whole batch (the DataLoader hands each worker a batch's indices). From an object store its
+        samples' teacher features are fetched up to CacheReader.prefetch (8) samples at a time, each
+        sample's levels and instances concurrently (CacheReader.read_samples), in a background thread
+        while the images are decoded: per-request latency is paid a few times per batch instead of
+        several times per sample, and overlaps the image work. From local disk the items are built one
+        by one exactly as __getitem__ does (already as fast as the disk; docs/OBJECT_STORAGE.md)."""
+        if not self.read_features or not items or not is_remote(str(self.cache_url)):
+            return [self[item] for item in items]  # local disk: one sample after the other is fastest
         params = [self.items.sample_params(item) for item in items]  # json sizes only, no image read
         indices = [self.table.sample_index(p.image_id, p.variant) for p in params]
         pending = self._fetch_thread().submit(self.reader().read_samples, indices, self.levels)
