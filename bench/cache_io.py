@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.cache_io_s3 import object_storage_section, table as s3_table
+from bench.cache_io_s3 import demo_size_samples, object_storage_section, table as s3_table
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.store import usage
 from cache_format.synthetic import fpn_like_features
@@ -216,8 +216,8 @@ def bench(quick: bool, workdir: Path, with_s3: bool = True) -> dict:
             writer.write_sample(i, samples[i], meta[i], boxes[i], classes[i])
         writer.close()
 
-    object_storage = object_storage_section(write_cache, n, values * 4 / 1e6, workdir, quick) if with_s3 else {
-        "skipped": "--no-s3"}
+    sample_sets = [("COCO size (800x1333, 256 ch)", n, values * 4 / 1e6, write_cache), demo_size_samples(quick)]
+    object_storage = object_storage_section(sample_sets, workdir, quick) if with_s3 else {"skipped": "--no-s3"}
     return {
         "object_storage": object_storage,
         "config": {"quick": quick, "samples": n, "shard_samples": shard, "channels": CHANNELS,

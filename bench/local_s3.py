@@ -71,6 +71,14 @@ class _Child:
         self.port = int(json.loads(line)["port"])
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the child has used so far (Linux /proc), 0.0 if unknown."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (AttributeError, OSError, ValueError, IndexError):
+            return 0.0
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -108,6 +116,9 @@ class LatencyProxy:
     def env(self) -> dict[str, str]:
         return client_env(self.endpoint)
 
+    def cpu_seconds(self) -> float:
+        return self._child.cpu_seconds()
+
     def start(self) -> "LatencyProxy":
         self._child.start()
         return self
@@ -134,6 +145,9 @@ class LocalS3:
 
     def env(self) -> dict[str, str]:
         return client_env(self.endpoint)
+
+    def cpu_seconds(self) -> float:
+        return self._child.cpu_seconds()
 
     def start(self) -> "LocalS3":
         self._child.start()

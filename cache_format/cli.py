@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="read every committed chunk in parallel and name each bad sample/level")
     s.add_argument("path")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)")
 
     s = sub.add_parser("plan", help="measure candidate encodings on calibration samples against a budget")
     s.add_argument("--calib", required=True, help="an existing cache whose first committed samples calibrate")
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--encoding", required=True, help=ENCODING_HELP)
     s.add_argument("--compressor", default=None, help=f"{COMPRESSOR_HELP} (default: the source's)")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return p
 

@@ -11,6 +11,7 @@ import dask
 
 from cache_format.errors import CacheError
 from cache_format.reader import CacheReader
+from cache_format.remote import default_workers
 from cache_format.schema import RESERVED_ATTRIBUTES
 from cache_format.writer import CacheWriter
 
@@ -52,7 +53,7 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
         writer.put_teacher_weights(reader.teacher_weights())
     committed = reader.committed()
     tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed) for s in range(layout.num_shards)]
-    counts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    counts = dask.compute(*tasks, scheduler="threads", num_workers=workers or default_workers(src, dst))
     writer.close()
     return RepackResult(reader.url, writer.url, writer.encoding.name, writer.compressor, int(sum(counts)),
                         writer.bytes_written)

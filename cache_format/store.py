@@ -50,7 +50,7 @@ def open_store(url: str, *, read_only: bool) -> Store:
 
 
 def store_is_empty(store: Store, url: str = "") -> bool:
-    with translated_errors(url, "listing"):
+    with translated_errors(url, "accessing"):
         return bool(sync(store.is_empty("")))
 
 

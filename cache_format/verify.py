@@ -11,6 +11,7 @@ import dask
 
 from cache_format.errors import CacheError, StoreAccessError
 from cache_format.reader import CacheReader
+from cache_format.remote import default_workers
 from cache_format.schema import COL
 
 
@@ -84,6 +85,7 @@ def verify_cache(url: str, workers: int | None = None) -> VerifyReport:
     committed = reader.committed()
     report = VerifyReport(reader.url, reader.num_samples, int(committed.sum()))
     tasks = [dask.delayed(_check_shard)(reader, s) for s in range(reader.layout.num_shards)]
+    workers = workers or default_workers(url)
     results = dask.compute(*tasks, scheduler="threads", num_workers=workers) if tasks else []
     for checked, problems in results:
         report.checked_chunks += checked

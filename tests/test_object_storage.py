@@ -216,7 +216,8 @@ def test_errors_are_one_clear_line(s3, tmp_path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"})
     assert dead.returncode == 2 and "Traceback" not in dead.stderr, dead.stderr
-    assert "cannot reach the store" in dead.stderr and "AWS_ENDPOINT_URL" in dead.stderr
+    assert dead.stderr.startswith("icd cache verify: error: cannot reach the store holding s3://"), dead.stderr
+    assert "fix: check AWS_ENDPOINT_URL" in dead.stderr and len(dead.stderr.splitlines()) == 2
 
 
 # --- stage two --------------------------------------------------------------------------------------
