@@ -386,6 +386,20 @@ class CacheReader:
             return False
         return isinstance(group, zarr.Group) and "names" in group.attrs
 
+    def teacher_weight_sizes(self) -> dict[str, int]:
+        """Bytes (uncompressed) of each stored teacher tensor, from the array metadata alone: `inspect`
+        needs no weight data (on an object store, that would be a download of every tensor)."""
+        if not self.has_teacher_weights():
+            return {}
+        group = self._root[WEIGHTS_GROUP]
+        try:
+            return {name: int(group[name].nbytes) for name in group.attrs["names"]}
+        except Exception as exc:
+            self._raise_if_access_error(exc)
+            raise CorruptChunkError(f"cache {self.url}: the teacher weights' metadata cannot be read "
+                                    f"({type(exc).__name__}: {exc})",
+                                    "re-run stage one's dump to store the teacher weights again") from exc
+
     def teacher_weights(self) -> dict[str, np.ndarray]:
         """The teacher's FPN + head tensors stored by stage one (name -> array)."""
         if not self.has_teacher_weights():
