@@ -221,7 +221,6 @@ def bench(quick: bool, workdir: Path, with_s3: bool = True) -> dict:
     sample_sets = [("COCO size (800x1333, 256 ch)", s3_n, values * 4 / 1e6, write_cache), demo_size_samples(quick)]
     object_storage = object_storage_section(sample_sets, workdir, quick) if with_s3 else {"skipped": "--no-s3"}
     return {
-        "object_storage": object_storage,
         "config": {"quick": quick, "samples": n, "shard_samples": shard, "channels": CHANNELS,
                    "input": [INPUT_H, INPUT_W], "levels": {lv.name: [lv.max_h, lv.max_w] for lv in lvls},
                    "values_per_sample": values, "fp32_mb_per_sample": values * 4 / 1e6,
@@ -229,6 +228,7 @@ def bench(quick: bool, workdir: Path, with_s3: bool = True) -> dict:
                    "repeats": repeats, "modelled_storage_mb_per_s": STORAGE_MBPS},
         "rows": rows,
         "targets": targets,
+        "object_storage": object_storage,
     }
 
 

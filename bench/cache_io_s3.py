@@ -138,8 +138,8 @@ def object_storage_section(sample_sets: list[tuple[str, int, float, Callable[[st
                 else:
                     os.environ[k] = v
     return {
-        "config": {"sets": {name: n for name, n, _, _ in sample_sets}, "rounds": rounds,
-                   "latencies_ms": list(latencies_ms),
+        "config": {"sample_sets": "; ".join(f"{name}: {n} samples" for name, n, _, _ in sample_sets),
+                   "rounds": rounds, "latencies_ms": ", ".join(f"{ms:g}" for ms in latencies_ms),
                    "note": "moto (a Python server) and the proxy run on the same cores as the reader, so their "
                            "CPU time is inside every s3 number and they cap the bandwidth; the proxy delays each "
                            "request by the stated latency, with no bandwidth limit of its own"},
