@@ -7,6 +7,7 @@ whole objects atomically too (an S3 PUT, and a multipart upload at its completio
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 from urllib.parse import urlparse
@@ -56,10 +57,23 @@ def store_is_empty(store: Store, url: str = "") -> bool:
 
 def key_size(store: Store, key: str) -> int:
     """Bytes of one stored object (0 when it does not exist, e.g. an all-padding shard)."""
-    try:
-        return int(sync(store.getsize(key)))
-    except (FileNotFoundError, KeyError):
-        return 0
+    return key_sizes(store, [key])[key]
+
+
+def key_sizes(store: Store, keys: list[str]) -> dict[str, int]:
+    """Bytes of several stored objects, asked concurrently (one round trip on an object store, not one
+    per key); 0 for a key that does not exist."""
+
+    async def one(key: str) -> int:
+        try:
+            return int(await store.getsize(key))
+        except (FileNotFoundError, KeyError):
+            return 0
+
+    async def all_keys() -> list[int]:
+        return list(await asyncio.gather(*(one(key) for key in keys)))
+
+    return dict(zip(keys, sync(all_keys())))
 
 
 def usage(url: str, prefix: str = "") -> tuple[int, int]:

@@ -27,7 +27,7 @@ from cache_format.remote import access_error, translated_errors
 from cache_format.schema import (COL, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS, RESERVED_ATTRIBUTES,
                                   WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta, layout_from_attributes,
                                   levels_from_attributes, quant_columns, validate_levels)
-from cache_format.store import key_size, open_store, store_is_empty
+from cache_format.store import key_sizes, open_store, store_is_empty
 
 
 @dataclass
@@ -392,7 +392,7 @@ class CacheWriter:
         keys += [f"samples/records/c/{shard}/0", f"instances/boxes/c/{shard}/0", f"instances/classes/c/{shard}"]
         if self._arrays.quant is not None:
             keys.append(f"samples/quant/c/{shard}/0")
-        sizes = {k: key_size(self._store, k) for k in keys}
+        sizes = key_sizes(self._store, keys)
         with self._lock:
             self._written_sizes.update(sizes)
 
