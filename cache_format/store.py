@@ -89,6 +89,7 @@ def usage(url: str, prefix: str = "") -> tuple[int, int]:
                 files += 1
                 total += os.path.getsize(os.path.join(dirpath, name))
         return files, total
+    check_url(url)
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
     except ImportError as exc:
