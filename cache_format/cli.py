@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check the cache is whole (its manifest) and read every committed chunk "
                        "in parallel; name each damaged object")
     s.add_argument("path")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="dask threads (default: one per core; 16 for an object store)")
     s.add_argument("--no-manifest", action="store_true",
                    help="accept a cache without a manifest (an unfinished dump, or written before format 1.1) and "
                    "check only its committed samples")
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--encoding", required=True, help=ENCODING_HELP)
     s.add_argument("--compressor", default=None, help=f"{COMPRESSOR_HELP} (default: the source's)")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return p
 

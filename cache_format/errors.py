@@ -68,3 +68,11 @@ def environment_error(exc: BaseException, doing: str = "", cls: type[IcdError] =
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     head = f"{doing} failed: " if doing else ""
     return cls(f"{head}{reason}{where}", _ENVIRONMENT_FIXES[exc.errno])
+
+
+class StoreAccessError(CacheError):
+    """The store cannot be reached or refuses access (endpoint, credentials, bucket): not damage.
+
+    Kept apart from CorruptChunkError so that `verify` never reports an outage as a damaged cache and
+    a training run stops at once with the access problem instead of blaming the data.
+    """

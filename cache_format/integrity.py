@@ -20,12 +20,13 @@ import numpy as np
 from cache_format.arrays import CacheArrays, layout_problems, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.encodings import parse_encoding
-from cache_format.errors import CacheError, CorruptChunkError
+from cache_format.errors import CacheError, CorruptChunkError, StoreAccessError
 from cache_format.manifest import (MANIFEST_KEY, committed_mask, delete_manifest, load_manifest, records_crc,
                                    root_differences, write_manifest)
 from cache_format.objects import (delete_objects, metadata_key, object_sizes, shard_arrays, shard_key,
                                   single_chunk_key)
 from cache_format.opening import open_root
+from cache_format.remote import access_error, default_workers
 from cache_format.schema import (COL, FORMAT_VERSION, MANIFEST_SINCE, RECORD_FIELDS, WEIGHTS_GROUP, Layout,
                                   layout_from_attributes, levels_from_attributes, parse_version, quant_columns)
 from cache_format.weights import COMPLETE, INCOMPLETE, UNCHECKED, read_weights, weights_digest, weights_state
@@ -81,12 +82,16 @@ def _samples(layout: Layout, shard: int, indices=None) -> str:
     return f"shard {shard}, sample{'s' if len(indices) > 1 else ''} {shown}"
 
 
-def _read_records(arrays: CacheArrays, layout: Layout) -> tuple[np.ndarray, list[int]]:
-    """All records (NaN where unreadable) and the shards whose records chunk cannot be read."""
+def _read_records(arrays: CacheArrays, layout: Layout, url: str) -> tuple[np.ndarray, list[int]]:
+    """All records (NaN where unreadable) and the shards whose records chunk cannot be read.
+
+    An unreachable store or refused access raises StoreAccessError: an outage is not damage."""
     try:
         return np.asarray(arrays.records[...]), []
-    except Exception:
-        pass
+    except Exception as exc:
+        denied = access_error(exc, url)
+        if denied is not None:
+            raise denied from exc
     out = np.full(arrays.records.shape, np.nan)
     bad = []
     for s in range(layout.num_shards):
@@ -136,7 +141,7 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
         return report
 
     # 2. records: readable, and (finished caches) the committed samples and values the dump finished with.
-    records, unreadable = _read_records(arrays, layout)
+    records, unreadable = _read_records(arrays, layout, str(url))
     report.committed = records[:, COL["committed"]] == 1.0
     for s in unreadable:
         damage.append(Damage(shard_key(arrays.records, s), f"cannot be read ({_samples(layout, s)})", SHARD, s))
@@ -216,6 +221,8 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
         except CorruptChunkError as exc:
             damage.append(Damage(exc.key or metadata_key(WEIGHTS_GROUP),
                                  exc.problem.split(": ", 1)[-1].replace(f" ({exc.key})", ""), TEACHER_WEIGHTS))
+        except StoreAccessError:
+            raise
         except CacheError:
             pass
 
@@ -263,6 +270,7 @@ def _deep_check(report: IntegrityReport, arrays: CacheArrays, layout: Layout, wo
     skip = set(report.damaged_shards())
     shards = [s for s in range(layout.num_shards) if s not in skip and report.committed[layout.shard_range(s)].any()]
     tasks = [dask.delayed(_deep_check_shard)(reader, arrays, layout, s, report.committed) for s in shards]
+    workers = workers or default_workers(report.url)
     for checked, found in (dask.compute(*tasks, scheduler="threads", num_workers=workers) if tasks else []):
         report.checked_levels += checked
         report.damage.extend(found)
@@ -288,11 +296,15 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
             checked += 1
             try:
                 reader.read_level(i, name)
+            except StoreAccessError:
+                raise  # an outage or refused access is not damage: the whole check stops (exit 2)
             except CacheError as exc:
                 key = quant_key if quant_key and "int8 scales" in exc.problem else shard_key(arrays.features[name], shard)
                 found.setdefault(key, []).append((i, name, _detail(exc)))
         try:
             reader.read_instances(i)
+        except StoreAccessError:
+            raise
         except CacheError as exc:
             for key in _instance_keys_at_fault(arrays, layout, shard):
                 found.setdefault(key, []).append((i, "instances", _detail(exc)))
@@ -328,7 +340,7 @@ def finish_cache(url: str) -> dict[str, Any]:
     levels = levels_from_attributes(attrs)
     layout = layout_from_attributes(attrs)
     arrays = open_arrays(root, levels, parse_encoding(attrs["encoding"]), url, layout)
-    records, _ = _read_records(arrays, layout)
+    records, _ = _read_records(arrays, layout, str(url))
     by_path = shard_arrays(arrays)
     keys = {path: [shard_key(arr, s) for s in range(layout.num_shards)] for path, arr in by_path.items()}
     sizes = object_sizes(store, [k for ks in keys.values() for k in ks])

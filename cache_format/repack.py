@@ -16,6 +16,7 @@ import dask
 from cache_format.errors import CacheError
 from cache_format.integrity import finish_cache
 from cache_format.reader import CacheReader
+from cache_format.remote import default_workers
 from cache_format.schema import RESERVED_ATTRIBUTES
 from cache_format.state import ABSENT, store_state
 from cache_format.store import open_store, run_on_zarr_loop
@@ -65,7 +66,7 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
         if weights is not None:
             writer.put_teacher_weights(weights)
         tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed) for s in range(layout.num_shards)]
-        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers or default_workers(src, dst))
         writer.close()
         if reader.finished:
             finish_cache(writer.url)

@@ -13,6 +13,7 @@ import os
 import zarr
 
 from cache_format.errors import CacheError
+from cache_format.remote import translated_errors
 from cache_format.schema import BOXES_ARRAY, CREATING_ATTRIBUTE, FEATURES_GROUP, FORMAT_NAME, WEIGHTS_GROUP
 from cache_format.store import _local_path, open_store, run_on_zarr_loop, store_is_empty
 
@@ -53,10 +54,13 @@ def store_state(url: str) -> str:
     if path is not None and not os.path.isdir(path):
         return ABSENT
     store = open_store(url, read_only=True)
-    if store_is_empty(store):
+    if store_is_empty(store, url):
         return ABSENT
     try:
-        attrs = dict(zarr.open_group(store, mode="r").attrs.asdict())
+        with translated_errors(url, "opening"):  # an unreachable store is an access error, not "other"
+            attrs = dict(zarr.open_group(store, mode="r").attrs.asdict())
+    except CacheError:
+        raise
     except Exception:
         return OTHER
     if attrs.get("format") == FORMAT_NAME:

@@ -38,7 +38,7 @@ def summarize(url: str) -> dict[str, Any]:
                        "valid_w_range": [int(w.min()), int(w.max())] if len(w) else None})
     files, on_disk = usage(reader.url)
     _, feature_bytes = usage(reader.url, "features")
-    weights = reader.teacher_weights() if reader.has_teacher_weights() else {}
+    weights = reader.teacher_weight_sizes() if reader.has_teacher_weights() else {}
     return {
         "url": reader.url,
         "format_version": reader.attributes["format_version"],
@@ -54,7 +54,7 @@ def summarize(url: str) -> dict[str, Any]:
         "fp32_equivalent_bytes": fp32_bytes,
         "feature_bytes": feature_bytes,
         "compression_ratio_vs_fp32": (fp32_bytes / feature_bytes) if feature_bytes else None,
-        "teacher_weights": {"tensors": len(weights), "bytes": int(sum(v.nbytes for v in weights.values()))},
+        "teacher_weights": {"tensors": len(weights), "bytes": int(sum(weights.values()))},
         "identity": {k: v for k, v in reader.attributes.items() if k not in RESERVED_ATTRIBUTES},
     }
 

@@ -25,11 +25,12 @@ from cache_format.encodings import Encoding, parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError, environment_error
 from cache_format.manifest import delete_manifest
 from cache_format.opening import open_root
+from cache_format.remote import access_error, translated_errors
 from cache_format.schema import (COL, CREATING_ATTRIBUTE, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS,
                                   RESERVED_ATTRIBUTES, WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta,
                                   layout_from_attributes, levels_from_attributes, quant_columns, validate_levels)
 from cache_format.state import check_location
-from cache_format.store import key_size, open_store, store_is_empty
+from cache_format.store import key_sizes, open_store, store_is_empty
 from cache_format.weights import tensor_crc
 
 
@@ -122,15 +123,16 @@ class CacheWriter:
             "instance_capacity": layout.instance_capacity, "record_fields": list(RECORD_FIELDS),
         }
         try:
-            store = open_store(url, read_only=False)
-            if not store_is_empty(store) and not overwrite:
-                raise CacheError(f"{url} already exists and is not empty",
-                                 "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
-            # The root is written first with a creation marker and the format attributes replace it last:
-            # a store whose creation was interrupted says so (cache_format.state), and can be started over.
-            root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})
-            create_arrays(root, levels, layout, enc, comp)
-            root.attrs.put({**attributes, **own})
+            with translated_errors(url, "creating the cache at"):
+                store = open_store(url, read_only=False)
+                if not store_is_empty(store, url) and not overwrite:
+                    raise CacheError(f"{url} already exists and is not empty",
+                                     "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
+                # The root is written first with a creation marker and the format attributes replace it last:
+                # a store whose creation was interrupted says so (cache_format.state), and can be started over.
+                root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})
+                create_arrays(root, levels, layout, enc, comp)
+                root.attrs.put({**attributes, **own})
         except OSError as exc:
             raise _os_error(exc, f"creating the cache at {url}") from None
         return cls(url, root, dict(root.attrs.asdict()), 0, 1)
@@ -232,6 +234,9 @@ class CacheWriter:
         except OSError as exc:
             raise _os_error(exc, f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url}") from exc
         except Exception as exc:
+            denied = access_error(exc, self.url)
+            if denied is not None:
+                raise denied from exc
             raise CacheError(f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url} "
                              f"failed: {type(exc).__name__}: {exc}",
                              "check free space and permissions; the shard stays uncommitted: resume the dump "
@@ -258,17 +263,21 @@ class CacheWriter:
                 raise CacheError(f"teacher weight {name!r} has dtype {value.dtype}",
                                  "pass numeric numpy arrays (tensor.cpu().numpy())")
         try:
-            self._withdraw_manifest()
-            group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
-            for name, value in values.items():
-                arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
-                                         dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
-                arr[...] = value
-            # The name list and the per-tensor checksums are written last: a group without them is incomplete,
-            # and a chunk deleted later (which zarr reads back as zeros) fails its checksum.
-            group.update_attributes({"names": names, "crc32c": {n: tensor_crc(v) for n, v in values.items()}})
+            with translated_errors(self.url, "writing the teacher weights to"):
+                self._store_weights(names, values)
         except OSError as exc:
             raise _os_error(exc, f"writing the teacher weights to {self.url}") from exc
+
+    def _store_weights(self, names: list[str], values: dict[str, np.ndarray]) -> None:
+        self._withdraw_manifest()
+        group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
+        for name, value in values.items():
+            arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
+                                     dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
+            arr[...] = value
+        # The name list and the per-tensor checksums are written last: a group without them is incomplete,
+        # and a chunk deleted later (which zarr reads back as zeros) fails its checksum.
+        group.update_attributes({"names": names, "crc32c": {n: tensor_crc(v) for n, v in values.items()}})
 
     # ----------------------------------------------------------------- internals
     def _read_all_records(self) -> np.ndarray:
@@ -412,7 +421,7 @@ class CacheWriter:
         keys += [f"samples/records/c/{shard}/0", f"instances/boxes/c/{shard}/0", f"instances/classes/c/{shard}"]
         if self._arrays.quant is not None:
             keys.append(f"samples/quant/c/{shard}/0")
-        sizes = {k: key_size(self._store, k) for k in keys}
+        sizes = key_sizes(self._store, keys)
         with self._lock:
             self._written_sizes.update(sizes)
 

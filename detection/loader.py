@@ -167,6 +167,11 @@ class _Batches:
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
 
+    @property
+    def dataset(self) -> Any:
+        """The dataset the batches are built from (as DataLoader.dataset, without the error wrapper)."""
+        return self.loader.dataset.dataset
+
     def __iter__(self) -> "_Batches":
         # Created now, not at the first batch: a DataLoader iterator draws its workers' base seed from
         # torch's global RNG when created, and exact resume depends on when that draw happens.

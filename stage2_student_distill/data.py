@@ -15,9 +15,11 @@ and the features.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +29,7 @@ from torch.utils.data import Dataset
 from cache_contract.geometry import batch_padded_shape, pad_levels
 from cache_format import CacheReader
 from cache_format.errors import CacheError
+from cache_format.remote import is_remote
 from cache_format.schema import COL
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams
@@ -141,6 +144,8 @@ class DistillDataset(Dataset):
                                       with_masks=with_masks)
         self._reader: CacheReader | None = None
         self._reader_pid = -1
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._fetcher_pid = -1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,8 +162,41 @@ class DistillDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_reader"], state["_reader_pid"] = None, -1
+        state["_reader"], state["_reader_pid"], state["_fetcher"] = None, -1, None
         return state
+
+    def _fetch_thread(self) -> ThreadPoolExecutor:
+        """This process's feature-fetch thread (one per DataLoader worker, like the reader)."""
+        self.reader()  # (re)opens per process, and resets the thread after a fork
+        if self._fetcher is None or self._fetcher_pid != os.getpid():
+            self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icd-cache-fetch")
+            self._fetcher_pid = os.getpid()
+        return self._fetcher
+
+    def __getitems__(self, items: list[Any]) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader hands each worker a batch's indices). From an object store its
+        samples' teacher features are fetched up to CacheReader.prefetch (8) samples at a time, each
+        sample's levels and instances concurrently (CacheReader.read_samples), in a background thread
+        while the images are decoded: per-request latency is paid a few times per batch instead of
+        several times per sample, and overlaps the image work. From local disk the items are built one
+        by one exactly as __getitem__ does (already as fast as the disk; docs/OBJECT_STORAGE.md)."""
+        if not self.read_features or not items or not is_remote(str(self.cache_url)):
+            return [self[item] for item in items]  # local disk: one sample after the other is fastest
+        params = [self.items.sample_params(item) for item in items]  # json sizes only, no image read
+        indices = [self.table.sample_index(p.image_id, p.variant) for p in params]
+        pending = self._fetch_thread().submit(self.reader().read_samples, indices, self.levels)
+        try:
+            samples = [self.items[item] for item in items]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                pending.result()  # never leave a fetch running into the next batch; the image error wins
+            raise
+        cached = pending.result()  # re-raises a read error here, in this worker
+        for sample, index, got in zip(samples, indices, cached):
+            check_geometry(got.meta, sample["aug"], index, self.cache_url)
+            sample["cache_index"] = index
+            sample["teacher_features"] = {name: torch.from_numpy(got.features[name]) for name in self.levels}
+        return samples
 
     def __getitem__(self, item: Any) -> dict[str, Any]:
         sample = self.items[item]

@@ -62,7 +62,7 @@ def make_cfg_tiny(tiny_coco: dict[str, str], output_dir: Path) -> CfgNode:
 
 
 # --- stage two ---------------------------------------------------------------------------------------
-def _distill_cfg(cfg: CfgNode, **overrides: Any) -> CfgNode:
+def make_distill_cfg(cfg: CfgNode, **overrides: Any) -> CfgNode:
     """cfg_tiny turned into a tiny ICD run: 32-channel ICD modules, few queries, short schedules."""
     cfg = cfg.clone()
     cfg.merge_from_dict({
@@ -80,7 +80,7 @@ def _distill_cfg(cfg: CfgNode, **overrides: Any) -> CfgNode:
 @pytest.fixture
 def distill_cfg() -> Callable[..., CfgNode]:
     """distill_cfg(cfg, **overrides): a config for a tiny ICD run built on `cfg` (usually cfg_tiny)."""
-    return _distill_cfg
+    return make_distill_cfg
 
 
 def save_teacher(cfg: CfgNode, path: Path, seed: int = 11) -> str:
@@ -152,3 +152,20 @@ def teacher_cache(cfg_tiny: CfgNode, tiny_coco: dict[str, str], tmp_path_factory
         return _CACHES[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """A real S3-protocol endpoint for the session: moto's server on 127.0.0.1:<free port> in a child
+    process (bench/local_s3.py), stopped at the end. Skips only if it cannot start."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' installs it)")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    from bench.local_s3 import LocalS3
+
+    server = LocalS3()
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - any failure to start is a reason to skip, named
+        pytest.skip(f"the local S3 endpoint (moto server) could not start: {exc}")
+    yield server
+    server.stop()
