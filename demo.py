@@ -123,7 +123,7 @@ def _cache_complete() -> bool:
     from cache_format import CacheError, CacheReader
 
     try:
-        return bool(CacheReader(str(CACHE)).committed().all())
+        return CacheReader(str(CACHE)).finished  # its manifest is written: the dump finished (else --resume)
     except CacheError:
         return False
 

@@ -1,7 +1,7 @@
 """Cache I/O benchmark: decode throughput, bytes per value and fidelity of each encoding, side by side
 with the naive peer (one np.save fp32 file per sample) and a raw in-memory copy, in one run.
 
-    python -m bench.cache_io [--quick] [--out bench/results/cache_io.json]
+    python -m bench.cache_io [--quick] [--no-s3] [--out bench/results/cache_io.json]
 
 Features are COCO-size (256 channels, P3-P7 of an 800x1333 input) synthetic FPN-like maps
 (cache_format.synthetic: smooth, signed, per-channel scales and biases). Throughput is MB/s of
@@ -9,6 +9,8 @@ fp32-equivalent feature bytes per CPU-second of this process (all threads), so i
 wall-clock MB/s is reported too. "warm" reads come from the page cache; "cold" reads follow
 posix_fadvise(DONTNEED) on every file, which drops the file's pages from the page cache, so the
 bytes come from the disk (on this ext4/virtio machine; on tmpfs the two would coincide).
+The object-storage section (bench/cache_io_s3.py) reads the fp16 and int8 caches back from a local S3
+endpoint, directly and with added per-request latency, one sample at a time and a batch at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from bench.cache_io_s3 import demo_size_samples, object_storage_section, table as s3_table
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.store import usage
 from cache_format.synthetic import fpn_like_features
@@ -71,7 +74,7 @@ def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
     return best
 
 
-def bench(quick: bool, workdir: Path) -> dict:
+def bench(quick: bool, workdir: Path, with_s3: bool = True) -> dict:
     lvls = levels()
     n = 4 if quick else 16
     shard = n                       # one full shard: the layout a real cache has
@@ -206,6 +209,17 @@ def bench(quick: bool, workdir: Path) -> dict:
         "encodings_at_most_1_byte_per_value_with_rel_rmse_below_1pct":
             sorted({r["name"].split(" ")[0] for r in under_1}),
     }
+    s3_n = min(n, 8)  # COCO-size reads from the local S3 endpoint are bandwidth-bound: 8 samples show it
+
+    def write_cache(url: str, enc: str, comp: str) -> None:
+        writer = CacheWriter.create(url, num_samples=s3_n, levels=lvls, encoding=enc, compressor=comp,
+                                    attributes={}, shard_samples=s3_n)
+        for i in range(s3_n):
+            writer.write_sample(i, samples[i], meta[i], boxes[i], classes[i])
+        writer.close()
+
+    sample_sets = [("COCO size (800x1333, 256 ch)", s3_n, values * 4 / 1e6, write_cache), demo_size_samples(quick)]
+    object_storage = object_storage_section(sample_sets, workdir, quick) if with_s3 else {"skipped": "--no-s3"}
     return {
         "config": {"quick": quick, "samples": n, "shard_samples": shard, "channels": CHANNELS,
                    "input": [INPUT_H, INPUT_W], "levels": {lv.name: [lv.max_h, lv.max_w] for lv in lvls},
@@ -214,6 +228,7 @@ def bench(quick: bool, workdir: Path) -> dict:
                    "repeats": repeats, "modelled_storage_mb_per_s": STORAGE_MBPS},
         "rows": rows,
         "targets": targets,
+        "object_storage": object_storage,
     }
 
 
@@ -241,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="4 samples, 6 encodings (< 60 s)")
     ap.add_argument("--out", default="bench/results/cache_io.json", help="JSON output path")
     ap.add_argument("--workdir", default=None, help="where to write the caches (default: a temp dir on /tmp)")
+    ap.add_argument("--no-s3", action="store_true", help="skip the object-storage section (local S3 endpoint)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="icd-bench-", dir=args.workdir))
     try:
-        result = bench(args.quick, work)
+        result = bench(args.quick, work, with_s3=not args.no_s3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(result))
+    print(s3_table(result["object_storage"]))
     print("targets:", json.dumps(result["targets"], indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,9 @@ from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "bench" / "results"
-# In the order they run: the cache format alone, then stage one, stage two, then the end-to-end accuracy.
-BENCHMARKS = ("cache_io", "stage1", "stage2", "accuracy")
+# In the order they run: the cache format alone, then stage one, stage two, detectron2 parity (records
+# "skipped" where detectron2 is not importable), then the end-to-end accuracy.
+BENCHMARKS = ("cache_io", "stage1", "stage2", "d2_parity", "accuracy")
 SLOW_BENCHMARKS = ("accuracy",)
 STDERR_TAIL_LINES = 40
 
@@ -55,6 +56,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def bench_parser(name: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that works in a scratch directory: --quick, --out and --work."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / f"{name}.json", help="JSON result")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch directory (default: a temporary one, deleted at the end)")
+    return parser
 
 
 def run_in_workdir(run: Callable[[Any, Path], dict[str, Any]], args: Any, prefix: str) -> int:

@@ -6,7 +6,7 @@
 1. Throughput (images/s) of the real stage-one path, `run_dump` into a fresh cache, for the default
    encoding (the config's CACHE.ENCODING, fp16) and for fp32 and int8, next to pure teacher inference
    on the same batches with nothing written: the same dataset, augmentation plan, shard-aligned batches,
-   DataLoader and `teacher_features` forward, and the same set-up (index, teacher load), minus the
+   DataLoader and `sample_features` forward, and the same set-up (index, teacher load), minus the
    cache. Repetitions are interleaved (the order rotates every round) so that load from other
    processes on a shared machine hits every mode alike; the ratio dump/inference is the median of the
    per-round ratios. Each pass is timed twice: end to end, and over its loop only (from the first
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import resource
 import shutil
 import statistics
@@ -46,21 +45,22 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from bench.run_all import machine_info, now_iso, run_in_workdir
+from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
+from cache_contract.geometry import level_size, padded_shape
+from cache_contract.teacher import load_teacher, sample_features
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.schema import LevelSpec
 from cache_format.store import usage
 from detection.augment import AugmentationPlan
 from detection.checkpoint import save_checkpoint
 from detection.config import CfgNode, setup_cfg
+from detection.datasets import train_index
 from detection.synthetic import generate, render_image
-from detection.train import train_index
 from detection.zoo import build_detector
-from stage1_teacher_dump.batching import padded_shape, shard_batches
 from stage1_teacher_dump import dump as dump_module
-from stage1_teacher_dump.dump import cache_levels, run_dump
+from stage1_teacher_dump.batching import shard_batches
+from stage1_teacher_dump.dump import cache_levels, run_dump, to_numpy
 from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
-from stage1_teacher_dump.teacher import load_teacher, teacher_features, valid_region
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "configs" / "demo" / "teacher_retinanet_r34.yaml"
@@ -148,7 +148,7 @@ def inference_pass(cfg: CfgNode) -> Pass:
     seen, first_forward = 0, None
     for records in loader:
         first_forward = first_forward or time.perf_counter()
-        teacher_features(teacher, [r["image"] for r in records], names, bool(cfg.SOLVER.AMP))
+        sample_features(teacher, [r["image"] for r in records], names, bool(cfg.SOLVER.AMP))
         seen += len(records)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -171,10 +171,10 @@ def cache_bytes(cache: str, samples: int) -> dict[str, float]:
 def first_forward_clock() -> Iterator[list[float]]:
     """Note when run_dump's first teacher forward starts (its loop, after index/teacher/cache set-up).
 
-    Instrumentation only: the dump module's `teacher_features` is wrapped by a function that records a
+    Instrumentation only: the dump module's `sample_features` is wrapped by a function that records a
     timestamp and calls the original, and restored afterwards.
     """
-    original = dump_module.teacher_features
+    original = dump_module.sample_features
     stamps: list[float] = []
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -182,11 +182,11 @@ def first_forward_clock() -> Iterator[list[float]]:
             stamps.append(time.perf_counter())
         return original(*args, **kwargs)
 
-    dump_module.teacher_features = timed
+    dump_module.sample_features = timed
     try:
         yield stamps
     finally:
-        dump_module.teacher_features = original
+        dump_module.sample_features = original
 
 
 def dump_pass(cfg: CfgNode, cache: Path) -> tuple[Pass, dict[str, float]]:
@@ -264,8 +264,8 @@ def coco_bytes(samples: int, device: str) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher = build_detector(cfg, COCO_CLASSES + 1).eval().requires_grad_(False).to(device)
     h, w = COCO_FRAME
-    levels = [LevelSpec(name, teacher.strides[name], teacher.out_channels, math.ceil(h / teacher.strides[name]),
-                        math.ceil(w / teacher.strides[name])) for name in teacher.levels]
+    levels = [LevelSpec(name, teacher.strides[name], teacher.out_channels, *level_size(h, w, teacher.strides[name]))
+              for name in teacher.levels]
     calibration = []
     for i in range(samples):
         # Synthetic shapes rendered at COCO height and stretched to the 800x1333 frame: image-like
@@ -273,8 +273,8 @@ def coco_bytes(samples: int, device: str) -> dict[str, Any]:
         pixels, _ = render_image(seed=0, split="train", index=i, size=h)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float()[None]
         image = torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)[0]
-        feats = teacher_features(teacher, [image.clamp(0, 255)], [lv.name for lv in levels])
-        calibration.append({lv.name: valid_region(feats[lv.name][0], lv.stride, h, w) for lv in levels})
+        (features,) = sample_features(teacher, [image.clamp(0, 255)], [lv.name for lv in levels])
+        calibration.append({name: to_numpy(feature) for name, feature in features.items()})
     result = plan_budget(calibration, num_samples=COCO_TRAIN_IMAGES, budget_bytes=2**62, levels=levels,
                          compressor=str(cfg.CACHE.COMPRESSOR), shard_samples=int(cfg.CACHE.SHARD_SAMPLES),
                          tile=int(cfg.CACHE.TILE))
@@ -340,11 +340,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.stage1", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and rounds (about 2 minutes on 2 cores)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stage1.json", help="JSON result")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch directory (default: a temporary one, deleted at the end)")
+    parser = bench_parser("stage1", __doc__, "fewer images and rounds (about 2 minutes on 2 cores)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3 quick, 5 full)")
     parser.add_argument("--images", type=int, default=None, help="synthetic training images (default 16 / 96)")
     parser.add_argument("--threads", type=int, default=1,

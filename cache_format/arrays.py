@@ -13,7 +13,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cache_format.compressors import compressor_codecs
 from cache_format.encodings import Encoding
-from cache_format.errors import CacheError
+from cache_format.errors import CorruptChunkError
 from cache_format.schema import (BOXES_ARRAY, CLASSES_ARRAY, FEATURES_GROUP, QUANT_ARRAY, RECORD_FIELDS,
                                   RECORDS_ARRAY, Layout, LevelSpec, quant_columns)
 
@@ -71,25 +71,77 @@ def create_arrays(root: zarr.Group, levels: list[LevelSpec], layout: Layout, enc
     return CacheArrays(features, records, quant, boxes, classes)
 
 
-def open_arrays(root: zarr.Group, levels: list[LevelSpec], encoding: Encoding, url: str) -> CacheArrays:
-    """Open the arrays of an existing cache; a missing one means a truncated store."""
+def open_arrays(root: zarr.Group, levels: list[LevelSpec], encoding: Encoding, url: str,
+                layout: Layout | None = None) -> CacheArrays:
+    """Open the arrays of an existing cache; a missing one means a truncated store.
+
+    With `layout` (the root's), the arrays' shapes and chunking must agree with it: an edited count
+    (root `num_samples` 48 -> 40) or shape raises CorruptChunkError naming the metadata document.
+    """
 
     def get(path: str) -> zarr.Array:
         try:
             node = root[path]
         except KeyError:
-            raise CacheError(f"cache {url} is truncated: array '{path}' is missing",
-                             "restore the store from a complete copy or re-create it with `icd dump`") from None
+            raise CorruptChunkError(f"cache {url} is truncated: array '{path}' is missing",
+                                    "restore the store from a complete copy or re-create it with `icd dump`",
+                                    key=f"{path}/zarr.json") from None
         if not isinstance(node, zarr.Array):
-            raise CacheError(f"cache {url}: '{path}' is not an array", "the store is damaged; re-create it")
+            raise CorruptChunkError(f"cache {url}: '{path}' is not an array", "the store is damaged; re-create it",
+                                    key=f"{path}/zarr.json")
         return node
 
     features = {lv.name: get(f"{FEATURES_GROUP}/{lv.name}") for lv in levels}
     for lv in levels:
         arr = features[lv.name]
         if arr.shape[1:] != (lv.channels, lv.max_h, lv.max_w) or arr.dtype != encoding.stored_dtype:
-            raise CacheError(f"cache {url}: features/{lv.name} has shape {arr.shape} dtype {arr.dtype}, "
-                             f"the attributes say {lv} with {encoding.stored_dtype}",
-                             "the store is damaged; re-create it")
+            raise CorruptChunkError(f"cache {url}: features/{lv.name} has shape {arr.shape} dtype {arr.dtype}, "
+                                    f"the attributes say {lv} with {encoding.stored_dtype}",
+                                    "the store is damaged; restore the file or re-create the cache",
+                                    key=f"{FEATURES_GROUP}/{lv.name}/zarr.json")
     quant = get(QUANT_ARRAY) if encoding.quantized else None
-    return CacheArrays(features, get(RECORDS_ARRAY), quant, get(BOXES_ARRAY), get(CLASSES_ARRAY))
+    arrays = CacheArrays(features, get(RECORDS_ARRAY), quant, get(BOXES_ARRAY), get(CLASSES_ARRAY))
+    if layout is not None:
+        problems = layout_problems(arrays, levels, layout)
+        if problems:
+            key, message = problems[0]
+            raise CorruptChunkError(f"cache {url}: {key}: {message}",
+                                    "restore that file from a copy of the cache (or re-create the cache)", key=key)
+    return arrays
+
+
+def layout_problems(arrays: CacheArrays, levels: list[LevelSpec], layout: Layout) -> list[tuple[str, str]]:
+    """(metadata document, problem) where the arrays' shapes or chunking disagree with the root's layout.
+
+    When every per-sample array agrees on a count the root does not (an edited root `num_samples` or
+    `shard_samples`), the root's zarr.json is named once; otherwise each disagreeing array's.
+    """
+    problems: list[tuple[str, str]] = []
+    per_sample = [*arrays.features.values(), arrays.records] + ([arrays.quant] if arrays.quant is not None else [])
+    n, s = layout.num_samples, layout.shard_samples
+    counts = {a.shape[0] for a in per_sample}
+    if len(counts) == 1 and n not in counts:
+        problems.append(("zarr.json", f"num_samples is {n} but every array holds {counts.pop()} samples "
+                         "(an edited count)"))
+        n = per_sample[0].shape[0]
+    blocks = {(a.shards or a.chunks)[0] for a in per_sample}
+    if len(blocks) == 1 and s not in blocks:
+        problems.append(("zarr.json", f"shard_samples is {s} but every array is chunked by {blocks.pop()} samples"))
+        s = (per_sample[0].shards or per_sample[0].chunks)[0]
+    rows = -(-n // s) * s * layout.instance_capacity   # num_shards * instance rows per shard
+    width = len(RECORD_FIELDS) + len(levels)
+    expected = {arrays.records.path: ((n, width), s)}
+    if arrays.quant is not None:
+        expected[arrays.quant.path] = ((n, sum(b - a for a, b in quant_columns(levels).values())), s)
+    for lv in levels:
+        expected[arrays.features[lv.name].path] = ((n, lv.channels, lv.max_h, lv.max_w), s)
+    expected[arrays.boxes.path] = ((rows, 4), s * layout.instance_capacity)
+    expected[arrays.classes.path] = ((rows,), s * layout.instance_capacity)
+    by_path = {a.path: a for a in [*per_sample, arrays.boxes, arrays.classes]}
+    for path, (shape, block) in expected.items():
+        arr = by_path[path]
+        got_block = (arr.shards or arr.chunks)[0]
+        if tuple(arr.shape) != shape or got_block != block:
+            problems.append((f"{path}/zarr.json", f"shape {list(arr.shape)} in blocks of {got_block}, but the "
+                             f"root's layout needs shape {list(shape)} in blocks of {block}"))
+    return problems

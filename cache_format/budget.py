@@ -51,10 +51,13 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def format_size(n: float) -> str:
+def format_size(n: float, round_up: bool = False) -> str:
+    """'1.23 MB'; with round_up the shown value is never below n (for 'a budget of at least ...')."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if round_up else int(n)} B"
+            return f"{(math.ceil(n * 100) / 100) if round_up else n:.2f} {unit}"
         n /= 1000.0
     return f"{n:.2f} PB"
 
@@ -189,11 +192,12 @@ def measure(calibration: Sequence[Mapping[str, np.ndarray]], levels: Sequence[Le
 def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budget_bytes: int | str,
          candidates: Sequence[str | tuple[str, str]] | None = None, *, levels: Sequence[LevelSpec],
          metas: Sequence[SampleMeta] | None = None, compressor: str = DEFAULT_COMPRESSOR,
-         shard_samples: int = 16, tile: int = 64) -> Plan:
+         shard_samples: int = 16, tile: int = 64, reserved_bytes: int = 0) -> Plan:
     """Measure each candidate ('fp16', 'int8@blosc-lz4', ...) on the calibration samples (dicts level ->
     float32 [C, h, w]) and choose the most faithful (lowest worst-level relative RMSE, then smallest)
     whose projected size for `num_samples` fits `budget_bytes`. Raises CacheError, with the measured
-    table, when none fits."""
+    table and the total budget that would fit, when none fits; `reserved_bytes` (e.g. the teacher
+    weights, already taken off `budget_bytes`) are added to that total."""
     budget = parse_size(budget_bytes)
     if not calibration:
         raise CacheError("no calibration samples", "pass a few dozen real teacher outputs (dicts level -> [C,h,w])")
@@ -211,12 +215,15 @@ def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budg
     fitting = [c for c in result.candidates if c.fits]
     if not fitting:
         smallest = min(result.candidates, key=lambda c: c.projected_bytes)
+        total = smallest.projected_bytes + int(reserved_bytes)
+        extra = f" + {format_size(reserved_bytes)} teacher weights" if reserved_bytes else ""
         raise CacheError(
             f"no encoding fits the budget: {num_samples} samples in {format_size(budget)} allow "
             f"{format_size(budget / num_samples)} per sample; the smallest candidate, {smallest.label}, needs "
             f"{format_size(smallest.bytes_per_sample)} per sample ({format_size(smallest.projected_bytes)} in "
-            f"all)\n{result.table()}",
-            "raise the budget, cache fewer samples (fewer images or augmentation variants), or add a "
-            "smaller candidate encoding")
+            f"all{extra})\n{result.table()}",
+            f"raise the budget to a total of at least {format_size(total, round_up=True)} (for {smallest.label}), cache "
+            "fewer samples "
+            "(fewer images or augmentation variants), or add a smaller candidate encoding")
     result.choice = min(fitting, key=lambda c: (c.worst_rel_rmse, c.projected_bytes))
     return result

@@ -1,6 +1,6 @@
 """`icd cache {inspect,verify,plan,repack}`: look at, check, size and re-encode a teacher cache.
 
-Exit codes: 0 success; 1 `verify` found bad samples; 2 bad input (not a cache, newer version,
+Exit codes: 0 success; 1 `verify` found damage or an unfinished cache; 2 bad input (not a cache, newer version,
 truncated store, bad budget, budget too small, ...), with a message naming the problem and the fix.
 """
 from __future__ import annotations
@@ -24,9 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="cache path or URL (file://, memory://, s3://...)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    s = sub.add_parser("verify", help="read every committed chunk in parallel and name each bad sample/level")
+    s = sub.add_parser("verify", help="check the cache is whole (its manifest) and read every committed chunk "
+                       "in parallel; name each damaged object")
     s.add_argument("path")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="dask threads (default: one per core; 16 for an object store)")
+    s.add_argument("--no-manifest", action="store_true",
+                   help="accept a cache without a manifest (an unfinished dump, or written before format 1.1) and "
+                   "check only its committed samples")
 
     s = sub.add_parser("plan", help="measure candidate encodings on calibration samples against a budget")
     s.add_argument("--calib", required=True, help="an existing cache whose first committed samples calibrate")
@@ -44,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--encoding", required=True, help=ENCODING_HELP)
     s.add_argument("--compressor", default=None, help=f"{COMPRESSOR_HELP} (default: the source's)")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core)")
+    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return p
 
@@ -60,7 +65,7 @@ def _verify(args: argparse.Namespace) -> int:
     from cache_format.verify import verify_cache
     if args.workers is not None and args.workers < 1:
         raise CacheError(f"--workers {args.workers} must be >= 1", "pass a positive thread count")
-    report = verify_cache(args.path, workers=args.workers)
+    report = verify_cache(args.path, workers=args.workers, require_manifest=not args.no_manifest)
     print(report.summary())
     return 0 if report.ok else 1
 

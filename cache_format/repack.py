@@ -1,17 +1,25 @@
 """`icd cache repack`: re-encode a cache (e.g. fp16 -> int8) shard by shard in parallel with dask.
 
 The destination keeps the source's identity attributes, levels, layout, teacher weights and exactly
-its committed samples (uncommitted ones stay uncommitted, so a partial dump can still be resumed).
+its committed samples (uncommitted ones stay uncommitted, so a partial dump can still be resumed); a
+finished source gives a finished destination (its manifest written last). A repack that fails removes
+the destination it created, so no partial copy is left that looks like a cache.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import dask
 
 from cache_format.errors import CacheError
+from cache_format.integrity import finish_cache
 from cache_format.reader import CacheReader
+from cache_format.remote import default_workers
 from cache_format.schema import RESERVED_ATTRIBUTES
+from cache_format.state import ABSENT, store_state
+from cache_format.store import open_store, run_on_zarr_loop
 from cache_format.writer import CacheWriter
 
 
@@ -44,15 +52,39 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
         raise CacheError("repack source and destination are the same store", "write the repacked cache elsewhere")
     identity = {k: v for k, v in reader.attributes.items() if k not in RESERVED_ATTRIBUTES}
     layout = reader.layout
-    writer = CacheWriter.create(
-        dst, num_samples=reader.num_samples, levels=reader.levels, encoding=encoding,
-        compressor=compressor or reader.compressor, attributes=identity, shard_samples=layout.shard_samples,
-        tile=layout.tile, instance_capacity=layout.instance_capacity, overwrite=overwrite)
-    if reader.has_teacher_weights():
-        writer.put_teacher_weights(reader.teacher_weights())
+    # Checked before anything is written: a damaged source is refused with the object at fault.
     committed = reader.committed()
-    tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed) for s in range(layout.num_shards)]
-    counts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-    writer.close()
+    listed = (reader.manifest or {}).get("teacher_weights")
+    weights = reader.teacher_weights() if reader.has_teacher_weights() or listed else None
+    created = store_state(dst) == ABSENT
+    try:
+        writer = CacheWriter.create(
+            dst, num_samples=reader.num_samples, levels=reader.levels, encoding=encoding,
+            compressor=compressor or reader.compressor, attributes=identity, shard_samples=layout.shard_samples,
+            tile=layout.tile, instance_capacity=layout.instance_capacity, overwrite=overwrite)
+        created = True
+        if weights is not None:
+            writer.put_teacher_weights(weights)
+        tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed) for s in range(layout.num_shards)]
+        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers or default_workers(src, dst))
+        writer.close()
+        if reader.finished:
+            finish_cache(writer.url)
+    except BaseException:
+        if created:
+            _remove(str(dst))
+        raise
     return RepackResult(reader.url, writer.url, writer.encoding.name, writer.compressor, int(sum(counts)),
                         writer.bytes_written)
+
+
+def _remove(url: str) -> None:
+    """Delete a destination this repack created, so that a failure leaves nothing behind."""
+    if store_state(url) == ABSENT:
+        return
+    store = open_store(url, read_only=False)
+    run_on_zarr_loop(store.clear())
+    path = getattr(store, "root", None)  # LocalStore: remove the emptied directory too
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

@@ -13,8 +13,12 @@ import numpy as np
 
 from cache_format.errors import CacheError
 
-FORMAT_VERSION = "1.0"
+# 1.1 adds (minor: 1.0 readers ignore it) the manifest a finished dump writes last, per-tensor checksums
+# of the teacher weights and the root's creation marker; SPEC.md, Versioning.
+FORMAT_VERSION = "1.1"
 FORMAT_NAME = "icd-teacher-cache"
+# The first version whose finished caches carry a manifest.
+MANIFEST_SINCE = (1, 1)
 
 # Array paths inside the root group.
 FEATURES_GROUP = "features"
@@ -23,6 +27,11 @@ QUANT_ARRAY = "samples/quant"
 BOXES_ARRAY = "instances/boxes"
 CLASSES_ARRAY = "instances/classes"
 WEIGHTS_GROUP = "teacher_weights"
+# A group whose attributes are the manifest: written last by a finished dump (SPEC.md, Manifest).
+MANIFEST_GROUP = "manifest"
+# Root attribute present only while a cache is being created (replaced by the format keys at the end):
+# a store holding it is an interrupted creation, which `icd dump` may start over.
+CREATING_ATTRIBUTE = "icd_cache_creating"
 
 # Root attribute keys written by the format itself; caller attributes may not use them.
 RESERVED_ATTRIBUTES = (
@@ -40,6 +49,16 @@ RECORD_FIELDS = (
 COL = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
+def level_size(height: Any, width: Any, stride: int) -> tuple[Any, Any]:
+    """The size of an FPN level of `stride` over an image of (height, width): (ceil(h / s), ceil(w / s)).
+
+    The one place this rule is written: a sample's valid region per level (what stage one stores), a
+    padded batch's level shape (what stage two pads to) and ICD's padding mask all use it. Integer
+    arithmetic (no float rounding); works element-wise on numpy arrays too.
+    """
+    return -(-height // stride), -(-width // stride)
+
+
 @dataclass(frozen=True)
 class LevelSpec:
     """One FPN level: its name, stride, channel count and the largest valid size it will hold."""
@@ -51,8 +70,8 @@ class LevelSpec:
     max_w: int
 
     def valid_size(self, resized_h: int, resized_w: int) -> tuple[int, int]:
-        """The level's valid (h, w) for a sample of the given resized size: ceil(size / stride)."""
-        return math.ceil(resized_h / self.stride), math.ceil(resized_w / self.stride)
+        """The level's valid (h, w) for a sample of the given resized size."""
+        return level_size(resized_h, resized_w, self.stride)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,12 +79,6 @@ class LevelSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LevelSpec":
         return cls(str(d["name"]), int(d["stride"]), int(d["channels"]), int(d["max_h"]), int(d["max_w"]))
-
-    @classmethod
-    def for_max_size(cls, name: str, stride: int, channels: int, max_size: int) -> "LevelSpec":
-        """A level able to hold any sample whose longer resized side is at most `max_size`."""
-        side = math.ceil(max_size / stride)
-        return cls(name, stride, channels, side, side)
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,23 @@
 Local paths and file:// use zarr's LocalStore, whose writes are atomic (temporary file + rename), so a
 reader never sees a half-written chunk and a killed writer never leaves one. Every other URL
 (memory://, s3://, gs://, ...) goes through fsspec via zarr's FsspecStore; object stores replace
-whole objects atomically too.
+whole objects atomically too (an S3 PUT, and a multipart upload at its completion; docs/OBJECT_STORAGE.md).
 """
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Any
+from typing import Any, Coroutine, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from cache_format.errors import CacheError
+from cache_format.remote import check_url, missing_package_error, redact, storage_options, translated_errors
+
+T = TypeVar("T")
 
 
 def _local_path(url: str) -> str | None:
@@ -38,24 +41,53 @@ def open_store(url: str, *, read_only: bool) -> Store:
             raise CacheError(f"{url} is not a cache: no such directory",
                              "pass the directory given to `icd dump --cache` (or create the cache first)")
         return LocalStore(path, read_only=read_only)
+    check_url(url)
     try:
-        return FsspecStore.from_url(url, read_only=read_only)
-    except (ImportError, ValueError) as exc:
-        raise CacheError(f"cannot open cache URL {url}: {exc}",
-                         "install the fsspec filesystem package for this scheme (e.g. s3fs, gcsfs) "
-                         "or use a local path") from exc
+        return FsspecStore.from_url(url, storage_options=storage_options(url), read_only=read_only)
+    except ImportError as exc:
+        raise missing_package_error(url, exc) from exc
+    except ValueError as exc:
+        raise CacheError(f"cannot open cache URL {redact(url)}: {exc}",
+                         "pass a local path or an fsspec URL such as s3://bucket/prefix") from exc
 
 
-def store_is_empty(store: Store) -> bool:
-    return bool(sync(store.is_empty("")))
+def run_on_zarr_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run one of zarr's async store/array coroutines from synchronous code and return its result.
+
+    The one use of a zarr-internal API in the project, kept in this wrapper: zarr 3's stores are
+    async-only and zarr exposes no public synchronous entry point for them (nor for gathering several
+    array reads concurrently). The coroutine must run on zarr's own IO event loop, not a fresh one
+    (`asyncio.run`), because an FsspecStore binds its async filesystem (s3fs, gcsfs) to that loop.
+    """
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
+
+
+def store_is_empty(store: Store, url: str = "") -> bool:
+    with translated_errors(url, "accessing"):
+        return bool(run_on_zarr_loop(store.is_empty("")))
 
 
 def key_size(store: Store, key: str) -> int:
     """Bytes of one stored object (0 when it does not exist, e.g. an all-padding shard)."""
-    try:
-        return int(sync(store.getsize(key)))
-    except (FileNotFoundError, KeyError):
-        return 0
+    return key_sizes(store, [key])[key]
+
+
+def key_sizes(store: Store, keys: list[str]) -> dict[str, int]:
+    """Bytes of several stored objects, asked concurrently (one round trip on an object store, not one
+    per key); 0 for a key that does not exist."""
+
+    async def one(key: str) -> int:
+        try:
+            return int(await store.getsize(key))
+        except (FileNotFoundError, KeyError):
+            return 0
+
+    async def all_keys() -> list[int]:
+        return list(await asyncio.gather(*(one(key) for key in keys)))
+
+    return dict(zip(keys, run_on_zarr_loop(all_keys())))
 
 
 def usage(url: str, prefix: str = "") -> tuple[int, int]:
@@ -71,8 +103,14 @@ def usage(url: str, prefix: str = "") -> tuple[int, int]:
                 files += 1
                 total += os.path.getsize(os.path.join(dirpath, name))
         return files, total
-    fs, root = fsspec.core.url_to_fs(url)
-    if not fs.exists(root):
-        return 0, 0
-    found: dict[str, Any] = fs.find(root, detail=True)
+    check_url(url)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
+    except ImportError as exc:
+        raise missing_package_error(url, exc) from exc
+    with translated_errors(url, "listing"):
+        try:
+            found: dict[str, Any] = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return 0, 0
     return len(found), sum(int(info.get("size") or 0) for info in found.values())

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from cache_format.reader import CacheReader
-from cache_format.schema import COL, RESERVED_ATTRIBUTES
+from cache_format.schema import COL, RESERVED_ATTRIBUTES, level_size
 from cache_format.store import usage
 
 
@@ -29,8 +29,7 @@ def summarize(url: str) -> dict[str, Any]:
     fp32_bytes = 0
     levels = []
     for lv in reader.levels:
-        h = np.ceil(rh / lv.stride)
-        w = np.ceil(rw / lv.stride)
+        h, w = level_size(rh.astype(np.int64), rw.astype(np.int64), lv.stride)
         fp32_bytes += int((h * w).sum()) * lv.channels * 4
         arr = reader.feature_array(lv.name)
         levels.append({"name": lv.name, "stride": lv.stride, "channels": lv.channels,
@@ -39,7 +38,7 @@ def summarize(url: str) -> dict[str, Any]:
                        "valid_w_range": [int(w.min()), int(w.max())] if len(w) else None})
     files, on_disk = usage(reader.url)
     _, feature_bytes = usage(reader.url, "features")
-    weights = reader.teacher_weights() if reader.has_teacher_weights() else {}
+    weights = reader.teacher_weight_sizes() if reader.has_teacher_weights() else {}
     return {
         "url": reader.url,
         "format_version": reader.attributes["format_version"],
@@ -55,7 +54,7 @@ def summarize(url: str) -> dict[str, Any]:
         "fp32_equivalent_bytes": fp32_bytes,
         "feature_bytes": feature_bytes,
         "compression_ratio_vs_fp32": (fp32_bytes / feature_bytes) if feature_bytes else None,
-        "teacher_weights": {"tensors": len(weights), "bytes": int(sum(v.nbytes for v in weights.values()))},
+        "teacher_weights": {"tensors": len(weights), "bytes": int(sum(weights.values()))},
         "identity": {k: v for k, v in reader.attributes.items() if k not in RESERVED_ATTRIBUTES},
     }
 

@@ -1,90 +1,74 @@
-"""`icd cache verify`: read every committed chunk in parallel (dask) and name each bad sample/level.
+"""`icd cache verify`: is the cache whole and intact? Every problem names the object at fault.
 
-Reading goes through CacheReader, so it checks exactly what a training run relies on: every chunk's
-crc32c (and each shard index's), the per-sample content checksums, record sanity and the valid shapes.
+Built on cache_format.integrity: the manifest a finished dump wrote (root attributes, array shapes,
+object sizes, committed samples, records and teacher-weight digests) plus every committed chunk read in
+parallel (dask) through CacheReader, so it checks exactly what a training run relies on. A cache without
+a manifest is not proven whole (an unfinished dump, or one written before format 1.1): that is a failure
+unless `--no-manifest` asks to check only the committed samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import dask
-
-from cache_format.errors import CacheError
-from cache_format.reader import CacheReader
-from cache_format.schema import COL
-
-
-@dataclass
-class Problem:
-    sample: int | None
-    level: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"sample {self.sample}" if self.sample is not None else "cache"
-        return f"{where} level {self.level}: {self.message}"
+from cache_format.integrity import Damage, IntegrityReport, check_cache
 
 
 @dataclass
 class VerifyReport:
-    url: str
-    num_samples: int
-    committed: int
-    checked_chunks: int = 0
-    problems: list[Problem] = field(default_factory=list)
+    integrity: IntegrityReport
+    require_manifest: bool = True
+
+    @property
+    def url(self) -> str:
+        return self.integrity.url
+
+    @property
+    def problems(self) -> list[Damage]:
+        """Every damaged object, grouped: one entry per object key."""
+        merged: dict[str, Damage] = {}
+        for d in self.integrity.damage:
+            merged.setdefault(d.key, d)
+        return list(merged.values())
+
+    @property
+    def unfinished(self) -> str | None:
+        """Why the cache is not proven whole, or None."""
+        r = self.integrity
+        if r.finished or any(d.kind == "manifest" for d in r.damage):
+            return None
+        done = f"{int(r.committed.sum())}/{r.num_samples} samples committed"
+        if r.pre_manifest:
+            return (f"written before manifests (format {r.format_version}, {done}): verify with --no-manifest to "
+                    "check its committed samples, or re-run `icd dump ... --resume` to finish it (which writes one)")
+        return (f"the dump did not finish ({done}): re-run `icd dump ... --resume` to finish it, or verify with "
+                "--no-manifest to check only the committed samples")
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not (self.require_manifest and self.unfinished)
 
     def summary(self) -> str:
-        head = (f"{self.url}: {self.committed}/{self.num_samples} samples committed, "
-                f"{self.checked_chunks} sample-levels checked, {len(self.problems)} problem(s)")
-        return "\n".join([head] + [f"  BAD {p}" for p in self.problems])
+        r = self.integrity
+        status = "finished (manifest checked)" if r.finished else "no manifest"
+        problems = self.problems
+        count = len(problems) + (1 if self.require_manifest and self.unfinished else 0)
+        lines = [f"{r.url}: format {r.format_version}, {int(r.committed.sum())}/{r.num_samples} samples committed, "
+                 f"{status}, {r.checked_levels} sample-levels read, teacher weights {r.weights}: "
+                 f"{count} problem(s)"]
+        if self.unfinished and self.require_manifest:
+            lines.append(f"  UNFINISHED manifest/zarr.json missing: {self.unfinished}")
+        elif self.unfinished:
+            lines.append("  note: no manifest (--no-manifest): only the committed samples were checked, not that "
+                         "the cache is whole")
+        lines += [f"  BAD {d.key}: {d.message}" for d in problems]
+        if problems:
+            fixable = all(d.kind in ("shard", "teacher_weights", "manifest") for d in problems)
+            lines.append("  fix: " + ("`icd dump --config-file CFG --cache PATH --resume --repair` rewrites the "
+                                      "damaged shards (and teacher weights) and writes a new manifest" if fixable else
+                                      "restore the named metadata file(s) from a copy of the cache, or re-create it"))
+        return "\n".join(lines)
 
 
-def _problem_text(exc: Exception) -> str:
-    text = getattr(exc, "problem", None) or str(exc)
-    return text.split(": ", 1)[1] if text.startswith("cache ") and ": " in text else text
-
-
-def _check_shard(reader: CacheReader, shard: int) -> tuple[int, list[Problem]]:
-    rng = reader.layout.shard_range(shard)
-    problems: list[Problem] = []
-    try:
-        rows = reader.records(rng.start, rng.stop)
-    except CacheError as exc:
-        return 0, [Problem(i, "records", _problem_text(exc)) for i in rng]
-    checked = 0
-    for i in rng:
-        if rows[i - rng.start, COL["committed"]] != 1.0:
-            continue
-        for name in reader.level_names:
-            checked += 1
-            try:
-                reader.read_level(i, name)
-            except CacheError as exc:
-                problems.append(Problem(i, name, _problem_text(exc)))
-        try:
-            reader.read_instances(i)
-        except CacheError as exc:
-            problems.append(Problem(i, "instances", _problem_text(exc)))
-    return checked, problems
-
-
-def verify_cache(url: str, workers: int | None = None) -> VerifyReport:
-    """Check every committed sample of the cache at `url`; never raises for corrupt data (reports it)."""
-    reader = CacheReader(url)
-    committed = reader.committed()
-    report = VerifyReport(reader.url, reader.num_samples, int(committed.sum()))
-    tasks = [dask.delayed(_check_shard)(reader, s) for s in range(reader.layout.num_shards)]
-    results = dask.compute(*tasks, scheduler="threads", num_workers=workers) if tasks else []
-    for checked, problems in results:
-        report.checked_chunks += checked
-        report.problems.extend(problems)
-    if reader.has_teacher_weights():
-        try:
-            reader.teacher_weights()
-        except CacheError as exc:
-            report.problems.append(Problem(None, "teacher_weights", _problem_text(exc)))
-    return report
+def verify_cache(url: str, workers: int | None = None, require_manifest: bool = True) -> VerifyReport:
+    """Check the whole cache at `url` (never raises for damage: it reports it)."""
+    return VerifyReport(check_cache(url, deep=True, workers=workers), require_manifest)

@@ -4,7 +4,8 @@ Why buffer: in a zarr v3 shard every write rewrites the whole shard object (16 C
 written one by one took 3.0 s against 0.27 s to read them back), so samples stay in memory until their
 shard is complete and each shard is then written once per level. Order of writes per shard:
 features, int8 scales, instances, then the sample records whose `committed` column makes the samples
-visible - a crash at any point leaves only invisible (uncommitted) samples behind.
+visible - a crash at any point leaves only invisible (uncommitted) samples behind. A writer's first write
+to a finished cache deletes its manifest first, so a cache is never both changed and vouched for.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ from cache_format.arrays import CacheArrays, create_arrays, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.compressors import validate_compressor
 from cache_format.encodings import Encoding, parse_encoding
-from cache_format.errors import CacheError, CorruptChunkError
+from cache_format.errors import CacheError, CorruptChunkError, environment_error
+from cache_format.manifest import delete_manifest
 from cache_format.opening import open_root
-from cache_format.schema import (COL, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS, RESERVED_ATTRIBUTES,
-                                  WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta, layout_from_attributes,
-                                  levels_from_attributes, quant_columns, validate_levels)
-from cache_format.store import key_size, open_store, store_is_empty
+from cache_format.remote import access_error, translated_errors
+from cache_format.schema import (COL, CREATING_ATTRIBUTE, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS,
+                                  RESERVED_ATTRIBUTES, WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta,
+                                  layout_from_attributes, levels_from_attributes, quant_columns, validate_levels)
+from cache_format.state import check_location
+from cache_format.store import key_sizes, open_store, store_is_empty
+from cache_format.weights import tensor_crc
 
 
 @dataclass
@@ -63,7 +68,7 @@ class CacheWriter:
         self.layout: Layout = layout_from_attributes(attrs)
         self.encoding: Encoding = parse_encoding(attrs["encoding"])
         self.compressor: str = attrs["compressor"]
-        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url)
+        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout)
         self._quant_cols = quant_columns(self.levels)
         records = self._read_all_records()
         self._committed = records[:, COL["committed"]] == 1.0
@@ -74,6 +79,7 @@ class CacheWriter:
         self._lock = threading.Lock()
         self._written_sizes: dict[str, int] = {}
         self._closed = False
+        self._manifest_withdrawn = False
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -108,21 +114,27 @@ class CacheWriter:
             raise CacheError(f"cache attributes are not plain JSON: {exc}",
                              "pass dicts of str/int/float/bool/list values (convert numpy scalars with "
                              "int()/float(), tuples to lists are fine)") from None
-        store = open_store(url, read_only=False)
-        if not store_is_empty(store) and not overwrite:
-            raise CacheError(f"{url} already exists and is not empty",
-                             "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
-        root = zarr.open_group(store, mode="w")
+        check_location(url)
         layout = Layout(int(num_samples), int(shard_samples), int(tile), int(instance_capacity))
-        create_arrays(root, levels, layout, enc, comp)
         own = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "levels": [lv.to_dict() for lv in levels], "encoding": enc.name, "compressor": comp,
             "num_samples": layout.num_samples, "shard_samples": layout.shard_samples, "tile": layout.tile,
             "instance_capacity": layout.instance_capacity, "record_fields": list(RECORD_FIELDS),
         }
-        # The format attributes are written last: a store whose creation was interrupted is "not a cache".
-        root.update_attributes({**attributes, **own})
+        try:
+            with translated_errors(url, "creating the cache at"):
+                store = open_store(url, read_only=False)
+                if not store_is_empty(store, url) and not overwrite:
+                    raise CacheError(f"{url} already exists and is not empty",
+                                     "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
+                # The root is written first with a creation marker and the format attributes replace it last:
+                # a store whose creation was interrupted says so (cache_format.state), and can be started over.
+                root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})
+                create_arrays(root, levels, layout, enc, comp)
+                root.attrs.put({**attributes, **own})
+        except OSError as exc:
+            raise _os_error(exc, f"creating the cache at {url}") from None
         return cls(url, root, dict(root.attrs.asdict()), 0, 1)
 
     @classmethod
@@ -215,14 +227,28 @@ class CacheWriter:
         if not pending:
             return
         try:
+            self._withdraw_manifest()
             self._write_runs(shard, pending)
         except CacheError:
             raise
+        except OSError as exc:
+            raise _os_error(exc, f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url}") from exc
         except Exception as exc:
+            denied = access_error(exc, self.url)
+            if denied is not None:
+                raise denied from exc
             raise CacheError(f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url} "
                              f"failed: {type(exc).__name__}: {exc}",
-                             "check free space and permissions; the shard stays uncommitted and "
-                             "CacheWriter.open resumes it") from exc
+                             "check free space and permissions; the shard stays uncommitted: resume the dump "
+                             "(`icd dump ... --resume`) to write it") from exc
+
+    def _withdraw_manifest(self) -> None:
+        """Before this writer's first write: the cache is no longer the one its manifest describes."""
+        with self._lock:
+            if self._manifest_withdrawn:
+                return
+            delete_manifest(self._store)
+            self._manifest_withdrawn = True
 
     def put_teacher_weights(self, state: Mapping[str, np.ndarray]) -> None:
         """Store the teacher's FPN + head tensors (name -> array), one zarr array per tensor."""
@@ -231,17 +257,27 @@ class CacheWriter:
         if bad:
             raise CacheError(f"teacher weight names {bad[:5]} cannot be array names",
                              "use state-dict names without '/' that do not start with '__'")
-        group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
-        for name in names:
-            value = np.asarray(state[name])
+        values = {name: np.asarray(state[name]) for name in names}
+        for name, value in values.items():
             if value.dtype == object or value.dtype.kind not in "biuf":
                 raise CacheError(f"teacher weight {name!r} has dtype {value.dtype}",
                                  "pass numeric numpy arrays (tensor.cpu().numpy())")
+        try:
+            with translated_errors(self.url, "writing the teacher weights to"):
+                self._store_weights(names, values)
+        except OSError as exc:
+            raise _os_error(exc, f"writing the teacher weights to {self.url}") from exc
+
+    def _store_weights(self, names: list[str], values: dict[str, np.ndarray]) -> None:
+        self._withdraw_manifest()
+        group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
+        for name, value in values.items():
             arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
                                      dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
             arr[...] = value
-        # The name list is written last; teacher_weights() treats a group without it as incomplete.
-        group.update_attributes({"names": names})
+        # The name list and the per-tensor checksums are written last: a group without them is incomplete,
+        # and a chunk deleted later (which zarr reads back as zeros) fails its checksum.
+        group.update_attributes({"names": names, "crc32c": {n: tensor_crc(v) for n, v in values.items()}})
 
     # ----------------------------------------------------------------- internals
     def _read_all_records(self) -> np.ndarray:
@@ -385,9 +421,14 @@ class CacheWriter:
         keys += [f"samples/records/c/{shard}/0", f"instances/boxes/c/{shard}/0", f"instances/classes/c/{shard}"]
         if self._arrays.quant is not None:
             keys.append(f"samples/quant/c/{shard}/0")
-        sizes = {k: key_size(self._store, k) for k in keys}
+        sizes = key_sizes(self._store, keys)
         with self._lock:
             self._written_sizes.update(sizes)
+
+
+def _os_error(exc: OSError, doing: str) -> Exception:
+    """A full disk, a read-only filesystem, missing permissions: one clear CacheError; anything else as is."""
+    return environment_error(exc, doing, CacheError) or exc
 
 
 def _weights_codecs() -> list:

@@ -108,11 +108,6 @@ class AugmentationPlan:
                    max_size=cfg.INPUT.MAX_SIZE_TEST, flip=False)
 
     # -- the plan ---------------------------------------------------------------------------------
-    @property
-    def num_distinct(self) -> int:
-        """How many different (size, flip) combinations exist; variants beyond this repeat some."""
-        return len(self._combos)
-
     def params(self, image_id: int, variant: int, orig_h: int, orig_w: int) -> AugParams:
         """The geometry of (image, variant): a pure function of the seed and the arguments."""
         if not 0 <= variant < self.num_variants:
@@ -120,7 +115,7 @@ class AugmentationPlan:
                             f"{self.num_variants} variant(s) per image",
                             "use a variant in 0..num_variants-1 (CACHE.NUM_VARIANTS)")
         if orig_h <= 0 or orig_w <= 0:
-            raise UserError(f"image {image_id} has an invalid size {orig_h}x{orig_w}",
+            raise UserError(f"image {image_id} has an invalid size: height {orig_h}, width {orig_w}",
                             "fix the image's height/width in the annotation file")
         n = len(self._combos)
         cycle, slot = divmod(int(variant), n)
@@ -146,16 +141,17 @@ class AugmentationPlan:
                 "max_size": self.max_size, "flip": self.flip}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AugmentationPlan":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "a stored record") -> "AugmentationPlan":
+        """The plan `to_dict` wrote; `source` (e.g. "cache /data/c") names where the record came from."""
         required = ("seed", "num_variants", "min_sizes", "max_size", "flip")
         missing = [k for k in required if k not in d]
         if missing:
-            raise UserError(f"augmentation plan record is missing {missing}: {dict(d)}",
-                            "the cache or file was written by an incompatible version; re-create it")
+            raise UserError(f"the augmentation plan of {source} is missing {missing}: {dict(d)}",
+                            "it was written by an incompatible version; re-create it")
         version = int(d.get("version", PLAN_FORMAT_VERSION))
         if version != PLAN_FORMAT_VERSION:
-            raise UserError(f"augmentation plan version {version} is not supported (this code reads "
-                            f"version {PLAN_FORMAT_VERSION})", "re-create the cache with this version")
+            raise UserError(f"the augmentation plan of {source} has version {version}, which this code does not "
+                            f"read (it reads version {PLAN_FORMAT_VERSION})", "re-create it with this version")
         return cls(seed=d["seed"], num_variants=d["num_variants"], min_sizes=list(d["min_sizes"]),
                    max_size=d["max_size"], flip=d["flip"])
 
@@ -174,18 +170,52 @@ def _check_frame(shape: Sequence[int], p: AugParams, what: str) -> None:
                          f"original size {(p.orig_h, p.orig_w)} for image {p.image_id}")
 
 
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and float32 weights (w0, w1) of a 1-D bilinear resize, align_corners=False:
+    output pixel x samples the input at (x + 0.5) * size_in / size_out - 0.5, clamped to the image.
+    Computed in float64, then rounded once: no dependence on a compiler's float32 contractions."""
+    src = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    src = np.clip(src, 0.0, size_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, np.float32(1.0) - w1, w1
+
+
+def resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of [C, H, W] float32 to `size` (align_corners=False, no antialias), whose result does
+    not depend on the number of torch threads.
+
+    Written by hand because torch's CPU `interpolate` is not thread-count invariant: its vectorised kernel
+    splits the work across threads and rounds differently per split (up to 5e-5 on 0-255 pixels between
+    1 and 2 threads), so DataLoader workers (1 thread) and the main process (N threads) made different
+    pixels, hence different cached teacher features. Here every output value is the same sequence of
+    single-threaded numpy float32 operations (gathers, products, one sum per pass: the width pass, then
+    the height pass, as torch weighs them), which no thread count changes. It is as fast as torch's
+    kernel on one thread; values agree with it to ~1e-2 on 0-255 pixels (torch computes the sampling
+    positions in float32).
+    """
+    out_h, out_w = size
+    y0, y1, wy0, wy1 = _bilinear_taps(image.shape[-2], out_h)
+    x0, x1, wx0, wx1 = _bilinear_taps(image.shape[-1], out_w)
+    a = image.detach().to("cpu", torch.float32).numpy()
+    rows = np.take(a, x0, axis=-1) * wx0 + np.take(a, x1, axis=-1) * wx1                          # [C, H, out_w]
+    out = np.take(rows, y0, axis=-2) * wy0[:, None] + np.take(rows, y1, axis=-2) * wy1[:, None]  # [C, out_h, out_w]
+    return torch.from_numpy(out)
+
+
 def apply_image(image: torch.Tensor, p: AugParams) -> torch.Tensor:
     """Resize [3,H,W] with bilinear (align_corners=False, no antialias) in float32, then flip.
 
-    Deterministic on CPU; stage one and stage two produce the same pixels for the same params.
+    Deterministic on CPU whatever the thread count (resize_bilinear); stage one and stage two produce the
+    same pixels for the same params, in DataLoader workers or not.
     """
     if image.dim() != 3:
         raise ValueError(f"apply_image expects [C,H,W], got shape {tuple(image.shape)}")
     _check_frame(image.shape[-2:], p, "image")
     out = image.to(torch.float32)
     if (p.resized_h, p.resized_w) != (p.orig_h, p.orig_w):
-        out = F.interpolate(out[None], size=(p.resized_h, p.resized_w), mode="bilinear",
-                            align_corners=False, antialias=False)[0]
+        out = resize_bilinear(out, (p.resized_h, p.resized_w))
     if p.flip:
         out = out.flip(-1)
     return out.contiguous()

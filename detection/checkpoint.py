@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detection import d2_checkpoint
 from detection.errors import UserError
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -187,8 +188,16 @@ def _load_state(model: nn.Module, state: dict[str, Any], source: str, strict: bo
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load MODEL.WEIGHTS: our checkpoint ({'model': …}) or a plain state dict; shapes must match."""
-    state = load_checkpoint(path)
+    """Load MODEL.WEIGHTS: our checkpoint ({'model': …}), a plain state dict (shapes must match), or a
+    detectron2 / AdelaiDet checkpoint (.pkl or .pth; converted all or nothing by detection.d2_checkpoint)."""
+    if Path(path).suffix == ".pkl" and Path(path).is_file():
+        state = d2_checkpoint.read_pickle(path)
+    else:
+        state = load_checkpoint(path)
+    d2 = d2_checkpoint.from_payload(state, str(path))
+    if d2 is not None:
+        d2_checkpoint.load_into(unwrap(model), d2)
+        return
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     _load_state(unwrap(model), state, str(path), strict=False)

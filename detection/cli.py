@@ -11,8 +11,8 @@ import sys
 # subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("detection.synthetic", "generate the synthetic COCO-format dataset"),
-    "train": ("detection.train", "train a baseline detector (teacher or student)"),
-    "eval": ("detection.evaluate", "evaluate a detector with COCO AP"),
+    "train": ("detection.train_cli", "train a baseline detector (teacher or student)"),
+    "eval": ("detection.eval_cli", "evaluate a detector with COCO AP"),
     "cache": ("cache_format.cli", "inspect / verify / plan / repack a teacher cache"),
     "dump": ("stage1_teacher_dump.cli", "stage one: dump the teacher's FPN features to a cache"),
     "distill": ("stage2_student_distill.cli", "stage two: train a student with ICD from a cache"),

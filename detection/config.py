@@ -7,17 +7,17 @@ one module. Every key must exist in `detection.defaults.DEFAULTS`, except the us
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import difflib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from cache_format.errors import environment_error
 from detection.defaults import DEFAULTS
 from detection.errors import UserError
 
@@ -392,20 +392,18 @@ def setup_cfg(config_file: str | os.PathLike | None, opts: Sequence[str] | None 
     return cfg
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`--config-file FILE` and trailing `KEY VALUE` overrides, as in detectron2's tools."""
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to a YAML config file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
-    return parser
-
-
 def save_config(cfg: CfgNode, output_dir: str | os.PathLike | None = None) -> Path:
     """Write `<output_dir>/config.yaml` (default: cfg.OUTPUT_DIR) atomically, so a crash never leaves half a file."""
     out = Path(output_dir if output_dir is not None else cfg.OUTPUT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / "config.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=out)
+    except OSError as exc:  # a read-only or full disk, a file in the way: say so before any work starts
+        error = environment_error(exc, f"writing {target} (OUTPUT_DIR)", UserError)
+        if error is None:
+            raise
+        raise error from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(cfg.dump())
@@ -418,8 +416,3 @@ def save_config(cfg: CfgNode, output_dir: str | os.PathLike | None = None) -> Pa
             os.unlink(tmp)
         raise
     return target
-
-
-def iter_keys(cfg: Mapping[str, Any] = DEFAULTS) -> Iterable[str]:
-    """Every dotted key of a config tree (used for suggestions and docs)."""
-    return _all_keys(cfg)

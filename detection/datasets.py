@@ -1,4 +1,4 @@
-"""COCO-format datasets: catalog lookup, validated json loading, the torch Dataset and an infinite sampler.
+"""COCO-format datasets: catalog lookup, validated json loading and the torch Dataset.
 
 Validation lives here, at load time, so a bad annotation file fails in seconds with the offending
 annotation named instead of hours into a run. Labels are remapped to contiguous 1..K (torchvision
@@ -14,12 +14,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Container, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from detection.augment import AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks, apply_polygons
 from detection.errors import UserError
@@ -40,6 +40,9 @@ class UnreadableImageError(UserError):
     def __init__(self, problem: str, fix: str = "", image_id: int | None = None) -> None:
         super().__init__(problem, fix)
         self.image_id = image_id
+
+    def __reduce__(self):  # crosses from DataLoader workers to the main process with its image id
+        return type(self), (self.problem, self.fix, self.image_id)
 
 
 # -- catalog -----------------------------------------------------------------------------------------
@@ -197,15 +200,7 @@ def load_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike) 
     seen_ann_ids: set[int] = set()
     known_cats = sorted(cat_id_to_label)
     for k, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            raise _bad(json_path, f"annotations[{k}] must be an object, got {ann!r}")
-        ann_id = ann.get("id", f"#{k}")
-        for key in ("id", "image_id", "category_id", "bbox"):
-            if key not in ann:
-                raise _bad(json_path, f"annotation {ann_id} (annotations[{k}]) has no '{key}'")
-        ann_id = _as_int(ann["id"], json_path, f"annotations[{k}].id")
-        if ann_id in seen_ann_ids:
-            raise _bad(json_path, f"annotation id {ann_id} appears more than once", "give annotations unique ids")
+        ann_id = _entry_id(json_path, "annotation", k, ann, ("id", "image_id", "category_id", "bbox"), seen_ann_ids)
         seen_ann_ids.add(ann_id)
         image_id = _as_int(ann["image_id"], json_path, f"annotation {ann_id} image_id")
         if image_id not in by_id:
@@ -262,22 +257,29 @@ def _load_categories(cats: list, json_path: str) -> tuple[list[dict[str, Any]], 
     return ordered, {c["id"]: i + 1 for i, c in enumerate(ordered)}
 
 
+def _entry_id(json_path: str, kind: str, k: int, entry: Any, keys: Sequence[str], seen: Container[int]) -> int:
+    """The id of `images[k]` / `annotations[k]` after checking it is an object with `keys` and a new integer id."""
+    section = f"{kind}s"
+    if not isinstance(entry, dict):
+        raise _bad(json_path, f"{section}[{k}] must be an object, got {entry!r}")
+    for key in keys:
+        if key not in entry:
+            raise _bad(json_path, f"{kind} {entry.get('id', f'#{k}')} ({section}[{k}]) has no '{key}'")
+    entry_id = _as_int(entry["id"], json_path, f"{section}[{k}].id")
+    if entry_id in seen:
+        raise _bad(json_path, f"{kind} id {entry_id} appears more than once", f"give {section} unique ids")
+    return entry_id
+
+
 def _load_images(entries: list, json_path: str, image_root: str) -> tuple[list[CocoImage], dict[int, CocoImage]]:
     images: list[CocoImage] = []
     by_id: dict[int, CocoImage] = {}
     for k, im in enumerate(entries):
-        if not isinstance(im, dict):
-            raise _bad(json_path, f"images[{k}] must be an object, got {im!r}")
-        for key in ("id", "file_name", "height", "width"):
-            if key not in im:
-                raise _bad(json_path, f"image {im.get('id', f'#{k}')} (images[{k}]) has no '{key}'")
-        image_id = _as_int(im["id"], json_path, f"images[{k}].id")
-        if image_id in by_id:
-            raise _bad(json_path, f"image id {image_id} appears more than once", "give images unique ids")
+        image_id = _entry_id(json_path, "image", k, im, ("id", "file_name", "height", "width"), by_id)
         height = _as_int(im["height"], json_path, f"image {image_id} height")
         width = _as_int(im["width"], json_path, f"image {image_id} width")
         if height <= 0 or width <= 0:
-            raise _bad(json_path, f"image {image_id} has size {height}x{width}")
+            raise _bad(json_path, f"image {image_id} has height {height} and width {width}; both must be positive")
         record = CocoImage(id=image_id, file_name=os.path.join(image_root, str(im["file_name"])),
                            height=height, width=width)
         images.append(record)
@@ -338,6 +340,18 @@ def class_statistics(index: CocoIndex) -> tuple[torch.Tensor, torch.Tensor, torc
             mean[c] = sel.mean(0)
             std[c] = sel.std(0, unbiased=False)
     return prior.float(), mean.float(), std.float()
+
+
+def check_image_files(images: Sequence[CocoImage], what: str = "training") -> None:
+    """Refuse a run whose image files are not all there, at start-up: one stat per image (about a second
+    for COCO), so a missing file is found before training rather than when it is first drawn (or never,
+    in a short run)."""
+    missing = [im.file_name for im in images if not os.path.isfile(im.file_name)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{len(missing)} of {len(images)} {what} image file(s) do not exist: {shown}",
+                        "check the dataset's image directory (DATASETS.CATALOG, DETECTRON2_DATASETS), or remove "
+                        "those images from the annotation file")
 
 
 # -- the torch dataset ----------------------------------------------------------------------------------
@@ -443,52 +457,29 @@ def collate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(batch)
 
 
-# -- sampling ------------------------------------------------------------------------------------------
-class InfiniteSampler(Sampler):
-    """An endless, seeded stream of indices, sharded across ranks like DistributedSampler.
-
-    Epoch e is a permutation drawn from `default_rng([seed, e])` (or 0..size-1 without shuffle), padded
-    by wrap-around to a multiple of world_size; rank r takes positions r, r + world_size, ... so every
-    rank sees the same number of items per epoch. With `yield_epoch` it yields `(epoch, index)` pairs,
-    which DetectionDataset accepts, so a per-epoch variant choice needs no shared state.
-    """
-
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None, yield_epoch: bool = False, start_epoch: int = 0) -> None:
-        if size <= 0:
-            raise UserError("cannot sample from an empty dataset", "check the training dataset has images")
-        if rank is None or world_size is None:
-            dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-            world_size = world_size if world_size is not None else (
-                torch.distributed.get_world_size() if dist_on else 1)
-            rank = rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.size, self.seed, self.shuffle = int(size), int(seed), bool(shuffle)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.yield_epoch, self.start_epoch = bool(yield_epoch), int(start_epoch)
-
-    @property
-    def per_rank_epoch_length(self) -> int:
-        return math.ceil(self.size / self.world_size)
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's indices for one epoch."""
-        order = (np.random.default_rng([self.seed, int(epoch)]).permutation(self.size) if self.shuffle
-                 else np.arange(self.size))
-        total = self.per_rank_epoch_length * self.world_size
-        if total > self.size:
-            order = np.resize(order, total)  # wrap around, as DistributedSampler pads
-        return order[self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[Any]:
-        epoch = self.start_epoch
-        while True:
-            for i in self.epoch_indices(epoch):
-                yield (epoch, int(i)) if self.yield_epoch else int(i)
-            epoch += 1
-
-
 def load_dataset(cfg: Any, name: str) -> CocoIndex:
     """resolve_dataset + load_coco_json."""
     return load_coco_json(*resolve_dataset(cfg, name))
+
+
+def train_index(cfg: Any) -> CocoIndex:
+    """The validated index of the one training dataset, DATASETS.TRAIN."""
+    names = list(cfg.DATASETS.TRAIN)
+    if len(names) != 1:
+        raise UserError(f"DATASETS.TRAIN must name exactly one dataset, got {names}.",
+                        "merge the annotation files into one COCO json and register it in DATASETS.CATALOG.")
+    return load_dataset(cfg, names[0])
+
+
+def resolve_num_classes(cfg: Any, index: CocoIndex | None = None) -> int:
+    """K, the number of foreground classes: MODEL.NUM_CLASSES, else the training dataset's categories."""
+    k = int(cfg.MODEL.NUM_CLASSES)
+    if index is None and k > 0:
+        return k
+    index = index if index is not None else train_index(cfg)
+    if k > 0 and k != index.num_classes:
+        raise UserError(
+            f"MODEL.NUM_CLASSES is {k} but the training dataset {index.json_path} has {index.num_classes} categories.",
+            f"set MODEL.NUM_CLASSES {index.num_classes} (or 0 to take it from the dataset).",
+        )
+    return index.num_classes

@@ -33,15 +33,30 @@ DEFAULTS: dict[str, Any] = {
             # FrozenBN | BN (BN for training from scratch, FrozenBN for ImageNet-initialised backbones)
             "NORM": "BN",
         },
-        "FPN": {"OUT_CHANNELS": 256},
+        # FPN width; TOP_BLOCK_IN: where RetinaNet/FCOS compute P6 from, "p5" | "res5" | "" (= res5 for
+        # RetinaNet under detectron2 conventions, else p5). Added by detection.d2_arch.
+        "FPN": {"OUT_CHANNELS": 256, "TOP_BLOCK_IN": ""},
         # Anchor base size per FPN level (5 values, RetinaNet P3-P7 / R-CNN RPN P2-P6); RetinaNet adds
         # 3 octave scales per base. Empty: torchvision's [32, 64, 128, 256, 512]. Small images (the
         # synthetic demo) want smaller anchors. Added by detection.zoo.
-        "ANCHOR_GENERATOR": {"SIZES": []},
+        # ASPECT_RATIOS (h / w) and OFFSET are used under MODEL.CONVENTIONS detectron2 (torchvision's
+        # anchors are (0.5, 1, 2) at offset 0, rounded).
+        "ANCHOR_GENERATOR": {"SIZES": [], "ASPECT_RATIOS": [0.5, 1.0, 2.0], "OFFSET": 0.0},
         # RetinaNet head normalisation, as detectron2's MODEL.RETINANET.NORM: "" (torchvision's v1 head)
         # or "GN" (GroupNorm, torchvision's v2 head; trains far faster from scratch). Added by detection.zoo.
         "RETINANET": {"NORM": ""},
         # Score threshold / NMS / detections per image at test time.
+        # detectron2 / AdelaiDet interop (docs/D2_INTEROP.md). BACKEND: torchvision | detectron2 (build
+        # the model with detectron2 itself from D2_CONFIG, a detectron2 config file or model-zoo name).
+        "BACKEND": "torchvision",
+        "D2_CONFIG": "",
+        # torchvision | detectron2: compute detectron2's (AdelaiDet's for FCOS) function on the torchvision
+        # backend - anchors, RoI pooling, proposal selection, post-processing (detection.d2_arch).
+        "CONVENTIONS": "torchvision",
+        # Channel order the model normalises in (PIXEL_MEAN/STD are in this order): RGB | BGR.
+        "INPUT_FORMAT": "RGB",
+        # True for MSRA ResNets (detectron2's ImageNet weights): stride in the bottleneck's 1x1 conv.
+        "RESNETS": {"STRIDE_IN_1X1": False},
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
         "MASK_ON": False,
@@ -130,7 +145,7 @@ DEFAULTS: dict[str, Any] = {
         "TILE": 64,
         "SKIP_UNREADABLE": False,
     },
-    # Stage two: ICD hyperparameters (../shared/ICD_METHOD.md sections 2-5).
+    # Stage two: ICD hyperparameters (docs/METHOD.md, sections 2-5).
     "DISTILL": {
         "ENABLED": True,
         "LAMBDA": 8.0,  # 8 for single-stage, 3 for R-CNN

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cache_format.errors import CacheError
+from cache_format.errors import IcdError, environment_error
 from detection.errors import UserError
 
 _TIMEOUT = timedelta(minutes=30)
@@ -116,9 +116,13 @@ def _worker(
     )
     try:
         main_fn(*args)
-    except (UserError, CacheError) as exc:
-        # Carry the user's error to the parent so the CLI prints it and exits 2 (not a traceback).
-        errors.put((type(exc).__name__, exc.problem, exc.fix))
+    except (IcdError, OSError) as exc:
+        # Carry the user's error itself to the parent so the CLI prints it and exits 2 (not a traceback);
+        # a full or read-only disk is the user's to fix as well (cache_format.errors.environment_error).
+        error = exc if isinstance(exc, IcdError) else environment_error(exc)
+        if error is None:
+            raise
+        errors.put(error)
         raise SystemExit(2)
     finally:
         dist.destroy_process_group()
@@ -129,7 +133,7 @@ def launch(main_fn: Callable[..., Any], num_gpus: int, args: tuple = (), device:
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment) the
     process group comes from the environment and `num_gpus` is ignored: torchrun already started one
-    process per GPU. A UserError or CacheError raised in a worker is re-raised here.
+    process per GPU. A user's error (IcdError) raised in a spawned worker is re-raised here, itself.
     """
     if num_gpus < 1:
         raise UserError(f"--num-gpus {num_gpus} must be at least 1.", "use --num-gpus 1 or more.")
@@ -154,6 +158,5 @@ def launch(main_fn: Callable[..., Any], num_gpus: int, args: tuple = (), device:
         mp.spawn(_worker, args=(main_fn, num_gpus, _free_port(), device, args, errors), nprocs=num_gpus, join=True)
     except mp.ProcessExitedException:
         if not errors.empty():
-            kind, problem, fix = errors.get()
-            raise (CacheError if kind == "CacheError" else UserError)(problem, fix) from None
+            raise errors.get() from None
         raise

@@ -1,12 +1,15 @@
-"""The training loop: SGD with warm-up + steps, clipping, checkpoints, exact resume, DDP, logs, evaluation.
+"""The training loop: one iteration in `Trainer.run_step`, everything around it in `Trainer.train`.
 
-One straight flow in `Trainer.train`; stage two subclasses it and overrides only the hooks
-(`compute_losses`, `after_backward`, `extra_state` / `load_extra_state`, `build_optimizer`).
+`run_step(batch)` is a whole iteration in one function (forward, losses, backward, clipping, optimizer
+and schedule steps), as DETR's `train_one_epoch`; stage two's DistillTrainer replaces it with its own
+whole step. `train()` owns the rest: the data stream, logs (metrics.json, TensorBoard, tqdm),
+checkpoints and evaluation. Set-up is explicit, as detectron2's: build the trainer, then call
+`trainer.resume_or_load(resume)`, then `trainer.train()`.
 
-Exact resume: the checkpoint holds the model, optimizer, scheduler, iteration and every rank's RNG
-state, and the data comes from `build_loader(start_iter)`, which must yield from the same position the
-uninterrupted run would be at (e.g. an infinite seeded sampler whose position derives from the
-iteration), so 3 + 3 resumed iterations equal 6 straight ones.
+Exact resume: the checkpoint holds the model, optimizer, scheduler, iteration, every rank's RNG state
+and the state of `checkpointables` (stage two: its ICD module, optimizer and schedule), and the data
+comes from `build_loader(start_iter)`, which must yield from the same position the uninterrupted run
+would be at (detection.loader's seeded stream does), so 3 + 3 resumed iterations equal 6 straight ones.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ import bisect
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,15 +29,20 @@ from detection import distributed as comm
 from detection.checkpoint import (
     capture_rng_state, last_checkpoint, load_weights, restore_rng_state, resume_from, save_checkpoint,
 )
+from detection.augment import AugmentationPlan
+from detection.commands import default_setup
+from detection.datasets import DetectionDataset, check_image_files
 from detection.errors import UserError
+from detection.evaluation import evaluate
+from detection.loader import Batch, LoaderFactory, build_train_loader
+from detection.zoo import build_model
 
-Batch = list[dict[str, Any]]
-# build_loader(start_iter) -> an iterable of batches positioned at `start_iter`.
-LoaderFactory = Callable[[int], Iterable[Batch]]
 # evaluate(model) -> {task: {metric: value}} (computed on all ranks, results on every rank or rank 0).
 EvaluateFn = Callable[[nn.Module], dict[str, dict[str, float]]]
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Normalisation layers, whose affine parameters get no weight decay.
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
 def warmup_multistep(warmup_iters: int, warmup_factor: float, steps: list[int], gamma: float) -> Callable[[int], float]:
@@ -67,17 +75,58 @@ def _check_solver(cfg: Any) -> None:
                         "use value or norm.")
 
 
-class Trainer:
-    """Owns the optimisation loop of one detector. Rank 0 writes checkpoints, logs and the progress bar."""
+class Checkpointable(Protocol):
+    """Anything with a state to save and restore: modules, optimizers, schedulers."""
 
-    def __init__(
-        self,
-        cfg: Any,
-        model: nn.Module,
-        build_loader: LoaderFactory,
-        evaluate: EvaluateFn | None = None,
-        resume: bool = False,
-    ) -> None:
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def build_sgd(model: nn.Module, solver: Any) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on normalisation layers (as detectron2's default)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                (no_decay if isinstance(module, _NORM_TYPES) else decay).append(param)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": solver.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=solver.BASE_LR, momentum=solver.MOMENTUM,
+    )
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, clip: Any) -> None:
+    """SOLVER.CLIP_GRADIENTS on the (unscaled) gradients of one optimizer's parameters."""
+    if not clip.ENABLED:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if clip.CLIP_TYPE == "value":
+        torch.nn.utils.clip_grad_value_(params, clip.CLIP_VALUE)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE)
+
+
+def images_and_targets(samples: Sequence[Mapping[str, Any]], device: torch.device
+                       ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Dataset items -> (images [3, h, w], detection targets) on the training device."""
+    images = [sample["image"].to(device, non_blocking=True) for sample in samples]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in sample["target"].items()} for sample in samples]
+    return images, targets
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `module` when several processes train, else the module itself."""
+    if comm.get_world_size() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class Trainer:
+    """Owns the optimisation of one detector. Rank 0 writes checkpoints, logs and the progress bar."""
+
+    def __init__(self, cfg: Any, model: nn.Module, build_loader: LoaderFactory,
+                 evaluate: EvaluateFn | None = None) -> None:
         _check_solver(cfg)
         self.cfg = cfg
         self.output_dir = Path(cfg.OUTPUT_DIR)
@@ -85,81 +134,80 @@ class Trainer:
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.build_loader = build_loader
         self.evaluate_fn = evaluate
-        self.module = model.to(self.device)  # the bare model: checkpoints, evaluation, hooks
-        self.optimizer = self.build_optimizer()
-        self.scheduler = self.build_scheduler()
-        self.amp = bool(cfg.SOLVER.AMP) and self.device.type == "cuda"
+        self.module = model.to(self.device)  # the bare model: checkpoints, evaluation
+        self.model = wrap_ddp(self.module, self.device)  # what the step calls
+        self.optimizer = build_sgd(self.module, cfg.SOLVER)
+        s = cfg.SOLVER
+        lr_factor = warmup_multistep(int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), list(s.STEPS), float(s.GAMMA))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.amp = bool(s.AMP) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # Saved with every checkpoint and restored on resume, next to model/optimizer/scheduler.
+        self.checkpointables: dict[str, Checkpointable] = {}
         self.iteration = 0
         self._rng_to_restore: dict[str, Any] | None = None
-        self._resume_or_load(resume)
-        self.model: nn.Module = self.module
-        if comm.get_world_size() > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.ddp_find_unused_parameters,
-            )
         self.model.train()
 
-    # --- hooks for subclasses ----------------------------------------------------------------
-    ddp_find_unused_parameters = False
+    # --- set-up ---------------------------------------------------------------------------------
+    def resume_or_load(self, resume: bool) -> bool:
+        """With `resume` and a checkpoint in OUTPUT_DIR: continue it exactly; else load MODEL.WEIGHTS.
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        """SGD with momentum; no weight decay on normalisation layers (as detectron2's default)."""
-        decay, no_decay = [], []
-        for module in self.module.modules():
-            for param in module.parameters(recurse=False):
-                if param.requires_grad:
-                    (no_decay if isinstance(module, _NORM_TYPES) else decay).append(param)
-        s = self.cfg.SOLVER
-        return torch.optim.SGD(
-            [{"params": decay, "weight_decay": s.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=s.BASE_LR, momentum=s.MOMENTUM,
-        )
+        Returns whether a checkpoint was resumed.
+        """
+        checkpoint = last_checkpoint(self.output_dir) if resume else None
+        if checkpoint is None:
+            if self.cfg.MODEL.WEIGHTS:
+                load_weights(self.module, self.cfg.MODEL.WEIGHTS)
+            return False
+        self.iteration, extra, rng = resume_from(checkpoint, self.module, self.optimizer, self.scheduler)
+        for name, obj in self.checkpointables.items():
+            if name not in extra:
+                raise UserError(f"the checkpoint {checkpoint} being resumed holds no '{name}' state: it was "
+                                "written by another command",
+                                "resume a run only in its own OUTPUT_DIR (MODEL.WEIGHTS loads weights into a new run)")
+            try:
+                obj.load_state_dict(extra[name])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise UserError(f"the checkpoint's '{name}' state does not fit this run's: "
+                                f"{str(exc).splitlines()[0]}",
+                                "resume with the config the checkpoint was trained with") from None
+        # Restore the RNG only when the loop starts (after the data iterator is built), where it was saved.
+        rank = comm.get_rank()
+        self._rng_to_restore = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
+        if comm.is_main_process():
+            print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
+        return True
 
-    def build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        s = self.cfg.SOLVER
-        return torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_multistep(int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), list(s.STEPS), float(s.GAMMA))
-        )
-
-    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """The detector's own losses for a batch (list of dataset items); stage two adds distillation."""
-        images = [sample["image"].to(self.device, non_blocking=True) for sample in batch]
-        targets = [{k: v.to(self.device, non_blocking=True) for k, v in sample["target"].items()} for sample in batch]
-        losses, _features, _images = self.model(images, targets)
+    # --- one iteration ----------------------------------------------------------------------------
+    def run_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One iteration of the detector alone: losses, backward, clipping, SGD step, LR schedule."""
+        images, targets = images_and_targets(batch, self.device)
+        with self.autocast():
+            losses, _features, _images = self.model(images, targets)
+        total = self.total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)
+        self.scaler.step(self.optimizer)  # skipped on inf/nan gradients under mixed precision
+        self.scaler.update()
+        self.scheduler.step()
         return losses
 
-    def after_backward(self) -> None:
-        """Called after the backward pass and the model's optimizer step (stage two steps its own optimizer)."""
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision (SOLVER.AMP) on CUDA; nothing elsewhere."""
+        return torch.autocast(self.device.type) if self.amp else nullcontext()
 
-    def extra_state(self) -> dict[str, Any]:
-        """Extra state saved in every checkpoint (stage two: its decoder and optimizer)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what extra_state() returned."""
-
-    # --- checkpoints ---------------------------------------------------------------------------
-    def _resume_or_load(self, resume: bool) -> None:
-        checkpoint = last_checkpoint(self.output_dir) if resume else None
-        if checkpoint is not None:
-            self.iteration, extra, rng = resume_from(checkpoint, self.module, self.optimizer, self.scheduler)
-            self.load_extra_state(extra)
-            # Restore the RNG only when the loop starts (after the data iterator is built), where it was saved.
-            rank = comm.get_rank()
-            self._rng_to_restore = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
-            if comm.is_main_process():
-                print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
-        elif self.cfg.MODEL.WEIGHTS:
-            load_weights(self.module, self.cfg.MODEL.WEIGHTS)
-
-    def save(self, name: str) -> None:
-        rng = comm.all_gather(capture_rng_state())  # every rank's generators: exact multi-process resume
-        if comm.is_main_process():
-            save_checkpoint(self.output_dir / name, self.module, self.optimizer, self.scheduler, self.iteration,
-                            self.extra_state(), rng_per_rank=rng)
-        comm.synchronize()
+    def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
+        """The sum of the losses; a non-finite one stops training with the losses named."""
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            shown = {k: float(v.detach()) for k, v in losses.items()}
+            raise UserError(
+                f"training diverged: the loss is not finite at iteration {self.iteration}: {shown}",
+                "lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS, or enable SOLVER.CLIP_GRADIENTS.",
+            )
+        return total
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, dict[str, float]]:
@@ -182,23 +230,11 @@ class Trainer:
                 start = time.perf_counter()
                 batch = next(data)
                 data_time = time.perf_counter() - start
-
-                with torch.autocast(self.device.type, enabled=self.amp) if self.amp else nullcontext():
-                    losses = self.compute_losses(batch)
-                total = sum(losses.values())
-                self._check_finite(total, losses)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(total).backward()
-                self.scaler.unscale_(self.optimizer)
-                self._clip_gradients()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.after_backward()
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.scheduler.step()
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this iteration uses
+                losses = self.run_step(batch)
                 self.iteration += 1
 
-                window.add(losses, total, time.perf_counter() - start, data_time)
+                window.add(losses, time.perf_counter() - start, data_time)
                 bar.update(1)
                 last = self.iteration == self.max_iter
                 if self.iteration % period_log == 0 or last:
@@ -220,6 +256,14 @@ class Trainer:
         log.close()
         return results
 
+    def save(self, name: str) -> None:
+        rng = comm.all_gather(capture_rng_state())  # every rank's generators: exact multi-process resume
+        if comm.is_main_process():
+            extra = {key: obj.state_dict() for key, obj in self.checkpointables.items()}
+            save_checkpoint(self.output_dir / name, self.module, self.optimizer, self.scheduler, self.iteration,
+                            extra, rng_per_rank=rng)
+        comm.synchronize()
+
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BN running statistics drift apart after the last forward)."""
         if comm.get_world_size() > 1:
@@ -239,23 +283,18 @@ class Trainer:
         comm.synchronize()
         return results
 
-    def _clip_gradients(self) -> None:
-        clip = self.cfg.SOLVER.CLIP_GRADIENTS
-        if not clip.ENABLED:
-            return
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if clip.CLIP_TYPE == "value":
-            torch.nn.utils.clip_grad_value_(params, clip.CLIP_VALUE)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE)
 
-    def _check_finite(self, total: Tensor, losses: dict[str, Tensor]) -> None:
-        if not torch.isfinite(total):
-            shown = {k: float(v.detach()) for k, v in losses.items()}
-            raise UserError(
-                f"training diverged: the loss is not finite at iteration {self.iteration}: {shown}",
-                "lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS, or enable SOLVER.CLIP_GRADIENTS.",
-            )
+def build_trainer(cfg: Any, resume: bool = False) -> Trainer:
+    """`icd train`'s trainer for this process: set-up, detector, data, COCO evaluation; resumed or loaded."""
+    cfg, index = default_setup(cfg, need_train_index=True)
+    plan = AugmentationPlan.for_training(cfg)
+    dataset = DetectionDataset(index, plan, training=True, variant_sampler=plan.sample_variant,
+                               with_masks=bool(cfg.MODEL.MASK_ON))
+    check_image_files(dataset.images)
+    trainer = Trainer(cfg, build_model(cfg, cfg.MODEL.NUM_CLASSES), build_train_loader(cfg, dataset),
+                      evaluate=lambda model: evaluate(cfg, model))
+    trainer.resume_or_load(resume)
+    return trainer
 
 
 class _Window:
@@ -265,9 +304,10 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def add(self, losses: dict[str, Tensor], total: Tensor, seconds: float, data_seconds: float) -> None:
+    def add(self, losses: dict[str, Tensor], seconds: float, data_seconds: float) -> None:
         values = {k: float(v.detach()) for k, v in losses.items()}
-        values.update(total_loss=float(total.detach()), time=seconds, data_time=data_seconds)
+        values.update(total_loss=float(sum(v.detach() for v in losses.values())), time=seconds,
+                      data_time=data_seconds)
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1

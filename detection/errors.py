@@ -1,33 +1,13 @@
-"""Errors a user can cause and fix: each names the problem and the fix; the CLIs exit 2 on them."""
+"""Errors a user can cause and fix in the detection code (config, datasets, weights, command line).
+
+`UserError` derives from the project's one root, `cache_format.errors.IcdError`, which the cache format
+defines because it imports nothing of the rest of the project; every command catches that root
+(detection.commands.run_command) and exits 2 with the problem and the fix.
+"""
 from __future__ import annotations
 
-import sys
-from typing import Callable
+from cache_format.errors import IcdError
 
 
-class UserError(ValueError):
-    """A problem with the user's input (config, data, weights, cache) rather than a bug in this code."""
-
-    def __init__(self, problem: str, fix: str = "") -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
-
-
-def run_command(command: str, body: Callable[[], object], interrupted: str = "") -> int:
-    """Run one `icd <command>`: a user's error prints `icd <command>: error: ...` and exits 2.
-
-    cache_format's CacheError carries the same problem/fix (it is a separate class only so that the
-    cache format imports nothing from detection). Ctrl-C exits 130 with `interrupted` as the advice.
-    """
-    from cache_format.errors import CacheError
-
-    try:
-        body()
-    except (UserError, CacheError) as exc:
-        print(f"icd {command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"icd {command}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
-        return 130
-    return 0
+class UserError(IcdError):
+    """A problem with the user's input (config, data, weights) rather than a bug in this code."""

@@ -25,8 +25,11 @@ from tqdm import tqdm
 
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams, invert_boxes
+from detection.checkpoint import last_checkpoint, load_weights
+from detection.commands import default_setup
 from detection.datasets import CocoIndex, DetectionDataset, collate, load_dataset
-from detection.zoo import BOX_ARCHITECTURES
+from detection.errors import UserError
+from detection.zoo import BOX_ARCHITECTURES, build_model
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -202,3 +205,25 @@ def evaluate(cfg: Any, model: nn.Module, dataset_names: Iterable[str] | None = N
         for task, metrics in evaluate_dataset(cfg, model, name, root / name).items():
             results[f"{name}/{task}"] = metrics
     return results
+
+
+def weights_to_evaluate(cfg: Any, resume: bool = False) -> str:
+    """The checkpoint `icd eval` / `--eval-only` evaluates: with `resume` the last one in OUTPUT_DIR, else
+    MODEL.WEIGHTS; a user error when there is none."""
+    checkpoint = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
+    weights = str(checkpoint) if checkpoint is not None else cfg.MODEL.WEIGHTS
+    if not weights:
+        raise UserError("no weights to evaluate: MODEL.WEIGHTS is empty" + (
+            " and OUTPUT_DIR has no checkpoint to resume" if resume else ""),
+            "add `MODEL.WEIGHTS /path/to/model_final.pth` to the command line (or --resume with a checkpoint in "
+            "OUTPUT_DIR).")
+    return weights
+
+
+def evaluate_checkpoint(cfg: Any, resume: bool = False) -> dict[str, dict[str, float]]:
+    """The configured detector with `weights_to_evaluate`, evaluated on DATASETS.TEST in this process."""
+    weights = weights_to_evaluate(cfg, resume)
+    cfg, _index = default_setup(cfg, need_train_index=False)
+    model = build_model(cfg, cfg.MODEL.NUM_CLASSES)
+    load_weights(model, weights)
+    return evaluate(cfg, model)

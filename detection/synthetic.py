@@ -23,7 +23,8 @@ import contourpy
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detection.errors import UserError, run_command
+from detection.commands import run_command
+from detection.errors import UserError
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},

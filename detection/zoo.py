@@ -11,7 +11,6 @@ is returned alongside the outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -26,10 +25,11 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detection import d2_arch
+from detection import distributed as comm
 from detection.condinst import build_condinst
 from detection.errors import UserError
 from detection.solov2 import build_solov2
@@ -44,9 +44,9 @@ P2_P6 = TWO_STAGE + ("SOLOv2",)
 # Architectures that predict instance masks (MODEL.MASK_ON must be True) and boxes (box AP is evaluated).
 MASK_ARCHITECTURES = ("MaskRCNN", "CondInst", "SOLOv2")
 BOX_ARCHITECTURES = SINGLE_STAGE + TWO_STAGE + ("CondInst",)
-# Detection-head lineages: DISTILL.INIT_FROM_TEACHER copies a teacher's head only into a student of the
-# same family (CondInst's detector is FCOS's head, Mask R-CNN's box branch is Faster R-CNN's); across
-# families it copies the FPN alone.
+# Detection-head lineages: DISTILL.INIT_FROM_TEACHER (cache_contract.teacher.init_from_teacher) copies a
+# teacher's head only into a student of the same family (CondInst's detector is FCOS's head, Mask R-CNN's
+# box branch is Faster R-CNN's); across families it copies the FPN alone.
 HEAD_FAMILIES = {"RetinaNet": "RetinaNet", "FCOS": "FCOS", "CondInst": "FCOS", "FasterRCNN": "R-CNN",
                  "MaskRCNN": "R-CNN", "SOLOv2": "SOLOv2"}
 DEPTHS = (18, 34, 50, 101)
@@ -60,8 +60,8 @@ DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 
 def default_distill_levels(architecture: str) -> list[str]:
     """The FPN levels ICD distils, all of the architecture's FPN: P3-P7 for RetinaNet, FCOS and CondInst
-    (the authors' default), P2-P6 for the R-CNNs (their R-CNN configs) and SOLOv2 (its FPN has no P7;
-    docs/METHOD.md, section "CondInst and SOLOv2")."""
+    (the authors' default), P2-P6 for the R-CNNs (their R-CNN configs) and SOLOv2 (its FPN has no P7)
+    (docs/METHOD.md, sections 1 and 9)."""
     _check_architecture(architecture)
     if architecture in P2_P6:
         return ["p2", "p3", "p4", "p5", "p6"]
@@ -74,19 +74,6 @@ def _check_architecture(architecture: str) -> None:
             f"MODEL.META_ARCHITECTURE '{architecture}' is not a known detector.",
             f"use one of: {', '.join(ARCHITECTURES)}.",
         )
-
-
-class _PresizedTransform(GeneralizedRCNNTransform):
-    """torchvision's transform without its resize: normalise and pad only.
-
-    Images reach the model already resized by the augmentation plan (the teacher cache and the student
-    must see identical pixels), so a second resize inside the model would break that contract.
-    """
-
-    def resize(
-        self, image: Tensor, target: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        return image, target
 
 
 def _norm_layer(norm: str) -> Callable[..., nn.Module]:
@@ -186,10 +173,16 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
     backbone = _backbone_with_fpn(
         int(cfg.MODEL.BACKBONE.DEPTH), cfg.MODEL.BACKBONE.NORM, int(cfg.MODEL.BACKBONE.FREEZE_AT), channels, two_stage
     )
+    d2_arch.apply_backbone_options(cfg, backbone, arch)  # STRIDE_IN_1X1, TOP_BLOCK_IN
     common: dict[str, Any] = dict(
         min_size=1, max_size=1, image_mean=list(cfg.MODEL.PIXEL_MEAN), image_std=list(cfg.MODEL.PIXEL_STD),
         size_divisible=int(cfg.MODEL.SIZE_DIVISIBILITY),
     )
+    if d2_arch.conventions(cfg) == "detectron2":
+        model = d2_arch.build_detectron2_style(cfg, num_classes, backbone, common, _retinanet_head, _fcos_head,
+                                               _anchor_sizes(cfg))
+        model.transform = d2_arch.presized_transform(cfg, common)
+        return model
     score, nms, per_image = float(cfg.MODEL.SCORE_THRESH_TEST), float(cfg.MODEL.NMS_THRESH_TEST), int(
         cfg.TEST.DETECTIONS_PER_IMAGE
     )
@@ -221,7 +214,7 @@ def _build_torchvision_model(cfg: Any, num_classes: int) -> nn.Module:
             model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
                              mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
                              mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **rcnn)
-    model.transform = _PresizedTransform(**common)
+    model.transform = d2_arch.presized_transform(cfg, common)  # MODEL.INPUT_FORMAT
     return model
 
 
@@ -317,89 +310,20 @@ class DetectorAdapter(nn.Module):
             if not key.startswith("model.backbone.body.")
         }
 
-    def load_fpn_and_head(self, state: dict[str, Tensor], teacher_architecture: str) -> "TeacherInit":
-        """Initialise from a teacher's `fpn_and_head_state_dict()` what this student shares with it.
+    def load_fpn_and_head(self, state: dict[str, Tensor]) -> list[str]:
+        """Load every FPN/head tensor whose name and shape match; return the keys that were skipped.
 
-        The FPN always (level by level, so a P3-P7 teacher's P3 convs land on a P2-P6 student's P3);
-        the head only when both are of one head family (HEAD_FAMILIES): torchvision's RetinaNet and
-        FCOS heads share tensor names and shapes, but one is not an initialisation of the other.
-        Tensors without a same-shaped counterpart are skipped. An empty `teacher_architecture`
-        (unknown) initialises the FPN only.
+        What a student takes from its teacher (head family, FPN levels) is chosen before this, by
+        `cache_contract.teacher.init_from_teacher`.
         """
         own = self.fpn_and_head_state_dict()
-        same_family = bool(teacher_architecture) and (
-            HEAD_FAMILIES.get(teacher_architecture) == HEAD_FAMILIES.get(self.architecture))
-        report = TeacherInit(teacher_architecture or "unknown", self.architecture, same_family)
-        accepted: dict[str, Tensor] = {}
-        for key, value in sorted(state.items()):
-            value = torch.as_tensor(value)
-            if key.startswith(_FPN_PREFIX):
-                target = _translate_fpn_key(key, teacher_architecture, self.architecture) if teacher_architecture \
-                    else key
-                loaded = report.fpn
-            elif same_family:
-                target, loaded = key, report.head
-            else:
-                report.skipped_head.append(key)
-                continue
-            if target is None or target not in own or tuple(own[target].shape) != tuple(value.shape):
-                report.skipped_mismatch.append(key)
-                continue
-            accepted[f"model.{target}"] = value
-            loaded.append(target)
+        accepted = {
+            f"model.{key}": torch.as_tensor(value)
+            for key, value in state.items()
+            if key in own and tuple(own[key].shape) == tuple(torch.as_tensor(value).shape)
+        }
         self.load_state_dict(accepted, strict=False)
-        return report
-
-
-_FPN_PREFIX = "backbone.fpn."
-
-
-def _translate_fpn_key(key: str, teacher_architecture: str, student_architecture: str) -> str | None:
-    """A teacher FPN key -> the student's key of the same level (None: the student has no such tensor).
-
-    torchvision numbers the FPN's lateral (`inner_blocks.i`) and output (`layer_blocks.i`) convs from
-    its first level, P3 or P2; the extra levels are named (`extra_blocks.p6`, `.p7`).
-    """
-    parts = key[len(_FPN_PREFIX):].split(".")
-    if parts[0] not in ("inner_blocks", "layer_blocks") or teacher_architecture not in ARCHITECTURES:
-        return key
-    first = {arch: 2 if arch in P2_P6 else 3 for arch in (teacher_architecture, student_architecture)}
-    index = int(parts[1]) + first[teacher_architecture] - first[student_architecture]
-    if index < 0:
-        return None
-    return _FPN_PREFIX + ".".join([parts[0], str(index), *parts[2:]])
-
-
-@dataclass
-class TeacherInit:
-    """What DISTILL.INIT_FROM_TEACHER loaded into a student (student key names) and what it left out."""
-
-    teacher_architecture: str
-    student_architecture: str
-    same_family: bool
-    fpn: list[str] = field(default_factory=list)
-    head: list[str] = field(default_factory=list)
-    skipped_head: list[str] = field(default_factory=list)  # teacher head tensors of another family
-    skipped_mismatch: list[str] = field(default_factory=list)  # teacher tensors without a same-shaped counterpart
-
-    @property
-    def skipped(self) -> list[str]:
-        return sorted(self.skipped_head + self.skipped_mismatch)
-
-    def summary(self) -> str:
-        """One line, e.g. 'initialised from the RetinaNet teacher: FPN (10 tensors) + head (18 tensors); skipped: ...'."""
-        loaded = f"FPN ({len(self.fpn)} tensors)"
-        if self.same_family:
-            loaded += f" + head ({len(self.head)} tensors)"
-        notes = []
-        if self.skipped_head:
-            notes.append(f"the {self.teacher_architecture} head ({len(self.skipped_head)} tensors: not the "
-                         f"{self.student_architecture} family)")
-        if self.skipped_mismatch:
-            notes.append(f"{len(self.skipped_mismatch)} without a same-shaped counterpart ("
-                         + ", ".join(self.skipped_mismatch) + ")")
-        return (f"initialised from the {self.teacher_architecture} teacher: {loaded}; skipped: "
-                + ("; ".join(notes) if notes else "nothing"))
+        return sorted(key for key in state if f"model.{key}" not in accepted)
 
 
 def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
@@ -410,6 +334,9 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
     """
     arch = cfg.MODEL.META_ARCHITECTURE
     _check_architecture(arch)
+    backend = str(cfg.MODEL.BACKEND)
+    if backend not in ("torchvision", "detectron2"):
+        raise UserError(f"MODEL.BACKEND '{backend}' is not known.", "use torchvision or detectron2.")
     if num_classes < 2:
         raise UserError(
             f"a detector needs at least one foreground class (num_classes = K + 1 = {num_classes}).",
@@ -423,4 +350,16 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
         boxes_only = {"MaskRCNN": "FasterRCNN", "CondInst": "FCOS"}.get(arch)
         raise UserError(f"{arch} needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True"
                         + (f", or use {boxes_only} for boxes only." if boxes_only else "."))
+    if arch in DENSE_INSTANCE and "detectron2" in (backend, d2_arch.conventions(cfg)):
+        raise UserError(f"{arch} is the project's own module: MODEL.BACKEND and MODEL.CONVENTIONS detectron2 do not "
+                        "apply to it.", "set MODEL.BACKEND torchvision and MODEL.CONVENTIONS torchvision.")
+    if backend == "detectron2":
+        from detection.d2_backend import build_d2_detector  # imports detectron2; only where asked for
+
+        return build_d2_detector(cfg, num_classes)  # type: ignore[return-value]  (same interface)
     return DetectorAdapter(_build_torchvision_model(cfg, num_classes), arch, mask_on)
+
+
+def build_model(cfg: Any, num_classes: int) -> DetectorAdapter:
+    """The detector for K = `num_classes` foreground classes, randomly initialised, on this process's device."""
+    return build_detector(cfg, num_classes + 1).to(comm.device_for_process(cfg.MODEL.DEVICE))

@@ -9,15 +9,8 @@ an N-process dump give the same cache bit for bit. Two rules give that:
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
-
-
-def padded_shape(height: int, width: int, size_divisibility: int) -> tuple[int, int]:
-    """The shape an image of (height, width) takes once zero-padded to the size divisibility."""
-    d = max(1, int(size_divisibility))
-    return int(math.ceil(height / d) * d), int(math.ceil(width / d) * d)
 
 
 def shard_batches(
@@ -28,8 +21,8 @@ def shard_batches(
 ) -> list[list[int]]:
     """Split `samples` into batches of equal padded shape that never cross a shard boundary.
 
-    `shapes[i]` is sample i's padded shape. Order inside a shard follows the sample index, so the
-    result depends only on the set of samples, not on the caller.
+    `shapes[i]` is sample i's padded shape (cache_contract.geometry.padded_shape). Order inside a shard
+    follows the sample index, so the result depends only on the set of samples, not on the caller.
     """
     by_shard: "OrderedDict[int, list[int]]" = OrderedDict()
     for index in sorted(samples):

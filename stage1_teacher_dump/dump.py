@@ -5,6 +5,9 @@
 
 Each process owns whole shards (shard s belongs to rank s % world_size) and batches never cross a
 shard, so the cache is the same whatever the number of processes or interruptions (stage1.batching).
+A dump that writes everything it will finishes the cache: rank 0 writes its manifest last
+(cache_format.integrity). `--resume` starts an interrupted creation over, or checks and repairs the
+existing cache before writing what is left (stage1_teacher_dump.resume).
 """
 from __future__ import annotations
 
@@ -19,30 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cache_contract.geometry import level_size, padded_shape
+from cache_contract.identity import identity_attributes
+from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
+from cache_format import state as store_states
 from cache_format.budget import format_size, plan as plan_budget
-from cache_format.errors import CacheError
-from cache_format.store import open_store, store_is_empty, usage
+from cache_format.integrity import finish_cache
+from cache_format.store import usage
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
+from detection.datasets import train_index
 from detection.errors import UserError
-from detection.train import train_index
 from detection.zoo import DetectorAdapter
 from stage1_teacher_dump.background_writer import BackgroundWriter
-from stage1_teacher_dump.batching import padded_shape, shard_batches
-from stage1_teacher_dump.identity import (
-    dataset_identity,
-    identity_differences,
-    preprocessing_identity,
-    teacher_identity,
-)
+from stage1_teacher_dump.batching import shard_batches
+from stage1_teacher_dump.resume import check_resumable, prepare_resume
 from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
-from stage1_teacher_dump.teacher import fpn_and_head_weights, load_teacher, teacher_features, valid_region
-
-IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")
 # Fault injection for the crash-safety tests: SIGKILL this process after N samples were handed to the
 # cache writer - a real `kill -9` at a chosen point, reproducible unlike a timer in the test.
 KILL_AFTER_ENV = "ICD_DUMP_FAULT_KILL_AFTER"
@@ -61,6 +61,11 @@ class DumpSummary:
     seconds: float
     skipped: list[str] = field(default_factory=list)
     plan_table: str = ""
+    existing: bool = False          # dry run on an existing cache: `committed` is what it holds
+    finished: bool = False          # the manifest was written: the cache is complete
+    repairs: list[str] = field(default_factory=list)
+    resumed: bool = False           # an existing cache was continued
+    deep_checked: bool = False      # ... after reading every committed chunk (--repair, or damage found)
 
 
 def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[LevelSpec]:
@@ -74,41 +79,9 @@ def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[Leve
         )
     max_h = max(p.resized_h for _, p in samples)
     max_w = max(p.resized_w for _, p in samples)
-    return [
-        LevelSpec(name=name, stride=teacher.strides[name], channels=teacher.out_channels,
-                  max_h=-(-max_h // teacher.strides[name]), max_w=-(-max_w // teacher.strides[name]))
-        for name in names
-    ]
-
-
-def identity_attributes(cfg: Any, index: Any, plan: AugmentationPlan) -> dict[str, Any]:
-    return {
-        "teacher": teacher_identity(cfg),
-        "preprocessing": preprocessing_identity(cfg),
-        "dataset": dataset_identity(cfg.DATASETS.TRAIN[0], index.json_path, len(index.images)),
-        "augmentation": plan.to_dict(),
-        "num_classes": int(index.num_classes),
-        "class_names": index.class_names,
-    }
-
-
-def check_resumable(url: str, wanted: dict[str, Any], encoding: str | None) -> str:
-    """The existing cache's encoding, after checking it is the same teacher, data, preprocessing and plan."""
-    reader = CacheReader(url)
-    diffs: list[str] = []
-    for key in IDENTITY_FIELDS:
-        diffs += identity_differences({key: reader.attributes.get(key, {})}, {key: wanted[key]})
-    if diffs:
-        raise UserError(
-            f"the cache at {url} was written for a different run:\n    " + "\n    ".join(diffs),
-            "use a new --cache path for this teacher/dataset/plan, or restore the original config to resume",
-        )
-    if encoding and encoding != "auto" and encoding != reader.encoding:
-        raise UserError(
-            f"CACHE.ENCODING {encoding} contradicts the cache being resumed, which is {reader.encoding}",
-            f"drop the override (resume keeps {reader.encoding}) or start a new cache",
-        )
-    return reader.encoding
+    strides = teacher.strides
+    return [LevelSpec(name, strides[name], teacher.out_channels, *level_size(max_h, max_w, strides[name]))
+            for name in names]
 
 
 def calibration_features(
@@ -122,23 +95,43 @@ def calibration_features(
         record = dataset[index]
         if "error" in record:
             continue
-        p = record["params"]
-        feats = teacher_features(teacher, [record["image"]], [lv.name for lv in levels], amp)
-        calib.append({lv.name: valid_region(feats[lv.name][0], lv.stride, p.resized_h, p.resized_w) for lv in levels})
+        (features,) = sample_features(teacher, [record["image"]], [lv.name for lv in levels], amp)
+        calib.append({name: to_numpy(feature) for name, feature in features.items()})
     return calib
 
 
-def feature_budget(budget: int | None, reserved: int) -> int | None:
-    """What the features may use of `budget` once the teacher-weights blob (`reserved` bytes) is stored."""
+def to_numpy(feature: Any) -> np.ndarray:
+    """A feature tensor as the float32 numpy array the cache writer takes."""
+    return feature.detach().to("cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def feature_budget(budget: int | None, reserved: int, upper_bound: int = 0) -> int | None:
+    """What the features may use of `budget` once the teacher-weights blob (`reserved` bytes) is stored.
+
+    Checked before calibration runs the teacher; `upper_bound` (int8_upper_bound) lets the refusal say
+    a total budget that would fit.
+    """
     if budget is None:
         return None
     if budget <= reserved:
+        total = f"; a total --budget of {format_size(reserved + upper_bound, round_up=True)} fits (the weights + " \
+                f"at most {format_size(upper_bound, round_up=True)} of int8 features)" if upper_bound else ""
         raise UserError(
             f"the budget {format_size(budget)} does not even hold the teacher's FPN + head weights "
-            f"({format_size(reserved)}), which every cache stores for DISTILL.INIT_FROM_TEACHER",
-            "raise --budget",
+            f"({format_size(reserved)}), which every cache stores for DISTILL.INIT_FROM_TEACHER{total}",
+            "raise --budget (`--dry-run` without --budget measures every encoding's total)",
         )
     return budget - reserved
+
+
+def int8_upper_bound(samples: list, levels: list[LevelSpec]) -> int:
+    """Bytes the smallest encoding (int8) needs at most: one byte per value uncompressed, plus its scales
+    and the records, with 5% for indexes and metadata. A budget this large always fits int8."""
+    per_level = sum(
+        lv.channels * int(np.prod(level_size(p.resized_h, p.resized_w, lv.stride))) + 8 * lv.channels
+        for _, p in samples for lv in levels)
+    records = len(samples) * 8 * (10 + len(levels))
+    return int((per_level + records) * 1.05) + 64 * 1024
 
 
 def choose_encoding(
@@ -157,46 +150,62 @@ def choose_encoding(
                         "pass --budget SIZE (e.g. --budget 200GB) or set CACHE.ENCODING to fp32/fp16/bf16/int8")
     if budget is None and not dry_run:
         return encoding, compressor, ""
+    # Before the teacher runs: a budget that cannot even hold the teacher weights is refused at once.
+    available = feature_budget(budget, reserved, int8_upper_bound(dataset.samples, levels))
     calib = calibration_features(teacher, dataset, int(cfg.CACHE.CALIBRATION_SAMPLES), levels, bool(cfg.SOLVER.AMP))
     if not calib:
         raise UserError("no readable image to calibrate the budget planner on", "check the training images")
     candidates = None if encoding == "auto" else [(encoding, compressor)]
-    available = feature_budget(budget, reserved)
     result = plan_budget(calib, num_samples=len(dataset), budget_bytes=available if available is not None else 2**62,
                          candidates=candidates, levels=levels, compressor=compressor,
-                         shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE))
+                         shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE), reserved_bytes=reserved)
     note = (f"\n(budget {format_size(budget)} = {format_size(available)} for features + {format_size(reserved)} "
             "teacher weights)" if budget is not None else "")
     return result.choice.encoding, result.choice.compressor, result.table() + note
 
 
 def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False,
-             resume: bool = False) -> DumpSummary:
-    """Dump the teacher's features of every (image, variant) of DATASETS.TRAIN into `cache`."""
+             resume: bool = False, repair: bool = False) -> DumpSummary:
+    """Dump the teacher's features of every (image, variant) of DATASETS.TRAIN into `cache`.
+
+    `repair` (implies `resume`) reads every committed chunk before resuming and rewrites damaged shards.
+    """
     start = time.perf_counter()
+    resume = resume or repair
     rank, world = comm.get_rank(), comm.get_world_size()
+    state = store_states.store_state(cache)  # first: a path that cannot be a cache fails before any work
+    if state == store_states.OTHER:
+        raise UserError(f"{cache} holds something that is not an ICD teacher cache; stage one never writes into it",
+                        "choose a new --cache path")
+    exists = state == store_states.CACHE
+    if exists and not resume and not dry_run:
+        raise UserError(f"a cache already exists at {cache}; stage one never overwrites one silently",
+                        "pass --resume to continue it, or choose a new --cache path (or delete the old one)")
+    if resume and state == store_states.ABSENT:
+        raise UserError(f"--resume was given but there is no cache at {cache}", "drop --resume to start a new cache")
     device = comm.device_for_process(cfg.MODEL.DEVICE)
     amp = bool(cfg.SOLVER.AMP)
     index = train_index(cfg)
     plan = AugmentationPlan.for_training(cfg)
     samples = enumerate_samples(index, plan)
+    empty = len(index.images) - len(index.training_images())
+    if empty and rank == 0:
+        print(f"icd dump: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and are "
+              "not cached: stage two skips them, as `icd train` does", flush=True)
     dataset = DumpDataset(samples)
     teacher = load_teacher(cfg, index.num_classes, device)
     levels = cache_levels(cfg, teacher, samples)
     attributes = identity_attributes(cfg, index, plan)
 
-    exists = cache_exists(cache)
-    if exists and not resume and not dry_run:
-        raise UserError(f"a cache already exists at {cache}; stage one never overwrites one silently",
-                        "pass --resume to continue it, or choose a new --cache path (or delete the old one)")
-    if resume and not exists:
-        raise UserError(f"--resume was given but there is no cache at {cache}", "drop --resume to start a new cache")
-
     plan_table = ""
     weights = fpn_and_head_weights(teacher)
     reserved = sum(int(value.nbytes) for value in weights.values())  # stored compressed: an upper bound
-    if exists and resume:
-        encoding = check_resumable(cache, attributes, str(cfg.CACHE.ENCODING))
+    if exists:
+        encoding = check_resumable(cache, attributes, cfg, levels, len(samples))
+        if dry_run:
+            committed = int(np.count_nonzero(CacheReader(cache, check_manifest=False).committed()))
+            return DumpSummary(cache, encoding, len(samples), 0, committed, usage(cache)[1],
+                               time.perf_counter() - start, existing=True)
     else:
         choice: tuple[str, str, str] | None = None
         if rank == 0:
@@ -205,13 +214,22 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     if dry_run:
         return DumpSummary(cache, encoding, len(samples), 0, 0, 0, time.perf_counter() - start, plan_table=plan_table)
 
-    if not exists and rank == 0:
-        writer = CacheWriter.create(
-            cache, num_samples=len(samples), levels=levels, encoding=encoding, compressor=compressor,
-            attributes=attributes, shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE),
-        )
-        writer.put_teacher_weights(weights)
-        writer.close()
+    repairs: list[str] = []
+    if rank == 0:
+        if not exists:
+            if state == store_states.CREATING:
+                print(f"icd dump: the creation of the cache at {cache} was interrupted; starting it over", flush=True)
+            writer = CacheWriter.create(
+                cache, num_samples=len(samples), levels=levels, encoding=encoding, compressor=compressor,
+                attributes=attributes, shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE),
+                overwrite=state == store_states.CREATING,
+            )
+            writer.put_teacher_weights(weights)
+            writer.close()
+        else:
+            repairs = prepare_resume(cache, weights, deep=repair)
+            for line in repairs:
+                print(f"icd dump: {line}", flush=True)
     comm.synchronize()
 
     writer = CacheWriter.open(cache, rank=rank, world_size=world)
@@ -242,14 +260,13 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
                 else:
                     readable.append(record)
             if readable:
-                feats = teacher_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
-                for b, record in enumerate(readable):
+                per_sample = sample_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
+                for record, features in zip(readable, per_sample):
                     p = record["params"]
-                    per_level = {lv.name: valid_region(feats[lv.name][b], lv.stride, p.resized_h, p.resized_w)
-                                 for lv in levels}
                     meta = SampleMeta(image_id=p.image_id, variant=p.variant, scale=p.scale, flip=p.flip,
                                       resized_h=p.resized_h, resized_w=p.resized_w)
-                    background.submit((record["index"], per_level, meta, record["boxes"], record["classes"]))
+                    arrays = {name: to_numpy(feature) for name, feature in features.items()}
+                    background.submit((record["index"], arrays, meta, record["boxes"], record["classes"]))
                     written += 1
             progress.update(len(records))
             check_budget(tracker, budget_share, owned_total, progress, cache)
@@ -268,9 +285,14 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     if skipped and rank == 0:
         _record_skipped(cfg, skipped)
     comm.synchronize()
+    if rank == 0:  # every rank wrote all it will: the manifest, written last, says the cache is complete
+        finish_cache(cache)
+    comm.synchronize()
     committed = int(np.count_nonzero(CacheReader(cache).committed()))
     return DumpSummary(cache, encoding, len(samples), written, committed, usage(cache)[1],
-                       time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table)
+                       time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table,
+                       finished=True, repairs=repairs, resumed=exists,
+                       deep_checked=repair or any(line.startswith("damage found") for line in repairs))
 
 
 class WriteTracker:
@@ -316,14 +338,6 @@ def check_budget(tracker: WriteTracker, budget_share: float | None, total: int, 
             "raise --budget, or repack to a smaller encoding (`icd cache repack SRC DST --encoding int8`), "
             "then rerun with --resume",
         )
-
-
-def cache_exists(url: str) -> bool:
-    """Whether anything is stored at `url` (a finished, partial or foreign store alike)."""
-    try:
-        return not store_is_empty(open_store(url, read_only=True))
-    except CacheError:
-        return False
 
 
 def _abandon(background: BackgroundWriter, progress: tqdm) -> None:

@@ -16,8 +16,10 @@ from detection.datasets import CocoImage, CocoIndex, UnreadableImageError, read_
 
 
 def enumerate_samples(index: CocoIndex, plan: AugmentationPlan) -> list[tuple[CocoImage, AugParams]]:
-    """(image, geometry) of every sample, images without instances included (they still teach)."""
-    images = sorted(index.images, key=lambda image: image.id)
+    """(image, geometry) of every sample of the training images, those with annotations: stage two, like
+    `icd train` (detectron2's FILTER_EMPTY_ANNOTATIONS), never trains on the others, so caching them would
+    spend teacher time and disk on samples nothing reads (`icd dump` says how many it leaves out)."""
+    images = sorted(index.training_images(), key=lambda image: image.id)
     return [
         (image, plan.params(image.id, variant, image.height, image.width))
         for image in images

@@ -10,29 +10,22 @@ plan of the config (the original ICD).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
+from cache_contract.identity import preprocessing_identity, recorded_plan
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
 from detection import distributed as comm
 from detection.augment import AugmentationPlan
-from detection.config import CfgNode, add_config_arguments, setup_cfg
-from detection.datasets import CocoIndex, class_statistics
-from detection.errors import UserError, run_command
-from detection.evaluation import evaluate
-from detection.train import NUM_GPUS_HELP, _prepare, build_model, train_detector
-from detection.zoo import DetectorAdapter
-from stage1_teacher_dump.identity import preprocessing_identity
-from stage2_student_distill.data import (
-    DistillCollate,
-    DistillDataset,
-    SampleTable,
-    build_distill_loader,
-    cache_plan,
-    report_skipped,
-)
+from detection.commands import default_argument_parser, default_setup, launch, run_command
+from detection.config import CfgNode, setup_cfg
+from detection.datasets import CocoIndex, check_image_files, class_statistics
+from detection.errors import UserError
+from detection.evaluation import evaluate, evaluate_checkpoint
+from detection.loader import build_train_loader
+from detection.zoo import DetectorAdapter, build_model
+from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, report_skipped
 from stage2_student_distill.icd import ICDModule
 from stage2_student_distill.online import OnlineTeacher, build_online_teacher
 from stage2_student_distill.trainer import DistillTrainer
@@ -77,20 +70,18 @@ def check_cache(reader: CacheReader, cfg: Any, index: CocoIndex, student: Detect
     if cached_k is not None and int(cached_k) != index.num_classes:
         raise UserError(f"the cache {reader.url} has {cached_k} classes, the training dataset {index.num_classes}",
                         "use the dataset the cache was dumped from")
-    if features and cfg.DISTILL.INIT_FROM_TEACHER and not reader.has_teacher_weights():
-        raise UserError(f"DISTILL.INIT_FROM_TEACHER is set but the cache {reader.url} holds no teacher weights",
-                        "set DISTILL.INIT_FROM_TEACHER False, or re-run `icd dump`, which stores them")
+    if features and cfg.DISTILL.INIT_FROM_TEACHER:
+        # Read (and checked against their checksums) before training: missing, incomplete or damaged
+        # weights are refused here with the fix (`icd dump ... --resume` stores them), never read as zeros.
+        reader.teacher_weights()
 
 
 def check_teacher(teacher: DetectorAdapter, tcfg: Any, cfg: Any, student: DetectorAdapter, levels: list[str]) -> None:
     """--online: the live teacher must offer the student's levels, strides and channels."""
     offered = {"levels": [{"name": n, "stride": s, "channels": teacher.out_channels} for n, s in teacher.strides.items()],
                "preprocessing": preprocessing_identity(tcfg)}
-    try:
-        check_compatibility(offered, student_identity(cfg, student, levels))
-    except CacheError as exc:
-        raise UserError(exc.problem.replace("the cache does not match", "the online teacher does not match"),
-                        "choose a teacher (DISTILL.TEACHER) with the student's levels and FPN width") from None
+    check_compatibility(offered, student_identity(cfg, student, levels), source="online teacher",
+                        fix="choose a teacher (DISTILL.TEACHER) with the student's levels and FPN width")
 
 
 def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
@@ -103,7 +94,7 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
         raise UserError("cached distillation needs the teacher cache: no --cache was given",
                         "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
     reader = CacheReader(cache) if cache else None
-    cfg, index = _prepare(cfg, need_train_index=True)  # seeds this rank, resolves K, saves config.yaml
+    cfg, index = default_setup(cfg, need_train_index=True)  # seeds this rank, resolves K, saves config.yaml
     num_classes = int(cfg.MODEL.NUM_CLASSES)
 
     student = build_model(cfg, num_classes)
@@ -123,17 +114,18 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
 
     with_masks = bool(cfg.MODEL.MASK_ON)
     if reader is not None:
-        plan = cache_plan(reader.attributes, reader.url)
+        plan = recorded_plan(reader.attributes, reader.url)
         table = SampleTable.from_reader(reader, plan.num_variants)
         if not any(table.has_image(image.id) for image in index.training_images()):
             raise CacheError(f"no training image of {index.json_path} has a committed sample in {reader.url}",
                              "dump the cache from this dataset (`icd dump`), or finish the dump with --resume")
         dataset = DistillDataset(index, plan, table=table, cache_url=reader.url, levels=levels,
                                  read_features=not online, with_masks=with_masks)
-        report_skipped(dataset, reader.url)
+        report_skipped(dataset, reader)
     else:
         dataset = DistillDataset(index, AugmentationPlan.for_training(cfg), with_masks=with_masks)
-    loader = build_distill_loader(cfg, dataset, DistillCollate(levels, student.strides, student.size_divisibility))
+    check_image_files(dataset.items.images)
+    loader = build_train_loader(cfg, dataset, DistillCollate(levels, student.strides, student.size_divisibility))
 
     teacher_weights = None
     if cfg.DISTILL.INIT_FROM_TEACHER:
@@ -148,52 +140,41 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
                 f", samples and geometry from the cache {reader.url}" if reader is not None else "")
         print(f"icd distill: {student.architecture} student, levels {', '.join(levels)}, {len(dataset)} training "
               f"images; teacher features from {source}", flush=True)
-    return DistillTrainer(cfg, student, loader, icd, levels, teacher=teacher, teacher_weights=teacher_weights,
-                          teacher_architecture=teacher_architecture,
-                          evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None, resume=resume)
+    trainer = DistillTrainer(cfg, student, loader, icd, levels, teacher=teacher, teacher_weights=teacher_weights,
+                             teacher_architecture=teacher_architecture,
+                             evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None)
+    trainer.resume_or_load(resume)
+    return trainer
 
 
-def distill(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
-            eval_only: bool = False) -> dict[str, dict[str, float]]:
-    """Train (or with eval_only, only evaluate) the student; returns the final COCO evaluation."""
+def distill(cfg: CfgNode, cache: str | None, online: bool, resume: bool, eval_only: bool
+            ) -> dict[str, dict[str, float]]:
+    """One process's run: train the student (or with eval_only, only evaluate it); the final COCO metrics."""
     if eval_only:
-        return train_detector(cfg, resume=resume, eval_only=True)
+        return evaluate_checkpoint(cfg, resume=resume)
     return build_distill_trainer(cfg, cache, online=online, resume=resume).train()
 
 
-def _worker(cfg: CfgNode, cache: str | None, online: bool, resume: bool, eval_only: bool) -> None:
-    distill(cfg, cache, online=online, resume=resume, eval_only=eval_only)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="icd distill",
-        description="Train a student detector with ICD from the teacher features cached by `icd dump`, then "
-        "evaluate it with COCO AP (printed and saved under OUTPUT_DIR/inference/).")
+def main(argv: list[str] | None = None) -> int:
+    parser = default_argument_parser(
+        "icd distill", "Train a student detector with ICD from the teacher features cached by `icd dump`, then "
+        "evaluate it with COCO AP (printed and saved under OUTPUT_DIR/inference/).",
+        resume="continue from OUTPUT_DIR/last_checkpoint (student, ICD modules, both optimizers, RNG, data order)",
+        eval_only=True)
     parser.add_argument("--cache", default=None, metavar="PATH",
                         help="the teacher cache (path or URL); with --online only its samples and geometry are used")
     parser.add_argument("--online", action="store_true",
                         help="run the teacher (DISTILL.TEACHER, defaulting to the cache's) live instead of reading "
                         "its features: the original ICD, as a reference")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/last_checkpoint (student, ICD modules, both optimizers, RNG, "
-                        "data order)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint)")
-    parser.add_argument("--num-gpus", type=int, default=1, metavar="N", help=NUM_GPUS_HELP)
-    return add_config_arguments(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         if not args.eval_only and not args.online and not args.cache:
             raise UserError("cached distillation needs the teacher cache: no --cache was given",
                             "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
-        comm.launch(_worker, args.num_gpus, (cfg, args.cache, args.online, args.resume, args.eval_only),
-                    device=cfg.MODEL.DEVICE)
+        launch(distill, args.num_gpus, (cfg, args.cache, args.online, args.resume, args.eval_only),
+               device=cfg.MODEL.DEVICE)
 
     return run_command("distill", body, interrupted="continue with --resume from the last checkpoint")
 

@@ -15,27 +15,25 @@ and the features.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cache_contract.geometry import batch_padded_shape, pad_levels
 from cache_format import CacheReader
 from cache_format.errors import CacheError
+from cache_format.remote import is_remote
 from cache_format.schema import COL
 from detection import distributed as comm
 from detection.augment import AugmentationPlan, AugParams
-from detection.datasets import CocoIndex, DetectionDataset, InfiniteSampler
-from detection.engine import LoaderFactory
-from detection.errors import UserError
-from detection.train import _BatchSampler
-from stage1_teacher_dump.batching import padded_shape
+from detection.datasets import CocoIndex, DetectionDataset
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +115,6 @@ class _VariantChooser:
         return drawn if self.table is None else self.table.choose_variant(image_id, drawn)
 
 
-def cache_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
-    """The augmentation plan a cache was dumped with (stored in its root attributes by stage one)."""
-    if "augmentation" not in attributes:
-        raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
-                         "re-create the cache with `icd dump`, which stores the plan it used")
-    try:
-        return AugmentationPlan.from_dict(attributes["augmentation"])
-    except UserError as exc:
-        raise CacheError(f"cache {url}: {exc.problem}", exc.fix) from None
-
-
 # -- the dataset ----------------------------------------------------------------------------------------
 class DistillDataset(Dataset):
     """Training items for stage two: DetectionDataset items (+ teacher features from the cache).
@@ -135,7 +122,7 @@ class DistillDataset(Dataset):
     Modes: `cache_url` and `read_features` (cached ICD); `cache_url` without features (online ICD on
     the cache's samples: same images, variants and geometry, the teacher runs live); no cache (online
     ICD on the plan from the config). Item indices are `(epoch, i)` as InfiniteSampler(yield_epoch=True)
-    yields them; `locate()` serves detection.train.batch_stream.
+    yields them; `locate()` serves detection.loader.batch_stream.
     """
 
     def __init__(self, index: CocoIndex, plan: AugmentationPlan, *, table: SampleTable | None = None,
@@ -157,6 +144,8 @@ class DistillDataset(Dataset):
                                       with_masks=with_masks)
         self._reader: CacheReader | None = None
         self._reader_pid = -1
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._fetcher_pid = -1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -173,8 +162,41 @@ class DistillDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_reader"], state["_reader_pid"] = None, -1
+        state["_reader"], state["_reader_pid"], state["_fetcher"] = None, -1, None
         return state
+
+    def _fetch_thread(self) -> ThreadPoolExecutor:
+        """This process's feature-fetch thread (one per DataLoader worker, like the reader)."""
+        self.reader()  # (re)opens per process, and resets the thread after a fork
+        if self._fetcher is None or self._fetcher_pid != os.getpid():
+            self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icd-cache-fetch")
+            self._fetcher_pid = os.getpid()
+        return self._fetcher
+
+    def __getitems__(self, items: list[Any]) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader hands each worker a batch's indices). From an object store its
+        samples' teacher features are fetched up to CacheReader.prefetch (8) samples at a time, each
+        sample's levels and instances concurrently (CacheReader.read_samples), in a background thread
+        while the images are decoded: per-request latency is paid a few times per batch instead of
+        several times per sample, and overlaps the image work. From local disk the items are built one
+        by one exactly as __getitem__ does (already as fast as the disk; docs/OBJECT_STORAGE.md)."""
+        if not self.read_features or not items or not is_remote(str(self.cache_url)):
+            return [self[item] for item in items]  # local disk: one sample after the other is fastest
+        params = [self.items.sample_params(item) for item in items]  # json sizes only, no image read
+        indices = [self.table.sample_index(p.image_id, p.variant) for p in params]
+        pending = self._fetch_thread().submit(self.reader().read_samples, indices, self.levels)
+        try:
+            samples = [self.items[item] for item in items]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                pending.result()  # never leave a fetch running into the next batch; the image error wins
+            raise
+        cached = pending.result()  # re-raises a read error here, in this worker
+        for sample, index, got in zip(samples, indices, cached):
+            check_geometry(got.meta, sample["aug"], index, self.cache_url)
+            sample["cache_index"] = index
+            sample["teacher_features"] = {name: torch.from_numpy(got.features[name]) for name in self.levels}
+        return samples
 
     def __getitem__(self, item: Any) -> dict[str, Any]:
         sample = self.items[item]
@@ -205,37 +227,6 @@ def check_geometry(meta: Any, p: AugParams, index: int, url: str | None) -> None
 
 
 # -- batching ---------------------------------------------------------------------------------------------
-def level_shape(padded_hw: tuple[int, int], stride: int) -> tuple[int, int]:
-    """The FPN level size of a batch padded to `padded_hw`: ceil(padded / stride) per axis."""
-    return math.ceil(padded_hw[0] / stride), math.ceil(padded_hw[1] / stride)
-
-
-def batch_padded_shape(image_sizes: Iterable[Sequence[int]], size_divisibility: int) -> tuple[int, int]:
-    """The student's padded batch shape: the largest h and w, rounded up to the size divisibility."""
-    sizes = list(image_sizes)
-    return padded_shape(max(int(s[0]) for s in sizes), max(int(s[1]) for s in sizes), size_divisibility)
-
-
-def pad_levels(per_sample: Sequence[Mapping[str, Tensor]], padded_hw: tuple[int, int], levels: Sequence[str],
-               strides: Mapping[str, int]) -> dict[str, Tensor]:
-    """Stack per-sample valid regions [C, h, w] into zero-padded [N, C, ceil(H/s), ceil(W/s)] per level."""
-    out: dict[str, Tensor] = {}
-    for name in levels:
-        first = per_sample[0][name]
-        height, width = level_shape(padded_hw, strides[name])
-        batch = first.new_zeros((len(per_sample), first.shape[0], height, width))
-        for i, features in enumerate(per_sample):
-            feature = features[name]
-            h, w = feature.shape[-2:]
-            if h > height or w > width:
-                raise CacheError(f"teacher level {name} of sample {i} is {h}x{w}, larger than the batch's "
-                                 f"{height}x{width} at stride {strides[name]}",
-                                 "the cache's levels do not match the student's strides; check the cache")
-            batch[i, :, :h, :w] = feature
-        out[name] = batch
-    return out
-
-
 class DistillCollate:
     """Batch = {'samples': [items], 'teacher_features': {level: [N, C, H, W]} or None} (runs in workers)."""
 
@@ -254,29 +245,19 @@ class DistillCollate:
         return {"samples": items, "teacher_features": features}
 
 
-def build_distill_loader(cfg: Any, dataset: DistillDataset, collate: DistillCollate) -> LoaderFactory:
-    """start_iter -> DataLoader at that position of the seeded, resumable batch stream (as icd train)."""
-    world = comm.get_world_size()
-    total = int(cfg.SOLVER.IMS_PER_BATCH)
-    if total < world or total % world:
-        raise UserError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
-                        f"use a multiple of {world} (images per batch are split evenly across processes).")
-    workers = int(cfg.DATALOADER.NUM_WORKERS)
-    pin = str(cfg.MODEL.DEVICE).startswith("cuda")
+def report_skipped(dataset: DistillDataset, reader: CacheReader) -> None:
+    """Warn (once, rank 0) when training images have no committed sample in the cache, saying why.
 
-    def build(start_iter: int) -> DataLoader:
-        sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
-        batches = _BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
-                                group_by_aspect=bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING), skip_batches=start_iter)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, persistent_workers=False, prefetch_factor=2 if workers else None)
-
-    return build
-
-
-def report_skipped(dataset: DistillDataset, url: str | None) -> None:
-    """Warn (once, rank 0) when training images have no committed sample in the cache."""
-    if dataset.skipped_images and comm.is_main_process():
-        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped "
-                       "(an unfinished dump, or images stage one skipped as unreadable); "
-                       "finish the dump with `icd dump ... --resume` to train on them", dataset.skipped_images, url)
+    A finished cache (one with a manifest) holds every sample its dump committed - the reader refuses it
+    otherwise - so its missing images were skipped by that dump; an unfinished one may still get them.
+    """
+    if not dataset.skipped_images or not comm.is_main_process():
+        return
+    if reader.finished:
+        logger.warning("%d training image(s) have no sample in the finished cache %s and are skipped: its dump "
+                       "skipped them (unreadable with CACHE.SKIP_UNREADABLE, or not in the dataset it was dumped "
+                       "from)", dataset.skipped_images, reader.url)
+    else:
+        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped: its dump has "
+                       "not finished (no manifest); finish it with `icd dump ... --resume` to train on them",
+                       dataset.skipped_images, reader.url)

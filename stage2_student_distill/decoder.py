@@ -1,4 +1,4 @@
-"""The instance-conditional decoder (ICD_METHOD.md section 3) and its auxiliary predictor.
+"""The instance-conditional decoder (docs/METHOD.md, section 3) and its auxiliary predictor.
 
 Instance queries attend to the teacher's FPN tokens in one cross-attention layer (no self-attention).
 The attention is written out by hand rather than with nn.MultiheadAttention because the distillation
@@ -26,6 +26,7 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
 
 
 def check_heads(channels: int, num_heads: int) -> None:
+    """DISTILL.NUM_HEADS must divide the channels (checked when the modules are built)."""
     if num_heads < 1 or channels % num_heads:
         raise UserError(
             f"DISTILL.NUM_HEADS={num_heads} does not divide the {channels} FPN channels",
@@ -63,17 +64,17 @@ class InstanceConditionalDecoder(nn.Module):
     def forward(self, queries: Tensor, tokens: Tensor, pos_embedding: Tensor, key_padding: Tensor) -> DecoderOutput:
         """queries [N, K, C]; teacher tokens [N, S, C]; pos_embedding [N, S, 256]; key_padding [N, S] (True = pad)."""
         head_dim = self.channels // self.num_heads
-        keys = tokens + self.pos_proj(pos_embedding)
-        q = split_heads(self.q_proj(queries), self.num_heads) * head_dim ** -0.5
-        k = split_heads(self.k_proj(keys), self.num_heads)
-        v = split_heads(self.v_proj(tokens), self.num_heads)
-        pad = key_padding[:, None, None, :]
+        keys = tokens + self.pos_proj(pos_embedding)  # [N, S, C]
+        q = split_heads(self.q_proj(queries), self.num_heads) * head_dim ** -0.5  # [N, heads, K, d]
+        k = split_heads(self.k_proj(keys), self.num_heads)  # [N, heads, S, d]
+        v = split_heads(self.v_proj(tokens), self.num_heads)  # [N, heads, S, d]
+        pad = key_padding[:, None, None, :]  # [N, 1, 1, S]
         # masked_fill (not +=) also replaces any non-finite value computed from padded features
-        logits = torch.matmul(q, k.transpose(-1, -2)).masked_fill(pad, float("-inf"))
+        logits = torch.matmul(q, k.transpose(-1, -2)).masked_fill(pad, float("-inf"))  # [N, heads, K, S]
         weights = logits.softmax(dim=-1)
         # zero padded values too, so that even inf/nan padding cannot leak through 0 * inf
-        attended = torch.matmul(weights, v.masked_fill(key_padding[:, None, :, None], 0.0))
-        attended = attended.transpose(1, 2).reshape(queries.shape)
+        attended = torch.matmul(weights, v.masked_fill(key_padding[:, None, :, None], 0.0))  # [N, heads, K, d]
+        attended = attended.transpose(1, 2).reshape(queries.shape)  # [N, K, heads, d] -> [N, K, C]
         decoded = self.norm1(queries + self.out_proj(attended))
         decoded = self.norm2(decoded + self.ffn(decoded))
         return DecoderOutput(queries=decoded, logits=logits, values=v)

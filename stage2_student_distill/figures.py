@@ -18,13 +18,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from cache_contract.identity import recorded_plan  # noqa: E402
 from cache_format import CacheReader  # noqa: E402
 from detection.augment import apply_image  # noqa: E402
 from detection.checkpoint import load_checkpoint  # noqa: E402
-from detection.datasets import class_statistics, read_image  # noqa: E402
+from detection.datasets import class_statistics, read_image, train_index  # noqa: E402
 from detection.errors import UserError  # noqa: E402
-from detection.train import train_index  # noqa: E402
-from stage2_student_distill.data import cache_plan  # noqa: E402
 from stage2_student_distill.icd import ICDModule  # noqa: E402
 
 # Training-record keys that are bookkeeping, not losses (torchvision's loss names vary by architecture:
@@ -88,7 +87,7 @@ def plot_attention_maps(cfg: Any, cache: str, checkpoint: str | Path, out: str |
     """Per sample: the replayed image with its boxes, then each instance's attention map overlaid."""
     reader = CacheReader(cache)
     index = train_index(cfg)
-    plan = cache_plan(reader.attributes, reader.url)
+    plan = recorded_plan(reader.attributes, reader.url)
     icd = load_icd_module(cfg, checkpoint, reader.levels[0].channels)
     levels = reader.level_names
     strides = {lv.name: lv.stride for lv in reader.levels}

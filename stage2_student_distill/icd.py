@@ -1,20 +1,23 @@
-"""ICDModule: everything ICD trains besides the student, and its own optimizer (ICD_METHOD.md sections 2-5).
+"""ICDModule: everything ICD trains besides the student, and its own optimizer (docs/METHOD.md, sections 2-5).
 
 The module holds the query encoder, the instance-conditional decoder, the auxiliary predictor and the
 student-side value projection. Given teacher and student FPN features of one batch (padded alike) it
 returns the distillation loss (reaches the student unless `detach_student`) and the two auxiliary
 losses (train the encoder and decoder). Teacher features never receive gradients. It knows nothing
 of caches or detectors.
+
+Its inputs are checked once per call, at the entry (`check_inputs`, user errors naming the problem);
+the functions it calls state their shape contracts as asserts.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from cache_contract.geometry import level_size
 from detection.errors import UserError
 from stage2_student_distill.decoder import AuxiliaryPredictor, InstanceConditionalDecoder, check_heads
 from stage2_student_distill.losses import (
@@ -37,21 +40,9 @@ from stage2_student_distill.tokens import (
 )
 
 
-def icd_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int) -> list[dict[str, Tensor]]:
+def icd_targets(targets: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
     """Detection targets (labels 1..K, 0 = background) -> ICD query targets (labels 0..K-1)."""
-    out = []
-    for i, target in enumerate(targets):
-        if "boxes" not in target or "labels" not in target:
-            raise UserError(f"target {i} lacks 'boxes' or 'labels' (has {sorted(target)})",
-                            "pass the detection targets of the batch (dicts with 'boxes' and 'labels')")
-        labels = torch.as_tensor(target["labels"]).long()
-        if labels.numel() and (labels.min() < 1 or labels.max() > num_classes):
-            raise UserError(
-                f"target {i} has labels {sorted(set(labels.tolist()))} outside 1..{num_classes}",
-                "pass detection targets with contiguous foreground labels 1..K (0 is background)",
-            )
-        out.append({"boxes": target["boxes"], "labels": labels - 1})
-    return out
+    return [{"boxes": target["boxes"], "labels": torch.as_tensor(target["labels"]).long() - 1} for target in targets]
 
 
 class ICDModule(nn.Module):
@@ -109,37 +100,97 @@ class ICDModule(nn.Module):
             class_prior=class_prior, size_prior_mean=size_prior_mean, size_prior_std=size_prior_std,
         )
 
-    # -- shared steps -----------------------------------------------------------------------------
+    # -- the entry check ----------------------------------------------------------------------------
+    def check_inputs(self, teacher_features: Mapping[str, Tensor], student_features: Mapping[str, Tensor] | None,
+                     image_sizes: ImageSizes, targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str],
+                     strides: Strides, generator: torch.Generator) -> None:
+        """Refuse inputs the ICD computation cannot use, naming the problem (once per call)."""
+        if not levels:
+            raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
+        if not image_sizes or len(targets) != len(image_sizes):
+            raise UserError(f"{len(targets)} targets for {len(image_sizes)} image sizes",
+                            "pass one target and one resized (h, w) per image of a non-empty batch")
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise UserError("instance queries need an explicit CPU torch.Generator",
+                            "pass torch.Generator().manual_seed(seed) (a CPU generator keeps runs identical on any "
+                            "device)")
+        missing = [lvl for lvl in levels if lvl not in strides] if isinstance(strides, Mapping) else []
+        if missing or (not isinstance(strides, Mapping) and len(strides) != len(levels)):
+            raise UserError(f"no stride given for level(s) {missing or list(levels)}",
+                            "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level")
+        stride_list = strides_for(levels, strides)
+        if any(s <= 0 for s in stride_list):
+            raise UserError(f"strides must be positive, got {stride_list}",
+                            "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
+        for i, size in enumerate(image_sizes):
+            if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+                raise UserError(f"image size {tuple(size)} of image {i} is not a positive (h, w)",
+                                "pass each image's resized size (h, w) before batch padding")
+        for name, features in (("teacher", teacher_features), ("student", student_features)):
+            if features is not None:
+                self._check_features(name, features, levels, stride_list, image_sizes)
+        if student_features is not None:
+            for level in levels:
+                t_shape, s_shape = tuple(teacher_features[level].shape), tuple(student_features[level].shape)
+                if t_shape != s_shape:
+                    raise UserError(
+                        f"teacher level '{level}' is {t_shape} but the student's is {s_shape}",
+                        "pad the teacher features to the student's batch shape (same resized images, same "
+                        "size divisibility) before calling ICD",
+                    )
+        k = self.query_builder.num_classes
+        for i, target in enumerate(targets):
+            if "boxes" not in target or "labels" not in target:
+                raise UserError(f"target {i} lacks 'boxes' or 'labels' (has {sorted(target)})",
+                                "pass the detection targets of the batch (dicts with 'boxes' and 'labels')")
+            boxes = torch.as_tensor(target["boxes"]).detach().reshape(-1, 4)
+            labels = torch.as_tensor(target["labels"]).reshape(-1)
+            if len(boxes) != len(labels):
+                raise UserError(f"target {i} has {len(boxes)} boxes but {len(labels)} labels", "give one label per box")
+            if labels.numel() and (labels.min() < 1 or labels.max() > k):
+                raise UserError(f"target {i} has labels {sorted(set(labels.tolist()))} outside 1..{k}",
+                                "pass detection targets with contiguous foreground labels 1..K (0 is background)")
+            if not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+                raise UserError(f"target {i} has non-finite or inverted boxes",
+                                "pass boxes as finite xyxy with x2 >= x1 and y2 >= y1")
+
     def _check_features(self, name: str, features: Mapping[str, Tensor], levels: Sequence[str],
-                        batch: int) -> list[tuple[int, int]]:
-        shapes = level_shapes(features, levels)
-        first = features[levels[0]]
-        if first.shape[1] != self.channels:
-            raise UserError(
-                f"{name} features have {first.shape[1]} channels, the ICD module was built for {self.channels}",
-                "ICD needs teacher and student FPNs of equal width: build both with the same "
-                "MODEL.FPN.OUT_CHANNELS (256)",
-            )
-        if first.shape[0] != batch:
-            raise UserError(f"{name} features hold {first.shape[0]} images but {batch} image sizes were given",
-                            "pass one resized (h, w) per image of the batch")
-        return shapes
+                        strides: Sequence[int], image_sizes: ImageSizes) -> None:
+        missing = [lvl for lvl in levels if lvl not in features]
+        if missing:
+            raise UserError(f"{name} feature level(s) {missing} missing (have {sorted(features)})",
+                            "pass features for every distilled level, named like the detector's levels ('p3', ...)")
+        for lvl, stride in zip(levels, strides):
+            feat = features[lvl]
+            if feat.dim() != 4 or feat.shape[0] != len(image_sizes) or feat.shape[1] != self.channels:
+                raise UserError(
+                    f"{name} level '{lvl}' has shape {tuple(feat.shape)}, expected [{len(image_sizes)}, "
+                    f"{self.channels}, H, W] ({len(image_sizes)} images; the ICD module was built for "
+                    f"{self.channels} channels)",
+                    "pass batched FPN features of one batch; ICD needs teacher and student FPNs of equal width: "
+                    "build both with the same MODEL.FPN.OUT_CHANNELS",
+                )
+            for i, (h, w) in enumerate(image_sizes):
+                need = level_size(int(h), int(w), stride)
+                if need[0] > feat.shape[2] or need[1] > feat.shape[3]:
+                    raise UserError(
+                        f"image {i} of size {int(h)}x{int(w)} needs {need[0]}x{need[1]} positions at stride "
+                        f"{stride}, but {name} level '{lvl}' is only {feat.shape[2]}x{feat.shape[3]}",
+                        "pass the resized size before padding and features padded to cover every image "
+                        "(the same batch padding as the student's)",
+                    )
 
     def _decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
                 targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str], strides: Strides,
                 generator: torch.Generator):
-        if len(targets) != len(image_sizes):
-            raise UserError(f"{len(targets)} targets for {len(image_sizes)} image sizes",
-                            "pass one target and one resized (h, w) per image")
-        shapes = self._check_features("teacher", teacher_features, levels, len(image_sizes))
+        shapes = level_shapes(teacher_features, levels)
         stride_list = strides_for(levels, strides)
         device = teacher_features[levels[0]].device
         dtype = self.decoder.k_proj.weight.dtype
-        key_padding = padding_mask(image_sizes, shapes, stride_list, device)
-        pos = position_embedding(image_sizes, shapes, stride_list, device).to(dtype)
-        tokens = flatten_levels(teacher_features, levels).detach().to(dtype)
-        queries = self.query_builder(icd_targets(targets, self.query_builder.num_classes), image_sizes,
-                                     generator, device)
+        key_padding = padding_mask(image_sizes, shapes, stride_list, device)  # [N, S], True at padding
+        pos = position_embedding(image_sizes, shapes, stride_list, device).to(dtype)  # [N, S, 256]
+        tokens = flatten_levels(teacher_features, levels).detach().to(dtype)  # [N, S, C]
+        queries = self.query_builder(icd_targets(targets), image_sizes, generator, device)
         decoded = self.decoder(self.query_encoder(queries.descriptors.to(dtype)), tokens, pos, key_padding)
         return queries, decoded, key_padding, shapes, stride_list
 
@@ -163,22 +214,14 @@ class ICDModule(nn.Module):
         generator: CPU generator for the fake queries and jitter; detach_student: the distillation
         loss trains only the student-side projection, not the student (first iterations).
         """
-        self._check_features("student", student_features, levels, len(image_sizes))
-        for level in levels:
-            t_shape, s_shape = tuple(teacher_features[level].shape), tuple(student_features[level].shape)
-            if t_shape != s_shape:
-                raise UserError(
-                    f"teacher level '{level}' is {t_shape} but the student's is {s_shape}",
-                    "pad the teacher features to the student's batch shape (same resized images, same "
-                    "size divisibility) before calling ICD",
-                )
+        self.check_inputs(teacher_features, student_features, image_sizes, targets, levels, strides, generator)
         queries, decoded, key_padding, _, _ = self._decode(
             teacher_features, image_sizes, targets, levels, strides, generator)
-        aux = self.aux_predictor(decoded.queries)
-        student_tokens = flatten_levels(student_features, levels)
+        aux = self.aux_predictor(decoded.queries)  # [N, K, 5]
+        student_tokens = flatten_levels(student_features, levels)  # [N, S, C]
         if detach_student:
             student_tokens = student_tokens.detach()
-        mask = distillation_mask(decoded.logits, queries.is_real, self.temperature)
+        mask = distillation_mask(decoded.logits, queries.is_real, self.temperature)  # [N, heads, S]
         return {
             "loss_distill": distillation_loss(self.student_value(student_tokens.to(decoded.values.dtype)),
                                               decoded.values, mask, key_padding, self.loss_weight),
@@ -201,22 +244,21 @@ class ICDModule(nn.Module):
         the image's valid region (ceil(h / s) x ceil(w / s)); summing over queries gives the loss mask W.
         """
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.check_inputs(teacher_features, None, image_sizes, targets, levels, strides, generator)
         queries, decoded, _, shapes, stride_list = self._decode(
             teacher_features, image_sizes, targets, levels, strides, generator)
         weights = (decoded.logits.float() / self.temperature).softmax(dim=-1)  # [N, h, K, S]
         out = []
         for i, (n_real, (h, w)) in enumerate(zip(queries.num_real, image_sizes)):
-            per_level = unflatten_levels(weights[i, :, :n_real].transpose(0, 1), shapes)
-            out.append({
-                level: maps[..., :-(-int(h) // stride), :-(-int(w) // stride)]
-                for level, maps, stride in zip(levels, per_level, stride_list)
-            })
+            per_level = unflatten_levels(weights[i, :, :n_real].transpose(0, 1), shapes)  # [n, heads, H, W] each
+            out.append({level: maps[..., :level_size(h, w, stride)[0], :level_size(h, w, stride)[1]]
+                        for level, maps, stride in zip(levels, per_level, stride_list)})
         return out
 
     def queries(self, targets: Sequence[Mapping[str, Tensor]], image_sizes: ImageSizes,
                 generator: torch.Generator) -> InstanceQueries:
         """The instance queries forward() would build for these detection targets (for inspection)."""
-        return self.query_builder(icd_targets(targets, self.query_builder.num_classes), image_sizes, generator)
+        return self.query_builder(icd_targets(targets), image_sizes, generator)
 
 
 # -- the ICD module's own optimizer --------------------------------------------------------------------
@@ -234,38 +276,10 @@ def cosine_with_warmup(max_iter: int, warmup_iters: int, warmup_factor: float) -
     return multiplier
 
 
-@dataclass
-class ICDOptimizer:
-    """AdamW + cosine schedule + gradient-norm clipping for the ICD module (not the student).
-
-    The trainer calls `step()` after backward; `state_dict()` / `load_state_dict()` go in checkpoints.
-    """
-
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    clip_norm: float  # max total gradient norm of the ICD parameters; <= 0 disables clipping
-    parameters: list[nn.Parameter]
-
-    def step(self) -> Tensor | None:
-        """Clip, step, advance the schedule and clear the gradients; returns the pre-clip norm if clipped."""
-        norm = None
-        if self.clip_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any]) -> ICDOptimizer:
-    """AdamW(DISTILL.OPTIMIZER.BASE_LR, WEIGHT_DECAY) with warm-up + cosine over SOLVER.MAX_ITER."""
+def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any]
+                        ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The ICD module's own optimizer (not the student's): AdamW(DISTILL.OPTIMIZER.BASE_LR, WEIGHT_DECAY)
+    with warm-up + cosine over SOLVER.MAX_ITER. Its gradient-norm clip is DISTILL.OPTIMIZER.CLIP_NORM."""
     opt_cfg = cfg["DISTILL"]["OPTIMIZER"]
     max_iter = int(cfg["SOLVER"]["MAX_ITER"])
     lr, weight_decay = float(opt_cfg["BASE_LR"]), float(opt_cfg["WEIGHT_DECAY"])
@@ -276,8 +290,7 @@ def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any]) -> ICDOptimiz
             f"WEIGHT_DECAY={weight_decay}, WARMUP_ITERS={warmup_iters}, WARMUP_FACTOR={warmup_factor}",
             "use MAX_ITER >= 1, BASE_LR > 0, WEIGHT_DECAY >= 0, WARMUP_ITERS >= 0 and 0 < WARMUP_FACTOR <= 1",
         )
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(max_iter, warmup_iters, warmup_factor))
-    return ICDOptimizer(optimizer, scheduler, float(opt_cfg["CLIP_NORM"]), parameters)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(max_iter, warmup_iters, warmup_factor))
+    return optimizer, scheduler

@@ -1,4 +1,4 @@
-"""ICD's losses: the auxiliary identification/localisation losses (ICD_METHOD.md section 3) that train
+"""ICD's losses: the auxiliary identification/localisation losses (docs/METHOD.md, section 3) that train
 the query encoder and decoder on teacher features, and the instance-conditional distillation loss
 (section 4), the only one that reaches the student.
 
@@ -77,9 +77,10 @@ def distillation_loss(student_values: Tensor, teacher_values: Tensor, mask: Tens
     d = student_values.shape[-1]
     v_s = F.layer_norm(student_values.float(), (d,))
     v_t = F.layer_norm(teacher_values.detach().float(), (d,))
-    squared = (v_s - v_t).pow(2)
+    squared = (v_s - v_t).pow(2)  # [N, h, S, d]
     # padded positions have W == 0; zeroing them too keeps whatever the padding holds out of the value
     squared = squared.masked_fill(key_padding[:, None, :, None], 0.0)
     mask = mask.detach().float()
+    # sum_s W (.)^2 / sum_s W per (n, head, channel): [N, h, d]
     per_channel = torch.einsum("nhs,nhsc->nhc", mask, squared) / mask.sum(-1, keepdim=True).clamp(min=MASK_SUM_EPS)
     return weight * per_channel.mean()

@@ -20,12 +20,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from cache_contract.geometry import pad_levels, padded_shape
+from cache_contract.identity import apply_teacher_model_options, file_sha256
+from cache_contract.teacher import load_teacher, sample_features
 from detection.errors import UserError
 from detection.zoo import MASK_ARCHITECTURES, DetectorAdapter
-from stage1_teacher_dump.batching import padded_shape
-from stage1_teacher_dump.identity import file_sha256
-from stage1_teacher_dump.teacher import load_teacher, teacher_features
-from stage2_student_distill.data import pad_levels
 
 
 def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) -> Any:
@@ -40,6 +39,7 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
         tcfg.MODEL.BACKBONE.NORM = recorded["norm"]
     if "fpn_channels" in recorded:
         tcfg.MODEL.FPN.OUT_CHANNELS = int(recorded["fpn_channels"])
+    apply_teacher_model_options(tcfg, recorded)  # the teacher's own normalisation / detectron2 options
     tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE in MASK_ARCHITECTURES
     missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
                                       ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]
@@ -78,19 +78,19 @@ class OnlineTeacher:
         self.amp = amp
         self.size_divisibility = int(teacher.size_divisibility)
 
-    @torch.no_grad()
     def valid_features(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Per image, its levels cut to the valid region [C, ceil(h/s), ceil(w/s)], as stage one stores them."""
+        """Per image, its levels cut to the valid region [C, ceil(h/s), ceil(w/s)], as stage one stores them.
+
+        Images of equal padded shape share a teacher pass, as in stage one.
+        """
         groups: "OrderedDict[tuple[int, int], list[int]]" = OrderedDict()
         for i, image in enumerate(images):
             groups.setdefault(padded_shape(image.shape[-2], image.shape[-1], self.size_divisibility), []).append(i)
         out: list[dict[str, Tensor]] = [{} for _ in images]
         for members in groups.values():
-            features = teacher_features(self.teacher, [images[i] for i in members], self.levels, self.amp)
-            for row, i in enumerate(members):
-                h, w = images[i].shape[-2:]
-                out[i] = {name: features[name][row, :, :-(-h // s), :-(-w // s)]
-                          for name, s in self.strides.items()}
+            group = sample_features(self.teacher, [images[i] for i in members], self.levels, self.amp)
+            for i, features in zip(members, group):
+                out[i] = features
         return out
 
     def __call__(self, images: Sequence[Tensor], padded_hw: tuple[int, int]) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""Instance queries built from ground truth each iteration (ICD_METHOD.md section 2), and their encoder.
+"""Instance queries built from ground truth each iteration (docs/METHOD.md, section 2), and their encoder.
 
 Each image gets K = min(max(1, floor(n * (1 + r))), max(M, n)) queries: its n ground-truth instances
 (real) followed by K - n fake ones drawn from class and box-size priors. A query is described by its
@@ -14,7 +14,7 @@ Choices settled against the authors' reference code (megvii-research/ICD, pytorc
   does; width/height stay within [0.002, 0.7] and mean +- 2 std because the centre is in [0.03, 0.97];
 - the scale indicator uses each image's own resized size (the reference uses the last image's size
   for the whole batch, a bug);
-- the reference-point embedding interleaves sin/cos per feature index exactly as ICD_METHOD.md states
+- the reference-point embedding interleaves sin/cos per feature index exactly as docs/METHOD.md states
   (the reference concatenates the sin block then the cos block: a fixed permutation of the MLP's
   input, so the two are equivalent);
 - padded query slots have all-zero descriptors, boxes and reference points; losses ignore them.
@@ -159,25 +159,6 @@ class QueryBuilder:
             )
         return mean_t, std_t
 
-    def _check_target(self, i: int, target: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        if "boxes" not in target or "labels" not in target:
-            raise UserError(f"target {i} lacks 'boxes' or 'labels' (has {sorted(target)})",
-                            "pass targets as dicts with 'boxes' [n, 4] xyxy and 'labels' [n]")
-        boxes = torch.as_tensor(target["boxes"]).detach().cpu().float().reshape(-1, 4)
-        labels = torch.as_tensor(target["labels"]).detach().cpu().long().reshape(-1)
-        if len(boxes) != len(labels):
-            raise UserError(f"target {i} has {len(boxes)} boxes but {len(labels)} labels",
-                            "give one label per box")
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise UserError(
-                f"target {i} has labels {sorted(set(labels.tolist()))} outside 0..{self.num_classes - 1}",
-                "ICD queries use class indices 0..K-1: pass detection labels (1..K) minus 1",
-            )
-        if not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
-            raise UserError(f"target {i} has non-finite or inverted boxes",
-                            "pass boxes as finite xyxy with x2 >= x1 and y2 >= y1")
-        return boxes, labels
-
     def _fake_boxes(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         classes = torch.multinomial(self.class_prior, count, replacement=True, generator=generator)
         noise = torch.randn(count, 2, generator=generator)
@@ -196,20 +177,18 @@ class QueryBuilder:
         generator: torch.Generator,
         device: torch.device | str | None = None,
     ) -> InstanceQueries:
-        """Queries for a batch: targets' boxes are xyxy pixels of the resized image, labels 0..K-1."""
-        if len(targets) != len(image_sizes) or not targets:
-            raise UserError(f"{len(targets)} targets for {len(image_sizes)} image sizes",
-                            "pass one target and one resized (h, w) per image of a non-empty batch")
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise UserError("instance queries need an explicit CPU torch.Generator",
-                            "pass torch.Generator().manual_seed(seed) (a CPU generator keeps runs identical on any device)")
+        """Queries for a batch: targets' boxes are xyxy pixels of the resized image, labels 0..K-1.
+
+        Inputs as ICDModule.check_inputs accepts them; `generator` is a CPU torch.Generator, so cached
+        and online training with one seed build identical queries on any device.
+        """
+        assert len(targets) == len(image_sizes) and targets, f"{len(targets)} targets for {len(image_sizes)} sizes"
+        assert generator.device.type == "cpu", "instance queries draw from a CPU generator"
         per_image = []
-        for i, (target, size) in enumerate(zip(targets, image_sizes)):
+        for target, size in zip(targets, image_sizes):
             h, w = int(size[0]), int(size[1])
-            if h < 1 or w < 1:
-                raise UserError(f"image size {tuple(size)} of image {i} is not positive",
-                                "pass the resized (h, w) before padding")
-            real_px, real_labels = self._check_target(i, target)
+            real_px = torch.as_tensor(target["boxes"]).detach().cpu().float().reshape(-1, 4)
+            real_labels = torch.as_tensor(target["labels"]).detach().cpu().long().reshape(-1)
             n = len(real_labels)
             k = count_queries(n, self.neg_ratio, self.max_queries)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)

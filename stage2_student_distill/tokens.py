@@ -2,8 +2,12 @@
 
 Why one module: the decoder, the distillation loss and the attention-mask visualisation must all agree
 on the same token order (levels in the given order, each level row-major) and on which tokens are
-padding. ICD_METHOD.md section 1: a level of stride s is valid for rows < ceil(h / s) and
-cols < ceil(w / s), with (h, w) the resized image size before batch padding.
+padding. docs/METHOD.md, section 1: a level of stride s is valid for rows < ceil(h / s) and
+cols < ceil(w / s), with (h, w) the resized image size before batch padding (cache_contract's
+`level_size`, the same rule stage one cuts the cached regions with).
+
+The inputs were checked once at the entry of the ICD module (ICDModule.check_inputs); the shape
+contracts here are asserts.
 
 Written by hand (not torchvision/timm): the DETR sine embedding is a few lines and no installed library
 exposes it for an arbitrary validity mask.
@@ -16,9 +20,9 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from detection.errors import UserError
+from cache_contract.geometry import level_size
 
-# Features per axis of the position embeddings (x and y each), ICD_METHOD.md sections 2 and 3.
+# Features per axis of the position embeddings (x and y each), docs/METHOD.md, sections 2 and 3.
 SINE_FEATURES = 128
 SINE_TEMPERATURE = 10000.0
 
@@ -29,80 +33,28 @@ ImageSizes = Sequence[Sequence[int]]
 def strides_for(levels: Sequence[str], strides: Strides) -> list[int]:
     """The stride of each level in `levels`' order, from a {level: stride} mapping or an aligned sequence."""
     if isinstance(strides, Mapping):
-        missing = [lvl for lvl in levels if lvl not in strides]
-        if missing:
-            raise UserError(
-                f"no stride given for level(s) {missing} (strides given for {sorted(strides)})",
-                "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level",
-            )
-        out = [int(strides[lvl]) for lvl in levels]
-    else:
-        out = [int(s) for s in strides]
-        if len(out) != len(levels):
-            raise UserError(
-                f"{len(out)} strides given for {len(levels)} levels {list(levels)}",
-                "give one stride per level, in the same order as the levels",
-            )
-    bad = [s for s in out if s <= 0]
-    if bad:
-        raise UserError(f"strides must be positive, got {out}", "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
-    return out
+        return [int(strides[lvl]) for lvl in levels]
+    assert len(strides) == len(levels), f"{len(strides)} strides for {len(levels)} levels"
+    return [int(s) for s in strides]
 
 
 def level_shapes(features: Mapping[str, Tensor], levels: Sequence[str]) -> list[tuple[int, int]]:
-    """(H, W) of each level, checking that every level is present as a [N, C, H, W] tensor of one N and C."""
-    if not levels:
-        raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
-    missing = [lvl for lvl in levels if lvl not in features]
-    if missing:
-        raise UserError(
-            f"feature level(s) {missing} missing (have {sorted(features)})",
-            "pass features for every distilled level, named like the detector's levels ('p3', ...)",
-        )
-    shapes: list[tuple[int, int]] = []
-    first = features[levels[0]]
-    for lvl in levels:
-        feat = features[lvl]
-        if feat.dim() != 4:
-            raise UserError(
-                f"feature level '{lvl}' has shape {tuple(feat.shape)}, expected [N, C, H, W]",
-                "pass batched FPN feature maps",
-            )
-        if feat.shape[:2] != first.shape[:2]:
-            raise UserError(
-                f"feature level '{lvl}' has batch/channels {tuple(feat.shape[:2])}, "
-                f"level '{levels[0]}' has {tuple(first.shape[:2])}",
-                "all levels must come from one batch of one FPN (same N and C)",
-            )
-        shapes.append((int(feat.shape[2]), int(feat.shape[3])))
-    return shapes
+    """(H, W) of each level of `features` ({level: [N, C, H, W]}), in `levels`' order."""
+    return [(int(features[lvl].shape[2]), int(features[lvl].shape[3])) for lvl in levels]
 
 
 def flatten_levels(features: Mapping[str, Tensor], levels: Sequence[str]) -> Tensor:
     """Concatenate the levels into tokens [N, S, C], each level flattened row-major, levels in order."""
-    level_shapes(features, levels)
+    # [N, C, H, W] -> [N, C, HW] -> [N, HW, C] per level, then concatenated along the tokens
     return torch.cat([features[lvl].flatten(2).transpose(1, 2) for lvl in levels], dim=1)
 
 
 def unflatten_levels(tokens: Tensor, shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
     """Split the last (token) axis of `tokens` [..., S] back into per-level maps [..., H, W]."""
     sizes = [h * w for h, w in shapes]
-    if tokens.shape[-1] != sum(sizes):
-        raise ValueError(f"last axis has {tokens.shape[-1]} tokens, the levels hold {sum(sizes)}")
+    assert tokens.shape[-1] == sum(sizes), f"last axis has {tokens.shape[-1]} tokens, the levels hold {sum(sizes)}"
     parts = torch.split(tokens, sizes, dim=-1)
     return [part.reshape(*part.shape[:-1], h, w) for part, (h, w) in zip(parts, shapes)]
-
-
-def _check_image_sizes(image_sizes: ImageSizes) -> list[tuple[int, int]]:
-    sizes = []
-    for i, size in enumerate(image_sizes):
-        if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
-            raise UserError(
-                f"image size {tuple(size)} of image {i} is not a positive (h, w)",
-                "pass each image's resized size (h, w) before batch padding",
-            )
-        sizes.append((int(size[0]), int(size[1])))
-    return sizes
 
 
 def valid_level_masks(
@@ -112,23 +64,14 @@ def valid_level_masks(
     device: torch.device | str | None = None,
 ) -> list[Tensor]:
     """Per level, bool [N, H, W], True inside the image: rows < ceil(h / s), cols < ceil(w / s)."""
-    sizes = _check_image_sizes(image_sizes)
-    if len(shapes) != len(strides):
-        raise UserError(f"{len(strides)} strides for {len(shapes)} levels", "give one stride per level")
+    assert len(shapes) == len(strides), f"{len(strides)} strides for {len(shapes)} levels"
     masks = []
     for (height, width), stride in zip(shapes, strides):
         rows = torch.arange(height, device=device)
         cols = torch.arange(width, device=device)
-        valid = torch.zeros(len(sizes), height, width, dtype=torch.bool, device=device)
-        for i, (h, w) in enumerate(sizes):
-            valid_h, valid_w = -(-h // stride), -(-w // stride)  # integer ceil
-            if valid_h > height or valid_w > width:
-                raise UserError(
-                    f"image {i} of size {h}x{w} needs {valid_h}x{valid_w} positions at stride {stride}, "
-                    f"but that level's features are only {height}x{width}",
-                    "pass the resized size before padding and features padded to cover every image "
-                    "(the same batch padding as the student's)",
-                )
+        valid = torch.zeros(len(image_sizes), height, width, dtype=torch.bool, device=device)
+        for i, (h, w) in enumerate(image_sizes):
+            valid_h, valid_w = level_size(int(h), int(w), stride)
             valid[i] = (rows[:, None] < valid_h) & (cols[None, :] < valid_w)
         masks.append(valid)
     return masks

@@ -1,16 +1,16 @@
-"""DistillTrainer: the baseline training loop plus ICD (ICD_METHOD.md sections 4 and 5).
+"""DistillTrainer: the student's training loop with ICD; one stage-two iteration is `run_step`.
 
-Per iteration: the student's detection losses and FPN features, the teacher's features of the same
-batch (from the cache via the batch, or from the live teacher in --online mode), and the ICD losses
-(distillation, identification, localisation) on both. One backward pass; the engine's SGD steps the
-student (its parameters only), `after_backward` steps the ICD module's own AdamW + cosine schedule
-with gradient-norm clipping (its parameters only). For the first DISTILL.WARMUP_DETACH_ITERS
-iterations the distillation loss sees detached student features: only the student-side projection
-learns from it.
+Per iteration (docs/METHOD.md, sections 4 and 5): the student's detection losses and FPN features,
+the teacher's features of the same batch (from the cache via the batch, or from the live teacher in
+--online mode), the ICD losses (distillation, identification, localisation) on both, one backward
+pass, and two optimizers stepped under one GradScaler: the engine's SGD on the student's parameters
+and the ICD module's AdamW (cosine schedule, gradient-norm clipping) on its own. For the first
+DISTILL.WARMUP_DETACH_ITERS iterations the distillation loss sees detached student features: only
+the student-side projection learns from it.
 
-Checkpoints hold the student (the engine's `model`, loadable by `icd eval`), and as extra state the
-ICD module and its optimizer + schedule. Fake-query randomness comes from a generator seeded by
-(SEED, rank, iteration), so a resumed run draws exactly what the uninterrupted run would have.
+Checkpoints hold the student (the engine's `model`, loadable by `icd eval`), and as checkpointables
+the ICD module, its optimizer and its schedule. Fake-query randomness comes from a generator seeded
+by (SEED, rank, iteration), so a resumed run draws exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cache_contract.geometry import batch_padded_shape
+from cache_contract.teacher import TeacherInit, init_from_teacher
 from detection import distributed as comm
-from detection.checkpoint import last_checkpoint
-from detection.engine import EvaluateFn, LoaderFactory, Trainer
-from detection.errors import UserError
-from detection.zoo import DetectorAdapter, TeacherInit
-from stage2_student_distill.data import batch_padded_shape
+from detection.engine import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
+from detection.zoo import DetectorAdapter
 from stage2_student_distill.icd import ICDModule, build_icd_optimizer
 from stage2_student_distill.online import OnlineTeacher
 
@@ -45,108 +44,77 @@ class DistillTrainer(Trainer):
         teacher_weights: Callable[[], Mapping[str, Any]] | None = None,
         teacher_architecture: str = "",
         evaluate: EvaluateFn | None = None,
-        resume: bool = False,
     ) -> None:
         """`teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None;
         `teacher_architecture` (its MODEL.META_ARCHITECTURE, "" if unknown) decides whether the head is shared."""
-        device = comm.device_for_process(cfg.MODEL.DEVICE)
+        super().__init__(cfg, student, build_loader, evaluate=evaluate)
         self.levels = list(levels)
         self.strides = {name: int(student.strides[name]) for name in self.levels}
         self.size_divisibility = int(student.size_divisibility)
         self.teacher = teacher
+        self.teacher_weights = teacher_weights
+        self.teacher_architecture = teacher_architecture
         self.warmup_detach_iters = int(cfg.DISTILL.WARMUP_DETACH_ITERS)
-        self.icd = icd.to(device)
-        self.icd_optimizer = build_icd_optimizer(self.icd, cfg)
-        self._teacher_weights = teacher_weights
-        self._teacher_architecture = teacher_architecture
+        self.icd = icd.to(self.device)
+        self.icd.train()
+        self.icd_model = wrap_ddp(self.icd, self.device)  # what the step calls
+        self.icd_optimizer, self.icd_scheduler = build_icd_optimizer(self.icd, cfg)
+        self.icd_clip_norm = float(cfg.DISTILL.OPTIMIZER.CLIP_NORM)
+        self.checkpointables.update(icd=self.icd, icd_optimizer=self.icd_optimizer, icd_scheduler=self.icd_scheduler)
         self.teacher_init: TeacherInit | None = None
         self.skipped_teacher_keys: list[str] | None = None
-        self._loss_scale = 1.0
-        super().__init__(cfg, student, build_loader, evaluate=evaluate, resume=resume)
-        self.icd.train()
-        self.icd_model: nn.Module = self.icd
-        if comm.get_world_size() > 1:
-            self.icd_model = nn.parallel.DistributedDataParallel(
-                self.icd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    # --- initialisation --------------------------------------------------------------------------
-    def _resume_or_load(self, resume: bool) -> None:
+    def resume_or_load(self, resume: bool) -> bool:
         """The engine's resume / MODEL.WEIGHTS, then (new runs only) the teacher's FPN (+ head, same family only)."""
-        resuming = resume and last_checkpoint(self.output_dir) is not None
-        super()._resume_or_load(resume)
-        if resuming or self._teacher_weights is None:
-            return
-        state = {key: torch.as_tensor(np.asarray(value)) for key, value in self._teacher_weights().items()}
-        self.teacher_init = self.module.load_fpn_and_head(state, self._teacher_architecture)
+        resumed = super().resume_or_load(resume)
+        if resumed or self.teacher_weights is None:
+            return resumed
+        state = {key: torch.as_tensor(np.asarray(value)) for key, value in self.teacher_weights().items()}
+        self.teacher_init = init_from_teacher(self.module, state, self.teacher_architecture)
         self.skipped_teacher_keys = self.teacher_init.skipped
         if comm.is_main_process():
             print(f"DISTILL.INIT_FROM_TEACHER: {self.module.architecture} student {self.teacher_init.summary()}",
                   flush=True)
+        return resumed
 
-    # --- the step --------------------------------------------------------------------------------
     def query_generator(self) -> torch.Generator:
         """The fake-query/jitter generator of this iteration and rank (CPU, as the ICD modules require)."""
         entropy = [int(self.cfg.SEED) % 2**63, comm.get_rank(), self.iteration]  # SeedSequence wants ints >= 0
         seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
         return torch.Generator().manual_seed(int(seed[0]) & (2**63 - 1))
 
-    def teacher_features(self, batch: Mapping[str, Any], images: list[Tensor]) -> dict[str, Tensor]:
-        """{level: [N, C, H, W]} padded to the student's batch shape: from the batch, or the live teacher."""
-        if self.teacher is not None:
-            sizes = [tuple(image.shape[-2:]) for image in images]
-            return self.teacher(images, batch_padded_shape(sizes, self.size_divisibility))
-        features = batch.get("teacher_features")
-        if features is None:
-            raise UserError("the batch carries no teacher features and no online teacher is set",
-                            "build the data with a cache that has features (DistillDataset(read_features=True)) "
-                            "or pass --online")
-        return {name: features[name].to(self.device, non_blocking=True) for name in self.levels}
+    def run_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """One stage-two iteration: student, teacher features, ICD losses, one backward, both optimizers."""
+        images, targets = images_and_targets(batch["samples"], self.device)
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]  # resized, before padding
+        with self.autocast():
+            detection_losses, student_features, _ = self.model(images, targets)  # {level: [N, C, H, W]}
+            if self.teacher is not None:  # --online: the live teacher, cut and padded as the cache is
+                teacher_features = self.teacher(images, batch_padded_shape(sizes, self.size_divisibility))
+            else:  # the cache, padded to this batch's shape by DistillCollate in the loader's workers
+                teacher_features = {name: batch["teacher_features"][name].to(self.device, non_blocking=True)
+                                    for name in self.levels}
+            icd_losses = self.icd_model(
+                teacher_features, {name: student_features[name] for name in self.levels}, sizes, targets,
+                self.levels, self.strides, self.query_generator(),
+                detach_student=self.iteration < self.warmup_detach_iters,
+            )
+        losses = {**detection_losses, **icd_losses}
+        total = self.total_loss(losses)
 
-    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Detection losses of the student + loss_distill, loss_ident, loss_loc of the ICD module."""
-        samples = batch["samples"]
-        images = [sample["image"].to(self.device, non_blocking=True) for sample in samples]
-        targets = [{k: v.to(self.device, non_blocking=True) for k, v in sample["target"].items()} for sample in samples]
-        detection_losses, student_features, _ = self.model(images, targets)
-        teacher = self.teacher_features(batch, images)
-        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        if self.amp:
-            self._loss_scale = float(self.scaler.get_scale())
-        icd_losses = self.icd_model(
-            teacher, {name: student_features[name] for name in self.levels}, sizes, targets, self.levels,
-            self.strides, self.query_generator(), detach_student=self.iteration < self.warmup_detach_iters,
-        )
-        return {**detection_losses, **icd_losses}
-
-    def after_backward(self) -> None:
-        """Step the ICD module's AdamW (clip 0.01, cosine schedule) on the gradients of this backward."""
-        if self.amp and not self._unscale_icd_gradients():
-            # An overflow under mixed precision: skip the step, as GradScaler does for the student.
-            self.icd_optimizer.scheduler.step()
-            self.icd_optimizer.optimizer.zero_grad(set_to_none=True)
-            return
-        self.icd_optimizer.step()
-
-    def _unscale_icd_gradients(self) -> bool:
-        """Divide the ICD gradients by the loss scale of this iteration; False if any is not finite."""
-        grads = [p.grad for p in self.icd_optimizer.parameters if p.grad is not None]
-        for grad in grads:
-            grad.mul_(1.0 / self._loss_scale)
-        return all(bool(torch.isfinite(grad).all()) for grad in grads)
-
-    # --- checkpoints ----------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {"icd": self.icd.state_dict(), "icd_optimizer": self.icd_optimizer.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if "icd" not in state or "icd_optimizer" not in state:
-            raise UserError("the checkpoint being resumed holds no ICD module state: it was not written by "
-                            "`icd distill`",
-                            "resume distillation only in its own OUTPUT_DIR (or use a new OUTPUT_DIR; "
-                            "MODEL.WEIGHTS loads student weights)")
-        try:
-            self.icd.load_state_dict(state["icd"])
-            self.icd_optimizer.load_state_dict(state["icd_optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"the checkpoint's ICD module does not fit this config's: {str(exc).splitlines()[0]}",
-                            "resume with the DISTILL settings the checkpoint was trained with") from None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.icd_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        # Several optimizers under one GradScaler (PyTorch's AMP recipe): unscale each, clip each, step
+        # each (a step is skipped on inf/nan gradients), then one update of the scale.
+        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.icd_optimizer)
+        clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)  # the student: SOLVER.CLIP_GRADIENTS
+        if self.icd_clip_norm > 0:  # ICD: total-norm clip (DISTILL.OPTIMIZER.CLIP_NORM)
+            nn.utils.clip_grad_norm_(self.icd.parameters(), self.icd_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.step(self.icd_optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.icd_scheduler.step()
+        return losses

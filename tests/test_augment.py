@@ -164,3 +164,25 @@ def test_masks_and_polygons_follow_the_boxes():
     assert apply_masks(torch.zeros(0, 40, 60, dtype=torch.uint8), p).shape == (0, 80, 120)
     poly = apply_polygons([[10, 5, 30, 5, 30, 25, 10, 25]], p)[0].reshape(-1, 2)
     assert poly[:, 0].min() == 60 and poly[:, 0].max() == 100 and poly[:, 1].min() == 10 and poly[:, 1].max() == 50
+
+
+@pytest.mark.parametrize("size,out", [((64, 80), (96, 120)), ((37, 53), (64, 91)), ((480, 640), (800, 1066)),
+                                      ((64, 80), (48, 60))])
+def test_resize_does_not_depend_on_the_thread_count_and_is_bilinear(size, out):
+    """Issue 10, hole 7: DataLoader workers resize with 1 torch thread, the main process with N; the
+    cached teacher features (and stage two's pixels) must not depend on which did it."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, *size), generator=gen).float()
+    p = AugParams(image_id=1, variant=0, scale=out[0] / size[0], flip=False, orig_h=size[0], orig_w=size[1],
+                  resized_h=out[0], resized_w=out[1])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            results.append(apply_image(image, p))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    reference = torch.nn.functional.interpolate(image[None], size=out, mode="bilinear", align_corners=False)[0]
+    assert (results[0] - reference).abs().max() < 0.05        # the same bilinear (0-255 pixels)

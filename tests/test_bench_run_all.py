@@ -62,7 +62,7 @@ def test_main_exits_nonzero_when_a_benchmark_fails(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(run_all, "run_benchmark", fake_run)
     monkeypatch.setattr(run_all, "machine_info", lambda: MACHINE)
     assert run_all.main(["--quick", "--results", str(tmp_path)]) == 1
-    assert ran == [("cache_io", True), ("stage1", True), ("stage2", True)]
+    assert ran == [("cache_io", True), ("stage1", True), ("stage2", True), ("d2_parity", True)]
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "## stage2 - FAILED" in text and "| x/y | 1 |" in text
 

@@ -10,6 +10,7 @@ import pytest
 
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.cli import main
+from cache_format.integrity import finish_cache
 from cache_format.synthetic import fpn_like_features
 
 LEVELS = [LevelSpec("p3", 8, 8, 10, 10), LevelSpec("p4", 16, 8, 5, 5)]
@@ -35,6 +36,7 @@ def cache(tmp_path: Path) -> str:
         w.write_sample(i, *_sample(i))
     w.put_teacher_weights({"head.w": np.arange(6, dtype=np.float32)})
     w.close()
+    finish_cache(url)   # a finished dump that skipped sample 5 (as stage one skips an unreadable image)
     return url
 
 
@@ -58,7 +60,8 @@ def test_verify_exit_codes(cache, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["verify", cache]) == 1
     out = capsys.readouterr().out
-    assert "BAD sample" in out and "level p4" in out
+    assert "BAD features/p4/c/1/0/0/0: shard 1, sample" in out and "level p4" in out
+    assert cache not in out.split("\n", 1)[1]          # the location is said once, in the head line
 
 
 @pytest.mark.parametrize("argv_tail,match", [

@@ -49,7 +49,7 @@ def test_newer_major_version_refused_minor_accepted(tmp_path):
     assert CacheReader(url).attributes["format_version"] == "1.7"   # newer minor: still readable
     meta["attributes"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"format version 2\.0, newer than the 1\.0") as info:
+    with pytest.raises(CacheError, match=r"format version 2\.0, newer than the 1\.1") as info:
         CacheReader(url)
     assert "upgrade" in info.value.fix
 
@@ -138,5 +138,6 @@ def test_check_compatibility_names_each_differing_field():
     assert "level p3 stride: cache 8, student 4" in text
     assert "level p4 channels: cache 4, student 256" in text
     assert "level p6: the student needs it" in text
-    assert "preprocessing.pixel_mean: cache [1, 2, 3], student [1, 2, 4]" in text
     assert "preprocessing.size_divisibility: cache '<missing>', student 32" in text
+    # normalisation is each model's own (docs/D2_INTEROP.md): an older cache's pixel_mean is not compared
+    assert "pixel_mean" not in text

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cache_format import CacheReader, CacheWriter, CorruptChunkError, LevelSpec
+from cache_format.integrity import finish_cache
 from cache_format.verify import verify_cache
 
 LEVELS = [LevelSpec("p3", 8, 6, 10, 10), LevelSpec("p4", 16, 6, 5, 5)]
@@ -46,6 +47,12 @@ def _write_all(url: str) -> None:
     for i in w.uncommitted_owned_samples():
         w.write_sample(i, *sample(i))
     w.close()
+    finish_cache(url)
+
+
+def _bad(report) -> set[str]:
+    """The damaged objects a verify report names."""
+    return {p.key for p in report.problems}
 
 
 def _check_contents(url: str, indices) -> None:
@@ -72,8 +79,8 @@ def test_flipped_byte_in_a_chunk_is_caught_by_reader_and_verify(tmp_path):
     _flip(shard, 10)                                                         # inside the first inner chunk
     report = verify_cache(url, workers=2)
     assert not report.ok
-    bad = {(p.sample, p.level) for p in report.problems}
-    assert bad == {(2, "p3")}, report.summary()
+    assert _bad(report) == {"features/p3/c/1/0/0/0"}, report.summary()
+    assert "shard 1, sample 2 level p3" in report.summary()
     with pytest.raises(CorruptChunkError, match="sample 2 level p3"):
         CacheReader(url).read_sample(2)
     _check_contents(url, [0, 1, 3, 4, 5, 6, 7])                              # everything else intact
@@ -86,7 +93,7 @@ def test_damaged_shard_index_and_missing_shard_are_caught(tmp_path):
     _flip(index_damaged, index_damaged.stat().st_size - 8)
     (tmp_path / "c" / "features" / "p3" / "c" / "3" / "0" / "0" / "0").unlink()         # samples 6, 7
     report = verify_cache(url)
-    assert {(p.sample, p.level) for p in report.problems} == {(4, "p4"), (5, "p4"), (6, "p3"), (7, "p3")}
+    assert _bad(report) == {"features/p4/c/2/0/0/0", "features/p3/c/3/0/0/0"}, report.summary()
     with pytest.raises(CorruptChunkError, match="sample 6 level p3: stored values fail their checksum"):
         CacheReader(url).read_level(6, "p3")
 
@@ -97,7 +104,7 @@ def test_truncated_shard_file_is_caught(tmp_path):
     shard = tmp_path / "c" / "features" / "p3" / "c" / "0" / "0" / "0" / "0"   # samples 0, 1
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     report = verify_cache(url)
-    assert {(p.sample, p.level) for p in report.problems} == {(0, "p3"), (1, "p3")}, report.summary()
+    assert _bad(report) == {"features/p3/c/0/0/0/0"}, report.summary()
     with pytest.raises(CorruptChunkError, match="sample 1 level p3"):
         CacheReader(url).read_sample(1)
 
@@ -108,8 +115,7 @@ def test_damaged_records_and_instances_are_reported(tmp_path):
     _flip(tmp_path / "c" / "samples" / "records" / "c" / "0" / "0", 12)
     _flip(tmp_path / "c" / "instances" / "boxes" / "c" / "1" / "0", 5)        # shard 1: sample 3 has a box
     report = verify_cache(url)
-    bad = {(p.sample, p.level) for p in report.problems}
-    assert bad == {(0, "records"), (1, "records"), (3, "instances")}, report.summary()
+    assert _bad(report) == {"samples/records/c/0/0", "instances/boxes/c/1/0"}, report.summary()
 
 
 CHILD_KILL = SAMPLE_CODE + """
@@ -154,14 +160,15 @@ def test_kill_9_mid_write_leaves_a_verifiable_store_that_resumes(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     # shard 1's features are on disk, its records are not: only shard 0 is visible
     assert (tmp_path / "c" / "features" / "p3" / "c" / "1" / "0" / "0" / "0").is_file()
-    report = verify_cache(url)
-    assert report.ok and report.committed == 2, report.summary()
+    assert not verify_cache(url).ok                                  # unfinished: no manifest
+    report = verify_cache(url, require_manifest=False)               # what is committed is intact
+    assert report.ok and report.integrity.committed.sum() == 2, report.summary()
     assert CacheReader(url).committed().tolist() == [True, True] + [False] * 6
     w = CacheWriter.open(url)
     assert w.uncommitted_owned_samples() == [2, 3, 4, 5, 6, 7]
     _write_all(url)
     report = verify_cache(url)
-    assert report.ok and report.committed == 8
+    assert report.ok and report.integrity.committed.sum() == 8, report.summary()
     _check_contents(url, range(8))
 
 
@@ -184,8 +191,9 @@ def test_two_writer_processes_on_disjoint_shards_make_a_valid_store(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert outs[0][0].strip() == "0,1,4,5,8" and outs[1][0].strip() == "2,3,6,7"
+    finish_cache(url)
     report = verify_cache(url)
-    assert report.ok and report.committed == 9
+    assert report.ok and report.integrity.committed.sum() == 9, report.summary()
     _check_contents(url, range(9))
 
 

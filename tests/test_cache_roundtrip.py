@@ -47,7 +47,7 @@ def test_fp32_round_trip_is_bit_exact_with_meta_and_instances():
     _write(url, "fp32")
     r = CacheReader(url)
     assert r.committed().all() and r.num_samples == 7
-    assert r.attributes["teacher"] == {"arch": "tiny"} and r.attributes["format_version"] == "1.0"
+    assert r.attributes["teacher"] == {"arch": "tiny"} and r.attributes["format_version"] == "1.1"
     for i in range(7):
         feats, meta, boxes, classes = _sample(i)
         got = r.read_sample(i)

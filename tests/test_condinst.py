@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import masked_batch
 from torchvision.models.detection import FCOS
 
 from detection.condinst import DynamicMaskHead, fcos_matching, relative_coordinates
@@ -24,8 +25,7 @@ def _model(cfg_tiny, **condinst):
 
 
 def _images():
-    g = torch.Generator().manual_seed(0)
-    return [torch.rand(3, 50, 70, generator=g) * 255, torch.rand(3, 64, 45, generator=g) * 255]
+    return masked_batch()[0]
 
 
 def test_dynamic_head_parameter_count_and_split():
@@ -133,14 +133,7 @@ def test_detector_is_torchvisions_fcos(cfg_tiny):
 
 def test_train_and_eval_forward(cfg_tiny):
     model = _model(cfg_tiny, MAX_PROPOSALS=5)
-    images = _images()
-    masks = torch.zeros(2, 50, 70, dtype=torch.uint8)
-    masks[0, 6:40, 4:30] = 1
-    masks[1, 10:33, 35:66] = 1
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]), "labels": torch.tensor([1, 4]),
-                "masks": masks},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "masks": torch.zeros(0, 64, 45, dtype=torch.uint8)}]
+    images, targets = masked_batch()
     model.train()
     losses, features, _ = model(images, targets)
     assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness", "loss_mask"}

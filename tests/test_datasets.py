@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from detection.augment import AugmentationPlan, apply_boxes
-from detection.datasets import (CocoIndex, DetectionDataset, InfiniteSampler, class_statistics, collate,
-                                load_coco_json, load_dataset, resolve_dataset)
+from detection.datasets import (CocoIndex, DetectionDataset, class_statistics, collate, load_coco_json,
+                                load_dataset, resolve_dataset)
 from detection.errors import UserError
+from detection.loader import InfiniteSampler
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The training loop and checkpoints: schedule, clipping, hooks, logs, atomic saves, exact resume, weight loading."""
+"""The training loop and checkpoints: schedule, clipping, the step, logs, atomic saves, exact resume, weight loading."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,9 @@ from torch import nn
 
 from detection import checkpoint as ckpt
 from detection import distributed as comm
-from detection.engine import Trainer, warmup_multistep
+from detection.engine import Trainer, build_trainer, warmup_multistep
 from detection.errors import UserError
-from detection.train import build_model, train_detector
+from detection.zoo import build_model
 
 
 def test_warmup_then_steps():
@@ -27,41 +27,53 @@ def test_warmup_then_steps():
 
 
 class _Toy(nn.Module):
-    def __init__(self) -> None:
+    """A detector-shaped toy: model(images, targets) -> (losses, features, images) as DetectorAdapter."""
+
+    def __init__(self, loss_value: float | None = None) -> None:
         super().__init__()
         self.linear = nn.Linear(3, 1)
+        self.loss_value = loss_value
+
+    def forward(self, images, targets):
+        x, y = torch.stack(images), torch.stack([t["y"] for t in targets])
+        loss = ((self.linear(x) - y) ** 2).mean()
+        if self.loss_value is not None:
+            loss = loss * 0 + self.loss_value
+        return {"mse": loss}, {}, None
+
+
+class _StepCounter:
+    """A checkpointable: its state goes into every checkpoint and comes back on resume."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": torch.tensor(self.count)}
+
+    def load_state_dict(self, state) -> None:
+        self.count = int(state["count"])
 
 
 class _ToyTrainer(Trainer):
-    """A subclass using the hooks the way stage two does."""
+    """A subclass extending the step and registering extra state, the way stage two does."""
 
-    def __init__(self, *args, loss_value: float | None = None, **kwargs) -> None:
-        self.after_backward_calls = 0
-        self.loss_value = loss_value
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.steps = _StepCounter()
+        self.checkpointables["steps"] = self.steps
 
-    def compute_losses(self, batch):
-        x, y = batch
-        loss = ((self.model.linear(x) - y) ** 2).mean()
-        if self.loss_value is not None:
-            loss = loss * 0 + self.loss_value
-        return {"mse": loss}
-
-    def after_backward(self) -> None:
-        self.after_backward_calls += 1
-
-    def extra_state(self):
-        return {"calls": torch.tensor(self.after_backward_calls)}
-
-    def load_extra_state(self, state) -> None:
-        self.after_backward_calls = int(state["calls"])
+    def run_step(self, batch):
+        losses = super().run_step(batch)
+        self.steps.count += 1
+        return losses
 
 
 def _toy_loader(start_iter: int):
     g = torch.Generator().manual_seed(start_iter)
     while True:
         x = torch.randn(4, 3, generator=g)
-        yield x, x.sum(1, keepdim=True) * 10
+        yield [{"image": row, "target": {"y": row.sum(0, keepdim=True) * 10}} for row in x]
 
 
 def _toy_cfg(cfg, **solver):
@@ -70,17 +82,20 @@ def _toy_cfg(cfg, **solver):
     return cfg
 
 
-def test_loop_hooks_checkpoints_and_logs(cfg_tiny):
+def test_loop_steps_checkpoints_and_logs(cfg_tiny):
     cfg = _toy_cfg(cfg_tiny)
     trainer = _ToyTrainer(cfg, _Toy(), _toy_loader)
     assert trainer.train() == {}
     out = Path(cfg.OUTPUT_DIR)
-    assert trainer.iteration == 5 and trainer.after_backward_calls == 5
+    assert trainer.iteration == 5 and trainer.steps.count == 5
     assert {p.name for p in out.glob("*.pth")} == {"model_0000002.pth", "model_0000004.pth", "model_final.pth"}
     assert ckpt.last_checkpoint(out) == out / "model_final.pth"
     assert not [p for p in out.iterdir() if "tmp" in p.name]
     state = torch.load(out / "model_final.pth", weights_only=True)
-    assert state["iteration"] == 5 and int(state["extra"]["calls"]) == 5
+    assert state["iteration"] == 5 and int(state["extra"]["steps"]["count"]) == 5
+    again = _ToyTrainer(cfg, _Toy(), _toy_loader)
+    assert again.resume_or_load(resume=True) and again.iteration == 5 and again.steps.count == 5
+    assert not _ToyTrainer(cfg, _Toy(), _toy_loader).resume_or_load(resume=False)
     lines = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [2, 4, 5]
     # the lr logged is the one used at that iteration: base lr, then x0.1 from iteration 4 (index 4 = 5th)
@@ -101,7 +116,7 @@ def test_value_clipping_bounds_the_first_step(cfg_tiny):
 
 
 def test_diverging_loss_is_a_user_error(cfg_tiny):
-    trainer = _ToyTrainer(_toy_cfg(cfg_tiny), _Toy(), _toy_loader, loss_value=float("nan"))
+    trainer = _ToyTrainer(_toy_cfg(cfg_tiny), _Toy(loss_value=float("nan")), _toy_loader)
     with pytest.raises(UserError, match="diverged.*iteration 0") as info:
         trainer.train()
     assert "BASE_LR" in info.value.fix
@@ -121,9 +136,9 @@ def test_resume_continues_exactly(cfg_tiny, tmp_path):
         })
         return cfg
 
-    train_detector(cfg_for("straight", 6))
-    train_detector(cfg_for("resumed", 3))
-    train_detector(cfg_for("resumed", 6), resume=True)
+    build_trainer(cfg_for("straight", 6)).train()
+    build_trainer(cfg_for("resumed", 3)).train()
+    build_trainer(cfg_for("resumed", 6), resume=True).train()
     straight = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)
     assert resumed["iteration"] == straight["iteration"] == 6

@@ -1,4 +1,4 @@
-"""ICD losses against naive loop computations of ICD_METHOD.md sections 3 and 4."""
+"""ICD losses against naive loop computations of docs/METHOD.md, sections 3 and 4."""
 from __future__ import annotations
 
 import math

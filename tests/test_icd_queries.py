@@ -147,15 +147,8 @@ def test_same_seed_same_queries_and_other_seed_differs():
     assert not torch.equal(a.boxes, c.boxes) and not torch.equal(a.ref_points, c.ref_points)
 
 
-def test_bad_inputs_name_the_problem():
-    builder = QueryBuilder(K)
-    with pytest.raises(UserError, match="outside 0..2"):
-        builder([{"boxes": torch.zeros(1, 4), "labels": torch.tensor([3])}], [(10, 10)], torch.Generator())
-    with pytest.raises(UserError, match="Generator"):
-        builder(random_targets([1]), [(10, 10)], None)
-    with pytest.raises(UserError, match="inverted"):
-        builder([{"boxes": torch.tensor([[5.0, 5.0, 1.0, 9.0]]), "labels": torch.tensor([0])}], [(10, 10)],
-                torch.Generator())
+def test_bad_settings_name_the_problem():
+    # (targets and the generator are checked once, at the entry of the ICD module: test_icd_module)
     with pytest.raises(UserError, match="class prior"):
         QueryBuilder(K, class_prior=[1.0, -1.0, 1.0])
 

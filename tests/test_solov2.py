@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import masked_batch
 
 from detection.solov2 import boxes_of_masks, matrix_nms, point_nms, solo_targets
 from detection.zoo import build_detector
@@ -160,15 +161,7 @@ def test_inference_on_hand_made_predictions(cfg_tiny):
 
 def test_train_and_eval_forward(cfg_tiny):
     model = _model(cfg_tiny)
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 50, 70, generator=g) * 255, torch.rand(3, 64, 45, generator=g) * 255]
-    masks = torch.zeros(2, 50, 70, dtype=torch.uint8)
-    masks[0, 6:40, 4:30] = 1
-    masks[1, 10:33, 35:66] = 1
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]), "labels": torch.tensor([1, 4]),
-                "masks": masks},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "masks": torch.zeros(0, 64, 45, dtype=torch.uint8)}]
+    images, targets = masked_batch()
     model.train()
     losses, features, _ = model(images, targets)
     assert set(losses) == {"loss_ins", "loss_cate"} and list(features) == ["p2", "p3", "p4", "p5", "p6"]

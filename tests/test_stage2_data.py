@@ -6,22 +6,16 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_stage2_support import teacher_cache  # noqa: F401  (fixture)
 
+from cache_contract.geometry import batch_padded_shape, pad_levels
+from cache_contract.identity import recorded_plan
 from cache_format import CacheReader
 from cache_format.errors import CacheError
-from detection.train import build_model, train_index
+from detection.datasets import train_index
+from detection.loader import build_train_loader
+from detection.zoo import build_model
 from stage1_teacher_dump.samples import DumpDataset, enumerate_samples
-from stage2_student_distill.data import (
-    DistillCollate,
-    DistillDataset,
-    SampleTable,
-    batch_padded_shape,
-    build_distill_loader,
-    cache_plan,
-    check_geometry,
-    pad_levels,
-)
+from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, check_geometry
 
 LEVELS = ["p3", "p4", "p5", "p6", "p7"]
 STRIDES = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
@@ -30,7 +24,7 @@ MIN_SIZES = (48, 80)
 
 def cached_dataset(cfg, url: str, read_features: bool = True) -> DistillDataset:
     reader = CacheReader(url)
-    plan = cache_plan(reader.attributes, url)
+    plan = recorded_plan(reader.attributes, url)
     table = SampleTable.from_reader(reader, plan.num_variants)
     return DistillDataset(train_index(cfg), plan, table=table, cache_url=url, levels=LEVELS,
                           read_features=read_features)
@@ -41,7 +35,7 @@ def test_replayed_pixels_boxes_and_features_are_what_stage_one_saw(cfg_tiny, tea
     cfg_tiny.INPUT.MIN_SIZE_TRAIN = list(MIN_SIZES)
     dataset = cached_dataset(cfg_tiny, url)
     reader = CacheReader(url)
-    plan = cache_plan(reader.attributes, url)
+    plan = recorded_plan(reader.attributes, url)
     stage_one = DumpDataset(enumerate_samples(train_index(cfg_tiny), plan))
     seen = set()
     for epoch in (0, 1):
@@ -64,7 +58,7 @@ def test_each_epoch_draws_a_cached_variant_and_falls_back_to_a_committed_one(cfg
     url, _ = teacher_cache(variants=2, skip=frozenset({1, 2, 3}), min_sizes=MIN_SIZES)
     cfg_tiny.INPUT.MIN_SIZE_TRAIN = list(MIN_SIZES)
     dataset = cached_dataset(cfg_tiny, url, read_features=False)
-    plan = cache_plan(CacheReader(url).attributes, url)
+    plan = recorded_plan(CacheReader(url).attributes, url)
     images = sorted(im.id for im in train_index(cfg_tiny).images)
     assert dataset.skipped_images == 1
     assert len(dataset) == len(images) - 1
@@ -113,7 +107,7 @@ def test_pad_levels_rounds_each_level_up_from_the_padded_batch():
     out = pad_levels(feats, batch_padded_shape([(100, 70)], 32), ["p3", "p6", "p7"], STRIDES)
     assert [tuple(out[k].shape) for k in ("p3", "p6", "p7")] == [(1, 2, 16, 12), (1, 2, 2, 2), (1, 2, 1, 1)]
     assert out["p3"].sum() == 2 * 13 * 9
-    with pytest.raises(CacheError, match="larger than the batch"):
+    with pytest.raises(AssertionError, match="17x9 > batch 16x12"):  # a contract, not a user's input
         pad_levels([{"p3": torch.ones(2, 17, 9)}], (128, 96), ["p3"], STRIDES)
 
 
@@ -134,7 +128,7 @@ def test_worker_loading_gives_the_same_batches_as_in_process_loading(cfg_tiny, t
     batches = {}
     for workers in (0, 1):
         cfg_tiny.DATALOADER.NUM_WORKERS = workers
-        loader = iter(build_distill_loader(cfg_tiny, dataset, collate)(start_iter=2))
+        loader = iter(build_train_loader(cfg_tiny, dataset, collate)(start_iter=2))
         batches[workers] = [next(loader) for _ in range(2)]
     for a, b in zip(batches[0], batches[1]):
         assert [s["cache_index"] for s in a["samples"]] == [s["cache_index"] for s in b["samples"]]
@@ -146,7 +140,7 @@ def test_a_cache_whose_geometry_the_plan_does_not_reproduce_is_refused(cfg_tiny,
     url, _ = teacher_cache()
     reader = CacheReader(url)
     meta = reader.meta(0)
-    plan = cache_plan(reader.attributes, url)
+    plan = recorded_plan(reader.attributes, url)
     image = min(train_index(cfg_tiny).images, key=lambda im: im.id)
     params = plan.params(image.id, 0, image.height, image.width)
     check_geometry(meta, params, 0, url)

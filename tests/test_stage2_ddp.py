@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from test_stage2_support import distill_cfg, teacher_cache  # noqa: F401  (fixture)
 
 from detection.checkpoint import load_checkpoint
 from detection.config import save_config
@@ -13,7 +12,8 @@ from stage2_student_distill import cli
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~50 s on 2 shared cores
-def test_two_process_distillation_completes_and_checkpoints_both_ranks(cfg_tiny, teacher_cache, tmp_path):
+def test_two_process_distillation_completes_and_checkpoints_both_ranks(cfg_tiny, teacher_cache, distill_cfg,
+                                                                       tmp_path):
     url, _ = teacher_cache("fp16")
     out = tmp_path / "out"
     cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), SOLVER={"MAX_ITER": 2, "IMS_PER_BATCH": 4},

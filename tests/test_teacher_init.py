@@ -3,8 +3,8 @@ a head family, the FPN alone (level by level) across families, and it says what 
 from __future__ import annotations
 
 import torch
-from test_stage2_support import distill_cfg, teacher_cache  # noqa: F401  (fixture)
 
+from cache_contract.teacher import init_from_teacher
 from detection.zoo import DetectorAdapter, build_detector
 from stage2_student_distill.cli import build_distill_trainer
 
@@ -27,7 +27,7 @@ def test_fcos_student_takes_no_tensor_of_a_retinanet_head(cfg_tiny):
     teacher = _state(_build(cfg_tiny, "RetinaNet", 0))
     student = _build(cfg_tiny, "FCOS", 1)
     before = _state(student)
-    report = student.load_fpn_and_head(teacher, "RetinaNet")
+    report = init_from_teacher(student, teacher, "RetinaNet")
     after = _state(student)
     head = sorted(k for k in teacher if k.startswith("head."))
     assert report.head == [] and not report.same_family and sorted(report.skipped_head) == head
@@ -44,7 +44,7 @@ def test_the_family_decides_not_matching_names(cfg_tiny):
     fcos_state = _state(_build(cfg_tiny, "FCOS", 0))
     student = _build(cfg_tiny, "FCOS", 1)
     before = _state(student)
-    report = student.load_fpn_and_head(fcos_state, "RetinaNet")  # recorded as another family
+    report = init_from_teacher(student, fcos_state, "RetinaNet")  # recorded as another family
     assert report.head == [] and report.skipped_mismatch == []
     assert all(torch.equal(student.fpn_and_head_state_dict()[k], before[k]) for k in report.skipped_head)
 
@@ -53,7 +53,7 @@ def test_same_family_loads_fpn_and_head(cfg_tiny):
     for teacher_arch, student_arch in (("FCOS", "FCOS"), ("RetinaNet", "RetinaNet"), ("FCOS", "CondInst")):
         teacher = _state(_build(cfg_tiny, teacher_arch, 0))
         student = _build(cfg_tiny, student_arch, 1)
-        report = student.load_fpn_and_head(teacher, teacher_arch)
+        report = init_from_teacher(student, teacher, teacher_arch)
         after = _state(student)
         assert report.same_family and report.head and report.fpn, (teacher_arch, student_arch)
         assert report.skipped == [] and all(torch.equal(after[k], teacher[k]) for k in teacher)
@@ -65,7 +65,7 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
     teacher = _state(_build(cfg_tiny, "RetinaNet", 0))
     student = _build(cfg_tiny, "FasterRCNN", 1)
     before = _state(student)
-    report = student.load_fpn_and_head(teacher, "RetinaNet")
+    report = init_from_teacher(student, teacher, "RetinaNet")
     after = _state(student)
     for kind in ("inner_blocks", "layer_blocks"):
         for i in range(3):  # teacher P3, P4, P5 -> student indices 1, 2, 3
@@ -77,7 +77,7 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
 
     # and back: the R-CNN's P3..P5 go to the RetinaNet's P3..P5; its P2 has no counterpart
     back = _build(cfg_tiny, "RetinaNet", 2)
-    report = back.load_fpn_and_head(_state(student), "FasterRCNN")
+    report = init_from_teacher(back, _state(student), "FasterRCNN")
     assert torch.equal(back.fpn_and_head_state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
                        after["backbone.fpn.layer_blocks.1.0.weight"])
     assert sorted(k for k in report.skipped_mismatch if k.startswith("backbone.")) == [
@@ -87,11 +87,11 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
 
 def test_unknown_teacher_architecture_loads_the_fpn_only(cfg_tiny):
     teacher = _state(_build(cfg_tiny, "RetinaNet", 0))
-    report = _build(cfg_tiny, "RetinaNet", 1).load_fpn_and_head(teacher, "")
+    report = init_from_teacher(_build(cfg_tiny, "RetinaNet", 1), teacher, "")
     assert report.head == [] and report.fpn and "unknown teacher" in report.summary()
 
 
-def test_distill_prints_what_it_initialised(cfg_tiny, teacher_cache, tmp_path, capsys):
+def test_distill_prints_what_it_initialised(cfg_tiny, distill_cfg, teacher_cache, tmp_path, capsys):
     """An FCOS student distilled from the (RetinaNet) cache starts with the teacher's FPN and its own head."""
     url, _ = teacher_cache("fp32")
     cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "fcos"))

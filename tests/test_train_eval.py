@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from detection import distributed as comm
-from detection import evaluate as eval_cli
-from detection import train as train_cli
+from detection import eval_cli, train_cli
 from detection.augment import AugmentationPlan
 from detection.datasets import DetectionDataset, load_dataset
 from detection.evaluation import coco_ground_truth, coco_metrics, detections_to_coco
-from detection.train import build_trainer, train_detector
+from detection.engine import build_trainer
 
 
 def _write_cfg(cfg, path: Path) -> str:
@@ -31,9 +30,9 @@ def test_a_tiny_detector_learns(cfg_tiny, tmp_path):
         "SOLVER": {"IMS_PER_BATCH": 4, "BASE_LR": 0.01, "WARMUP_ITERS": 5, "STEPS": [], "MAX_ITER": 0,
                    "CHECKPOINT_PERIOD": 1000, "LOG_PERIOD": 20},
     })
-    untrained = train_detector(cfg_tiny)["bbox"]
+    untrained = build_trainer(cfg_tiny).train()["bbox"]
     cfg_tiny.SOLVER.MAX_ITER = 100
-    trained = train_detector(cfg_tiny)["bbox"]
+    trained = build_trainer(cfg_tiny).train()["bbox"]
     assert untrained["AP50"] < 1.0
     assert trained["AP50"] > untrained["AP50"] + 15, (untrained, trained)
     assert trained["AP"] > untrained["AP"] + 5, (untrained, trained)
@@ -130,7 +129,7 @@ def test_train_then_eval_cli(cfg_tiny, tmp_path, capsys):
     (train_cli, ["--config-file", "missing.yaml"], "icd train: error: config file not found"),
     (train_cli, ["SOLVER.MAX_ITR", "5"], "icd train: error: unknown config key 'SOLVER.MAX_ITR'"),
     (train_cli, ["--num-gpus", "0"], "icd train: error: --num-gpus 0 must be at least 1"),
-    (train_cli, ["--eval-only"], "icd train: error: --eval-only needs weights"),
+    (train_cli, ["--eval-only"], "icd train: error: no weights to evaluate: MODEL.WEIGHTS is empty"),
     (train_cli, ["DATASETS.TRAIN", "[nope]"], "icd train: error: unknown dataset 'nope'"),
     (train_cli, ["MODEL.NUM_CLASSES", "7"], "icd train: error: MODEL.NUM_CLASSES is 7 but the training dataset"),
     (eval_cli, [], "icd eval: error: no weights to evaluate: MODEL.WEIGHTS is empty"),

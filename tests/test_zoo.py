@@ -130,12 +130,12 @@ def test_fpn_and_head_transfer_between_depths_and_class_counts(cfg_tiny):
 
     torch.manual_seed(1)
     student = build_detector(_cfg(cfg_tiny.clone(), "RetinaNet"), K + 1)  # same FPN input widths
-    assert student.load_fpn_and_head(state, "RetinaNet").skipped == []
+    assert student.load_fpn_and_head(state) == []
     loaded = student.fpn_and_head_state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
     other = build_detector(_cfg(cfg_tiny.clone(), "RetinaNet"), K + 3)  # two more classes
-    skipped = other.load_fpn_and_head(state, "RetinaNet").skipped
+    skipped = other.load_fpn_and_head(state)
     assert skipped == ["head.classification_head.cls_logits.bias", "head.classification_head.cls_logits.weight"]
 
 
@@ -165,6 +165,8 @@ def test_frozen_bn_and_freeze_at(cfg_tiny):
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NUM_GRIDS": [40, 36]}}, "5 positive grid sizes"),
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NMS_KERNEL": "box"}}, "NMS_KERNEL 'box'"),
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"INSTANCE_CHANNELS": 40}}, "multiple of 16"),
+    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONVENTIONS": "detectron2"}, "CONVENTIONS detectron2 do not"),
+    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "FPN": {"TOP_BLOCK_IN": "res5"}}, "does not apply to SOLOv2"),
 ])
 def test_bad_model_config_is_a_user_error(cfg_tiny, overrides, message):
     cfg_tiny.merge_from_dict({"MODEL": overrides})

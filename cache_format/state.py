@@ -1,0 +1,78 @@
+"""What is at a cache location before a writer starts: nothing, a cache, an interrupted creation, or
+something else - and whether a local path can hold a cache directory at all.
+
+Why this exists: a kill during creation used to leave a store that `--resume` called "not a cache" and a
+new run called "already exists", so only a manual delete got out. Creation now writes the root first
+with a marker (schema.CREATING_ATTRIBUTE) that the format attributes replace last; a store in that state
+holds nothing of value and may be started over.
+"""
+from __future__ import annotations
+
+import os
+
+import zarr
+
+from cache_format.errors import CacheError
+from cache_format.remote import translated_errors
+from cache_format.schema import BOXES_ARRAY, CREATING_ATTRIBUTE, FEATURES_GROUP, FORMAT_NAME, WEIGHTS_GROUP
+from cache_format.store import _local_path, open_store, run_on_zarr_loop, store_is_empty
+
+ABSENT = "absent"        # nothing stored there (or an empty directory)
+CREATING = "creating"    # a creation that was interrupted: safe to start over
+CACHE = "cache"          # a cache (finished or not; its own checks say which)
+OTHER = "other"          # something that is not an ICD cache: never touched
+
+# Top-level names a cache's creation writes; an attribute-less root holding only these is an interrupted
+# creation by a writer older than the creation marker.
+_OWN_NAMES = {FEATURES_GROUP, BOXES_ARRAY.split("/")[0], "samples", WEIGHTS_GROUP, "zarr.json"}
+
+
+def check_location(url: str) -> None:
+    """Refuse, in one line, a local path that cannot be a cache directory: a file, or a path below a file."""
+    path = _local_path(str(url))
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CacheError(f"{url} is a file, not a cache directory",
+                         "pass a directory for the cache: a new path, or one `icd dump` wrote")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise CacheError(f"{url} cannot be a directory: {parent} is a file",
+                         "choose a cache path whose parent directories are directories")
+
+
+def store_state(url: str) -> str:
+    """ABSENT, CREATING, CACHE or OTHER for the store at `url` (CacheError for a path that cannot be one)."""
+    url = str(url)
+    check_location(url)
+    path = _local_path(url)
+    if path is not None and not os.path.isdir(path):
+        return ABSENT
+    store = open_store(url, read_only=True)
+    if store_is_empty(store, url):
+        return ABSENT
+    try:
+        with translated_errors(url, "opening"):  # an unreachable store is an access error, not "other"
+            attrs = dict(zarr.open_group(store, mode="r").attrs.asdict())
+    except CacheError:
+        raise
+    except Exception:
+        return OTHER
+    if attrs.get("format") == FORMAT_NAME:
+        return CACHE
+    if CREATING_ATTRIBUTE in attrs:
+        return CREATING
+    if not attrs:
+        names = set(run_on_zarr_loop(_list_dir(store)))
+        if names <= _OWN_NAMES:
+            return CREATING
+    return OTHER
+
+
+async def _list_dir(store) -> list[str]:
+    return [name async for name in store.list_dir("")]
