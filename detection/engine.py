@@ -133,6 +133,11 @@ class Trainer:
     def after_backward(self) -> None:
         """Called after the backward pass and the model's optimizer step (stage two steps its own optimizer)."""
 
+    def step_metrics(self) -> dict[str, Tensor]:
+        """Values of the last step logged next to its losses but not part of the loss (stage two: the
+        entropy of the identification task's real/fake prior, the level loss_ident must get below)."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Extra state saved in every checkpoint (stage two: its decoder and optimizer)."""
         return {}
@@ -198,7 +203,7 @@ class Trainer:
                 self.scheduler.step()
                 self.iteration += 1
 
-                window.add(losses, total, time.perf_counter() - start, data_time)
+                window.add({**losses, **self.step_metrics()}, total, time.perf_counter() - start, data_time)
                 bar.update(1)
                 last = self.iteration == self.max_iter
                 if self.iteration % period_log == 0 or last:

@@ -116,6 +116,10 @@ class DistillTrainer(Trainer):
         )
         return {**detection_losses, **icd_losses}
 
+    def step_metrics(self) -> dict[str, Tensor]:
+        """`ident_prior_entropy`: the loss_ident of always predicting this batch's real/fake ratio."""
+        return dict(self.icd.last_metrics)
+
     def after_backward(self) -> None:
         """Step the ICD module's AdamW (clip 0.01, cosine schedule) on the gradients of this backward."""
         if self.amp and not self._unscale_icd_gradients():
