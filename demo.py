@@ -3,7 +3,8 @@
     synthetic data -> teacher (icd train) -> student baselines (icd train)
     -> make stage1 (teacher dumped once into a budgeted cache) -> icd cache verify
     -> make stage2 for two different students from the SAME cache
-    -> the paper-style results table + PNG figures (loss curves, attention maps)
+    -> the paper-style results table, what the ICD decoder learnt + PNG figures (loss curves, decoder
+       signals, attention maps)
 
 Every step is the command a user would type (subprocesses), so the demo exercises the CLIs and the
 Makefile exactly as documented. A step whose output already exists is reused, so re-running the demo
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     distilled = {}
     for name, _, distill_config in STUDENTS:
         out = output_dir(distill_config)
-        if (out / "inference" / "metrics.json").is_file():
+        if (out / "inference" / "metrics.json").is_file() and (out / "decoder_signals.json").is_file():
             print(f"\n=== stage two: {name}: reusing {out.relative_to(REPO)}", flush=True)
         else:
             run(["make", "--no-print-directory", "stage2", f"CONFIG={distill_config}", f"CACHE={CACHE}"],
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = make_figures(baselines, distilled)
     print(results_table(teacher_dir, baselines, distilled))
+    print(decoder_table(distilled))
     print("\nfigures:\n" + "\n".join(f"  {path.relative_to(REPO)}" for path in figures))
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
@@ -158,10 +160,36 @@ def results_table(teacher_dir: Path, baselines: dict[str, Path], distilled: dict
     return "\n".join(lines)
 
 
+def decoder_table(distilled: dict[str, Path]) -> str:
+    """What each student's ICD decoder learnt (signals.py), each number next to what no learning gives."""
+    from stage2_student_distill.signals import read_signals
+
+    lines = [
+        "",
+        "## What the ICD decoder learnt (end of stage two, cached samples with fresh fake queries)",
+        "",
+        "A decoder that learnt nothing: loss_ident = the prior's entropy, AUC 0.5, instances' maps alike "
+        "(cosine ~1),",
+        "in-box mass = a uniform map's.",
+        "",
+        "| student | loss_ident | prior's entropy | real-vs-fake AUC | map cosine | in-box mass | uniform |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, out in distilled.items():
+        s = read_signals(out / "decoder_signals.json")
+        lines.append(f"| {name} | {s['loss_ident']:.3f} | {s['prior_entropy']:.3f} | {_num(s['auc'])} "
+                     f"| {_num(s['map_cosine'])} | {_num(s['inbox_mass'])} | {_num(s['inbox_uniform'])} |")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def make_figures(baselines: dict[str, Path], distilled: dict[str, Path]) -> list[Path]:
     """Loss curves of every run, and the teacher decoder's instance-conditional attention maps."""
     from detection.config import setup_cfg
-    from stage2_student_distill.figures import plot_attention_maps, plot_loss_curves
+    from stage2_student_distill.figures import plot_attention_maps, plot_decoder_signals, plot_loss_curves
 
     figures = []
     for name in baselines:
@@ -169,6 +197,8 @@ def make_figures(baselines: dict[str, Path], distilled: dict[str, Path]) -> list
         runs = {f"{name} baseline": baselines[name] / "metrics.json",
                 f"{name} + ICD (cached)": distilled[name] / "metrics.json"}
         figures.append(plot_loss_curves(runs, OUT / "figures" / f"losses_{slug}.png"))
+    figures.append(plot_decoder_signals({name: out / "decoder_signals.json" for name, out in distilled.items()},
+                                        OUT / "figures" / "decoder_signals.png"))
     name, _, distill_config = STUDENTS[0]
     cfg = setup_cfg(distill_config)
     figures.append(plot_attention_maps(cfg, str(CACHE), distilled[name] / "model_final.pth",
