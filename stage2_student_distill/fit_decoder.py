@@ -42,10 +42,19 @@ from detection.errors import UserError, run_command
 from detection.train import _prepare
 from stage2_student_distill.icd import ICDModule, build_icd_optimizer
 from stage2_student_distill.losses import prior_entropy
-from stage2_student_distill.signals import SIGNALS_FILE, DecoderSignals, format_signals, measure, record_signals
-from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, load_batches, split_by_image
+from stage2_student_distill.signals import (
+    SIGNALS_FILE,
+    DecoderSignals,
+    evaluation_samples,
+    format_signals,
+    measure,
+    record_signals,
+)
+from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, iter_batches, split_by_image
 
 FINAL = "decoder_final.pth"
+# Held-out samples measured at the end (a seeded choice): enough for stable signals, bounded at COCO scale.
+MEASURED_SAMPLES = 256
 # The parts of ICDModule the auxiliary task trains (the student-side value projection is not among them).
 FITTED_PARTS = ("query_encoder", "decoder", "aux_predictor")
 # DISTILL keys a fitted decoder must share with the run that loads it (the rest do not change its weights).
@@ -193,9 +202,10 @@ class DecoderFitter:
         return signals
 
     def measure(self) -> DecoderSignals:
-        """Signals on the held-out images (on the fitting images when none is held out)."""
-        samples = self.held_samples if len(self.held_samples) else self.fit_samples
-        return measure(self.icd, load_batches(self.reader, samples, self.batch_size, self.levels), self.levels,
+        """Signals on (up to MEASURED_SAMPLES of) the held-out images; the fitting images if none is held out."""
+        samples = evaluation_samples(self.reader, MEASURED_SAMPLES, int(self.cfg.SEED),
+                                     self.held_samples if len(self.held_samples) else self.fit_samples)
+        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels), self.levels,
                        self.strides, seed=int(self.cfg.SEED))
 
 

@@ -34,7 +34,7 @@ from detection.errors import UserError
 
 from stage2_student_distill.icd import DecodedBatch, ICDModule
 from stage2_student_distill.losses import binary_entropy
-from stage2_student_distill.teacher_samples import TeacherBatch, load_batches, sample_images
+from stage2_student_distill.teacher_samples import TeacherBatch, iter_batches, sample_images
 from stage2_student_distill.tokens import token_centres
 
 
@@ -196,9 +196,9 @@ def record_signals(output_dir: str | Path, iteration: int, signals: DecoderSigna
     return write_signals(Path(output_dir) / SIGNALS_FILE, signals, {"iteration": iteration, **context})
 
 
-def evaluation_samples(reader: CacheReader, count: int, seed: int) -> np.ndarray:
-    """A seeded choice of up to `count` committed samples, in index order."""
-    samples, _ = sample_images(reader)
+def evaluation_samples(reader: CacheReader, count: int, seed: int, samples: np.ndarray | None = None) -> np.ndarray:
+    """A seeded choice of up to `count` of `samples` (default: all committed ones), in index order."""
+    samples = sample_images(reader)[0] if samples is None else np.asarray(samples)
     chosen = np.random.default_rng(seed).choice(len(samples), size=min(count, len(samples)), replace=False)
     return samples[np.sort(chosen)]
 
@@ -213,7 +213,7 @@ def report_distill_signals(icd: ICDModule, cache: str, levels: Sequence[str], st
     """
     reader = CacheReader(cache)
     samples = evaluation_samples(reader, count, seed)
-    signals = measure(icd, load_batches(reader, samples, batch_size, levels), levels, dict(strides),
+    signals = measure(icd, iter_batches(reader, samples, batch_size, levels), levels, dict(strides),
                       seed=seed + 1_000_003)
     path = record_signals(output_dir, iteration, signals,
                           {"split": "training images of the cache, fresh fake queries", "cache": reader.url})

@@ -11,7 +11,7 @@ held-out measurements are on images the decoder never saw.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -116,12 +116,18 @@ class TeacherCollate:
         return TeacherBatch(features, sizes, [item["target"] for item in items], [item["image_id"] for item in items])
 
 
-def load_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
-                 levels: Sequence[str] | None = None) -> list[TeacherBatch]:
-    """The given samples (all levels, or the named ones) as batches in memory, in order (a small held-out set)."""
+def iter_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
+                 levels: Sequence[str] | None = None) -> Iterator[TeacherBatch]:
+    """The given samples (all levels, or the named ones) as batches, in order, read as they are needed."""
     levels = reader.level_names if levels is None else list(levels)
     dataset = TeacherSampleDataset(reader.url, indices, levels)
     dataset._reader = reader
     collate = TeacherCollate(levels, {lv.name: lv.stride for lv in reader.levels if lv.name in levels})
-    return [collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            for start in range(0, len(dataset), batch_size)]
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def load_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
+                 levels: Sequence[str] | None = None) -> list[TeacherBatch]:
+    """iter_batches, held in memory (a small set measured more than once)."""
+    return list(iter_batches(reader, indices, batch_size, levels))
