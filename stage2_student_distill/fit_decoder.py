@@ -123,7 +123,6 @@ class DecoderFitter:
                             f"CHECKPOINT_PERIOD={self.period}", "use positive values (e.g. 2000, 8, 500)")
         self.reader = CacheReader(cache)
         cfg, index = _prepare(cfg, need_train_index=True)  # seeds, resolves K, saves config.yaml
-        assert isinstance(index, CocoIndex)
         self.cfg, self.output_dir = cfg, Path(cfg.OUTPUT_DIR)
         _check_dataset(self.reader, index)
         self.levels = fit_levels(cfg, self.reader)
@@ -138,11 +137,14 @@ class DecoderFitter:
         self.iteration = 0
         checkpoint = last_checkpoint(self.output_dir) if resume else None
         if checkpoint is not None:
-            self.iteration, extra, rng = resume_from(checkpoint, self.parts, self.optimizer.optimizer,
-                                                     self.optimizer.scheduler)
-            if extra.get("fit") != self.identity:
-                raise UserError(f"the checkpoint {checkpoint} was fitted with other settings or another cache",
-                                "resume with the config and cache it was started with, or use a new OUTPUT_DIR")
+            # checked before loading: OUTPUT_DIR may hold another command's checkpoints
+            if (load_checkpoint(checkpoint).get("extra", {}) or {}).get("fit") != self.identity:
+                raise UserError(f"the checkpoint {checkpoint} was not fitted by `icd fit-decoder` with this config "
+                                "and cache", "resume with the config and cache the fit was started with, or use a "
+                                "new OUTPUT_DIR")
+            # the batches and queries are functions of (SEED, iteration): no RNG state to restore
+            self.iteration, _extra, _rng = resume_from(checkpoint, self.parts, self.optimizer.optimizer,
+                                                       self.optimizer.scheduler)
             print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
 
     def loader(self) -> DataLoader:

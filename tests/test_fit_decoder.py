@@ -62,6 +62,8 @@ def test_an_interrupted_fit_resumes_to_the_same_decoder(cfg_tiny, teacher_cache,
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # another config's fit (or another command's checkpoint) in OUTPUT_DIR is not resumed
+    assert fit_decoder.main(["--config-file", config, "--cache", url, "--resume", "DISTILL.FFN_DIM", "16"]) == 2
 
 
 def test_distill_starts_from_the_fitted_decoder_and_refuses_another_setup(cfg_tiny, teacher_cache, tmp_path):
