@@ -3,7 +3,10 @@
     synthetic data -> teacher (icd train) -> student baselines (icd train)
     -> make stage1 (teacher dumped once into a budgeted cache) -> icd cache verify
     -> make stage2 for two different students from the SAME cache
-    -> the paper-style results table + PNG figures (loss curves, attention maps)
+    -> the same students initialised from the teacher without the ICD loss (DISTILL.LAMBDA 0), to show
+       what the ICD loss adds beyond DISTILL.INIT_FROM_TEACHER
+    -> the paper-style results table, what the ICD decoder learnt + PNG figures (loss curves, decoder
+       signals, attention maps)
 
 Every step is the command a user would type (subprocesses), so the demo exercises the CLIs and the
 Makefile exactly as documented. A step whose output already exists is reused, so re-running the demo
@@ -104,15 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     distilled = {}
     for name, _, distill_config in STUDENTS:
         out = output_dir(distill_config)
-        if (out / "inference" / "metrics.json").is_file():
+        if (out / "inference" / "metrics.json").is_file() and (out / "decoder_signals.json").is_file():
             print(f"\n=== stage two: {name}: reusing {out.relative_to(REPO)}", flush=True)
         else:
             run(["make", "--no-print-directory", "stage2", f"CONFIG={distill_config}", f"CACHE={CACHE}"],
                 f"stage two: distil {name} from the same cache")
         distilled[name] = out
 
+    init_only = {}
+    for name, _, distill_config in STUDENTS:
+        out = init_only_dir(distill_config)
+        if (out / "inference" / "metrics.json").is_file():
+            print(f"\n=== teacher-init only: {name}: reusing {out.relative_to(REPO)}", flush=True)
+        else:
+            # The distill run without the ICD loss: the student starts from the teacher's FPN (and head, same
+            # family) exactly as in stage two, the decoder still trains, but nothing reaches the student.
+            run(icd("distill", "--config-file", distill_config, "--cache", str(CACHE), "DISTILL.LAMBDA", "0",
+                    "OUTPUT_DIR", str(out)), f"teacher-init only (DISTILL.LAMBDA 0): {name}")
+        init_only[name] = out
+
     figures = make_figures(baselines, distilled)
-    print(results_table(teacher_dir, baselines, distilled))
+    print(results_table(teacher_dir, baselines, init_only, distilled))
+    print(decoder_table(distilled))
     print("\nfigures:\n" + "\n".join(f"  {path.relative_to(REPO)}" for path in figures))
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
@@ -128,8 +144,16 @@ def _cache_complete() -> bool:
         return False
 
 
-def results_table(teacher_dir: Path, baselines: dict[str, Path], distilled: dict[str, Path]) -> str:
-    """The paper-style table: model | baseline AP | + ICD (cached) AP | delta, plus the cache and timing."""
+def init_only_dir(distill_config: str) -> Path:
+    """Where the teacher-init-only run of a student goes: beside its distill run."""
+    out = output_dir(distill_config)
+    return out.parent / f"init_only_{out.name}"
+
+
+def results_table(teacher_dir: Path, baselines: dict[str, Path], init_only: dict[str, Path],
+                  distilled: dict[str, Path]) -> str:
+    """The paper-style table: baseline, teacher-init only and + ICD (cached) AP with the deltas, plus the
+    cache and timing. The ICD loss's own effect is the last delta (vs teacher-init only)."""
     from cache_format import CacheReader
     from cache_format.budget import format_size
     from cache_format.store import usage
@@ -142,14 +166,15 @@ def results_table(teacher_dir: Path, baselines: dict[str, Path], distilled: dict
         "",
         f"Teacher RetinaNet R-34: AP {bbox_ap(teacher_dir):.1f}",
         "",
-        "| student | baseline AP | + ICD (cached) AP | delta | s/iter baseline | s/iter ICD (cached) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| student | baseline AP | teacher-init only AP | + ICD (cached) AP | delta vs baseline "
+        "| delta vs init only | s/iter baseline | s/iter ICD (cached) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in baselines:
-        base, dist = bbox_ap(baselines[name]), bbox_ap(distilled[name])
+        base, init, dist = bbox_ap(baselines[name]), bbox_ap(init_only[name]), bbox_ap(distilled[name])
         t_base, t_dist = seconds_per_iter(baselines[name]), seconds_per_iter(distilled[name])
-        lines.append(f"| {name} | {base:.1f} | {dist:.1f} | {dist - base:+.1f} | {t_base:.3f} | {t_dist:.3f} "
-                     f"| {t_dist / t_base:.2f}x |")
+        lines.append(f"| {name} | {base:.1f} | {init:.1f} | {dist:.1f} | {dist - base:+.1f} | {dist - init:+.1f} "
+                     f"| {t_base:.3f} | {t_dist:.3f} | {t_dist / t_base:.2f}x |")
     lines += [
         "",
         f"Cache: {int(reader.committed().sum())} samples, encoding {reader.encoding} ({reader.compressor}), "
@@ -158,10 +183,36 @@ def results_table(teacher_dir: Path, baselines: dict[str, Path], distilled: dict
     return "\n".join(lines)
 
 
+def decoder_table(distilled: dict[str, Path]) -> str:
+    """What each student's ICD decoder learnt (signals.py), each number next to what no learning gives."""
+    from stage2_student_distill.signals import read_signals
+
+    lines = [
+        "",
+        "## What the ICD decoder learnt (end of stage two, cached samples with fresh fake queries)",
+        "",
+        "A decoder that learnt nothing: loss_ident = the prior's entropy, AUC 0.5, instances' maps alike "
+        "(cosine ~1),",
+        "in-box mass = a uniform map's.",
+        "",
+        "| student | loss_ident | prior's entropy | real-vs-fake AUC | map cosine | in-box mass | uniform |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, out in distilled.items():
+        s = read_signals(out / "decoder_signals.json")
+        lines.append(f"| {name} | {s['loss_ident']:.3f} | {s['prior_entropy']:.3f} | {_num(s['auc'])} "
+                     f"| {_num(s['map_cosine'])} | {_num(s['inbox_mass'])} | {_num(s['inbox_uniform'])} |")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def make_figures(baselines: dict[str, Path], distilled: dict[str, Path]) -> list[Path]:
     """Loss curves of every run, and the teacher decoder's instance-conditional attention maps."""
     from detection.config import setup_cfg
-    from stage2_student_distill.figures import plot_attention_maps, plot_loss_curves
+    from stage2_student_distill.figures import plot_attention_maps, plot_decoder_signals, plot_loss_curves
 
     figures = []
     for name in baselines:
@@ -169,6 +220,8 @@ def make_figures(baselines: dict[str, Path], distilled: dict[str, Path]) -> list
         runs = {f"{name} baseline": baselines[name] / "metrics.json",
                 f"{name} + ICD (cached)": distilled[name] / "metrics.json"}
         figures.append(plot_loss_curves(runs, OUT / "figures" / f"losses_{slug}.png"))
+    figures.append(plot_decoder_signals({name: out / "decoder_signals.json" for name, out in distilled.items()},
+                                        OUT / "figures" / "decoder_signals.png"))
     name, _, distill_config = STUDENTS[0]
     cfg = setup_cfg(distill_config)
     figures.append(plot_attention_maps(cfg, str(CACHE), distilled[name] / "model_final.pth",

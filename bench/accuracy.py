@@ -1,33 +1,43 @@
-"""Accuracy benchmark: the mini reproduction of the ICD paper's table on the synthetic benchmark.
+"""Accuracy benchmark: the ICD paper's table, every family, in miniature on the synthetic benchmark.
 
-    python -m bench.accuracy [--quick] [--seeds 3] [--out bench/results/accuracy.json]
-                             [--work output/bench_accuracy] [--students retinanet_r18 fcos_r18]
-                             [--jobs N] [--budget SIZE | --budget-fraction F] [--resume]
+    python -m bench.accuracy [--size full|quick|gpu] [--families NAME ...] [--seeds 3] [--jobs N]
+                             [--online-families retinanet] [--budget SIZE | --budget-fraction F]
+                             [--fresh] [--out bench/results/accuracy.json] [--work output/bench_accuracy]
 
-One synthetic dataset; one teacher (the demo's RetinaNet R-34, configs/bench/accuracy_teacher_*.yaml)
-trained once and dumped twice by `icd dump`: to an fp32 cache (lossless) and to a budget cache (a
-`--budget` of F x the fp32 cache's size, default F = 0.35, with CACHE.ENCODING auto, so the planner
-must pick a lossy encoding; which one is reported). Then for each student (RetinaNet R-18, FCOS R-18)
-and each seed, four runs on the same config, schedule and seed:
+The paper distils R-101 3x teachers into R-50 1x students of the same family. Here, for each family -
+Faster R-CNN, RetinaNet, FCOS, Mask R-CNN, SOLOv2, CondInst - a same-family R-34 teacher
+(configs/bench/accuracy_teacher_<family>_r34.yaml) is trained once on one synthetic dataset and dumped
+by `icd dump` twice: to an fp32 cache (lossless) and to a budget cache (a `--budget` of F x the fp32
+cache's feature bytes, default F = 0.35, CACHE.ENCODING auto, so the planner must pick a lossy encoding).
+Its R-18 student (configs/bench/accuracy_<family>_r18.yaml, one config for every mode) then trains, per
+seed, in these modes on the same schedule, batches and seed:
 
-    baseline          icd train
-    online ICD        icd distill --online --cache <fp32>   (live teacher, the cache's samples only)
-    cached lossless   icd distill --cache <fp32>
-    cached budget     icd distill --cache <budget>
+    baseline        icd train
+    init_only       icd distill --cache <fp32> DISTILL.LAMBDA 0   (DISTILL.INIT_FROM_TEACHER: the student's
+                    FPN and head start from the teacher's; the decoder trains, nothing is distilled)
+    cached_fp32     icd distill --cache <fp32>
+    cached_budget   icd distill --cache <budget>
+    online          icd distill --online --cache <fp32>            (live teacher; --online-families only)
 
-all evaluated with COCO box AP on the val split. Reported per cell: mean and sample std over seeds,
-the delta vs the baseline (of the means, and paired by seed), and the training step time (median of
-metrics.json's per-window iteration times, first window skipped) with its ratio to the baseline's.
+One more row reuses a cache across families, which is what a cache is for: the FCOS student distilled from
+the RetinaNet teacher's cache (fcos_from_retinanet; init_only takes the FPN only, the heads differ), with
+its baseline shared with the FCOS row. Every run is evaluated with COCO AP on the val split: box AP where
+the model predicts boxes, mask AP for the instance-segmentation families. Reported per cell: mean and
+sample std over seeds, the deltas paired by seed against the baseline and against init_only, and for
+distill runs what the decoder learnt (loss_ident against the prior's entropy, real-vs-fake AUC,
+decoder_signals.json).
+
+Every finished step is reused, always: the table is built from every finished run under the work dir,
+whichever invocation ran it, so it can be filled over several sessions (`--families` runs a subset,
+in the order given; an interrupted run restarts from its beginning). `--fresh` deletes the work dir first.
 
 Every step is the CLI a user runs (`python -m detection.cli ...`), as a subprocess with its log in
 <work>/<size>/logs/. On CPU up to --jobs runs go side by side (default: 2 on 2+ cores), each with one
-torch thread: on 2 cores that uses both without OpenMP oversubscription. Step times are therefore
-measured with a neighbour running; every mode has one alike, so their ratios hold, but use
-bench/stage2.py for clean step times. Sizes: full (3 seeds, 2 students, 150-iteration students, 500-
-iteration teacher, 200 train / 50 val images): about 30-40 minutes on 2 idle CPU cores, estimated from
-measured per-iteration times (0.7-1 s per student iteration with one thread), longer when other
-processes share the cores. --quick (1 seed, RetinaNet R-18 only, 60-iteration teacher, 40-iteration
-students on 64 / 16 images): a few minutes. Quick numbers are a smoke test, not results.
+torch thread. Sizes: full (200 train / 50 val images of 128 px, 500-iteration teachers, 150-iteration
+students, 3 seeds): on 2 CPU cores about 25-40 minutes per family for the box families, more for the
+mask families, so the whole table takes several hours. quick (64 / 16 images, 60 / 40 iterations, one
+seed, RetinaNet only unless --families): minutes, a smoke test, not results. gpu (1000 / 200 images,
+2000-iteration teachers, 600-iteration students, 3 seeds, one run at a time): for a GPU machine.
 """
 from __future__ import annotations
 
@@ -46,13 +56,56 @@ from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "bench"
-TEACHER_CONFIG = CONFIGS / "accuracy_teacher_retinanet_r34.yaml"
-STUDENTS = {
-    "retinanet_r18": ("RetinaNet R-18", CONFIGS / "accuracy_retinanet_r18.yaml"),
-    "fcos_r18": ("FCOS R-18", CONFIGS / "accuracy_fcos_r18.yaml"),
+
+
+@dataclass(frozen=True)
+class Family:
+    """A detector family: its demo-size R-34 teacher and R-18 student configs, and what it is scored on."""
+
+    label: str
+    metrics: tuple[str, ...]  # "box" and/or "mask": the AP the paper reports for it
+
+    def teacher_config(self, name: str) -> Path:
+        return CONFIGS / f"accuracy_teacher_{name}_r34.yaml"
+
+    def student_config(self, name: str) -> Path:
+        return CONFIGS / f"accuracy_{name}_r18.yaml"
+
+
+FAMILIES = {
+    "retinanet": Family("RetinaNet", ("box",)),
+    "fcos": Family("FCOS", ("box",)),
+    "faster_rcnn": Family("Faster R-CNN", ("box",)),
+    "mask_rcnn": Family("Mask R-CNN", ("box", "mask")),
+    "condinst": Family("CondInst", ("box", "mask")),
+    "solov2": Family("SOLOv2", ("mask",)),
 }
-MODES = ("baseline", "online", "cached_fp32", "cached_budget")
+SAME_FAMILY_MODES = ("baseline", "init_only", "cached_fp32", "cached_budget", "online")
+CROSS_MODES = ("baseline", "init_only", "cached_fp32")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a student family distilled from a teacher family's caches."""
+
+    name: str
+    student: str  # family name
+    teacher: str  # family name
+
+    @property
+    def label(self) -> str:
+        s, t = FAMILIES[self.student].label, FAMILIES[self.teacher].label
+        return f"{s} R-18 <- {t} R-34" + ("" if s == t else " (cross-family)")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return SAME_FAMILY_MODES if self.student == self.teacher else CROSS_MODES
+
+
+ROWS = {**{name: Row(name, name, name) for name in FAMILIES},
+        "fcos_from_retinanet": Row("fcos_from_retinanet", "fcos", "retinanet")}
 DEFAULT_BUDGET_FRACTION = 0.35
+DEFAULT_ONLINE = ("retinanet",)
 LOG_TAIL_LINES = 30
 # With --jobs > 1, step times come from runs that had another run beside them at least this share of
 # their wall time, so every mode is timed under the same conditions.
@@ -61,25 +114,31 @@ NEIGHBOUR_SHARE = 0.8
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big the benchmark is: data, schedules (None: the bench config's), seeds, students."""
+    """How big the benchmark is: data, schedules (None: the bench config's), seeds, default rows."""
 
     name: str
     train_images: int
     val_images: int
     seeds: int
-    students: tuple[str, ...]
+    rows: tuple[str, ...]
     teacher_opts: tuple[str, ...] = ()
     student_opts: tuple[str, ...] = ()
+    jobs: int | None = None  # None: min(2, usable cores) on CPU
 
 
-FULL = Sizes("full", train_images=200, val_images=50, seeds=3, students=("retinanet_r18", "fcos_r18"))
-QUICK = Sizes(
-    "quick", train_images=64, val_images=16, seeds=1, students=("retinanet_r18",),
-    teacher_opts=("SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "[48]", "SOLVER.CHECKPOINT_PERIOD", "60",
-                  "SOLVER.WARMUP_ITERS", "15"),
-    student_opts=("SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "[32]", "SOLVER.CHECKPOINT_PERIOD", "40",
-                  "SOLVER.WARMUP_ITERS", "10", "SOLVER.LOG_PERIOD", "10", "DISTILL.WARMUP_DETACH_ITERS", "6"),
-)
+def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None) -> tuple[str, ...]:
+    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(max_iter),
+            "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.LOG_PERIOD", str(log))
+    return opts + (("DISTILL.WARMUP_DETACH_ITERS", str(detach)) if detach is not None else ())
+
+
+SIZES = {
+    "full": Sizes("full", train_images=200, val_images=50, seeds=3, rows=tuple(ROWS)),
+    "quick": Sizes("quick", train_images=64, val_images=16, seeds=1, rows=("retinanet",),
+                   teacher_opts=_schedule(60, 48, 15, 20), student_opts=_schedule(40, 32, 10, 10, detach=6)),
+    "gpu": Sizes("gpu", train_images=1000, val_images=200, seeds=3, rows=tuple(ROWS), jobs=1,
+                 teacher_opts=_schedule(2000, 1600, 100, 50), student_opts=_schedule(600, 480, 100, 50, detach=90)),
+}
 
 
 # --- running CLIs side by side -------------------------------------------------------------------------
@@ -188,9 +247,26 @@ def overlap_share(task: Task, tasks: Sequence[Task]) -> float:
 
 
 # --- reading what the runs wrote ---------------------------------------------------------------------------
-def bbox_metrics(output_dir: Path) -> dict[str, float]:
-    data = json.loads((output_dir / "inference" / "metrics.json").read_text())["bbox"]
-    return {k: (float(data[k]) if data.get(k) is not None else math.nan) for k in ("AP", "AP50", "AP75")}
+def coco_metrics(output_dir: Path) -> dict[str, float]:
+    """{'box_AP', 'box_AP50', 'mask_AP', 'mask_AP50'} of a finished run, for the tasks its model evaluated."""
+    data = json.loads((output_dir / "inference" / "metrics.json").read_text())
+    out: dict[str, float] = {}
+    for task, prefix in (("bbox", "box"), ("segm", "mask")):
+        for key in ("AP", "AP50"):
+            value = (data.get(task) or {}).get(key)
+            if value is not None:
+                out[f"{prefix}_{key}"] = float(value)
+    return out
+
+
+def decoder_signals(output_dir: Path) -> dict[str, float]:
+    """What the run's ICD decoder learnt (stage2_student_distill/signals.py), where the run measured it."""
+    path = output_dir / "decoder_signals.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("loss_ident", "prior_entropy", "auc", "map_cosine", "inbox_mass", "inbox_uniform")
+            if isinstance(data.get(k), (int, float))}
 
 
 def step_times(output_dir: Path) -> dict[str, float]:
@@ -210,7 +286,7 @@ def complete_cache(url: Path) -> bool:
     from cache_format import CacheError, CacheReader
 
     try:
-        return bool(CacheReader(str(url)).committed().all())
+        return CacheReader(str(url)).finished  # its manifest is written: the dump finished
     except (CacheError, OSError):
         return False
 
@@ -231,12 +307,22 @@ class Layout:
 
     def __post_init__(self) -> None:
         self.synth = self.root / "synth"
-        self.teacher = self.root / "teacher"
-        self.caches = {"fp32": self.root / "cache_fp32", "budget": self.root / "cache_budget"}
         self.logs = self.root / "logs"
 
-    def run_dir(self, student: str, mode: str, seed: int) -> Path:
-        return self.root / "runs" / student / mode / f"seed{seed}"
+    def teacher(self, family: str) -> Path:
+        return self.root / "teachers" / family
+
+    def cache(self, family: str, kind: str) -> Path:
+        return self.root / "caches" / f"{family}_{kind}"
+
+    def run_dir(self, row: Row, mode: str, seed: int) -> Path:
+        # a student's baseline does not depend on the teacher: the cross-family row shares its family's
+        owner = row.student if mode == "baseline" else row.name
+        return self.root / "runs" / owner / mode / f"seed{seed}"
+
+
+def task_name(row: Row, mode: str, seed: int) -> str:
+    return f"{row.student if mode == 'baseline' else row.name}_{mode}_seed{seed}"
 
 
 def icd(*args: str) -> list[str]:
@@ -250,8 +336,8 @@ def dataset_opts(layout: Layout) -> list[str]:
     return ["DATASETS.CATALOG.synth_train", json.dumps(train), "DATASETS.CATALOG.synth_val", json.dumps(val)]
 
 
-def budget_for(layout: Layout, fraction: float, explicit: str | None) -> int:
-    """The budget cache's --budget: explicit, or `fraction` of the fp32 cache's per-sample bytes plus the
+def budget_for(layout: Layout, family: str, fraction: float, explicit: str | None) -> int:
+    """A budget cache's --budget: explicit, or `fraction` of the fp32 cache's per-sample bytes plus the
     fixed part every cache holds (the teacher weights at their raw size, which stage one reserves, and
     the zarr metadata), so the fraction constrains the features alone."""
     from bench.stage1 import cache_bytes
@@ -260,7 +346,7 @@ def budget_for(layout: Layout, fraction: float, explicit: str | None) -> int:
 
     if explicit:
         return parse_size(explicit)
-    url = str(layout.caches["fp32"])
+    url = str(layout.cache(family, "fp32"))
     reader = CacheReader(url)
     measured = cache_bytes(url, reader.num_samples)
     weights = sum(int(value.nbytes) for value in reader.teacher_weights().values())
@@ -268,98 +354,132 @@ def budget_for(layout: Layout, fraction: float, explicit: str | None) -> int:
     return int(fraction * measured["bytes_per_image"] * reader.num_samples + weights + metadata)
 
 
-def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], students: Sequence[str], device_opts: list[str],
-                budget: Callable[[], int]) -> list[Task]:
-    data = dataset_opts(layout)
-    weights = str(layout.teacher / "model_final.pth")
-    tasks = [Task("teacher", lambda: icd("train", "--config-file", str(TEACHER_CONFIG), "OUTPUT_DIR", str(layout.teacher),
-                                         *data, *device_opts, *sizes.teacher_opts),
-                  done=lambda: finished_run(layout.teacher))]
-    def dump(kind: str, flags: list[str], opts: list[str]) -> list[str]:
-        return icd("dump", "--config-file", str(TEACHER_CONFIG), "--cache", str(layout.caches[kind]), *flags,
-                   "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(layout.root / f"dump_{kind}"), *data, *device_opts, *opts)
+def modes_of(row: Row, online: Sequence[str]) -> tuple[str, ...]:
+    return tuple(m for m in row.modes if m != "online" or row.name in online)
 
-    tasks += [
-        Task("dump_fp32", lambda: dump("fp32", [], ["CACHE.ENCODING", "fp32"]), deps=("teacher",),
-             done=lambda: complete_cache(layout.caches["fp32"])),
-        # The budget is a fraction of the fp32 cache's measured size, hence built when the task starts.
-        Task("dump_budget", lambda: dump("budget", ["--budget", str(budget())], ["CACHE.ENCODING", "auto"]),
-             deps=("teacher", "dump_fp32"), done=lambda: complete_cache(layout.caches["budget"])),
-    ]
-    # Baselines first (they need no teacher, so they fill the second slot while the teacher trains).
-    for mode in MODES:
-        for student in students:
-            config = str(STUDENTS[student][1])
-            for seed in seeds:
-                out = layout.run_dir(student, mode, seed)
-                common = ["--config-file", config, "OUTPUT_DIR", str(out), "SEED", str(seed), *data, *device_opts,
-                          *sizes.student_opts]
-                if mode == "baseline":
-                    cmd, deps = icd("train", *common), ()
-                elif mode == "online":
-                    cmd, deps = icd("distill", "--online", "--cache", str(layout.caches["fp32"]), *common), ("dump_fp32",)
-                elif mode == "cached_fp32":
-                    cmd, deps = icd("distill", "--cache", str(layout.caches["fp32"]), *common), ("dump_fp32",)
-                else:
-                    cmd, deps = icd("distill", "--cache", str(layout.caches["budget"]), *common), ("dump_budget",)
-                tasks.append(Task(f"{student}_{mode}_seed{seed}", lambda cmd=cmd: cmd, deps=deps,
-                                  done=lambda out=out: finished_run(out)))
+
+def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequence[Row], online: Sequence[str],
+                device_opts: list[str], budget: Callable[[str], int]) -> list[Task]:
+    """Every step of the selected rows, in priority order: row by row, each teacher before its students."""
+    data = dataset_opts(layout)
+    tasks: list[Task] = []
+    names: set[str] = set()
+
+    def add(task: Task) -> None:
+        if task.name not in names:  # shared steps (a teacher, a baseline) appear once
+            names.add(task.name)
+            tasks.append(task)
+
+    for row in rows:
+        teacher = row.teacher
+        config = str(FAMILIES[teacher].teacher_config(teacher))
+        weights = str(layout.teacher(teacher) / "model_final.pth")
+        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: icd(
+            "train", "--config-file", config, "OUTPUT_DIR", str(layout.teacher(teacher)), *data, *device_opts,
+            *sizes.teacher_opts), done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
+
+        def dump(kind: str, flags: Callable[[], list[str]], opts: list[str], teacher: str = teacher,
+                 config: str = config, weights: str = weights) -> Callable[[], list[str]]:
+            # an interrupted dump continues (--resume); the cache's manifest says when it is finished
+            return lambda: icd("dump", "--config-file", config, "--cache", str(layout.cache(teacher, kind)), *flags(),
+                               *(["--resume"] if (layout.cache(teacher, kind) / "zarr.json").is_file() else []),
+                               "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(layout.root / "dumps" / f"{teacher}_{kind}"),
+                               *data, *device_opts, *opts)
+
+        add(Task(f"dump_{teacher}_fp32", dump("fp32", lambda: [], ["CACHE.ENCODING", "fp32"]),
+                 deps=(f"teacher_{teacher}",), done=lambda t=teacher: complete_cache(layout.cache(t, "fp32"))))
+        modes = modes_of(row, online)
+        if "cached_budget" in modes:
+            # the budget is a fraction of the fp32 cache's measured size, hence built when the task starts
+            add(Task(f"dump_{teacher}_budget",
+                     dump("budget", lambda t=teacher: ["--budget", str(budget(t))], ["CACHE.ENCODING", "auto"]),
+                     deps=(f"teacher_{teacher}", f"dump_{teacher}_fp32"),
+                     done=lambda t=teacher: complete_cache(layout.cache(t, "budget"))))
+        student_config = str(FAMILIES[row.student].student_config(row.student))
+        fp32, budget_cache = str(layout.cache(teacher, "fp32")), str(layout.cache(teacher, "budget"))
+        for seed in seeds:
+            for mode in modes:
+                out = layout.run_dir(row, mode, seed)
+                common = ["--config-file", student_config, "OUTPUT_DIR", str(out), "SEED", str(seed), *data,
+                          *device_opts, *sizes.student_opts]
+                cmd, deps = {
+                    "baseline": (icd("train", *common), ()),
+                    "init_only": (icd("distill", "--cache", fp32, *common, "DISTILL.LAMBDA", "0"),
+                                  (f"dump_{teacher}_fp32",)),
+                    "cached_fp32": (icd("distill", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
+                    "cached_budget": (icd("distill", "--cache", budget_cache, *common), (f"dump_{teacher}_budget",)),
+                    "online": (icd("distill", "--online", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
+                }[mode]
+                add(Task(task_name(row, mode, seed), lambda cmd=cmd: cmd, deps=deps,
+                         done=lambda out=out: finished_run(out)))
     return tasks
 
 
-def collect(layout: Layout, students: Sequence[str], seeds: Sequence[int], tasks: dict[str, Task]) -> list[dict[str, Any]]:
+def collect(layout: Layout, seeds: Sequence[int], online: Sequence[str], tasks: dict[str, Task]
+            ) -> list[dict[str, Any]]:
+    """Every run of every row, finished (by this invocation or an earlier one) or not."""
     runs = []
-    for student in students:
-        for mode in MODES:
+    for row in ROWS.values():
+        for mode in modes_of(row, online):
             for seed in seeds:
-                task = tasks[f"{student}_{mode}_seed{seed}"]
-                out = layout.run_dir(student, mode, seed)
-                row: dict[str, Any] = {"student": student, "mode": mode, "seed": seed, "status": task.status,
-                                       "wall_s": task.seconds or None,
-                                       "overlap": overlap_share(task, list(tasks.values())) if task.seconds else None}
-                if task.status in ("ok", "reused"):
-                    row.update(bbox_metrics(out))
-                    row.update(step_times(out))
+                out = layout.run_dir(row, mode, seed)
+                task = tasks.get(task_name(row, mode, seed))
+                record: dict[str, Any] = {"row": row.name, "mode": mode, "seed": seed}
+                if finished_run(out):
+                    record["status"] = task.status if task is not None else "reused"
+                    record.update(coco_metrics(out))
+                    record.update(step_times(out))
+                    signals = decoder_signals(out)
+                    if signals:
+                        record["decoder"] = signals
+                    if task is not None and task.seconds:
+                        record["wall_s"] = task.seconds
+                        record["overlap"] = overlap_share(task, list(tasks.values()))
+                elif task is not None:
+                    record["status"] = task.status
+                    if task.error:
+                        record["error"] = task.error
                 else:
-                    row["error"] = task.error
-                runs.append(row)
+                    continue  # a row this invocation did not run and no earlier one finished
+                runs.append(record)
     return runs
 
 
-def timing_rows(rows: list[dict[str, Any]], jobs: int) -> tuple[list[dict[str, Any]], bool]:
-    """The runs whose step times are comparable: with --jobs > 1, those that had a neighbour for most
-    of their time (a run alone at the end of the queue is faster). (rows, False), or (all, True) if none."""
-    if jobs <= 1:
-        return rows, False
-    shared = [r for r in rows if (r.get("overlap") or 0.0) >= NEIGHBOUR_SHARE]
-    return (shared, False) if shared else (rows, bool(rows))
+def paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]], key: str) -> tuple[float, float, int]:
+    """Mean and sample std of the per-seed differences row - reference on `key`, and how many seeds paired."""
+    ref = {r["seed"]: r[key] for r in reference if key in r}
+    diffs = [r[key] - ref[r["seed"]] for r in rows if key in r and r["seed"] in ref]
+    mean, std = mean_std(diffs)
+    return mean, std, len(diffs)
 
 
-def aggregate(runs: list[dict[str, Any]], students: Sequence[str], jobs: int) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per student and mode: AP mean/std over seeds, deltas vs the baseline, step time and its ratio."""
+def aggregate(runs: list[dict[str, Any]], online: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per row and mode: AP mean/std over seeds, paired deltas vs baseline and init_only, decoder signals."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for student in students:
-        mine = [r for r in runs if r["student"] == student and "AP" in r]
-        base = {r["seed"]: r for r in mine if r["mode"] == "baseline"}
-        base_ap, _ = mean_std([r["AP"] for r in base.values()])
-        base_step, _ = mean_std([r["step_s"] for r in timing_rows(list(base.values()), jobs)[0]])
-        cells[student] = {}
-        for mode in MODES:
-            rows = [r for r in mine if r["mode"] == mode]
-            ap, ap_std = mean_std([r["AP"] for r in rows])
-            ap50, ap50_std = mean_std([r["AP50"] for r in rows])
-            timed, timed_alone = timing_rows(rows, jobs)
-            step, _ = mean_std([r["step_s"] for r in timed])
-            data_wait, _ = mean_std([r["data_s"] for r in timed])
-            paired = [r["AP"] - base[r["seed"]]["AP"] for r in rows if r["seed"] in base]
-            pd_mean, pd_std = mean_std(paired)
-            cells[student][mode] = {
-                "n": len(rows), "AP_mean": ap, "AP_std": ap_std, "AP50_mean": ap50, "AP50_std": ap50_std,
-                "AP_per_seed": {r["seed"]: r["AP"] for r in rows},
-                "delta_AP_vs_baseline": ap - base_ap, "paired_delta_mean": pd_mean, "paired_delta_std": pd_std,
-                "step_s": step, "data_s": data_wait, "step_ratio_vs_baseline": step / base_step if base_step else math.nan,
-                "step_runs": len(timed), "step_time_without_neighbour": timed_alone,
-            }
+    for row in ROWS.values():
+        done = [r for r in runs if r["row"] == row.name and "status" in r and r["status"] in ("ok", "reused")]
+        done = [r for r in done if any(k.endswith("_AP") for k in r)]
+        if not done:
+            continue
+        by_mode = {m: [r for r in done if r["mode"] == m] for m in modes_of(row, online)}
+        cells[row.name] = {}
+        for mode, rows in by_mode.items():
+            cell: dict[str, Any] = {"n": len(rows), "seeds": sorted(r["seed"] for r in rows)}
+            for metric in FAMILIES[row.student].metrics:
+                key = f"{metric}_AP"
+                mean, std = mean_std([r[key] for r in rows if key in r])
+                cell[f"{key}_mean"], cell[f"{key}_std"] = mean, std
+                cell[f"{key}_per_seed"] = {r["seed"]: r[key] for r in rows if key in r}
+                for ref in ("baseline", "init_only"):
+                    if mode != ref and ref in by_mode:
+                        d_mean, d_std, n = paired(rows, by_mode[ref], key)
+                        cell[f"{key}_vs_{ref}"] = {"mean": d_mean, "std": d_std, "n": n}
+            step, _ = mean_std([r["step_s"] for r in rows if "step_s" in r])
+            cell["step_s"] = step
+            signals = [r["decoder"] for r in rows if "decoder" in r]
+            if signals:
+                cell["decoder"] = {k: mean_std([s[k] for s in signals if k in s])[0] for k in signals[0]}
+            cells[row.name][mode] = cell
     return cells
 
 
@@ -374,108 +494,132 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _pm(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+def _pm(mean: float, std: float, sign: bool = False) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return (f"{mean:+.2f}" if sign else f"{mean:.2f}") + f" ± {std:.2f}"
+
+
+MODE_LABELS = {"baseline": "baseline (icd train)", "init_only": "teacher-init only (LAMBDA 0)",
+               "cached_fp32": "ICD cached fp32", "cached_budget": "ICD cached, budget", "online": "ICD online"}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from cache_format.budget import format_size
-
-    caches = result["caches"]
-    labels = {"baseline": "baseline (icd train)", "online": "+ ICD online (live teacher)",
-              "cached_fp32": "+ ICD cached fp32 (lossless)",
-              "cached_budget": f"+ ICD cached {caches['budget'].get('encoding', '?')} (budget)"}
-    teacher = result["teacher"]
+    """The table: one line per (row, mode); APs mean ± std over seeds, deltas paired by seed."""
     lines = [
-        f"COCO box AP on the synthetic val split ({result['sizes']['val_images']} images), mean ± sample std over "
-        f"{len(result['seeds'])} seed(s); teacher {teacher['label']}: AP {teacher.get('AP', math.nan):.2f}. "
-        f"Step times: median s/iter, {result['jobs']} run(s) side by side"
-        + (f" (from runs that had a neighbour >= {NEIGHBOUR_SHARE:.0%} of their time)" if result["jobs"] > 1 else "")
-        + f", {result['threads_per_job']} torch thread(s) each, device {result['device']}.",
+        f"COCO AP on the synthetic val split ({result['sizes']['val_images']} images), mean ± sample std over "
+        f"the seeds in column n; deltas are paired by seed (mean ± std of per-seed differences). Box AP for "
+        f"box families, box / mask AP where the family predicts masks (mask only for SOLOv2). Decoder: "
+        f"loss_ident / the prior's entropy, real-vs-fake AUC, at the end of the run (cached modes).",
         "",
-        "| student | mode | AP | AP50 | Δ AP vs baseline | Δ AP paired by seed | s/iter | × baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| student <- teacher | mode | n | AP | Δ vs baseline | Δ vs teacher-init only | decoder |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
-    for student, cells in result["cells"].items():
-        for mode in MODES:
-            c = cells[mode]
-            delta = "" if mode == "baseline" or math.isnan(c["delta_AP_vs_baseline"]) else f"{c['delta_AP_vs_baseline']:+.2f}"
-            paired = "" if mode == "baseline" else _pm(c["paired_delta_mean"], c["paired_delta_std"])
-            step = "n/a" if math.isnan(c["step_s"]) else f"{c['step_s']:.3f}" + ("*" if c["step_time_without_neighbour"] else "")
-            ratio = "n/a" if math.isnan(c["step_ratio_vs_baseline"]) else f"{c['step_ratio_vs_baseline']:.2f}"
-            lines.append(f"| {STUDENTS[student][0]} | {labels[mode]} | {_pm(c['AP_mean'], c['AP_std'])} | "
-                         f"{_pm(c['AP50_mean'], c['AP50_std'])} | {delta} | {paired} | {step} | {ratio} |")
-    fp32, budget = caches["fp32"], caches["budget"]
-    if "bytes_per_image" in fp32:
-        how = "explicit --budget" if result["budget_explicit"] else f"{result['budget_fraction']} x the fp32 cache"
-        asked = f"budget {format_size(budget['budget_bytes'])} ({how})" if budget.get("budget_bytes") else "budget"
-        chose = (f"the planner chose {budget['encoding']}@{budget['compressor']}, "
-                 f"{format_size(budget['bytes_per_image'])}/image" if "encoding" in budget
-                 else "not written (its dump failed, see FAILED below)")
-        lines += ["", f"Caches ({fp32['samples']} samples): fp32 {format_size(fp32['bytes_per_image'])}/image; "
-                  f"{asked}: {chose}."]
-    if any(c[m]["step_time_without_neighbour"] for c in result["cells"].values() for m in MODES):
-        lines += ["", "\\* timed on runs that had no neighbour for most of their time (or whose timing is unknown, e.g. "
-                  "reused by --resume): not comparable with unstarred cells; bench/stage2.py gives clean step times."]
+    for name, cells in result["cells"].items():
+        row = ROWS[name]
+        metrics = FAMILIES[row.student].metrics
+        for mode in row.modes:
+            cell = cells.get(mode)
+            if cell is None:
+                continue
+
+            def join(part: Callable[[str], str]) -> str:
+                return " / ".join(part(f"{m}_AP") for m in metrics)
+
+            ap = join(lambda k: _pm(cell.get(f"{k}_mean", math.nan), cell.get(f"{k}_std", math.nan)))
+            vs = {ref: join(lambda k: _pm(cell[f"{k}_vs_{ref}"]["mean"], cell[f"{k}_vs_{ref}"]["std"], sign=True)
+                            if f"{k}_vs_{ref}" in cell else "") for ref in ("baseline", "init_only")}
+            decoder = cell.get("decoder") or {}
+            signal = (f"{decoder['loss_ident']:.3f} / {decoder['prior_entropy']:.3f}, AUC {decoder['auc']:.2f}"
+                      if {"loss_ident", "prior_entropy", "auc"} <= set(decoder) and decoder["auc"] is not None
+                      and not math.isnan(decoder["auc"]) else "")
+            lines.append(f"| {row.label} | {MODE_LABELS[mode]} | {cell['n']} | {ap} | {vs['baseline'].strip(' /')} "
+                         f"| {vs['init_only'].strip(' /')} | {signal} |")
+    teachers = ", ".join(f"{FAMILIES[f].label} " + " / ".join(f"{t[f'{m}_AP']:.1f}" for m in FAMILIES[f].metrics
+                                                                  if f"{m}_AP" in t)
+                         for f, t in result["teachers"].items() if any(k.endswith("_AP") for k in t))
+    if teachers:
+        lines += ["", f"Teachers (R-34, AP): {teachers}."]
+    budgets = [f"{FAMILIES[f].label} {c['budget']['encoding']}" for f, c in result["caches"].items()
+               if "encoding" in c.get("budget", {})]
+    if budgets:
+        lines += ["", f"Budget caches ({result['budget_fraction']} x fp32 feature bytes), the planner's choice: "
+                  + ", ".join(budgets) + "."]
     if result["failed"]:
-        lines += ["", "FAILED steps: " + ", ".join(result["failed"]) + " (cells with fewer seeds or n/a)."]
+        lines += ["", "FAILED steps: " + ", ".join(result["failed"]) + " (cells with fewer seeds or missing)."]
     return "\n".join(lines)
 
 
-def describe_caches(layout: Layout, tasks: dict[str, Task], budget_bytes: int | None) -> dict[str, Any]:
+def describe_teachers(layout: Layout) -> dict[str, dict[str, Any]]:
+    out = {}
+    for family in FAMILIES:
+        if finished_run(layout.teacher(family)):
+            out[family] = {**coco_metrics(layout.teacher(family)), **step_times(layout.teacher(family))}
+    return out
+
+
+def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
     from bench.stage1 import cache_bytes
     from cache_format import CacheReader
 
     out: dict[str, Any] = {}
-    for kind, url in layout.caches.items():
-        info: dict[str, Any] = {"path": str(url), "status": tasks[f"dump_{kind}"].status}
-        if info["status"] in ("ok", "reused"):
-            reader = CacheReader(str(url))
-            info.update(encoding=reader.encoding, compressor=reader.compressor, samples=reader.num_samples,
-                        **cache_bytes(str(url), reader.num_samples), dump_seconds=tasks[f"dump_{kind}"].seconds)
-        out[kind] = info
-    out["budget"]["budget_bytes"] = budget_bytes
-    log = layout.logs / "dump_budget.log"
-    if log.is_file():  # the planner's measured table, as the dump printed it
-        text = log.read_text(errors="replace")
-        start = text.find("plan:")
-        out["budget"]["plan_table"] = text[start:text.find("\ncache ", start)].strip() if start >= 0 else ""
+    for family in FAMILIES:
+        info: dict[str, Any] = {}
+        for kind in ("fp32", "budget"):
+            url = layout.cache(family, kind)
+            if complete_cache(url):
+                reader = CacheReader(str(url))
+                info[kind] = {"encoding": reader.encoding, "compressor": reader.compressor,
+                              "samples": reader.num_samples, **cache_bytes(str(url), reader.num_samples)}
+        if family in budgets and "budget" in info:
+            info["budget"]["budget_bytes"] = budgets[family]
+        if info:
+            out[family] = info
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1 seed, RetinaNet R-18 only, short schedules on a smaller set (minutes on 2 cores)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; 1 with --quick)")
-    parser.add_argument("--students", nargs="+", choices=sorted(STUDENTS), default=None,
-                        help="students to train (default both; RetinaNet R-18 with --quick)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full (CPU, the reported table), quick (a smoke test in minutes), gpu (larger, 1 job)")
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
+    parser.add_argument("--families", nargs="+", choices=list(ROWS), default=None,
+                        help="rows to run, in this order (default: every row of the size); finished runs of "
+                        "other rows still enter the table")
+    parser.add_argument("--online-families", nargs="*", choices=list(FAMILIES), default=list(DEFAULT_ONLINE),
+                        help="families that also run ICD online (a live teacher): default retinanet")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the size's, 3 for full)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json", help="JSON result")
     parser.add_argument("--work", type=Path, default=REPO / "output" / "bench_accuracy",
-                        help="work dir for the dataset, teacher, caches and runs (a full/ or quick/ subfolder)")
+                        help="work dir for the dataset, teachers, caches and runs (a subfolder per size)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="runs side by side (default: 1 on a GPU, else min(2, usable cores))")
+                        help="runs side by side (default: the size's; full/quick: min(2, usable cores) on CPU)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--budget", default=None, metavar="SIZE", help="explicit --budget of the budget cache")
+    group.add_argument("--budget", default=None, metavar="SIZE", help="explicit --budget of every budget cache")
     group.add_argument("--budget-fraction", type=float, default=DEFAULT_BUDGET_FRACTION, metavar="F",
-                       help=f"budget = F x the fp32 cache's bytes (default {DEFAULT_BUDGET_FRACTION}: below fp16's "
-                       "0.5, so the planner must choose a lossy encoding)")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the finished steps in the work dir (after an interruption); default: start afresh")
+                       help=f"budget = F x the fp32 cache's feature bytes (default {DEFAULT_BUDGET_FRACTION}: below "
+                       "fp16's 0.5, so the planner must choose a lossy encoding)")
+    parser.add_argument("--fresh", action="store_true", help="delete this size's work dir first (default: reuse "
+                        "every finished step)")
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    sizes = QUICK if args.quick else FULL
+    sizes = SIZES["quick" if args.quick else args.size]
     n_seeds = args.seeds if args.seeds is not None else sizes.seeds
     if n_seeds < 1:
         parser.error("--seeds must be at least 1")
     if not 0 < args.budget_fraction < 1:
         parser.error("--budget-fraction must be between 0 and 1 (a fraction of the fp32 cache's size)")
     seeds = list(range(n_seeds))
-    students = list(args.students or sizes.students)
+    rows = [ROWS[name] for name in (args.families or sizes.rows)]
+    missing = [str(p.relative_to(REPO)) for row in rows for p in (FAMILIES[row.teacher].teacher_config(row.teacher),
+               FAMILIES[row.student].student_config(row.student)) if not p.is_file()]
+    if missing:
+        parser.error(f"missing bench config(s) {', '.join(sorted(set(missing)))}")
 
     import torch
 
@@ -484,41 +628,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = args.jobs or (1 if device == "cuda" else max(1, min(2, usable)))
+    jobs = args.jobs or sizes.jobs or (1 if device == "cuda" else max(1, min(2, usable)))
     threads = max(1, usable // jobs)
     layout = Layout(args.work.resolve() / sizes.name)
-    if layout.root.exists() and not args.resume:
+    if args.fresh and layout.root.exists():
         shutil.rmtree(layout.root)
     layout.root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    print(f"accuracy benchmark ({sizes.name}): students {', '.join(students)}, seeds {seeds}, device {device}, "
-          f"{jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
+    print(f"accuracy benchmark ({sizes.name}): rows {', '.join(r.name for r in rows)}, seeds {seeds}, device "
+          f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
     if not (layout.synth / "annotations" / "instances_val.json").is_file():
         generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0)
 
-    budget_used: dict[str, int] = {}
+    budgets: dict[str, int] = {}
 
-    def budget() -> int:
-        budget_used["bytes"] = budget_for(layout, args.budget_fraction, args.budget)
-        return budget_used["bytes"]
+    def budget(family: str) -> int:
+        budgets[family] = budget_for(layout, family, args.budget_fraction, args.budget)
+        return budgets[family]
 
-    tasks = build_tasks(layout, sizes, seeds, students, ["MODEL.DEVICE", device], budget)
-    run_tasks(tasks, jobs, layout.logs, env, args.resume)
+    tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget)
+    run_tasks(tasks, jobs, layout.logs, env, resume=True)
     by_name = {t.name: t for t in tasks}
-    if "bytes" not in budget_used and by_name["dump_fp32"].status in ("ok", "reused"):
-        budget()  # reused budget cache: report the budget it would have had
-
-    teacher: dict[str, Any] = {"label": "RetinaNet R-34", "status": by_name["teacher"].status,
-                               "seconds": by_name["teacher"].seconds}
-    if teacher["status"] in ("ok", "reused"):
-        teacher.update(bbox_metrics(layout.teacher))
-        teacher.update(step_times(layout.teacher))
-    runs = collect(layout, students, seeds, by_name)
+    runs = collect(layout, seeds, args.online_families, by_name)
     failed = [t.name for t in tasks if t.status in ("failed", "skipped")]
     result: dict[str, Any] = {
         "benchmark": "accuracy",
-        "quick": bool(args.quick),
+        "size": sizes.name,
+        "quick": sizes.name == "quick",
         "date": now_iso(),
         "machine": machine_info(),
         "device": device,
@@ -527,16 +664,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "work": str(layout.root),
         "sizes": {"name": sizes.name, "train_images": sizes.train_images, "val_images": sizes.val_images,
                   "teacher_opts": list(sizes.teacher_opts), "student_opts": list(sizes.student_opts)},
-        "configs": {"teacher": str(TEACHER_CONFIG.relative_to(REPO)),
-                    **{s: str(STUDENTS[s][1].relative_to(REPO)) for s in students}},
+        "configs": {f: {"teacher": str(fam.teacher_config(f).relative_to(REPO)),
+                        "student": str(fam.student_config(f).relative_to(REPO))} for f, fam in FAMILIES.items()},
         "seeds": seeds,
-        "students": students,
+        "rows_run": [r.name for r in rows],
+        "online_families": list(args.online_families),
         "budget_fraction": args.budget_fraction,
         "budget_explicit": args.budget,
-        "teacher": teacher,
-        "caches": describe_caches(layout, by_name, budget_used.get("bytes")),
+        "teachers": describe_teachers(layout),
+        "caches": describe_caches(layout, budgets),
         "runs": runs,
-        "cells": aggregate(runs, students, jobs),
+        "cells": aggregate(runs, args.online_families),
         "failed": failed,
         "seconds": time.perf_counter() - start,
     }

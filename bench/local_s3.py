@@ -102,65 +102,48 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-class LatencyProxy:
+class _ServerInChild:
+    """A local server in a child process: its endpoint, the client environment for it, start/stop."""
+
+    _child: "_Child"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._child.port}"
+
+    def env(self) -> dict[str, str]:
+        return client_env(self.endpoint)
+
+    def cpu_seconds(self) -> float:
+        return self._child.cpu_seconds()
+
+    def start(self) -> Any:
+        self._child.start()
+        return self
+
+    def stop(self) -> None:
+        self._child.stop()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class LatencyProxy(_ServerInChild):
     """A TCP relay to an upstream endpoint that delays every client chunk by `latency_ms` (child process)."""
 
     def __init__(self, upstream_port: int, latency_ms: float) -> None:
         self.latency_ms = float(latency_ms)
         self._child = _Child(["proxy", "--upstream-port", str(upstream_port), "--latency-ms", str(latency_ms)])
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._child.port}"
 
-    def env(self) -> dict[str, str]:
-        return client_env(self.endpoint)
-
-    def cpu_seconds(self) -> float:
-        return self._child.cpu_seconds()
-
-    def start(self) -> "LatencyProxy":
-        self._child.start()
-        return self
-
-    def stop(self) -> None:
-        self._child.stop()
-
-    def __enter__(self) -> "LatencyProxy":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-class LocalS3:
+class LocalS3(_ServerInChild):
     """moto's S3 server on 127.0.0.1:<free port> in a child process (in memory: gone when stopped)."""
 
     def __init__(self) -> None:
         self._child = _Child(["moto"])
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._child.port}"
-
-    def env(self) -> dict[str, str]:
-        return client_env(self.endpoint)
-
-    def cpu_seconds(self) -> float:
-        return self._child.cpu_seconds()
-
-    def start(self) -> "LocalS3":
-        self._child.start()
-        return self
-
-    def stop(self) -> None:
-        self._child.stop()
-
-    def __enter__(self) -> "LocalS3":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def filesystem(self) -> Any:
         """A fresh (uncached) synchronous s3fs filesystem talking to this server."""

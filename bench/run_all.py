@@ -8,7 +8,7 @@ stdout and stderr kept in <results>/<name>.log and <name>.err.log. The summary h
 benchmark: the markdown tables the benchmark put under "markdown" in its JSON (or, lacking it, tables
 rendered from the JSON's fields), plus the machine (CPU model, cores, GPU, torch version) and the date. A benchmark
 that fails (non-zero exit, or no JSON) is reported as failed with the tail of its stderr, and run_all
-exits 1. The accuracy benchmark trains ~25 detectors (up to an hour on 2 CPU cores), so it runs only
+exits 1. The accuracy benchmark trains ~100 detectors (hours on 2 CPU cores), so it runs only
 with --with-accuracy.
 """
 from __future__ import annotations
@@ -237,7 +237,7 @@ def write_summary(results: Sequence[BenchResult], machine: dict[str, Any], path:
     parts = ["# Benchmark summary", "", status + ".", "", machine_section(machine, date or now_iso())]
     if skipped:
         parts += ["", "Not run: " + ", ".join(f"`{name}`" for name in skipped)
-                  + (" (pass --with-accuracy; it takes up to an hour on 2 CPU cores)"
+                  + (" (pass --with-accuracy; it takes hours on 2 CPU cores)"
                      if set(skipped) & set(SLOW_BENCHMARKS) else "") + "."]
     for result in results:
         parts += ["", benchmark_section(result)]
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (minutes, not hours)")
     parser.add_argument("--with-accuracy", action="store_true",
-                        help="also run bench/accuracy.py (trains ~25 detectors: up to an hour on 2 CPU cores, "
+                        help="also run bench/accuracy.py (trains ~100 detectors: hours on 2 CPU cores, "
                         "~8 minutes with --quick)")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS,
                         help=f"run only these benchmarks (of {', '.join(BENCHMARKS)})")

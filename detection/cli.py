@@ -15,13 +15,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("detection.eval_cli", "evaluate a detector with COCO AP"),
     "cache": ("cache_format.cli", "inspect / verify / plan / repack a teacher cache"),
     "dump": ("stage1_teacher_dump.cli", "stage one: dump the teacher's FPN features to a cache"),
+    "fit-decoder": ("stage2_student_distill.fit_decoder", "fit ICD's decoder from a cache, once for all students"),
     "distill": ("stage2_student_distill.cli", "stage two: train a student with ICD from a cache"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: icd <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `icd <command> --help` for the options of one command."]
     return "\n".join(lines)
 

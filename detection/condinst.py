@@ -25,7 +25,7 @@ stride-4 ground truth (pixels 0, 4, 8, ...) and all upsampling (``upsample_corne
 that convention, so every position agrees with the points FCOS classifies.
 
 State-dict names follow AdelaiDet's so that its checkpoints map by renaming (docs/METHOD.md,
-section 9): ``controller.*`` = ``controller.*``; ``mask_branch.refine.{i}.{0,1}``
+section 10): ``controller.*`` = ``controller.*``; ``mask_branch.refine.{i}.{0,1}``
 and ``mask_branch.tower.{j}`` = the same names; ``head.classification_head.conv.{j}`` =
 ``proposal_generator.fcos_head.cls_tower.{j}``; ``head.regression_head.conv.{j}`` = ``...bbox_tower.{j}``;
 ``head.regression_head.bbox_reg`` / ``bbox_ctrness`` / ``head.classification_head.cls_logits`` =

@@ -157,6 +157,18 @@ DEFAULTS: dict[str, Any] = {
         "TEMPERATURE": 1.0,
         "WARMUP_DETACH_ITERS": 1000,
         "REF_JITTER": 0.3,
+        # Sine temperature of the position embeddings of the keys and of the queries' reference points.
+        "POS_TEMPERATURE": 10000.0,
+        # "" (the paper): raw teacher tokens in the keys; "LN": layer-normalised first.
+        "KEY_NORM": "",
+        # "" (the paper) | "gaussian": a Gaussian around each query's reference point added to the
+        # attention logits, of initial width SPATIAL_PRIOR_SIGMA (normalised image units), learnt per query.
+        "SPATIAL_PRIOR": "",
+        "SPATIAL_PRIOR_SIGMA": 0.15,
+        # An `icd fit-decoder` checkpoint (decoder_final.pth) to start the decoder from; "": from scratch.
+        "DECODER_WEIGHTS": "",
+        # `icd fit-decoder`: fitting the decoder from the cache alone, before stage two.
+        "FIT": {"MAX_ITER": 2000, "IMS_PER_BATCH": 8, "HELD_OUT_FRACTION": 0.1, "CHECKPOINT_PERIOD": 500},
         "OPTIMIZER": {
             "BASE_LR": 1e-4,
             "WEIGHT_DECAY": 1e-4,

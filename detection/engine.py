@@ -209,6 +209,11 @@ class Trainer:
             )
         return total
 
+    def step_metrics(self) -> dict[str, Tensor]:
+        """Values of the last step logged next to its losses but not part of the loss (stage two: the
+        entropy of the identification task's real/fake prior, the level loss_ident must get below)."""
+        return {}
+
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, dict[str, float]]:
         """Run from the current iteration to SOLVER.MAX_ITER; return the final evaluation (if any)."""
@@ -219,7 +224,7 @@ class Trainer:
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-        log = _MetricsLog(self.output_dir, enabled=main)
+        log = MetricsLog(self.output_dir, enabled=main)
         bar = tqdm(total=self.max_iter, initial=self.iteration, desc="train", unit="it", disable=not main,
                    dynamic_ncols=True, mininterval=1.0)
         window = _Window()
@@ -234,7 +239,7 @@ class Trainer:
                 losses = self.run_step(batch)
                 self.iteration += 1
 
-                window.add(losses, time.perf_counter() - start, data_time)
+                window.add(losses, time.perf_counter() - start, data_time, metrics=self.step_metrics())
                 bar.update(1)
                 last = self.iteration == self.max_iter
                 if self.iteration % period_log == 0 or last:
@@ -304,10 +309,13 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def add(self, losses: dict[str, Tensor], seconds: float, data_seconds: float) -> None:
+    def add(self, losses: dict[str, Tensor], seconds: float, data_seconds: float,
+            metrics: dict[str, Tensor] | None = None) -> None:
+        """One iteration's losses (summed into total_loss), times, and metrics (logged, not summed)."""
         values = {k: float(v.detach()) for k, v in losses.items()}
         values.update(total_loss=float(sum(v.detach() for v in losses.values())), time=seconds,
                       data_time=data_seconds)
+        values.update({k: float(v) for k, v in (metrics or {}).items()})
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
@@ -322,7 +330,7 @@ class _Window:
         return dict(zip(keys, local.tolist()))
 
 
-class _MetricsLog:
+class MetricsLog:
     """OUTPUT_DIR/metrics.json (one JSON object per line, as detectron2) and TensorBoard scalars."""
 
     def __init__(self, output_dir: Path, enabled: bool) -> None:

@@ -25,7 +25,7 @@ Geometry follows AdelaiDet here: bilinear resampling with align_corners=False (p
 stride-4 ground truth (the same sample points as its OpenCV resize) and for upsampling masks.
 
 State-dict names follow AdelaiDet's so that its checkpoints map by renaming (docs/METHOD.md, section
-9): ``ins_head.{cate_tower,kernel_tower}.{j}``, ``ins_head.{cate_pred,kernel_pred}``,
+10): ``ins_head.{cate_tower,kernel_tower}.{j}``, ``ins_head.{cate_pred,kernel_pred}``,
 ``mask_head.convs_all_levels.{i}.conv{j}.{0,1}``, ``mask_head.conv_pred.{0,1}`` are AdelaiDet's names;
 the FPN is torchvision's (``backbone.fpn.*`` for detectron2's ``backbone.fpn_*``).
 """

@@ -61,7 +61,7 @@ DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 def default_distill_levels(architecture: str) -> list[str]:
     """The FPN levels ICD distils, all of the architecture's FPN: P3-P7 for RetinaNet, FCOS and CondInst
     (the authors' default), P2-P6 for the R-CNNs (their R-CNN configs) and SOLOv2 (its FPN has no P7)
-    (docs/METHOD.md, sections 1 and 9)."""
+    (docs/METHOD.md, sections 1 and 10)."""
     _check_architecture(architecture)
     if architecture in P2_P6:
         return ["p2", "p3", "p4", "p5", "p6"]

@@ -26,8 +26,10 @@ from detection.evaluation import evaluate, evaluate_checkpoint
 from detection.loader import build_train_loader
 from detection.zoo import DetectorAdapter, build_model
 from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, report_skipped
+from stage2_student_distill.fit_decoder import load_fitted_decoder
 from stage2_student_distill.icd import ICDModule
 from stage2_student_distill.online import OnlineTeacher, build_online_teacher
+from stage2_student_distill.signals import report_distill_signals
 from stage2_student_distill.trainer import DistillTrainer
 
 
@@ -104,6 +106,9 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
     prior, size_mean, size_std = class_statistics(index)
     icd = ICDModule.from_config(cfg, num_classes, student.out_channels, class_prior=prior,
                                 size_prior_mean=size_mean, size_prior_std=size_std)
+    if cfg.DISTILL.DECODER_WEIGHTS:  # a decoder fitted from the cache (`icd fit-decoder`), trained on jointly
+        load_fitted_decoder(icd, cfg.DISTILL.DECODER_WEIGHTS, cfg, levels,
+                            teacher=reader.attributes.get("teacher") if reader is not None and not online else None)
 
     teacher = None
     if online:
@@ -152,7 +157,12 @@ def distill(cfg: CfgNode, cache: str | None, online: bool, resume: bool, eval_on
     """One process's run: train the student (or with eval_only, only evaluate it); the final COCO metrics."""
     if eval_only:
         return evaluate_checkpoint(cfg, resume=resume)
-    return build_distill_trainer(cfg, cache, online=online, resume=resume).train()
+    trainer = build_distill_trainer(cfg, cache, online=online, resume=resume)
+    results = trainer.train()
+    if cache and not online and comm.is_main_process():  # what the decoder learnt, from the cached features
+        report_distill_signals(trainer.icd, cache, trainer.levels, trainer.strides, trainer.output_dir,
+                               trainer.iteration, int(trainer.cfg.SEED))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

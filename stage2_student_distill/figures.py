@@ -1,8 +1,12 @@
-"""Figures a person would rather look at than read: loss curves and instance-conditional attention maps.
+"""Figures a person would rather look at than read: loss curves, what the decoder learnt, attention maps.
 
-The attention maps come from the trained ICD decoder applied to CACHED teacher features of training
-samples (the teacher itself never runs): for each real instance, softmax over positions of its query's
-attention logits, averaged over heads, on the finest distilled level, overlaid on the replayed image.
+The loss curves draw loss_ident against the entropy of the batch's real/fake prior (dashed): the
+level a decoder that learnt nothing sits at. The decoder-signal panels compare runs on the numbers of
+signals.py (identification loss vs prior, real-vs-fake AUC, how alike different instances' attention
+maps are, attention mass inside the own box vs a uniform map). The attention maps come from the trained
+ICD decoder applied to CACHED teacher features of training samples (the teacher itself never runs): for
+each real instance, softmax over positions of its query's attention logits, averaged over heads, on the
+finest distilled level, overlaid on the replayed image.
 """
 from __future__ import annotations
 
@@ -25,10 +29,13 @@ from detection.checkpoint import load_checkpoint  # noqa: E402
 from detection.datasets import class_statistics, read_image, train_index  # noqa: E402
 from detection.errors import UserError  # noqa: E402
 from stage2_student_distill.icd import ICDModule  # noqa: E402
+from stage2_student_distill.signals import read_signals  # noqa: E402
 
 # Training-record keys that are bookkeeping, not losses (torchvision's loss names vary by architecture:
 # classification / bbox_regression / bbox_ctrness / loss_objectness ..., so losses are "everything else").
-NOT_LOSSES = {"iteration", "time", "data_time", "lr", "eta_seconds"}
+NOT_LOSSES = {"iteration", "time", "data_time", "lr", "eta_seconds", "ident_prior_entropy"}
+# Drawn dashed into the panel of the loss it is the reference level of.
+REFERENCE_LINES = {"loss_ident": "ident_prior_entropy"}
 
 
 def _loss_keys(record: Mapping[str, Any]) -> list[str]:
@@ -58,13 +65,45 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out: str | Path) -> Path:
             points = [(r["iteration"], r[name]) for r in recs if r.get(name) is not None]
             if points:
                 ax.plot(*zip(*points), label=label, color=colours[label], marker="." if len(points) < 20 else None)
-        ax.set_title(name)
+            reference = [(r["iteration"], r[REFERENCE_LINES[name]]) for r in recs
+                         if name in REFERENCE_LINES and r.get(REFERENCE_LINES[name]) is not None]
+            if reference:
+                ax.plot(*zip(*reference), color=colours[label], linestyle="--", linewidth=1)
+        ax.set_title(name + (" (dashed: prior's entropy)" if name in REFERENCE_LINES else ""), fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.legend(handles=[plt.Line2D([], [], color=c, label=label) for label, c in colours.items()],
                loc="lower right", fontsize=8)
+    return _save_figure(fig, out)
+
+
+def plot_decoder_signals(runs: Mapping[str, str | Path], out: str | Path) -> Path:
+    """Four panels, one bar per run (its decoder_signals.json), each against what a decoder that learnt
+    nothing gives: loss_ident vs the prior's entropy, AUC vs 0.5, pairwise map cosine vs 1, in-box mass
+    vs a uniform map's."""
+    signals = {label: read_signals(path) for label, path in runs.items()}
+    if not signals:
+        raise UserError("no runs to plot decoder signals of", "pass at least one decoder_signals.json")
+    panels = [("loss_ident", "prior_entropy", "identification loss\n(tick: prior's entropy)"),
+              ("auc", None, "real-vs-fake AUC\n(line: chance)"),
+              ("map_cosine", None, "pairwise cosine of instances' maps\n(line: identical)"),
+              ("inbox_mass", "inbox_uniform", "attention mass in own box\n(tick: uniform map)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    labels = list(signals)
+    x = np.arange(len(labels))
+    for ax, (key, reference, title) in zip(axes[0], panels):
+        values = [np.nan if signals[lb].get(key) is None else signals[lb][key] for lb in labels]
+        ax.bar(x, values, color=[f"C{i}" for i in range(len(labels))])
+        if reference is not None:
+            refs = [np.nan if signals[lb].get(reference) is None else signals[lb][reference] for lb in labels]
+            ax.scatter(x, refs, marker="_", s=600, color="black", zorder=3)
+        else:
+            ax.axhline(0.5 if key == "auc" else 1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
     return _save_figure(fig, out)
 
 

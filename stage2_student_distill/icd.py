@@ -12,6 +12,7 @@ the functions it calls state their shape contracts as asserts.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -19,20 +20,23 @@ from torch import Tensor, nn
 
 from cache_contract.geometry import level_size
 from detection.errors import UserError
-from stage2_student_distill.decoder import AuxiliaryPredictor, InstanceConditionalDecoder, check_heads
+from stage2_student_distill.decoder import AuxiliaryPredictor, DecoderOutput, InstanceConditionalDecoder, check_heads
 from stage2_student_distill.losses import (
     StudentValueProjection,
     distillation_loss,
     distillation_mask,
     identification_loss,
     localisation_loss,
+    prior_entropy,
 )
 from stage2_student_distill.queries import InstanceQueries, QueryBuilder, QueryEncoder
 from stage2_student_distill.tokens import (
+    SINE_TEMPERATURE,
     ImageSizes,
     Strides,
     flatten_levels,
     level_shapes,
+    normalised_token_centres,
     padding_mask,
     position_embedding,
     strides_for,
@@ -43,6 +47,18 @@ from stage2_student_distill.tokens import (
 def icd_targets(targets: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
     """Detection targets (labels 1..K, 0 = background) -> ICD query targets (labels 0..K-1)."""
     return [{"boxes": target["boxes"], "labels": torch.as_tensor(target["labels"]).long() - 1} for target in targets]
+
+
+@dataclass
+class DecodedBatch:
+    """The decoder's view of one batch: its queries, what it computed, and the token layout."""
+
+    queries: InstanceQueries
+    decoded: DecoderOutput
+    aux: Tensor  # [N, K, 5] auxiliary predictor outputs (identification logit, 4 distance logits)
+    key_padding: Tensor  # [N, S] bool, True at padding tokens
+    shapes: list[tuple[int, int]]  # (H, W) per level, in token order
+    strides: list[int]
 
 
 class ICDModule(nn.Module):
@@ -60,6 +76,10 @@ class ICDModule(nn.Module):
         max_queries: int = 300,
         temperature: float = 1.0,
         ref_jitter: float = 0.3,
+        pos_temperature: float = SINE_TEMPERATURE,
+        key_norm: str = "",
+        spatial_prior: str = "",
+        prior_sigma: float = 0.15,
         loss_weight: float = 8.0,
         class_prior: Tensor | Sequence[float] | None = None,
         size_prior_mean: Tensor | None = None,
@@ -73,17 +93,29 @@ class ICDModule(nn.Module):
                 "queries and tokens share one width",
             )
         check_heads(channels, num_heads)
+        if not loss_weight >= 0:
+            raise UserError(f"DISTILL.LAMBDA={loss_weight} must be >= 0",
+                            "use 8 (single-stage detectors) or 3 (R-CNNs); 0 trains the decoder but distils nothing "
+                            "(with DISTILL.INIT_FROM_TEACHER: the teacher-init-only control)")
         if temperature <= 0:
             raise UserError(f"DISTILL.TEMPERATURE={temperature} must be positive", "use 1.0 (the paper's value)")
+        if not pos_temperature > 1:
+            raise UserError(f"DISTILL.POS_TEMPERATURE={pos_temperature} must be > 1",
+                            "use 10000 (the paper's) or 20 (docs/METHOD.md, section 9.3)")
+        self.pos_temperature = float(pos_temperature)
         self.channels = channels
         self.temperature = float(temperature)
         self.loss_weight = float(loss_weight)
         self.query_builder = QueryBuilder(num_classes, class_prior, size_prior_mean, size_prior_std,
-                                          neg_ratio=neg_ratio, max_queries=max_queries, ref_jitter=ref_jitter)
+                                          neg_ratio=neg_ratio, max_queries=max_queries, ref_jitter=ref_jitter,
+                                          pos_temperature=pos_temperature)
         self.query_encoder = QueryEncoder(self.query_builder.descriptor_dim, hidden_dim, hidden_dim)
-        self.decoder = InstanceConditionalDecoder(channels, num_heads, ffn_dim)
+        self.decoder = InstanceConditionalDecoder(channels, num_heads, ffn_dim, key_norm=key_norm,
+                                                  spatial_prior=spatial_prior, prior_sigma=prior_sigma)
         self.aux_predictor = AuxiliaryPredictor(channels, hidden_dim)
         self.student_value = StudentValueProjection(channels, num_heads)
+        # Logged next to the losses, not optimised: {'ident_prior_entropy'} of the last forward().
+        self.last_metrics: dict[str, Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], num_classes: int, channels: int, *,
@@ -96,6 +128,8 @@ class ICDModule(nn.Module):
             num_heads=int(d["NUM_HEADS"]), hidden_dim=int(d["HIDDEN_DIM"]), ffn_dim=int(d["FFN_DIM"]),
             neg_ratio=float(d["NEG_RATIO"]), max_queries=int(d["MAX_QUERIES"]),
             temperature=float(d["TEMPERATURE"]), ref_jitter=float(d["REF_JITTER"]),
+            pos_temperature=float(d["POS_TEMPERATURE"]), key_norm=str(d["KEY_NORM"]),
+            spatial_prior=str(d["SPATIAL_PRIOR"]), prior_sigma=float(d["SPATIAL_PRIOR_SIGMA"]),
             loss_weight=float(d["LAMBDA"]),
             class_prior=class_prior, size_prior_mean=size_prior_mean, size_prior_std=size_prior_std,
         )
@@ -188,11 +222,29 @@ class ICDModule(nn.Module):
         device = teacher_features[levels[0]].device
         dtype = self.decoder.k_proj.weight.dtype
         key_padding = padding_mask(image_sizes, shapes, stride_list, device)  # [N, S], True at padding
-        pos = position_embedding(image_sizes, shapes, stride_list, device).to(dtype)  # [N, S, 256]
+        pos = position_embedding(image_sizes, shapes, stride_list, device,
+                                 temperature=self.pos_temperature).to(dtype)  # [N, S, 256]
         tokens = flatten_levels(teacher_features, levels).detach().to(dtype)  # [N, S, C]
         queries = self.query_builder(icd_targets(targets), image_sizes, generator, device)
-        decoded = self.decoder(self.query_encoder(queries.descriptors.to(dtype)), tokens, pos, key_padding)
+        token_xy = normalised_token_centres(image_sizes, shapes, stride_list, device).to(dtype)  # [N, S, 2]
+        decoded = self.decoder(self.query_encoder(queries.descriptors.to(dtype)), tokens, pos, key_padding,
+                               queries.ref_points.to(dtype), token_xy)
         return queries, decoded, key_padding, shapes, stride_list
+
+    def decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
+               targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str], strides: Strides,
+               generator: torch.Generator) -> DecodedBatch:
+        """Queries + decoder + auxiliary predictor on teacher features alone (no student needed)."""
+        queries, decoded, key_padding, shapes, stride_list = self._decode(
+            teacher_features, image_sizes, targets, levels, strides, generator)
+        return DecodedBatch(queries, decoded, self.aux_predictor(decoded.queries), key_padding, shapes, stride_list)
+
+    @staticmethod
+    def auxiliary_losses(batch: DecodedBatch) -> dict[str, Tensor]:
+        """{'loss_ident', 'loss_loc'}: the losses that train the query encoder and the decoder."""
+        q = batch.queries
+        return {"loss_ident": identification_loss(batch.aux, q.is_real, q.padding),
+                "loss_loc": localisation_loss(batch.aux, q.boxes, q.ref_points, q.is_real)}
 
     # -- training ---------------------------------------------------------------------------------
     def forward(
@@ -215,18 +267,17 @@ class ICDModule(nn.Module):
         loss trains only the student-side projection, not the student (first iterations).
         """
         self.check_inputs(teacher_features, student_features, image_sizes, targets, levels, strides, generator)
-        queries, decoded, key_padding, _, _ = self._decode(
-            teacher_features, image_sizes, targets, levels, strides, generator)
-        aux = self.aux_predictor(decoded.queries)  # [N, K, 5]
+        batch = self.decode(teacher_features, image_sizes, targets, levels, strides, generator)
+        decoded = batch.decoded
         student_tokens = flatten_levels(student_features, levels)  # [N, S, C]
         if detach_student:
             student_tokens = student_tokens.detach()
-        mask = distillation_mask(decoded.logits, queries.is_real, self.temperature)  # [N, heads, S]
+        mask = distillation_mask(decoded.logits, batch.queries.is_real, self.temperature)  # [N, heads, S]
+        self.last_metrics = {"ident_prior_entropy": prior_entropy(batch.queries.is_real, batch.queries.padding)}
         return {
             "loss_distill": distillation_loss(self.student_value(student_tokens.to(decoded.values.dtype)),
-                                              decoded.values, mask, key_padding, self.loss_weight),
-            "loss_ident": identification_loss(aux, queries.is_real, queries.padding),
-            "loss_loc": localisation_loss(aux, queries.boxes, queries.ref_points, queries.is_real),
+                                              decoded.values, mask, batch.key_padding, self.loss_weight),
+            **self.auxiliary_losses(batch),
         }
 
     # -- visualisation ----------------------------------------------------------------------------
@@ -276,12 +327,13 @@ def cosine_with_warmup(max_iter: int, warmup_iters: int, warmup_factor: float) -
     return multiplier
 
 
-def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any]
+def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any], max_iter: int | None = None
                         ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The ICD module's own optimizer (not the student's): AdamW(DISTILL.OPTIMIZER.BASE_LR, WEIGHT_DECAY)
-    with warm-up + cosine over SOLVER.MAX_ITER. Its gradient-norm clip is DISTILL.OPTIMIZER.CLIP_NORM."""
+    with warm-up + cosine over max_iter (default SOLVER.MAX_ITER). Its gradient-norm clip is
+    DISTILL.OPTIMIZER.CLIP_NORM, applied by the caller (the trainer clips after unscaling)."""
     opt_cfg = cfg["DISTILL"]["OPTIMIZER"]
-    max_iter = int(cfg["SOLVER"]["MAX_ITER"])
+    max_iter = int(cfg["SOLVER"]["MAX_ITER"] if max_iter is None else max_iter)
     lr, weight_decay = float(opt_cfg["BASE_LR"]), float(opt_cfg["WEIGHT_DECAY"])
     warmup_iters, warmup_factor = int(opt_cfg["WARMUP_ITERS"]), float(opt_cfg["WARMUP_FACTOR"])
     if max_iter < 1 or lr <= 0 or weight_decay < 0 or warmup_iters < 0 or not 0 < warmup_factor <= 1:

@@ -26,6 +26,19 @@ def identification_loss(aux_out: Tensor, is_real: Tensor, padding: Tensor) -> Te
     return torch.where(valid, per_query, torch.zeros_like(per_query)).sum() / valid.sum().clamp(min=1)
 
 
+def binary_entropy(p: float | Tensor) -> Tensor:
+    """H(p) in nats, 0 at p = 0 or 1: the BCE of always predicting the real fraction p."""
+    p = torch.as_tensor(p, dtype=torch.float64).clamp(0.0, 1.0)
+    q = 1.0 - p
+    return -(torch.xlogy(p, p) + torch.xlogy(q, q))
+
+
+def prior_entropy(is_real: Tensor, padding: Tensor) -> Tensor:
+    """The entropy of a batch's real/fake ratio over its non-padded queries (a float64 scalar)."""
+    valid = ~padding
+    return binary_entropy(is_real[valid].double().mean() if valid.any() else 0.0)
+
+
 def edge_distances(boxes: Tensor, ref_points: Tensor) -> Tensor:
     """Normalised distances [..., 4] from the reference point to the box's left, top, right, bottom edges."""
     return torch.cat([ref_points - boxes[..., :2], boxes[..., 2:] - ref_points], dim=-1)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import MLP
 
 from detection.errors import UserError
-from stage2_student_distill.tokens import SINE_FEATURES, ImageSizes, sine_features
+from stage2_student_distill.tokens import SINE_FEATURES, SINE_TEMPERATURE, ImageSizes, sine_features
 
 SCALE_BINS = 5  # per axis; the indicator is 2 * SCALE_BINS = 10 features
 FAKE_CENTRE_RANGE = (0.03, 0.97)
@@ -52,10 +52,10 @@ def scale_indicator(sizes_px: Tensor) -> Tensor:
     return F.one_hot(bins, SCALE_BINS).flatten(-2).float()
 
 
-def reference_point_embedding(points: Tensor) -> Tensor:
+def reference_point_embedding(points: Tensor, temperature: float = SINE_TEMPERATURE) -> Tensor:
     """[..., 2] normalised (x, y) -> [..., 256]: sine features of x then of y, angle = v * 2 pi."""
-    return torch.cat([sine_features(points[..., 0] * (2 * math.pi)),
-                      sine_features(points[..., 1] * (2 * math.pi))], dim=-1)
+    return torch.cat([sine_features(points[..., 0] * (2 * math.pi), temperature=temperature),
+                      sine_features(points[..., 1] * (2 * math.pi), temperature=temperature)], dim=-1)
 
 
 @dataclass
@@ -109,6 +109,7 @@ class QueryBuilder:
         neg_ratio: float = 5,
         max_queries: int = 300,
         ref_jitter: float = 0.3,
+        pos_temperature: float = SINE_TEMPERATURE,
     ) -> None:
         if num_classes < 1:
             raise UserError(f"num_classes must be >= 1, got {num_classes}", "pass the number of foreground classes")
@@ -121,6 +122,7 @@ class QueryBuilder:
         self.neg_ratio = float(neg_ratio)
         self.max_queries = int(max_queries)
         self.ref_jitter = float(ref_jitter)
+        self.pos_temperature = float(pos_temperature)
         self.class_prior = self._class_prior(class_prior)
         self.size_mean, self.size_std = self._size_prior(size_prior_mean, size_prior_std)
 
@@ -202,7 +204,7 @@ class QueryBuilder:
             ref = centre + jitter * wh
             descriptor = torch.cat([
                 F.one_hot(labels, self.num_classes).float(),
-                reference_point_embedding(ref),
+                reference_point_embedding(ref, self.pos_temperature),
                 scale_indicator(wh * scale[:2]),
             ], dim=1)
             per_image.append((descriptor, ref, boxes, labels, n, k))

@@ -118,3 +118,7 @@ class DistillTrainer(Trainer):
         self.scheduler.step()
         self.icd_scheduler.step()
         return losses
+
+    def step_metrics(self) -> dict[str, Tensor]:
+        """`ident_prior_entropy`: the loss_ident of always predicting this batch's real/fake ratio."""
+        return dict(self.icd.last_metrics)

@@ -2,6 +2,9 @@
 two) a tiny saved teacher with a cache of its features and a config for tiny ICD runs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,6 +170,21 @@ def teacher_cache(cfg_tiny: CfgNode, tiny_coco: dict[str, str], tmp_path_factory
         return _CACHES[key]
 
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_dump_cli(cfg: CfgNode, cache: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`icd dump` of cfg into `cache` as a user runs it: a subprocess (so it can be killed, or spawn ranks)."""
+    config = Path(cfg.OUTPUT_DIR) / "dump_config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(cfg.dump())
+    return subprocess.run(
+        [sys.executable, "-m", "detection.cli", "dump", "--config-file", str(config), "--cache", cache, *extra],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="session")

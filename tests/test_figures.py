@@ -14,7 +14,7 @@ from detection.datasets import class_statistics, load_dataset
 from detection.errors import UserError
 from detection.zoo import build_detector
 from stage1_teacher_dump.dump import run_dump
-from stage2_student_distill.figures import plot_attention_maps, plot_loss_curves
+from stage2_student_distill.figures import plot_attention_maps, plot_decoder_signals, plot_loss_curves
 from stage2_student_distill.icd import ICDModule
 
 
@@ -53,3 +53,20 @@ def test_attention_maps_from_cache_and_icd_checkpoint(cfg_tiny: CfgNode, tmp_pat
         assert image.size[1] > 100
     with pytest.raises(UserError, match="holds no ICD module"):
         plot_attention_maps(cfg, str(tmp_path / "cache"), tmp_path / "t.pth", tmp_path / "x.png")
+
+
+def test_prior_entropy_joins_the_loss_ident_panel_and_signals_plot(tmp_path: Path) -> None:
+    run = _metrics(tmp_path / "a" / "metrics.json", {"loss_ident": 0.4, "ident_prior_entropy": 0.45})
+    with Image.open(plot_loss_curves({"icd": run}, tmp_path / "one.png")) as image:
+        assert image.size[0] < 1.5 * image.size[1]  # one panel: the prior's entropy is not a loss of its own
+    signals = {"loss_ident": 0.3, "prior_entropy": 0.45, "auc": 0.9, "map_cosine": 0.1, "inbox_mass": 0.6,
+               "inbox_uniform": 0.09}
+    paths = {}
+    for name, values in {"learnt": signals, "not": {**signals, "auc": None}}.items():
+        paths[name] = tmp_path / name / "decoder_signals.json"
+        paths[name].parent.mkdir()
+        paths[name].write_text(json.dumps(values))
+    with Image.open(plot_decoder_signals(paths, tmp_path / "signals.png")) as image:
+        assert image.size[0] > 3 * image.size[1] > 0  # four panels in a row
+    with pytest.raises(UserError, match="no decoder signals"):
+        plot_decoder_signals({"missing": tmp_path / "nope.json"}, tmp_path / "x.png")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg_tiny, make_distill_cfg
+from conftest import make_cfg_tiny, make_distill_cfg, run_dump_cli
 
 from cache_format import CacheReader
 from cache_format import cli as cache_cli
@@ -99,16 +99,6 @@ def assert_same_samples(expected_url: str, actual_url: str) -> None:
             np.testing.assert_array_equal(sa.features[name], sb.features[name])
 
 
-def dump_cli(cfg, cache: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    config = Path(cfg.OUTPUT_DIR) / "dump_config.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(cfg.dump())
-    return subprocess.run(
-        [sys.executable, "-m", "detection.cli", "dump", "--config-file", str(config), "--cache", cache, *extra],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
-        timeout=300)
-
-
 def assert_no_secret(local_s3, texts: list[str], dirs: list[Path], prefixes: list[str]) -> None:
     """Neither the secret key nor the key id appears in output, files under `dirs` or stored objects."""
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
@@ -136,7 +126,7 @@ def test_kill_9_then_resume_on_s3(s3, teacher, reference) -> None:
     url = f"s3://{BUCKET}/killed/cache"
     out = cfg.clone()
     out.OUTPUT_DIR = str(work / "killed_output")
-    killed = dump_cli(out, url, env={KILL_AFTER_ENV: "10"})  # mid-shard: 2 shards of 4 committed
+    killed = run_dump_cli(out, url, env={KILL_AFTER_ENV: "10"})  # mid-shard: 2 shards of 4 committed
     assert killed.returncode == -9, killed.stderr
     partial = CacheReader(url).committed()
     assert 0 < partial.sum() < partial.size
@@ -153,7 +143,7 @@ def test_two_writer_processes_on_disjoint_shards(s3, teacher, reference) -> None
     url = f"s3://{BUCKET}/two/cache"
     out = cfg.clone()
     out.OUTPUT_DIR = str(work / "two_output")
-    result = dump_cli(out, url, "--num-gpus", "2")
+    result = run_dump_cli(out, url, "--num-gpus", "2")
     assert result.returncode == 0, result.stderr
     assert_same_samples(reference, url)
     assert_no_secret(s3, [result.stdout, result.stderr], [Path(out.OUTPUT_DIR)], ["two/cache"])

@@ -1,7 +1,6 @@
 """Stage one end to end on the tiny synthetic set: what the cache holds is what the teacher computes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import run_dump_cli
 
 from cache_format import CacheReader
 from detection.augment import AugmentationPlan, apply_boxes, apply_image
@@ -160,29 +161,18 @@ def test_finished_cache_stays_within_its_budget(teacher_cfg: CfgNode, tmp_path: 
     assert finished >= 1
 
 
-def _dump_cli(cfg: CfgNode, cache: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    config = Path(cfg.OUTPUT_DIR) / "dump_config.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(cfg.dump())
-    return subprocess.run(
-        [sys.executable, "-m", "detection.cli", "dump", "--config-file", str(config), "--cache", cache, *extra],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
-        timeout=300,
-    )
-
-
 def test_kill_9_then_resume_equals_uninterrupted_dump(teacher_cfg: CfgNode, tmp_path: Path) -> None:
     reference, crashed = str(tmp_path / "reference"), str(tmp_path / "crashed")
     run_dump(teacher_cfg, reference)
     kill_after = int(np.random.default_rng(0).integers(5, 27))  # mid-shard, after some shards committed
-    killed = _dump_cli(teacher_cfg, crashed, env={KILL_AFTER_ENV: str(kill_after)})
+    killed = run_dump_cli(teacher_cfg, crashed, env={KILL_AFTER_ENV: str(kill_after)})
     assert killed.returncode == -9, killed.stderr
     partial = CacheReader(crashed).committed()
     assert 0 < partial.sum() < partial.size
     verify = subprocess.run([sys.executable, "-m", "detection.cli", "cache", "verify", crashed, "--no-manifest"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr  # what is committed is intact; unfinished
-    resumed = _dump_cli(teacher_cfg, crashed, "--resume")
+    resumed = run_dump_cli(teacher_cfg, crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     for a, b in zip(_all_samples(reference), _all_samples(crashed)):
         assert a.meta == b.meta
@@ -193,7 +183,7 @@ def test_kill_9_then_resume_equals_uninterrupted_dump(teacher_cfg: CfgNode, tmp_
 def test_two_process_dump_equals_one_process_dump(teacher_cfg: CfgNode, tmp_path: Path) -> None:
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_dump(teacher_cfg, one)
-    result = _dump_cli(teacher_cfg, two, "--num-gpus", "2")
+    result = run_dump_cli(teacher_cfg, two, "--num-gpus", "2")
     assert result.returncode == 0, result.stderr
     for a, b in zip(_all_samples(one), _all_samples(two)):
         assert a.meta == b.meta

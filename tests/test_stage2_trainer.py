@@ -221,9 +221,15 @@ def test_icd_distill_trains_and_prints_the_coco_table(cfg_tiny, teacher_cache, d
     out = tmp_path / "out"
     config = str(save_config(distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), SOLVER={"MAX_ITER": 2}), tmp_path / "cfg"))
     assert cli.main(["--config-file", config, "--cache", url]) == 0
-    assert "Evaluation results for bbox" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Evaluation results for bbox" in printed and "real-vs-fake AUC" in printed
     assert "bbox" in json.loads((out / "inference" / "metrics.json").read_text())
     assert (out / "model_final.pth").is_file()
+    # what the decoder learnt: next to the losses every step, and measured on cached samples at the end
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert all(0 < r["ident_prior_entropy"] < 0.7 for r in records if "loss_ident" in r)
+    assert any("decoder/auc" in r for r in records)
+    assert json.loads((out / "decoder_signals.json").read_text())["num_real"] > 0
     # the final checkpoint's model is a plain student: --eval-only (icd eval's path) loads it
     assert cli.main(["--config-file", config, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")]) == 0
 
