@@ -82,6 +82,13 @@ FAMILIES = {
 }
 SAME_FAMILY_MODES = ("baseline", "init_only", "cached_fp32", "cached_budget", "online")
 CROSS_MODES = ("baseline", "init_only", "cached_fp32")
+# The ablation of a row (--ablate): cached fp32 ICD with one setting changed, to explain a delta.
+ABLATIONS = {
+    "lambda_2": ("DISTILL.LAMBDA", "2.0"),                  # a quarter of the loss weight
+    "detach_75": ("DISTILL.WARMUP_DETACH_ITERS", "75"),     # the student moves only in the second half
+    "paper_decoder": ("DISTILL.SPATIAL_PRIOR", "", "DISTILL.KEY_NORM", ""),  # the decoder that does not learn
+}
+DEFAULT_ABLATE = ("fcos_from_retinanet",)
 
 
 @dataclass(frozen=True)
@@ -354,12 +361,14 @@ def budget_for(layout: Layout, family: str, fraction: float, explicit: str | Non
     return int(fraction * measured["bytes_per_image"] * reader.num_samples + weights + metadata)
 
 
-def modes_of(row: Row, online: Sequence[str]) -> tuple[str, ...]:
-    return tuple(m for m in row.modes if m != "online" or row.name in online)
+def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = ()) -> tuple[str, ...]:
+    """The row's modes: online only for the --online-families, the ablation for the --ablate rows."""
+    modes = tuple(m for m in row.modes if m != "online" or row.student in online)
+    return modes + (tuple(ABLATIONS) if row.name in ablate else ())
 
 
 def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequence[Row], online: Sequence[str],
-                device_opts: list[str], budget: Callable[[str], int]) -> list[Task]:
+                device_opts: list[str], budget: Callable[[str], int], ablate: Sequence[str] = ()) -> list[Task]:
     """Every step of the selected rows, in priority order: row by row, each teacher before its students."""
     data = dataset_opts(layout)
     tasks: list[Task] = []
@@ -388,7 +397,7 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
 
         add(Task(f"dump_{teacher}_fp32", dump("fp32", lambda: [], ["CACHE.ENCODING", "fp32"]),
                  deps=(f"teacher_{teacher}",), done=lambda t=teacher: complete_cache(layout.cache(t, "fp32"))))
-        modes = modes_of(row, online)
+        modes = modes_of(row, online, ablate)
         if "cached_budget" in modes:
             # the budget is a fraction of the fp32 cache's measured size, hence built when the task starts
             add(Task(f"dump_{teacher}_budget",
@@ -403,6 +412,8 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
                 common = ["--config-file", student_config, "OUTPUT_DIR", str(out), "SEED", str(seed), *data,
                           *device_opts, *sizes.student_opts]
                 cmd, deps = {
+                    **{name: (icd("distill", "--cache", fp32, *common, *opts), (f"dump_{teacher}_fp32",))
+                       for name, opts in ABLATIONS.items()},
                     "baseline": (icd("train", *common), ()),
                     "init_only": (icd("distill", "--cache", fp32, *common, "DISTILL.LAMBDA", "0"),
                                   (f"dump_{teacher}_fp32",)),
@@ -415,12 +426,11 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
     return tasks
 
 
-def collect(layout: Layout, seeds: Sequence[int], online: Sequence[str], tasks: dict[str, Task]
-            ) -> list[dict[str, Any]]:
+def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task]) -> list[dict[str, Any]]:
     """Every run of every row, finished (by this invocation or an earlier one) or not."""
     runs = []
     for row in ROWS.values():
-        for mode in modes_of(row, online):
+        for mode in modes_of(row, FAMILIES, ROWS):  # every mode any invocation may have run
             for seed in seeds:
                 out = layout.run_dir(row, mode, seed)
                 task = tasks.get(task_name(row, mode, seed))
@@ -453,7 +463,7 @@ def paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]], key: str
     return mean, std, len(diffs)
 
 
-def aggregate(runs: list[dict[str, Any]], online: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per row and mode: AP mean/std over seeds, paired deltas vs baseline and init_only, decoder signals."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for row in ROWS.values():
@@ -461,7 +471,8 @@ def aggregate(runs: list[dict[str, Any]], online: Sequence[str]) -> dict[str, di
         done = [r for r in done if any(k.endswith("_AP") for k in r)]
         if not done:
             continue
-        by_mode = {m: [r for r in done if r["mode"] == m] for m in modes_of(row, online)}
+        by_mode = {m: [r for r in done if r["mode"] == m] for m in modes_of(row, FAMILIES, ROWS)}
+        by_mode = {m: rows for m, rows in by_mode.items() if rows}
         cells[row.name] = {}
         for mode, rows in by_mode.items():
             cell: dict[str, Any] = {"n": len(rows), "seeds": sorted(r["seed"] for r in rows)}
@@ -501,7 +512,9 @@ def _pm(mean: float, std: float, sign: bool = False) -> str:
 
 
 MODE_LABELS = {"baseline": "baseline (icd train)", "init_only": "teacher-init only (LAMBDA 0)",
-               "cached_fp32": "ICD cached fp32", "cached_budget": "ICD cached, budget", "online": "ICD online"}
+               "cached_fp32": "ICD cached fp32", "cached_budget": "ICD cached, budget", "online": "ICD online",
+               "lambda_2": "ablation: ICD cached fp32, LAMBDA 2", "detach_75": "ablation: ICD, student detached 75 it",
+               "paper_decoder": "ablation: ICD, paper's decoder (no prior, raw keys)"}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -518,7 +531,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     for name, cells in result["cells"].items():
         row = ROWS[name]
         metrics = FAMILIES[row.student].metrics
-        for mode in row.modes:
+        for mode in modes_of(row, FAMILIES, ROWS):
             cell = cells.get(mode)
             if cell is None:
                 continue
@@ -588,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "other rows still enter the table")
     parser.add_argument("--online-families", nargs="*", choices=list(FAMILIES), default=list(DEFAULT_ONLINE),
                         help="families that also run ICD online (a live teacher): default retinanet")
+    parser.add_argument("--ablate", nargs="*", choices=list(ROWS), default=list(DEFAULT_ABLATE),
+                        help="rows that also run the ablation (" + ", ".join(ABLATIONS) + "): default "
+                        "fcos_from_retinanet, the row where ICD hurt")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the size's, 3 for full)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json", help="JSON result")
     parser.add_argument("--work", type=Path, default=REPO / "output" / "bench_accuracy",
@@ -647,10 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets[family] = budget_for(layout, family, args.budget_fraction, args.budget)
         return budgets[family]
 
-    tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget)
+    tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget,
+                        args.ablate)
     run_tasks(tasks, jobs, layout.logs, env, resume=True)
     by_name = {t.name: t for t in tasks}
-    runs = collect(layout, seeds, args.online_families, by_name)
+    runs = collect(layout, seeds, by_name)
     failed = [t.name for t in tasks if t.status in ("failed", "skipped")]
     result: dict[str, Any] = {
         "benchmark": "accuracy",
@@ -674,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "teachers": describe_teachers(layout),
         "caches": describe_caches(layout, budgets),
         "runs": runs,
-        "cells": aggregate(runs, args.online_families),
+        "ablate": list(args.ablate),
+        "cells": aggregate(runs),
         "failed": failed,
         "seconds": time.perf_counter() - start,
     }
