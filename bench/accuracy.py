@@ -615,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-fraction", type=float, default=DEFAULT_BUDGET_FRACTION, metavar="F",
                        help=f"budget = F x the fp32 cache's feature bytes (default {DEFAULT_BUDGET_FRACTION}: below "
                        "fp16's 0.5, so the planner must choose a lossy encoding)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the table and the JSON from the finished runs in the work dir")
     parser.add_argument("--fresh", action="store_true", help="delete this size's work dir first (default: reuse "
                         "every finished step)")
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
@@ -628,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_seeds = args.seeds if args.seeds is not None else sizes.seeds
     if n_seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.report_only and args.fresh:
+        parser.error("--report-only reads the work dir that --fresh would delete")
     if not 0 < args.budget_fraction < 1:
         parser.error("--budget-fraction must be between 0 and 1 (a fraction of the fp32 cache's size)")
     seeds = list(range(n_seeds))
@@ -654,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"accuracy benchmark ({sizes.name}): rows {', '.join(r.name for r in rows)}, seeds {seeds}, device "
           f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
-    if not (layout.synth / "annotations" / "instances_val.json").is_file():
+    if not args.report_only and not (layout.synth / "annotations" / "instances_val.json").is_file():
         generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0)
 
     budgets: dict[str, int] = {}
@@ -665,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget,
                         args.ablate)
+    if args.report_only:
+        tasks = []
     run_tasks(tasks, jobs, layout.logs, env, resume=True)
     by_name = {t.name: t for t in tasks}
     runs = collect(layout, seeds, by_name)
