@@ -45,7 +45,14 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detection.errors import UserError
-from detection.mask_ops import dice_loss, group_norm, mask_centroids, pad_masks, upsample_corner_aligned
+from detection.mask_ops import (
+    ForwardFromFeatures,
+    dice_loss,
+    group_norm,
+    mask_centroids,
+    pad_masks,
+    upsample_corner_aligned,
+)
 
 # CondInst's mask features come from P3, the first level of its P3-P7 FPN.
 MASK_FEATURE_STRIDE = 8
@@ -188,7 +195,7 @@ def fcos_matching(anchors: Tensor, num_per_level: list[int], boxes: Tensor, cent
     return matched
 
 
-class CondInst(FCOS):
+class CondInst(ForwardFromFeatures, FCOS):
     """torchvision's FCOS + controller + mask branch + dynamic mask heads (see the module docstring).
 
     Args (beyond FCOS's): mask_branch_channels / mask_branch_out_channels / mask_branch_convs /
@@ -215,12 +222,6 @@ class CondInst(FCOS):
         nn.init.zeros_(self.controller.bias)
 
     # --- the whole model, torchvision-style ------------------------------------------------------
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Training: the loss dict; eval: per image {boxes, scores, labels, masks [n, 1, h, w] probabilities}."""
-        image_list, targets = self.transform(images, targets)
-        return self.forward_from_features(image_list, self.backbone(image_list.tensors), targets)
-
     def forward_from_features(self, image_list: ImageList, features: "OrderedDict[str, Tensor]",
                               targets: list[dict[str, Tensor]] | None = None
                               ) -> dict[str, Tensor] | list[dict[str, Tensor]]:

@@ -1,4 +1,5 @@
-"""Small tensor operations the dense instance-segmentation models (CondInst, SOLOv2) share.
+"""Small tensor operations the dense instance-segmentation models (CondInst, SOLOv2) share, and their
+common forward (transform, backbone + FPN, then everything after the features).
 
 Written here because torchvision has no dice loss, no integer-factor upsampling that keeps the
 "feature pixel i sits on image pixel i * stride" convention of its FCOS anchors, and its GroupNorm
@@ -11,6 +12,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detection.errors import UserError
+
+
+class ForwardFromFeatures:
+    """`forward` = transform -> backbone + FPN -> `forward_from_features`, torchvision-style.
+
+    Split so that a caller holding the FPN features (stage two's student, which distils them) runs the
+    rest of the model on them without a second backbone pass. Mixed into nn.Module subclasses that
+    define `transform`, `backbone` and `forward_from_features`.
+    """
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: the loss dict; eval: per image {boxes, scores, labels, masks [n, 1, h, w] probabilities}."""
+        image_list, targets = self.transform(images, targets)
+        return self.forward_from_features(image_list, self.backbone(image_list.tensors), targets)
 
 
 def dice_loss(probs: Tensor, targets: Tensor, eps: float) -> Tensor:

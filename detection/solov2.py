@@ -43,7 +43,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
 
 from detection.errors import UserError
-from detection.mask_ops import coordinate_channels, dice_loss, group_norm, mask_centroids, pad_masks
+from detection.mask_ops import ForwardFromFeatures, coordinate_channels, dice_loss, group_norm, mask_centroids, pad_masks
 
 # AdelaiDet's defaults (MODEL.SOLOV2.*); the grids and ranges are per instance level (P2..P6).
 NUM_GRIDS = (40, 36, 24, 16, 12)
@@ -217,7 +217,7 @@ def matrix_nms(labels: Tensor, masks: Tensor, scores: Tensor, sigma: float = 2.0
     return scores * ratio.amin(dim=0)
 
 
-class SOLOv2(nn.Module):
+class SOLOv2(ForwardFromFeatures, nn.Module):
     """SOLOv2 on a P2-P6 FPN backbone (see the module docstring); `num_classes` = K + 1 as every project model.
 
     The category branch has K sigmoid outputs (class k -> label k + 1); there is no background output.
@@ -251,12 +251,6 @@ class SOLOv2(nn.Module):
         self.detections_per_img = detections_per_img
         self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                                   image_std or [0.229, 0.224, 0.225], **transform_kwargs)
-
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Training: {loss_ins, loss_cate}; eval: per image {boxes, scores, labels, masks [n, 1, h, w] probabilities}."""
-        image_list, targets = self.transform(images, targets)
-        return self.forward_from_features(image_list, self.backbone(image_list.tensors), targets)
 
     def forward_from_features(self, image_list: ImageList, features: "OrderedDict[str, Tensor]",
                               targets: list[dict[str, Tensor]] | None = None
