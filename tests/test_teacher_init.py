@@ -23,12 +23,17 @@ def _state(model: DetectorAdapter) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.fpn_and_head_state_dict().items()}
 
 
-def test_fcos_student_takes_no_tensor_of_a_retinanet_head(cfg_tiny):
-    teacher = _state(_build(cfg_tiny, "RetinaNet", 0))
-    student = _build(cfg_tiny, "FCOS", 1)
+def _init(cfg, teacher_arch: str, student_arch: str):
+    """A seeded teacher's FPN + head state, the student's state before and after init_from_teacher, the report."""
+    teacher = _state(_build(cfg, teacher_arch, 0))
+    student = _build(cfg, student_arch, 1)
     before = _state(student)
-    report = init_from_teacher(student, teacher, "RetinaNet")
-    after = _state(student)
+    report = init_from_teacher(student, teacher, teacher_arch)
+    return teacher, before, report, _state(student)
+
+
+def test_fcos_student_takes_no_tensor_of_a_retinanet_head(cfg_tiny):
+    teacher, before, report, after = _init(cfg_tiny, "RetinaNet", "FCOS")
     head = sorted(k for k in teacher if k.startswith("head."))
     assert report.head == [] and not report.same_family and sorted(report.skipped_head) == head
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("backbone.fpn."))
@@ -62,11 +67,7 @@ def test_same_family_loads_fpn_and_head(cfg_tiny):
 
 def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
     """A P3-P7 RetinaNet teacher's P3..P5 convs land on a P2-P6 Faster R-CNN student's P3..P5, not on P2..P4."""
-    teacher = _state(_build(cfg_tiny, "RetinaNet", 0))
-    student = _build(cfg_tiny, "FasterRCNN", 1)
-    before = _state(student)
-    report = init_from_teacher(student, teacher, "RetinaNet")
-    after = _state(student)
+    teacher, before, report, after = _init(cfg_tiny, "RetinaNet", "FasterRCNN")
     for kind in ("inner_blocks", "layer_blocks"):
         for i in range(3):  # teacher P3, P4, P5 -> student indices 1, 2, 3
             for p in ("weight", "bias"):
@@ -77,7 +78,7 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
 
     # and back: the R-CNN's P3..P5 go to the RetinaNet's P3..P5; its P2 has no counterpart
     back = _build(cfg_tiny, "RetinaNet", 2)
-    report = init_from_teacher(back, _state(student), "FasterRCNN")
+    report = init_from_teacher(back, after, "FasterRCNN")
     assert torch.equal(back.fpn_and_head_state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
                        after["backbone.fpn.layer_blocks.1.0.weight"])
     assert sorted(k for k in report.skipped_mismatch if k.startswith("backbone.")) == [
