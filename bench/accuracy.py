@@ -482,7 +482,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                 cell[f"{key}_mean"], cell[f"{key}_std"] = mean, std
                 cell[f"{key}_per_seed"] = {r["seed"]: r[key] for r in rows if key in r}
                 for ref in ("baseline", "init_only"):
-                    if mode != ref and ref in by_mode:
+                    if mode not in (ref, "baseline") and ref in by_mode:  # the baseline is every delta's origin
                         d_mean, d_std, n = paired(rows, by_mode[ref], key)
                         cell[f"{key}_vs_{ref}"] = {"mean": d_mean, "std": d_std, "n": n}
             step, _ = mean_std([r["step_s"] for r in rows if "step_s" in r])
