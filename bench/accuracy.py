@@ -271,7 +271,9 @@ def decoder_signals(output_dir: Path) -> dict[str, float]:
     path = output_dir / "decoder_signals.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    from stage2_student_distill.signals import read_signals
+
+    data = read_signals(path)
     return {k: data[k] for k in ("loss_ident", "prior_entropy", "auc", "map_cosine", "inbox_mass", "inbox_uniform")
             if isinstance(data.get(k), (int, float))}
 
@@ -361,6 +363,11 @@ def budget_for(layout: Layout, family: str, fraction: float, explicit: str | Non
     return int(fraction * measured["bytes_per_image"] * reader.num_samples + weights + metadata)
 
 
+def every_mode(row: Row) -> tuple[str, ...]:
+    """Every mode any invocation may have run for the row (online and ablation included)."""
+    return modes_of(row, online=FAMILIES, ablate=ROWS)
+
+
 def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = ()) -> tuple[str, ...]:
     """The row's modes: online only for the --online-families, the ablation for the --ablate rows."""
     modes = tuple(m for m in row.modes if m != "online" or row.student in online)
@@ -430,7 +437,7 @@ def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task]) -> lis
     """Every run of every row, finished (by this invocation or an earlier one) or not."""
     runs = []
     for row in ROWS.values():
-        for mode in modes_of(row, FAMILIES, ROWS):  # every mode any invocation may have run
+        for mode in every_mode(row):
             for seed in seeds:
                 out = layout.run_dir(row, mode, seed)
                 task = tasks.get(task_name(row, mode, seed))
@@ -471,7 +478,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         done = [r for r in done if any(k.endswith("_AP") for k in r)]
         if not done:
             continue
-        by_mode = {m: [r for r in done if r["mode"] == m] for m in modes_of(row, FAMILIES, ROWS)}
+        by_mode = {m: [r for r in done if r["mode"] == m] for m in every_mode(row)}
         by_mode = {m: rows for m, rows in by_mode.items() if rows}
         cells[row.name] = {}
         for mode, rows in by_mode.items():
@@ -531,7 +538,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     for name, cells in result["cells"].items():
         row = ROWS[name]
         metrics = FAMILIES[row.student].metrics
-        for mode in modes_of(row, FAMILIES, ROWS):
+        for mode in every_mode(row):
             cell = cells.get(mode)
             if cell is None:
                 continue

@@ -144,3 +144,14 @@ def recorded_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
         raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
                          "re-create the cache with `icd dump`, which stores the plan it used")
     return AugmentationPlan.from_dict(attributes["augmentation"], source=f"cache {url}")
+
+
+def dataset_mismatch(attributes: Mapping[str, Any], url: str, index: CocoIndex) -> str | None:
+    """Why a cache was not dumped from `index`'s annotation file (sha256 of its content), or None if it was."""
+    recorded = attributes.get("dataset", {}) or {}
+    sha = recorded.get("annotation_sha256", "")
+    if not sha or sha == index.json_sha256:
+        return None
+    return (f"the cache {url} was dumped from annotation file {recorded.get('annotation_file', '?')}, "
+            f"but DATASETS.TRAIN is {index.json_path}, whose content differs (sha256 {index.json_sha256[:12]}... "
+            f"vs {sha[:12]}...)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cache_contract.identity import preprocessing_identity, recorded_plan
+from cache_contract.identity import dataset_mismatch, preprocessing_identity, recorded_plan
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
 from detection import distributed as comm
@@ -59,15 +59,10 @@ def check_cache(reader: CacheReader, cfg: Any, index: CocoIndex, student: Detect
     weights do not matter, but its preprocessing and dataset still must match.
     """
     check_compatibility(reader.attributes, student_identity(cfg, student, levels if features else []))
-    recorded = reader.attributes.get("dataset", {}) or {}
-    sha = recorded.get("annotation_sha256", "")
-    if sha and sha != index.json_sha256:
-        raise UserError(
-            f"the cache {reader.url} was dumped from annotation file {recorded.get('annotation_file', '?')}, "
-            f"but DATASETS.TRAIN is {index.json_path}, whose content differs (sha256 {index.json_sha256[:12]}... "
-            f"vs {sha[:12]}...)",
-            "train the student on the dataset the cache was made from, or dump a cache for this dataset",
-        )
+    mismatch = dataset_mismatch(reader.attributes, reader.url, index)
+    if mismatch:
+        raise UserError(mismatch, "train the student on the dataset the cache was made from, or dump a cache for "
+                        "this dataset")
     cached_k = reader.attributes.get("num_classes")
     if cached_k is not None and int(cached_k) != index.num_classes:
         raise UserError(f"the cache {reader.url} has {cached_k} classes, the training dataset {index.num_classes}",

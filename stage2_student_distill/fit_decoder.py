@@ -33,11 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cache_contract.identity import dataset_mismatch
 from cache_format import CacheReader
 from detection.checkpoint import capture_rng_state, last_checkpoint, load_checkpoint, resume_from, save_checkpoint
 from detection.commands import default_argument_parser, default_setup, run_command
 from detection.config import CfgNode, setup_cfg
-from detection.datasets import CocoIndex, class_statistics
+from detection.datasets import class_statistics
 from detection.engine import MetricsLog
 from detection.errors import UserError
 from stage2_student_distill.icd import ICDModule, build_icd_optimizer
@@ -124,7 +125,9 @@ class DecoderFitter:
         self.reader = CacheReader(cache)
         cfg, index = default_setup(cfg, need_train_index=True)  # seeds, resolves K, saves config.yaml
         self.cfg, self.output_dir = cfg, Path(cfg.OUTPUT_DIR)
-        _check_dataset(self.reader, index)
+        mismatch = dataset_mismatch(self.reader.attributes, self.reader.url, index)
+        if mismatch:
+            raise UserError(mismatch, "fit the decoder with the dataset the cache was made from")
         self.levels = fit_levels(cfg, self.reader)
         self.strides = {lv.name: lv.stride for lv in self.reader.levels if lv.name in self.levels}
         self.identity = fit_identity(cfg, self.reader, self.levels, index.num_classes)
@@ -213,15 +216,6 @@ class DecoderFitter:
                                      self.held_samples if len(self.held_samples) else self.fit_samples)
         return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels), self.levels,
                        self.strides, seed=int(self.cfg.SEED))
-
-
-def _check_dataset(reader: CacheReader, index: CocoIndex) -> None:
-    recorded = reader.attributes.get("dataset", {}) or {}
-    sha = recorded.get("annotation_sha256", "")
-    if sha and sha != index.json_sha256:
-        raise UserError(f"the cache {reader.url} was dumped from annotation file "
-                        f"{recorded.get('annotation_file', '?')}, but DATASETS.TRAIN is {index.json_path}, whose "
-                        "content differs", "fit the decoder with the dataset the cache was made from")
 
 
 def load_fitted_decoder(icd: ICDModule, path: str | Path, cfg: Any, levels: Sequence[str],
