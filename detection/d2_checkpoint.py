@@ -8,7 +8,7 @@ Accepted files:
 - Caffe2-named ImageNet backbones (detectron2's ImageNetPretrained/MSRA/R-50.pkl: "res2_0_branch2a_w",
   "matching_heuristics"): backbone only, FrozenBN statistics 0 / 1 as detectron2 fills them in.
 
-Detection checkpoints (RetinaNet, Faster R-CNN, Mask R-CNN, AdelaiDet FCOS) load all or nothing: every
+Detection checkpoints (RetinaNet, Faster R-CNN, Mask R-CNN, AdelaiDet FCOS and SOLOv2) load all or nothing: every
 tensor of the model must come from the file and every tensor of the file must be used or be one of
 the known derived buffers (pixel mean/std, cell anchors: checked against the config, then skipped),
 else one UserError says what differs. The loader prints what was loaded as is, what was converted
@@ -43,7 +43,11 @@ FAMILY_NAMES = {"RetinaNet": "RetinaNet", "FasterRCNN": "Faster R-CNN", "MaskRCN
 TEACHER_CONFIGS = {"RetinaNet": "configs/Teachers/retinanet_R_101_FPN_3x.yaml",
                    "FasterRCNN": "configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml",
                    "MaskRCNN": "configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
-                   "FCOS": "configs/Teachers/fcos_R_101_FPN_3x.yaml"}
+                   "FCOS": "configs/Teachers/fcos_R_101_FPN_3x.yaml",
+                   "SOLOv2": "configs/Teachers/solov2_R_101_FPN_3x.yaml"}
+# The project's own modules whose geometry already is AdelaiDet's: their checkpoints need no
+# MODEL.CONVENTIONS detectron2 (which does not apply to them).
+ADELAIDET_NATIVE = ("SOLOv2",)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -205,6 +209,8 @@ class Rule:
     kind: str = ""
     num_anchors: int = 1
 
+    # kind "classes": K classes in both layouts, copied as is; only the class count is checked.
+
     @property
     def note(self) -> str:
         return {"sigmoid_classes": f"background class added (logit {BACKGROUND_LOGIT:g}, never scores)",
@@ -327,6 +333,10 @@ def rule_for(key: str, family: str, lateral_base: int, num_anchors: int) -> Rule
         m = re.match(re.escape(head) + r"scales\.(\d)\.scale$", key)
         if m:
             return Rule(f"head.regression_head.scales.{m.group(1)}")
+    if family == "SOLOv2" and key.startswith(("ins_head.", "mask_head.")):
+        # detection/solov2.py keeps AdelaiDet's module tree (towers as flat conv-GN-ReLU Sequentials), so
+        # the names are the same; the category branch has K sigmoid classes in both (no background).
+        return Rule(key, "classes" if key.startswith("ins_head.cate_pred.") else "")
     return None
 
 
@@ -349,7 +359,7 @@ def _model_facts(adapter: nn.Module) -> dict[str, Any]:
     depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((len(blocks), bottleneck))
     options = dict(getattr(model.transform, "options", {}) or {})
     return {"own": own, "architecture": adapter.architecture, "depth": depth, "options": options,
-            "lateral_base": 2 if adapter.architecture in ("FasterRCNN", "MaskRCNN") else 3}
+            "lateral_base": 2 if adapter.architecture in ("FasterRCNN", "MaskRCNN", "SOLOv2") else 3}
 
 
 def _num_anchors(own: dict[str, Tensor], architecture: str) -> int:
@@ -365,6 +375,8 @@ def _classes(rule: Rule, value: Tensor) -> int:
         return n // rule.num_anchors if n % rule.num_anchors == 0 else -1
     if rule.kind == "softmax_background":
         return n - 1
+    if rule.kind == "classes":
+        return n
     if rule.kind == "box_deltas":
         return 0 if n == 4 else n // 4
     return 0 if n == 1 else n  # masks
@@ -376,17 +388,22 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     own, arch = facts["own"], facts["architecture"]
     family = ckpt.family
     what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
-    if family in ("CondInst", "SOLOv2"):
-        raise UserError(f"{what}; converting AdelaiDet {family} checkpoints is not implemented (the project's "
-                        f"{family} is its own module); nothing was loaded.",
-                        f"train the {family} teacher with `icd train`, or use a detectron2/AdelaiDet RetinaNet, "
-                        "Faster R-CNN, Mask R-CNN or FCOS checkpoint")
+    if family == "CondInst":
+        # AdelaiDet's CondInst puts its locations at cell centres, scales boxes per level and upsamples
+        # masks with its aligned_bilinear; the project's CondInst keeps torchvision FCOS's corner-aligned
+        # locations and has no per-level scales, so the weights would compute another function.
+        raise UserError(f"{what}; the project's CondInst does not compute AdelaiDet's function (cell-centred "
+                        "locations, per-level box scales, aligned mask upsampling), so it is not converted; "
+                        "nothing was loaded.",
+                        "train the CondInst teacher with `icd train`, or distil from an AdelaiDet FCOS teacher "
+                        f"({TEACHER_CONFIGS['FCOS']}): ICD distils FPN features, which serve any P3-P7 student")
     if family == "unknown" or (family != "backbone" and family != arch):
         fix = (f"use {TEACHER_CONFIGS[family]} (or MODEL.META_ARCHITECTURE {family} with its options)"
                if family in TEACHER_CONFIGS else
-               "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN or FCOS checkpoint, or an ImageNet backbone")
+               "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS or SOLOv2 checkpoint, or an "
+               "ImageNet backbone")
         raise UserError(f"{what}, but the config builds {arch}; nothing was loaded.", fix)
-    if family != "backbone" and facts["options"].get("conventions") != "detectron2":
+    if family not in ("backbone", *ADELAIDET_NATIVE) and facts["options"].get("conventions") != "detectron2":
         raise UserError(f"{what}, but the model is built with torchvision's conventions, so the weights would "
                         "compute another function (anchors, RoI pooling, post-processing differ); nothing was loaded.",
                         f"use {TEACHER_CONFIGS[family]}, or set MODEL.CONVENTIONS detectron2 with MODEL.INPUT_FORMAT, "
@@ -425,7 +442,10 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
                                 "set's categories)")
                 continue
             tensor = rule.convert(tensor, model_k + 1)
-            out.converted.append(f"{key}: {rule.note}")
+            if rule.note:
+                out.converted.append(f"{key}: {rule.note}")
+            else:
+                out.loaded += 1
         else:
             out.loaded += 1
         if tuple(tensor.shape) != shape:
@@ -452,6 +472,8 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
 def _model_classes(own: dict[str, Tensor], arch: str, num_anchors: int) -> int:
     if arch in ("FasterRCNN", "MaskRCNN"):
         return int(own["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
+    if arch == "SOLOv2":
+        return int(own["ins_head.cate_pred.weight"].shape[0])
     return int(own["head.classification_head.cls_logits.weight"].shape[0]) // num_anchors - 1
 
 

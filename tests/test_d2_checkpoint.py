@@ -26,6 +26,9 @@ D2_OPTIONS = {"CONVENTIONS": "detectron2", "INPUT_FORMAT": "BGR", "PIXEL_MEAN": 
               "BACKBONE": {"NORM": "FrozenBN", "DEPTH": 18}}
 
 
+SOLO = {"INSTANCE_CHANNELS": 64, "NUM_INSTANCE_CONVS": 2, "MASK_CHANNELS": 32, "NUM_MASKS": 32}
+
+
 def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: str = "res5",
              seed: int = 0) -> dict[str, np.ndarray]:
     """A randomly filled state dict named and shaped as detectron2 (AdelaiDet for FCOS) names it."""
@@ -63,10 +66,11 @@ def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: st
                 norm(f"{prefix}.shortcut.norm", width)
         inp = width
     two_stage = arch in ("FasterRCNN", "MaskRCNN")
-    for level in ([2, 3, 4, 5] if two_stage else [3, 4, 5]):
+    from_res2 = two_stage or arch == "SOLOv2"
+    for level in ([2, 3, 4, 5] if from_res2 else [3, 4, 5]):
         conv(f"backbone.fpn_lateral{level}", fpn, widths[level - 2], 1, bias=True)
         conv(f"backbone.fpn_output{level}", fpn, fpn, 3, bias=True)
-    if not two_stage:
+    if not from_res2:  # SOLOv2's P6 is max-pooled P5, without parameters
         conv("backbone.top_block.p6", fpn, 512 if p6_from == "res5" else fpn, 3, bias=True)
         conv("backbone.top_block.p7", fpn, fpn, 3, bias=True)
     if arch == "RetinaNet":
@@ -105,6 +109,28 @@ def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: st
         conv(f"{head}.ctrness", 1, fpn, 3, bias=True)
         for level in range(5):
             state[f"{head}.scales.{level}.scale"] = np.array([1.0 + 0.1 * level], np.float32)
+    if arch == "CondInst":  # AdelaiDet's CondInst = its FCOS + a controller and a mask branch
+        state.update(d2_state("FCOS", depth, fpn, k, "p5", seed))
+        conv("controller", 169, fpn, 3, bias=True)
+    if arch == "SOLOv2":  # AdelaiDet's SOLOv2InsHead / SOLOv2MaskHead with NORM GN, coordinates in the kernel branch
+        for branch in ("cate_tower", "kernel_tower"):
+            for i in range(SOLO["NUM_INSTANCE_CONVS"]):  # conv (no bias under GN), GroupNorm, ReLU
+                inp = (fpn + 2 if branch == "kernel_tower" else fpn) if i == 0 else SOLO["INSTANCE_CHANNELS"]
+                conv(f"ins_head.{branch}.{3 * i}", SOLO["INSTANCE_CHANNELS"], inp, 3)
+                put(f"ins_head.{branch}.{3 * i + 1}.weight", SOLO["INSTANCE_CHANNELS"])
+                put(f"ins_head.{branch}.{3 * i + 1}.bias", SOLO["INSTANCE_CHANNELS"])
+        conv("ins_head.cate_pred", k, SOLO["INSTANCE_CHANNELS"], 3, bias=True)
+        conv("ins_head.kernel_pred", SOLO["NUM_MASKS"], SOLO["INSTANCE_CHANNELS"], 3, bias=True)
+        mask = SOLO["MASK_CHANNELS"]
+        for level in range(4):
+            for j in range(max(level, 1)):
+                inp = (fpn + 2 if level == 3 else fpn) if j == 0 else mask
+                conv(f"mask_head.convs_all_levels.{level}.conv{j}.0", mask, inp, 3)
+                put(f"mask_head.convs_all_levels.{level}.conv{j}.1.weight", mask)
+                put(f"mask_head.convs_all_levels.{level}.conv{j}.1.bias", mask)
+        conv("mask_head.conv_pred.0", SOLO["NUM_MASKS"], mask, 1)
+        put("mask_head.conv_pred.1.weight", SOLO["NUM_MASKS"])
+        put("mask_head.conv_pred.1.bias", SOLO["NUM_MASKS"])
     return state
 
 
@@ -116,8 +142,12 @@ def write_pkl(path: Path, state: dict[str, np.ndarray], **extra) -> Path:
 
 def model_cfg(cfg_tiny: CfgNode, arch: str, **model) -> CfgNode:
     cfg = cfg_tiny.clone()
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch == "MaskRCNN", **D2_OPTIONS, **model}},
-                        source="test")
+    options = dict(D2_OPTIONS)
+    if arch == "SOLOv2":  # the project's own module, in AdelaiDet's geometry: no detectron2 conventions
+        options.pop("CONVENTIONS")
+        options["SOLOV2"] = dict(SOLO)
+    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch in ("MaskRCNN", "SOLOv2"),
+                                   **options, **model}}, source="test")
     return cfg
 
 
@@ -126,14 +156,16 @@ def build(cfg: CfgNode) -> torch.nn.Module:
     return build_detector(cfg, K + 1).eval()
 
 
-@pytest.mark.parametrize("arch", ["RetinaNet", "FasterRCNN", "MaskRCNN", "FCOS"])
+@pytest.mark.parametrize("arch", ["RetinaNet", "FasterRCNN", "MaskRCNN", "FCOS", "SOLOv2"])
 def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys, arch):
     top = "res5" if arch == "RetinaNet" else "p5"
     state = d2_state(arch, p6_from=top)
     model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": top}))
     load_weights(model, write_pkl(tmp_path / "m.pkl", state))
     out = capsys.readouterr().out
-    assert f"detectron2 {'FCOS (AdelaiDet)' if arch == 'FCOS' else {'FasterRCNN': 'Faster R-CNN', 'MaskRCNN': 'Mask R-CNN'}.get(arch, arch)} checkpoint (R-18)" in out
+    kind = {"FasterRCNN": "Faster R-CNN", "MaskRCNN": "Mask R-CNN", "FCOS": "FCOS (AdelaiDet)",
+            "SOLOv2": "SOLOv2 (AdelaiDet)"}.get(arch, arch)
+    assert f"detectron2 {kind} checkpoint (R-18)" in out
     own = model.state_dict()
 
     def same(ours: str, theirs: str) -> None:
@@ -145,7 +177,7 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
     same("backbone.body.layer4.1.bn2.bias", "backbone.bottom_up.res5.1.conv2.norm.bias")
     same("backbone.body.layer3.0.downsample.0.weight", "backbone.bottom_up.res4.0.shortcut.weight")
     same("backbone.body.layer3.0.downsample.1.weight", "backbone.bottom_up.res4.0.shortcut.norm.weight")
-    first = 2 if arch in ("FasterRCNN", "MaskRCNN") else 3
+    first = 2 if arch in ("FasterRCNN", "MaskRCNN", "SOLOv2") else 3
     same("backbone.fpn.inner_blocks.0.0.weight", f"backbone.fpn_lateral{first}.weight")
     same("backbone.fpn.layer_blocks.2.0.bias", f"backbone.fpn_output{first + 2}.bias")
     if arch == "RetinaNet":
@@ -176,6 +208,11 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
         same("head.classification_head.conv.4.weight", f"{head}.cls_tower.4.weight")  # a GroupNorm
         same("head.regression_head.bbox_ctrness.weight", f"{head}.ctrness.weight")
         same("head.regression_head.scales.3", f"{head}.scales.3.scale")
+    if arch == "SOLOv2":
+        for name in ("ins_head.cate_tower.3.weight", "ins_head.kernel_tower.4.bias", "ins_head.cate_pred.bias",
+                     "mask_head.convs_all_levels.3.conv2.1.weight", "mask_head.conv_pred.0.weight"):
+            same(name, name)
+        assert len(own) - sum(k.endswith("num_batches_tracked") for k in own) == len(state)
 
 
 def test_retinanet_head_computes_detectrons_class_layout(cfg_tiny, tmp_path):
@@ -242,6 +279,23 @@ def test_another_architecture_is_refused_and_nothing_is_loaded(cfg_tiny, tmp_pat
     changes = {"FPN": {"OUT_CHANNELS": FPN}, **model_changes}
     arch = changes.pop("META_ARCHITECTURE", "RetinaNet")
     model = build(model_cfg(cfg_tiny, arch, **changes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError) as info:
+        load_weights(model, write_pkl(tmp_path / "m.pkl", state))
+    assert message in str(info.value) and "nothing was loaded" in str(info.value) and info.value.fix
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("ckpt_arch, arch, state_kwargs, message", [
+    ("SOLOv2", "SOLOv2", {"k": 5}, "classes: checkpoint 5, model 3"),
+    ("SOLOv2", "SOLOv2", {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
+    ("SOLOv2", "MaskRCNN", {}, "is a detectron2 SOLOv2 (AdelaiDet) checkpoint, but the config builds MaskRCNN"),
+    ("CondInst", "FCOS", {}, "the project's CondInst does not compute AdelaiDet's function"),
+])
+def test_adelaidet_instance_checkpoints_load_whole_or_not_at_all(cfg_tiny, tmp_path, ckpt_arch, arch, state_kwargs,
+                                                                message):
+    state = d2_state(ckpt_arch, **state_kwargs)
+    model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": "p5" if arch == "FCOS" else ""}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError) as info:
         load_weights(model, write_pkl(tmp_path / "m.pkl", state))

@@ -193,10 +193,12 @@ def test_shipped_teacher_configs_build(cfg_tiny):
     from detection.config import setup_cfg
 
     repo = Path(__file__).resolve().parents[1]
-    for name in ("retinanet", "faster_rcnn", "mask_rcnn", "fcos"):
+    for name in ("retinanet", "faster_rcnn", "mask_rcnn", "fcos", "solov2"):
         cfg = setup_cfg(str(repo / "configs" / "Teachers" / f"{name}_R_101_FPN_3x.yaml"),
                         ["MODEL.BACKBONE.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"])
-        assert cfg.MODEL.CONVENTIONS == "detectron2" and cfg.MODEL.INPUT_FORMAT == "BGR"
+        assert cfg.MODEL.INPUT_FORMAT == "BGR" and cfg.MODEL.BACKBONE.NORM == "FrozenBN"
         assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 and cfg.MODEL.PIXEL_STD == [1.0, 1.0, 1.0]
         model = build_detector(cfg, 81)
-        assert model.model.transform.options["conventions"] == "detectron2"
+        # SOLOv2 is the project's own module in AdelaiDet's geometry: no detectron2 conventions apply
+        want = "torchvision" if name == "solov2" else "detectron2"
+        assert cfg.MODEL.CONVENTIONS == want and model.model.transform.options["conventions"] == want
