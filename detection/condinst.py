@@ -85,9 +85,10 @@ class CondInstMaskBranch(nn.Module):
     """P3..P(2+num_levels) -> [N, out_channels, H/8, W/8] mask features shared by all instances."""
 
     def __init__(self, in_channels: int, channels: int = 128, out_channels: int = 8, num_convs: int = 4,
-                 num_levels: int = 3, norm: str = "BN") -> None:
+                 num_levels: int = 3, norm: str = "BN", centred: bool = False) -> None:
         super().__init__()
         self.num_levels = num_levels
+        self.centred = centred  # AdelaiDet's cell-centred grid (upsample_corner_aligned)
         self.out_channels = out_channels
         self.refine = nn.ModuleList(_conv_norm_relu(in_channels, channels, norm) for _ in range(num_levels))
         tower: list[nn.Module] = [_conv_norm_relu(channels, channels, norm) for _ in range(num_convs)]
@@ -99,18 +100,20 @@ class CondInstMaskBranch(nn.Module):
         x = self.refine[0](features[0])  # [N, channels, h3, w3]
         for level in range(1, self.num_levels):
             coarse = self.refine[level](features[level])  # [N, channels, h3 / 2^level, w3 / 2^level]
-            up = upsample_corner_aligned(coarse, 2 ** level)
+            up = upsample_corner_aligned(coarse, 2 ** level, self.centred)
             x = x + up[..., : x.shape[-2], : x.shape[-1]]
         return self.tower(x)
 
 
-def relative_coordinates(locations: Tensor, scales: Tensor, h: int, w: int, stride: int) -> Tensor:
+def relative_coordinates(locations: Tensor, scales: Tensor, h: int, w: int, stride: int,
+                         offset: float = 0.0) -> Tensor:
     """[n, 2] instance locations (x, y in image pixels), [n] scales -> [n, 2, h, w] (location - pixel) / scale.
 
-    Pixel (i, j) of a stride-`stride` map sits at image position (x, y) = (j * stride, i * stride).
+    Pixel (i, j) of a stride-`stride` map sits at image position (x, y) = ((j + offset) * stride,
+    (i + offset) * stride): offset 0 torchvision's FCOS, 0.5 AdelaiDet's.
     """
-    ys = torch.arange(h, device=locations.device, dtype=locations.dtype) * stride
-    xs = torch.arange(w, device=locations.device, dtype=locations.dtype) * stride
+    ys = (torch.arange(h, device=locations.device, dtype=locations.dtype) + offset) * stride
+    xs = (torch.arange(w, device=locations.device, dtype=locations.dtype) + offset) * stride
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [h, w] each
     grid = torch.stack([grid_x, grid_y])  # [2, h, w]
     return (locations[:, :, None, None] - grid[None]) / scales[:, None, None, None]
@@ -125,11 +128,12 @@ class DynamicMaskHead(nn.Module):
     """
 
     def __init__(self, in_channels: int = 8, channels: int = 8, num_layers: int = 3,
-                 use_rel_coords: bool = True) -> None:
+                 use_rel_coords: bool = True, grid_offset: float = 0.0) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError("the dynamic mask head needs at least one layer")
         self.in_channels = in_channels
+        self.grid_offset = grid_offset  # where a mask-feature pixel sits in its cell (relative_coordinates)
         self.use_rel_coords = use_rel_coords
         first_in = in_channels + (2 if use_rel_coords else 0)
         widths = [first_in] + [channels] * (num_layers - 1) + [1]
@@ -156,7 +160,7 @@ class DynamicMaskHead(nn.Module):
         h, w = mask_feats.shape[-2:]
         x = mask_feats[im_inds].flatten(2)  # [n, C, h*w]
         if self.use_rel_coords:
-            coords = relative_coordinates(locations, scales, h, w, stride).to(x.dtype)  # [n, 2, h, w]
+            coords = relative_coordinates(locations, scales, h, w, stride, self.grid_offset).to(x.dtype)  # [n, 2, h, w]
             x = torch.cat([coords.flatten(2), x], dim=1)  # [n, C + 2, h*w]
         weights, biases = self.split_params(params)
         for layer, (weight, bias) in enumerate(zip(weights, biases)):
@@ -207,16 +211,21 @@ class CondInst(ForwardFromFeatures, FCOS):
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_branch_channels: int = 128,
                  mask_branch_out_channels: int = 8, mask_branch_convs: int = 4, mask_branch_norm: str = "BN",
                  mask_head_channels: int = 8, mask_head_layers: int = 3, mask_out_stride: int = 4,
-                 max_proposals: int = 500, **fcos_kwargs: Any) -> None:
+                 max_proposals: int = 500, cell_centred: bool = False, **fcos_kwargs: Any) -> None:
         super().__init__(backbone, num_classes, **fcos_kwargs)
+        # cell_centred: locations at cell centres (i + 1/2) * stride, AdelaiDet's geometry, for its
+        # checkpoints (detection.d2_arch.AdelaiCondInst, which also brings centred anchors).
+        self.cell_centred = cell_centred
         if MASK_FEATURE_STRIDE % mask_out_stride:
             raise ValueError(f"mask_out_stride {mask_out_stride} must divide {MASK_FEATURE_STRIDE}")
         channels = backbone.out_channels
         self.mask_out_stride = mask_out_stride
         self.max_proposals = max_proposals
         self.mask_branch = CondInstMaskBranch(channels, mask_branch_channels, mask_branch_out_channels,
-                                              mask_branch_convs, num_levels=3, norm=mask_branch_norm)
-        self.mask_head = DynamicMaskHead(mask_branch_out_channels, mask_head_channels, mask_head_layers)
+                                              mask_branch_convs, num_levels=3, norm=mask_branch_norm,
+                                              centred=cell_centred)
+        self.mask_head = DynamicMaskHead(mask_branch_out_channels, mask_head_channels, mask_head_layers,
+                                         grid_offset=0.5 if cell_centred else 0.0)
         self.controller = nn.Conv2d(channels, self.mask_head.num_params, 3, padding=1)
         nn.init.normal_(self.controller.weight, std=0.01)
         nn.init.zeros_(self.controller.bias)
@@ -243,10 +252,12 @@ class CondInst(ForwardFromFeatures, FCOS):
         [N, A, 1]}) and the controller's mask-head parameters [N, A, P], from one pass of the box tower."""
         cls_logits = self.head.classification_head(feats)
         regression = self.head.regression_head
+        scales = getattr(regression, "scales", None)  # AdelaiDet's learnt scale per level, where built
         boxes, ctrness, params = [], [], []
-        for feature in feats:
+        for level, feature in enumerate(feats):
             tower = regression.conv(feature)  # [N, C, H, W]: FCOSRegressionHead's tower, computed once
-            boxes.append(_flatten_levels(F.relu(regression.bbox_reg(tower))))  # [N, HW, 4]
+            reg = regression.bbox_reg(tower)
+            boxes.append(_flatten_levels(F.relu(reg * scales[level] if scales is not None else reg)))  # [N, HW, 4]
             ctrness.append(_flatten_levels(regression.bbox_ctrness(tower)))  # [N, HW, 1]
             params.append(_flatten_levels(self.controller(tower)))  # [N, HW, P]
         outputs = {"cls_logits": cls_logits, "bbox_regression": torch.cat(boxes, 1), "bbox_ctrness": torch.cat(ctrness, 1)}
@@ -287,9 +298,11 @@ class CondInst(ForwardFromFeatures, FCOS):
         logits = self.mask_head(mask_feats, MASK_FEATURE_STRIDE, params[im_ind, anchor_ind],
                                 (chosen[:, :2] + chosen[:, 2:]) / 2,
                                 (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE, im_ind)  # [n, 1, H/8, W/8]
-        logits = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride)  # [n, 1, H/s, W/s]
+        logits = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride,
+                                         self.cell_centred)  # [n, 1, H/s, W/s]
         s = self.mask_out_stride
-        gt = torch.cat([pad_masks(t["masks"], padded_hw)[:, ::s, ::s] for t in targets])[gt_ind]  # [n, H/s, W/s]
+        first = s // 2 if self.cell_centred else 0  # the image pixel of mask pixel 0
+        gt = torch.cat([pad_masks(t["masks"], padded_hw)[:, first::s, first::s] for t in targets])[gt_ind]  # [n, H/s, W/s]
         return dice_loss(logits.sigmoid(), gt[:, None], DICE_EPS).mean()
 
     # --- inference -------------------------------------------------------------------------------
@@ -331,15 +344,17 @@ class CondInst(ForwardFromFeatures, FCOS):
             logits = self.mask_head(mask_feats, MASK_FEATURE_STRIDE, params[i][index], (chosen[:, :2] + chosen[:, 2:]) / 2,
                                     (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE,
                                     torch.full_like(index, i))  # [n, 1, H/8, W/8]
-            probs = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride).sigmoid()
-            probs = upsample_corner_aligned(probs, self.mask_out_stride)  # [n, 1, H, W]
+            probs = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride, self.cell_centred).sigmoid()
+            probs = upsample_corner_aligned(probs, self.mask_out_stride, self.cell_centred)  # [n, 1, H, W]
             det["masks"] = probs[..., :h, :w]
             results.append(det)
         return results
 
 
-def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, **fcos_kwargs: Any) -> CondInst:
-    """CondInst from MODEL.CONDINST.* (FCOS arguments - head, thresholds, transform - passed through)."""
+def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, model_class: type[CondInst] | None = None,
+                   **fcos_kwargs: Any) -> CondInst:
+    """CondInst from MODEL.CONDINST.* (FCOS arguments - head, thresholds, transform - passed through);
+    `model_class`: a CondInst subclass (detection.d2_arch.AdelaiCondInst for AdelaiDet's conventions)."""
     c = cfg.MODEL.CONDINST
     stride = int(c.MASK_OUT_STRIDE)
     if stride not in (1, 2, 4, 8):
@@ -356,7 +371,7 @@ def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, **fcos_kwarg
     if int(c.MAX_PROPOSALS) < -1 or int(c.MAX_PROPOSALS) == 0:
         raise UserError(f"MODEL.CONDINST.MAX_PROPOSALS {c.MAX_PROPOSALS} must be positive, or -1 for all.",
                         "use 500 (AdelaiDet's), or -1.")
-    return CondInst(backbone, num_classes, mask_branch_channels=int(c.MASK_BRANCH.CHANNELS),
+    return (model_class or CondInst)(backbone, num_classes, mask_branch_channels=int(c.MASK_BRANCH.CHANNELS),
                     mask_branch_out_channels=int(c.MASK_BRANCH.OUT_CHANNELS),
                     mask_branch_convs=int(c.MASK_BRANCH.NUM_CONVS), mask_branch_norm=norm,
                     mask_head_channels=int(c.MASK_HEAD.CHANNELS), mask_head_layers=int(c.MASK_HEAD.NUM_LAYERS),

@@ -26,6 +26,9 @@ section "What differs and what the options change"):
   * FCOS as AdelaiDet builds it: locations at the centre of each stride cell, a learnt scale per level
     on the box regression, candidates thresholded on the class score before the centre-ness product,
     class-wise NMS at MODEL.NMS_THRESH_TEST and the top DETECTIONS_PER_IMAGE kept by score.
+  * CondInst as AdelaiDet builds it: that FCOS (candidates thresholded after the centre-ness product,
+    its Base-CondInst setting), and mask features, relative coordinates and mask upsampling on the
+    cell-centred grid (AdelaiDet's aligned_bilinear), masks in the image frame.
   * FrozenBN evaluated with the fused batch-norm op without autograd, as detectron2 does (the same
     function, other rounding);
 What does not differ, checked against detectron2's source: the stem and blocks,
@@ -53,9 +56,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detection.condinst import CondInst, build_condinst
 
 from detection.errors import UserError
 
@@ -220,7 +225,7 @@ def d2_detector_postprocess(detections: dict[str, Tensor], image_size: tuple[int
     keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
     out = {key: value[keep] for key, value in detections.items()}
     out["boxes"] = boxes[keep]
-    if "masks" in out:
+    if "masks" in out and tuple(out["masks"].shape[-2:]) != (h, w):  # CondInst's are in the image frame already
         out["masks"] = paste_masks_d2(out["masks"], out["boxes"], h, w)
     return out
 
@@ -464,52 +469,90 @@ class AdelaiFCOSRegressionHead(FCOSRegressionHead):
         return torch.cat(regressions, dim=1), torch.cat(ctrnesses, dim=1)
 
 
-class AdelaiFCOS(FCOS):
-    """torchvision's FCOS with AdelaiDet's inference (FCOSOutputs.predict_proposals, THRESH_WITH_CTR off).
+def adelaidet_fcos_detections(logits: Tensor, regression: Tensor, ctrness: Tensor, anchors: Tensor,
+                              num_per_level: Sequence[int], score_thresh: float, nms_thresh: float,
+                              detections_per_img: int, thresh_with_ctr: bool = False,
+                              pre_nms_topk: int = 1000) -> dict[str, Tensor]:
+    """One image's detections by AdelaiDet's FCOSOutputs.predict_proposals.
 
-    Per level: candidates where sigmoid(class) > threshold, ranked by sigmoid(class) * sigmoid(ctrness)
-    (top PRE_NMS_TOPK 1000); boxes = location -+ regression * stride, unclipped; score = the square
-    root of the product. Per image: class-wise NMS, then every detection scoring at least the
-    DETECTIONS_PER_IMAGE-th best (ties kept, as AdelaiDet's kthvalue cut).
+    logits [A, K], regression [A, 4] (in strides), ctrness [A, 1], anchors [A, 4] (one stride cell
+    around each location), levels concatenated. Per level: candidates where sigmoid(class) (times
+    sigmoid(ctrness) with `thresh_with_ctr`, CondInst's setting) > threshold, ranked by the product
+    (top `pre_nms_topk`); boxes = location -+ regression * stride, unclipped; score = sqrt(product).
+    Then class-wise NMS and every detection scoring at least the `detections_per_img`-th best (ties
+    kept, as AdelaiDet's kthvalue cut). `index`: each detection's location in `anchors`.
     """
+    boxes_all, scores_all, labels_all, index_all = [], [], [], []
+    start = 0
+    for count in num_per_level:
+        level = slice(start, start + count)
+        probs = torch.sigmoid(logits[level])  # [HW, K]
+        products = probs * torch.sigmoid(ctrness[level])  # [HW, K]
+        candidates = (products if thresh_with_ctr else probs) > score_thresh
+        where = torch.nonzero(candidates)  # [n, 2] (location, class), row-major
+        scores = products[candidates]
+        if scores.numel() > pre_nms_topk:
+            scores, order = scores.topk(pre_nms_topk, sorted=False)
+            where = where[order]
+        location, labels = where[:, 0] + start, where[:, 1]
+        cells = anchors[location]  # [n, 4]
+        centre_x, centre_y = 0.5 * (cells[:, 0] + cells[:, 2]), 0.5 * (cells[:, 1] + cells[:, 3])
+        stride = cells[:, 2] - cells[:, 0]
+        reg = regression[location] * stride[:, None]  # [n, 4] l, t, r, b in pixels
+        boxes_all.append(torch.stack([centre_x - reg[:, 0], centre_y - reg[:, 1],
+                                      centre_x + reg[:, 2], centre_y + reg[:, 3]], dim=1))
+        scores_all.append(torch.sqrt(scores))
+        labels_all.append(labels)
+        index_all.append(location)
+        start += count
+    boxes, scores, labels, index = (torch.cat(x) for x in (boxes_all, scores_all, labels_all, index_all))
+    keep = batched_nms(boxes, scores, labels, nms_thresh)
+    if keep.numel() > detections_per_img > 0:
+        threshold = torch.kthvalue(scores[keep].cpu(), keep.numel() - detections_per_img + 1).values.item()
+        keep = keep[scores[keep] >= threshold]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "index": index[keep]}
 
-    pre_nms_topk = 1000
+
+class AdelaiFCOS(FCOS):
+    """torchvision's FCOS with AdelaiDet's inference (adelaidet_fcos_detections, THRESH_WITH_CTR off)."""
 
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         detections = []
         for index in range(len(image_shapes)):
-            boxes_all, scores_all, labels_all = [], [], []
-            for logits, regression, ctrness, level_anchors in zip(
-                head_outputs["cls_logits"], head_outputs["bbox_regression"], head_outputs["bbox_ctrness"],
-                anchors[index],
-            ):
-                probs = torch.sigmoid(logits[index])  # [HW, K]
-                candidates = probs > self.score_thresh
-                products = probs * torch.sigmoid(ctrness[index])  # [HW, K]
-                where = torch.nonzero(candidates)  # [n, 2] (location, class), row-major
-                scores = products[candidates]
-                if scores.numel() > self.pre_nms_topk:
-                    scores, order = scores.topk(self.pre_nms_topk, sorted=False)
-                    where = where[order]
-                location, labels = where[:, 0], where[:, 1]
-                cells = level_anchors[location]  # [n, 4]: one stride cell around each location
-                centre_x, centre_y = 0.5 * (cells[:, 0] + cells[:, 2]), 0.5 * (cells[:, 1] + cells[:, 3])
-                stride = cells[:, 2] - cells[:, 0]
-                reg = regression[index][location] * stride[:, None]  # [n, 4] l, t, r, b in pixels
-                boxes_all.append(torch.stack([centre_x - reg[:, 0], centre_y - reg[:, 1],
-                                              centre_x + reg[:, 2], centre_y + reg[:, 3]], dim=1))
-                scores_all.append(torch.sqrt(scores))
-                labels_all.append(labels)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            if scores.numel() > self.detections_per_img > 0:
-                threshold = torch.kthvalue(scores.cpu(), scores.numel() - self.detections_per_img + 1).values.item()
-                keep = torch.nonzero(scores >= threshold).squeeze(1)
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            detections.append({"boxes": boxes, "scores": scores, "labels": labels})
+            per_image = {k: torch.cat([level[index] for level in v]) for k, v in head_outputs.items()}
+            det = adelaidet_fcos_detections(per_image["cls_logits"], per_image["bbox_regression"],
+                                            per_image["bbox_ctrness"], torch.cat(anchors[index]),
+                                            [len(a) for a in anchors[index]], self.score_thresh, self.nms_thresh,
+                                            self.detections_per_img)
+            det.pop("index")
+            detections.append(det)
         return detections
+
+
+class AdelaiCondInst(CondInst):
+    """The project's CondInst in AdelaiDet's geometry and inference, for AdelaiDet CondInst checkpoints.
+
+    Built with centred anchors and per-level scales (build_detectron2_style); locations, relative
+    coordinates, mask upsampling (aligned_bilinear) and the ground truth's sample grid are cell-centred
+    (CondInst(cell_centred=True)); detections by adelaidet_fcos_detections with THRESH_WITH_CTR on
+    (AdelaiDet's Base-CondInst.yaml); masks in the padded image frame, cropped to the image.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, cell_centred=True, **kwargs)
+
+    def select_detections(self, head_outputs: dict[str, Tensor], anchors: Tensor, num_per_level: list[int],
+                          image_size: tuple[int, int]) -> dict[str, Tensor]:
+        det = adelaidet_fcos_detections(head_outputs["cls_logits"], head_outputs["bbox_regression"],
+                                        head_outputs["bbox_ctrness"], anchors, num_per_level, self.score_thresh,
+                                        self.nms_thresh, self.detections_per_img, thresh_with_ctr=True,
+                                        pre_nms_topk=self.topk_candidates)
+        # AdelaiDet's CondInst.postprocess: boxes clipped to the image, empty ones dropped
+        boxes = clip_boxes_to_image(det["boxes"], image_size)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        det["boxes"] = boxes
+        return {key: value[keep] for key, value in det.items()}
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -542,6 +585,14 @@ def build_detectron2_style(cfg: Any, num_classes: int, backbone: BackboneWithFPN
         # One cell per location, centred on it: (i + 0.5) * stride, size = stride, as AdelaiDet's locations.
         anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
         model = AdelaiFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
+    elif arch == "CondInst":
+        head = fcos_head(channels, num_classes)
+        norm = type(head.regression_head.conv[1])
+        groups = head.regression_head.conv[1].num_groups
+        head.regression_head = AdelaiFCOSRegressionHead(channels, 5, lambda c: norm(groups, c))
+        anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
+        model = build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
+                               head=head, topk_candidates=1000, **post, **common)
     else:
         rpn_anchors = D2AnchorGenerator([[s] for s in anchor_base_sizes], ratios, [4, 8, 16, 32, 64], offset)
         names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]

@@ -8,9 +8,9 @@ Accepted files:
 - Caffe2-named ImageNet backbones (detectron2's ImageNetPretrained/MSRA/R-50.pkl: "res2_0_branch2a_w",
   "matching_heuristics"): backbone only, FrozenBN statistics 0 / 1 as detectron2 fills them in.
 
-Detection checkpoints (RetinaNet, Faster R-CNN, Mask R-CNN, AdelaiDet FCOS and SOLOv2) load all or nothing: every
-tensor of the model must come from the file and every tensor of the file must be used or be one of
-the known derived buffers (pixel mean/std, cell anchors: checked against the config, then skipped),
+Detection checkpoints (RetinaNet, Faster R-CNN, Mask R-CNN, AdelaiDet FCOS, CondInst and SOLOv2) load all
+or nothing: every tensor of the model must come from the file and every tensor of the file must be used
+or be one of the known derived buffers (pixel mean/std, cell anchors: checked against the config, then skipped),
 else one UserError says what differs. The loader prints what was loaded as is, what was converted
 (class layouts: detectron2 has no background class for sigmoid heads and puts it last for softmax
 ones; this project keeps torchvision's `num_classes = K + 1` with 0 = background) and what was skipped.
@@ -44,7 +44,8 @@ TEACHER_CONFIGS = {"RetinaNet": "configs/Teachers/retinanet_R_101_FPN_3x.yaml",
                    "FasterRCNN": "configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml",
                    "MaskRCNN": "configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
                    "FCOS": "configs/Teachers/fcos_R_101_FPN_3x.yaml",
-                   "SOLOv2": "configs/Teachers/solov2_R_101_FPN_3x.yaml"}
+                   "SOLOv2": "configs/Teachers/solov2_R_101_FPN_3x.yaml",
+                   "CondInst": "configs/Teachers/condinst_R_101_FPN_3x.yaml"}
 # The project's own modules whose geometry already is AdelaiDet's: their checkpoints need no
 # MODEL.CONVENTIONS detectron2 (which does not apply to them).
 ADELAIDET_NATIVE = ("SOLOv2",)
@@ -318,7 +319,9 @@ def rule_for(key: str, family: str, lateral_base: int, num_anchors: int) -> Rule
             return Rule("roi_heads.mask_predictor.conv5_mask." + key.rsplit(".", 1)[1])
         if key.startswith("roi_heads.mask_head.predictor."):
             return Rule("roi_heads.mask_predictor.mask_fcn_logits." + key.rsplit(".", 1)[1], "masks")
-    if family == "FCOS":
+    if family == "CondInst" and key.startswith(("controller.", "mask_branch.")):
+        return Rule(key)  # detection/condinst.py keeps AdelaiDet's names for these
+    if family in ("FCOS", "CondInst"):
         head = "proposal_generator.fcos_head."
         m = re.match(re.escape(head) + r"(cls|bbox)_tower\.(\d+)\.(weight|bias)$", key)
         if m:
@@ -388,20 +391,11 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     own, arch = facts["own"], facts["architecture"]
     family = ckpt.family
     what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
-    if family == "CondInst":
-        # AdelaiDet's CondInst puts its locations at cell centres, scales boxes per level and upsamples
-        # masks with its aligned_bilinear; the project's CondInst keeps torchvision FCOS's corner-aligned
-        # locations and has no per-level scales, so the weights would compute another function.
-        raise UserError(f"{what}; the project's CondInst does not compute AdelaiDet's function (cell-centred "
-                        "locations, per-level box scales, aligned mask upsampling), so it is not converted; "
-                        "nothing was loaded.",
-                        "train the CondInst teacher with `icd train`, or distil from an AdelaiDet FCOS teacher "
-                        f"({TEACHER_CONFIGS['FCOS']}): ICD distils FPN features, which serve any P3-P7 student")
     if family == "unknown" or (family != "backbone" and family != arch):
         fix = (f"use {TEACHER_CONFIGS[family]} (or MODEL.META_ARCHITECTURE {family} with its options)"
                if family in TEACHER_CONFIGS else
-               "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS or SOLOv2 checkpoint, or an "
-               "ImageNet backbone")
+               "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS, CondInst or SOLOv2 checkpoint, "
+               "or an ImageNet backbone")
         raise UserError(f"{what}, but the config builds {arch}; nothing was loaded.", fix)
     if family not in ("backbone", *ADELAIDET_NATIVE) and facts["options"].get("conventions") != "detectron2":
         raise UserError(f"{what}, but the model is built with torchvision's conventions, so the weights would "
@@ -424,6 +418,13 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
             continue
         if "anchor_generator.cell_anchors" in key:
             _check_cell_anchors(key, value, adapter, problems, out)
+            continue
+        if family == "CondInst" and key in ("mask_head._iter", "mask_head.sizes_of_interest"):
+            _check_condinst_buffer(key, value, problems, out)
+            continue
+        if family == "CondInst" and key.startswith(("mask_branch.seg_head.", "mask_branch.logits.")):
+            # the `_sem` configs' auxiliary semantic-segmentation loss: a training-only branch
+            out.skipped.append(f"{key} (AdelaiDet's training-only semantic-loss branch; inference does not use it)")
             continue
         rule = rule_for(key, family if family != "backbone" else "", facts["lateral_base"], num_anchors)
         if rule is None or rule.target not in own:
@@ -511,6 +512,21 @@ def _check_cell_anchors(key: str, value: Tensor, adapter: nn.Module, problems: l
                         f"(first {value.reshape(-1, 4)[0].tolist()} vs {mine[0].tolist()})")
         return
     out.checked.append(f"{key} = config anchors")
+
+
+def _check_condinst_buffer(key: str, value: Tensor, problems: list[str], out: Conversion) -> None:
+    """AdelaiDet CondInst's two mask-head buffers: a training counter, and the relative coordinates'
+    scale per level, which the project fixes at 8 x the level's stride (64 .. 1024, AdelaiDet's default)."""
+    if key == "mask_head._iter":
+        out.skipped.append(f"{key} (AdelaiDet's training iteration counter)")
+        return
+    want = [8.0 * stride for stride in (8, 16, 32, 64, 128)]
+    have = [float(v) for v in value.flatten()]
+    if have != want:
+        problems.append(f"{key}: the checkpoint scales relative coordinates by {have}, the project's CondInst by "
+                        f"{want} (MODEL.CONDINST.SIZES_OF_INTEREST other than AdelaiDet's default is not supported)")
+        return
+    out.checked.append(f"{key} = {want}")
 
 
 def report(ckpt: D2Checkpoint, conversion: Conversion, adapter: nn.Module) -> str:

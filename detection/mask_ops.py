@@ -42,19 +42,23 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float) -> Tensor:
     return 1.0 - 2.0 * intersection / union
 
 
-def upsample_corner_aligned(x: Tensor, factor: int) -> Tensor:
+def upsample_corner_aligned(x: Tensor, factor: int, centred: bool = False) -> Tensor:
     """[N, C, h, w] -> [N, C, h * factor, w * factor], output pixel j sampling input coordinate j / factor.
 
     The convention of torchvision's FCOS anchors (and of a ResNet with padded stride-2 convolutions):
     feature pixel i of a stride-s map sits on image pixel i * s. So a stride-8 map upsampled to stride 4
     must put output pixel j on input coordinate j / 2 (bilinear in between, the last row/column held
     beyond the edge), which neither align_corners mode of F.interpolate does for a plain size change.
+    `centred`: AdelaiDet's convention (pixel i at i * s + s // 2, its `aligned_bilinear`): the same
+    grid moved by factor // 2 output pixels, output pixel j sampling (j - factor // 2) / factor.
     """
     if factor == 1:
         return x
     h, w = x.shape[-2:]
     padded = F.pad(x, (0, 1, 0, 1), mode="replicate")  # [N, C, h + 1, w + 1]
     grown = F.interpolate(padded, size=(h * factor + 1, w * factor + 1), mode="bilinear", align_corners=True)
+    if centred:
+        grown = F.pad(grown, (factor // 2, 0, factor // 2, 0), mode="replicate")
     return grown[..., : h * factor, : w * factor]
 
 

@@ -350,9 +350,12 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
         boxes_only = {"MaskRCNN": "FasterRCNN", "CondInst": "FCOS"}.get(arch)
         raise UserError(f"{arch} needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True"
                         + (f", or use {boxes_only} for boxes only." if boxes_only else "."))
-    if arch in DENSE_INSTANCE and "detectron2" in (backend, d2_arch.conventions(cfg)):
-        raise UserError(f"{arch} is the project's own module: MODEL.BACKEND and MODEL.CONVENTIONS detectron2 do not "
-                        "apply to it.", "set MODEL.BACKEND torchvision and MODEL.CONVENTIONS torchvision.")
+    if arch in DENSE_INSTANCE and backend == "detectron2":
+        raise UserError(f"{arch} is the project's own module: MODEL.BACKEND detectron2 does not apply to it.",
+                        "set MODEL.BACKEND torchvision (AdelaiDet checkpoints load through MODEL.WEIGHTS).")
+    if arch == "SOLOv2" and d2_arch.conventions(cfg) == "detectron2":
+        raise UserError("SOLOv2 already computes AdelaiDet's function: MODEL.CONVENTIONS detectron2 does not apply to it.",
+                        "set MODEL.CONVENTIONS torchvision (AdelaiDet SOLOv2 checkpoints load as they are).")
     if backend == "detectron2":
         from detection.d2_backend import build_d2_detector  # imports detectron2; only where asked for
 

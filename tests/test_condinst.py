@@ -97,6 +97,45 @@ def test_upsampling_keeps_the_corner_convention():
     assert torch.equal(up[0, 0, 0, 12:], torch.full((4,), 3.0))  # held beyond the last column
 
 
+def test_centred_geometry_is_adelaidets():
+    """AdelaiDet's grid (pixel i at i * s + s // 2): aligned_bilinear puts output pixel j on input
+    coordinate (j - f // 2) / f, held at both edges; relative coordinates measure from cell centres."""
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 1, 3, 4)
+    up = upsample_corner_aligned(x, 4, centred=True)
+    assert up.shape == (1, 1, 12, 16)
+    assert torch.equal(up[..., 2::4, 2::4], x)  # output pixel 4i + 2 (image 4 * (4i + 2) + 2 = 16i + 10)
+    assert torch.equal(up[0, 0, 0, :3], torch.zeros(3))  # held before the first input pixel
+    assert torch.allclose(up[0, 0, 0, 3:6], torch.tensor([0.25, 0.5, 0.75]))
+    coords = relative_coordinates(torch.tensor([[20.0, 12.0]]), torch.tensor([64.0]), h=3, w=4, stride=8, offset=0.5)
+    assert torch.equal(coords[0, :, 1, 2], torch.zeros(2))  # mask pixel (1, 2) is the cell centred on (20, 12)
+
+
+def test_adelaidet_conventions_train_and_eval(cfg_tiny):
+    """MODEL.CONVENTIONS detectron2 builds AdelaiDet's CondInst (centred anchors, per-level scales) that
+    trains and infers; its ground truth is sampled on the centred grid."""
+    from detection.d2_arch import AdelaiCondInst
+
+    cfg = cfg_tiny.clone()
+    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONVENTIONS": "detectron2",
+                                   "CONDINST": {"MASK_BRANCH": {"CHANNELS": 32}, "MAX_PROPOSALS": 5}}})
+    torch.manual_seed(0)
+    model = build_detector(cfg, K + 1)
+    inner = model.model
+    assert isinstance(inner, AdelaiCondInst) and inner.cell_centred and len(inner.head.regression_head.scales) == 5
+    images, targets = masked_batch()
+    model.train()
+    losses, _, _ = model(images, targets)
+    assert 0 < losses["loss_mask"].item() <= 1 and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert inner.head.regression_head.scales[0].grad is not None
+    model.eval()
+    with torch.no_grad():
+        detections, _, _ = model(images)
+    for det, (h, w) in zip(detections, [(50, 70), (64, 45)]):
+        assert det["masks"].shape == (len(det["boxes"]), 1, h, w)
+        assert (det["boxes"][:, 2:] > det["boxes"][:, :2]).all() and (det["boxes"][:, 2] <= w).all()
+
+
 def test_detector_is_torchvisions_fcos(cfg_tiny):
     """Head outputs, the matching (given box centres), the losses and the detections are torchvision's FCOS."""
     model = _model(cfg_tiny)

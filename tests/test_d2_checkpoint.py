@@ -30,7 +30,7 @@ SOLO = {"INSTANCE_CHANNELS": 64, "NUM_INSTANCE_CONVS": 2, "MASK_CHANNELS": 32, "
 
 
 def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: str = "res5",
-             seed: int = 0) -> dict[str, np.ndarray]:
+             seed: int = 0, sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512, 1024)) -> dict[str, np.ndarray]:
     """A randomly filled state dict named and shaped as detectron2 (AdelaiDet for FCOS) names it."""
     rng = np.random.default_rng(seed)
     state: dict[str, np.ndarray] = {}
@@ -109,9 +109,20 @@ def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: st
         conv(f"{head}.ctrness", 1, fpn, 3, bias=True)
         for level in range(5):
             state[f"{head}.scales.{level}.scale"] = np.array([1.0 + 0.1 * level], np.float32)
-    if arch == "CondInst":  # AdelaiDet's CondInst = its FCOS + a controller and a mask branch
+    if arch == "CondInst":  # AdelaiDet's CondInst = its FCOS + a controller, a mask branch, two buffers
         state.update(d2_state("FCOS", depth, fpn, k, "p5", seed))
-        conv("controller", 169, fpn, 3, bias=True)
+        conv("controller", 169, fpn, 3, bias=True)  # (8 + 2) * 8 + 8 * 8 + 8 weights, 8 + 8 + 1 biases
+        for i in range(3):  # conv (no bias under BN), BatchNorm, ReLU
+            conv(f"mask_branch.refine.{i}.0", 128, fpn, 3)
+            norm(f"mask_branch.refine.{i}.1", 128)
+        for j in range(4):
+            conv(f"mask_branch.tower.{j}.0", 128, 128, 3)
+            norm(f"mask_branch.tower.{j}.1", 128)
+        conv("mask_branch.tower.4", 8, 128, 1, bias=True)
+        conv("mask_branch.seg_head.0.0", 128, fpn, 3)  # a `_sem` config's training-only semantic branch
+        conv("mask_branch.logits", k, 128, 1, bias=True)
+        state["mask_head._iter"] = np.zeros(1, np.float32)
+        state["mask_head.sizes_of_interest"] = np.array(sizes_of_interest, np.float32)
     if arch == "SOLOv2":  # AdelaiDet's SOLOv2InsHead / SOLOv2MaskHead with NORM GN, coordinates in the kernel branch
         for branch in ("cate_tower", "kernel_tower"):
             for i in range(SOLO["NUM_INSTANCE_CONVS"]):  # conv (no bias under GN), GroupNorm, ReLU
@@ -146,7 +157,7 @@ def model_cfg(cfg_tiny: CfgNode, arch: str, **model) -> CfgNode:
     if arch == "SOLOv2":  # the project's own module, in AdelaiDet's geometry: no detectron2 conventions
         options.pop("CONVENTIONS")
         options["SOLOV2"] = dict(SOLO)
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch in ("MaskRCNN", "SOLOv2"),
+    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch in ("MaskRCNN", "CondInst", "SOLOv2"),
                                    **options, **model}}, source="test")
     return cfg
 
@@ -156,7 +167,7 @@ def build(cfg: CfgNode) -> torch.nn.Module:
     return build_detector(cfg, K + 1).eval()
 
 
-@pytest.mark.parametrize("arch", ["RetinaNet", "FasterRCNN", "MaskRCNN", "FCOS", "SOLOv2"])
+@pytest.mark.parametrize("arch", ["RetinaNet", "FasterRCNN", "MaskRCNN", "FCOS", "CondInst", "SOLOv2"])
 def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys, arch):
     top = "res5" if arch == "RetinaNet" else "p5"
     state = d2_state(arch, p6_from=top)
@@ -164,7 +175,7 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
     load_weights(model, write_pkl(tmp_path / "m.pkl", state))
     out = capsys.readouterr().out
     kind = {"FasterRCNN": "Faster R-CNN", "MaskRCNN": "Mask R-CNN", "FCOS": "FCOS (AdelaiDet)",
-            "SOLOv2": "SOLOv2 (AdelaiDet)"}.get(arch, arch)
+            "CondInst": "CondInst (AdelaiDet)", "SOLOv2": "SOLOv2 (AdelaiDet)"}.get(arch, arch)
     assert f"detectron2 {kind} checkpoint (R-18)" in out
     own = model.state_dict()
 
@@ -203,7 +214,12 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
         same("roi_heads.mask_predictor.conv5_mask.weight", "roi_heads.mask_head.deconv.weight")
         logits = own["model.roi_heads.mask_predictor.mask_fcn_logits.weight"].numpy()
         np.testing.assert_array_equal(logits[1:], state["roi_heads.mask_head.predictor.weight"])
-    if arch == "FCOS":
+    if arch == "CondInst":
+        for name in ("controller.weight", "mask_branch.refine.2.1.running_var", "mask_branch.tower.4.bias"):
+            same(name, name)
+        assert "skipped mask_head._iter" in out and "checked mask_head.sizes_of_interest" in out
+        assert "skipped mask_branch.logits.weight (AdelaiDet's training-only semantic-loss branch" in out
+    if arch in ("FCOS", "CondInst"):
         head = "proposal_generator.fcos_head"
         same("head.classification_head.conv.4.weight", f"{head}.cls_tower.4.weight")  # a GroupNorm
         same("head.regression_head.bbox_ctrness.weight", f"{head}.ctrness.weight")
@@ -290,12 +306,14 @@ def test_another_architecture_is_refused_and_nothing_is_loaded(cfg_tiny, tmp_pat
     ("SOLOv2", "SOLOv2", {"k": 5}, "classes: checkpoint 5, model 3"),
     ("SOLOv2", "SOLOv2", {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
     ("SOLOv2", "MaskRCNN", {}, "is a detectron2 SOLOv2 (AdelaiDet) checkpoint, but the config builds MaskRCNN"),
-    ("CondInst", "FCOS", {}, "the project's CondInst does not compute AdelaiDet's function"),
+    ("CondInst", "FCOS", {}, "is a detectron2 CondInst (AdelaiDet) checkpoint, but the config builds FCOS"),
+    ("CondInst", "CondInst", {"sizes_of_interest": (32, 64, 128, 256, 512)}, "scales relative coordinates by"),
 ])
 def test_adelaidet_instance_checkpoints_load_whole_or_not_at_all(cfg_tiny, tmp_path, ckpt_arch, arch, state_kwargs,
                                                                 message):
     state = d2_state(ckpt_arch, **state_kwargs)
-    model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": "p5" if arch == "FCOS" else ""}))
+    top = "p5" if arch in ("FCOS", "CondInst") else ""
+    model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": top}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError) as info:
         load_weights(model, write_pkl(tmp_path / "m.pkl", state))

@@ -193,7 +193,7 @@ def test_shipped_teacher_configs_build(cfg_tiny):
     from detection.config import setup_cfg
 
     repo = Path(__file__).resolve().parents[1]
-    for name in ("retinanet", "faster_rcnn", "mask_rcnn", "fcos", "solov2"):
+    for name in ("retinanet", "faster_rcnn", "mask_rcnn", "fcos", "condinst", "solov2"):
         cfg = setup_cfg(str(repo / "configs" / "Teachers" / f"{name}_R_101_FPN_3x.yaml"),
                         ["MODEL.BACKBONE.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"])
         assert cfg.MODEL.INPUT_FORMAT == "BGR" and cfg.MODEL.BACKBONE.NORM == "FrozenBN"

@@ -165,7 +165,8 @@ def test_frozen_bn_and_freeze_at(cfg_tiny):
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NUM_GRIDS": [40, 36]}}, "5 positive grid sizes"),
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NMS_KERNEL": "box"}}, "NMS_KERNEL 'box'"),
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"INSTANCE_CHANNELS": 40}}, "multiple of 16"),
-    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONVENTIONS": "detectron2"}, "CONVENTIONS detectron2 do not"),
+    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "CONVENTIONS": "detectron2"}, "CONVENTIONS detectron2 does not"),
+    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "BACKEND": "detectron2"}, "BACKEND detectron2 does not"),
     ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "FPN": {"TOP_BLOCK_IN": "res5"}}, "does not apply to SOLOv2"),
 ])
 def test_bad_model_config_is_a_user_error(cfg_tiny, overrides, message):
