@@ -88,8 +88,12 @@ def randomise(model: torch.nn.Module, seed: int, calibration: list[torch.Tensor]
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
             elif ".norm." in name and name.endswith("bias"):
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
-            elif name.endswith(("cls_score.bias", "objectness_logits.bias", "cls_logits.bias", "cate_pred.bias")):
+            elif name.endswith(("cls_score.bias", "objectness_logits.bias", "cls_logits.bias")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) - 1.0)
+            elif name.endswith("cate_pred.bias"):
+                # SOLOv2 computes a full-image mask for every (grid cell, class) above its threshold before
+                # any top-k: a prior this low keeps that to a few hundred of its 3872 x 80 candidates
+                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=gen) - 4.0)
             elif name.endswith(("cls_score.weight", "bbox_pred.weight", "anchor_deltas.weight",
                                 "objectness_logits.weight", "cls_logits.weight", "cate_pred.weight")):
                 tensor.copy_(0.05 * torch.randn(tensor.shape, generator=gen))

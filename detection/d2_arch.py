@@ -577,22 +577,18 @@ def build_detectron2_style(cfg: Any, num_classes: int, backbone: BackboneWithFPN
         anchors = D2AnchorGenerator(retinanet_anchor_sizes(anchor_base_sizes), ratios, [8, 16, 32, 64, 128], offset)
         head = retinanet_head(cfg, channels, anchors.num_anchors_per_location()[0], num_classes)
         model: nn.Module = D2RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
-    elif arch == "FCOS":
+    elif arch in ("FCOS", "CondInst"):
         head = fcos_head(channels, num_classes)
         norm = type(head.regression_head.conv[1])
         groups = head.regression_head.conv[1].num_groups
         head.regression_head = AdelaiFCOSRegressionHead(channels, 5, lambda c: norm(groups, c))
         # One cell per location, centred on it: (i + 0.5) * stride, size = stride, as AdelaiDet's locations.
         anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
-        model = AdelaiFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
-    elif arch == "CondInst":
-        head = fcos_head(channels, num_classes)
-        norm = type(head.regression_head.conv[1])
-        groups = head.regression_head.conv[1].num_groups
-        head.regression_head = AdelaiFCOSRegressionHead(channels, 5, lambda c: norm(groups, c))
-        anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
-        model = build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
-                               head=head, topk_candidates=1000, **post, **common)
+        if arch == "FCOS":
+            model = AdelaiFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
+        else:
+            model = build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
+                                   head=head, topk_candidates=1000, **post, **common)
     else:
         rpn_anchors = D2AnchorGenerator([[s] for s in anchor_base_sizes], ratios, [4, 8, 16, 32, 64], offset)
         names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]

@@ -18,11 +18,11 @@ adet = pytest.importorskip("adet", reason="AdelaiDet is not importable (build it
 
 import adet.modeling  # noqa: E402,F401  (registers AdelaiDet's meta-architectures)
 from adet.config import get_cfg as adet_get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
 from detection.checkpoint import load_weights  # noqa: E402
 from detection.config import CfgNode  # noqa: E402
 from detection.zoo import build_detector  # noqa: E402
+from test_d2_backend import build_detecting  # noqa: E402
 from test_d2_checkpoint import D2_OPTIONS  # noqa: E402
 
 K = 3
@@ -43,13 +43,7 @@ def adelaidet_model(arch: str, seed: int = 0) -> torch.nn.Module:
                          "MODEL.SOLOV2.MASK_IN_CHANNELS", WIDTH, "MODEL.SOLOV2.MASK_CHANNELS", WIDTH,
                          "MODEL.SOLOV2.NUM_KERNELS", WIDTH, "MODEL.SOLOV2.NUM_MASKS", WIDTH,
                          "MODEL.CONDINST.MASK_BRANCH.CHANNELS", WIDTH])
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # a prior bias that lets the untrained model detect something
-        for name, tensor in model.state_dict().items():
-            if name.endswith(("cls_logits.bias", "cate_pred.bias")):
-                tensor.normal_(-1.0, 1.0)
-    return model
+    return build_detecting(cfg, seed, ("cls_logits.bias", "cate_pred.bias"))
 
 
 def project_model(cfg_tiny: CfgNode, arch: str) -> torch.nn.Module:

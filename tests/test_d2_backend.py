@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,11 +49,17 @@ def d2_model(path: Path, seed: int = 0, k: int = K) -> torch.nn.Module:
     d2cfg.merge_from_file(str(path))
     d2cfg.MODEL.DEVICE = "cpu"
     d2cfg.MODEL.RETINANET.NUM_CLASSES = d2cfg.MODEL.ROI_HEADS.NUM_CLASSES = k
+    return build_detecting(d2cfg, seed, ("cls_score.bias", "objectness_logits.bias"))
+
+
+def build_detecting(d2cfg: Any, seed: int, prior_biases: tuple[str, ...]) -> torch.nn.Module:
+    """detectron2's build_model, seeded, with the class-prior biases `prior_biases` redrawn around -1 so
+    that the untrained model detects something."""
     torch.manual_seed(seed)
     model = build_model(d2cfg).eval()
-    with torch.no_grad():  # a prior bias that lets the untrained model detect something
+    with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name.endswith(("cls_score.bias", "objectness_logits.bias")):
+            if name.endswith(prior_biases):
                 tensor.normal_(-1.0, 1.0)
     return model
 
