@@ -88,8 +88,14 @@ def randomise(model: torch.nn.Module, seed: int, calibration: list[torch.Tensor]
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
             elif ".norm." in name and name.endswith("bias"):
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
-            elif name.endswith(("cls_score.bias", "objectness_logits.bias", "cls_logits.bias")):
+            elif name.endswith(("cls_score.bias", "objectness_logits.bias")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) - 1.0)
+            elif name.endswith("cls_logits.bias"):  # FCOS / CondInst: scored with the centre-ness product
+                tensor.copy_(torch.randn(tensor.shape, generator=gen))
+            elif name.endswith("fcos_head.bbox_pred.bias"):
+                # distances go through a ReLU: a positive bias keeps most boxes non-empty, which the
+                # final clip-and-drop-empty step would otherwise remove (leaving little to compare)
+                tensor.copy_(1.0 + 0.1 * torch.randn(tensor.shape, generator=gen))
             elif name.endswith("cate_pred.bias"):
                 # SOLOv2 computes a full-image mask for every (grid cell, class) above its threshold before
                 # any top-k: a prior this low keeps that to a few hundred of its 3872 x 80 candidates
