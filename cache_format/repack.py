@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import dask
@@ -33,15 +34,25 @@ class RepackResult:
     bytes_written: int
 
 
-def _repack_shard(reader: CacheReader, writer: CacheWriter, shard: int, committed) -> int:
+def _repack_shard(reader: CacheReader, writer: CacheWriter, shard: int, committed,
+                  failed: threading.Event) -> tuple[int, BaseException | None]:
+    """Copy one shard; (samples copied, the error that stopped it). Errors are returned, not raised, so
+    that dask.compute waits for every shard to stop writing before a failed repack removes the
+    destination (a raised error returns at once while other threads are still writing into it)."""
     count = 0
-    for i in reader.layout.shard_range(shard):
-        if committed[i]:
-            s = reader.read_sample(i)
-            writer.write_sample(i, s.features, s.meta, s.boxes, s.classes)
-            count += 1
-    writer.write_shard(shard)
-    return count
+    try:
+        for i in reader.layout.shard_range(shard):
+            if failed.is_set():  # another shard failed: the destination is going away
+                return count, None
+            if committed[i]:
+                s = reader.read_sample(i)
+                writer.write_sample(i, s.features, s.meta, s.boxes, s.classes)
+                count += 1
+        writer.write_shard(shard)
+    except BaseException as exc:  # noqa: BLE001 - handed back to repack(), which re-raises it
+        failed.set()
+        return count, exc
+    return count, None
 
 
 def repack(src: str, dst: str, encoding: str, compressor: str | None = None, workers: int | None = None,
@@ -65,8 +76,13 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
         created = True
         if weights is not None:
             writer.put_teacher_weights(weights)
-        tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed) for s in range(layout.num_shards)]
-        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers or default_workers(src, dst))
+        failed = threading.Event()
+        tasks = [dask.delayed(_repack_shard)(reader, writer, s, committed, failed) for s in range(layout.num_shards)]
+        results = dask.compute(*tasks, scheduler="threads", num_workers=workers or default_workers(src, dst))
+        errors = [error for _, error in results if error is not None]
+        if errors:
+            raise errors[0]
+        counts = [count for count, _ in results]
         writer.close()
         if reader.finished:
             finish_cache(writer.url)
