@@ -225,7 +225,7 @@ def d2_detector_postprocess(detections: dict[str, Tensor], image_size: tuple[int
     keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
     out = {key: value[keep] for key, value in detections.items()}
     out["boxes"] = boxes[keep]
-    if "masks" in out and tuple(out["masks"].shape[-2:]) != (h, w):  # CondInst's are in the image frame already
+    if "masks" in out:
         out["masks"] = paste_masks_d2(out["masks"], out["boxes"], h, w)
     return out
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detection.condinst import SIZE_OF_INTEREST_PER_STRIDE
 from detection.errors import UserError
 
 # Logit of the background class added to sigmoid heads (RetinaNet, FCOS) that detectron2 trains without
@@ -203,14 +204,13 @@ class Rule:
 
     kind: "" (copied), "sigmoid_classes" (a background class added in front of each anchor's K),
     "softmax_background" (background moved from last to first), "box_deltas" (background deltas added
-    in front; class-agnostic deltas repeated), "masks" (background mask added; agnostic repeated).
+    in front; class-agnostic deltas repeated), "masks" (background mask added; agnostic repeated),
+    "classes" (K classes in both layouts, copied as is: only the class count is checked).
     """
 
     target: str
     kind: str = ""
     num_anchors: int = 1
-
-    # kind "classes": K classes in both layouts, copied as is; only the class count is checked.
 
     @property
     def note(self) -> str:
@@ -520,7 +520,7 @@ def _check_condinst_buffer(key: str, value: Tensor, problems: list[str], out: Co
     if key == "mask_head._iter":
         out.skipped.append(f"{key} (AdelaiDet's training iteration counter)")
         return
-    want = [8.0 * stride for stride in (8, 16, 32, 64, 128)]
+    want = [float(SIZE_OF_INTEREST_PER_STRIDE * stride) for stride in (8, 16, 32, 64, 128)]  # P3-P7
     have = [float(v) for v in value.flatten()]
     if have != want:
         problems.append(f"{key}: the checkpoint scales relative coordinates by {have}, the project's CondInst by "
