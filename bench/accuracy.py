@@ -30,6 +30,12 @@ decoder_signals.json).
 Every finished step is reused, always: the table is built from every finished run under the work dir,
 whichever invocation ran it, so it can be filled over several sessions (`--families` runs a subset,
 in the order given; an interrupted run restarts from its beginning). `--fresh` deletes the work dir first.
+A work dir does not outlive its machine, so the runs recorded in the results file (--carry, default the
+--out file of the same size) stand in for the work dir's: a carried baseline is never rerun, and a carried
+distill run is reused while the teacher it distilled from is the work dir's teacher (same weights sha256;
+a results file that recorded no digest names its teacher by its COCO metrics to full precision). A row
+the work dir has distilled with another teacher takes its distill runs from the work dir only, so every
+distill cell of a row comes from one teacher.
 
 Every step is the CLI a user runs (`python -m detection.cli ...`), as a subprocess with its log in
 <work>/<size>/logs/. On CPU up to --jobs runs go side by side (default: 2 on 2+ cores), each with one
@@ -115,6 +121,9 @@ ROWS = {**{name: Row(name, name, name) for name in FAMILIES},
 DEFAULT_BUDGET_FRACTION = 0.35
 DEFAULT_ONLINE = ("retinanet",)
 LOG_TAIL_LINES = 30
+# a run's status when its numbers enter the table: run now, found finished in the work dir, or carried
+# from an earlier results file
+FINISHED = ("ok", "reused", "carried")
 # With --jobs > 1, step times come from runs that had another run beside them at least this share of
 # their wall time, so every mode is timed under the same conditions.
 NEIGHBOUR_SHARE = 0.8
@@ -301,6 +310,79 @@ def complete_cache(url: Path) -> bool:
         return False
 
 
+TEACHER_METRICS = ("box_AP", "box_AP50", "mask_AP", "mask_AP50")
+
+
+def same_teacher(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two teacher descriptions name the same weights: by sha256 where both have one, else (a results
+    file written before digests were recorded) by every COCO metric both have, compared exactly."""
+    if recorded.get("weights_sha256") and current.get("weights_sha256"):
+        return recorded["weights_sha256"] == current["weights_sha256"]
+    keys = [k for k in TEACHER_METRICS if k in recorded and k in current]
+    return bool(keys) and all(recorded[k] == current[k] for k in keys)
+
+
+@dataclass
+class Carried:
+    """The runs, teachers and caches an earlier results file recorded (its work dir may be gone)."""
+
+    source: str = ""
+    runs: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    caches: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tuple[Carried, str]:
+    """The finished runs of a results file of the same size and dataset, and a line saying what was carried."""
+    if path is None or not path.is_file():
+        return Carried(), ""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return Carried(), f"carry: {path} is not readable JSON ({exc}); nothing carried"
+    recorded_sizes = data.get("sizes") or {}
+    if data.get("benchmark") != "accuracy" or recorded_sizes.get("name") != sizes.name or \
+            recorded_sizes.get("train_images") != sizes.train_images or \
+            recorded_sizes.get("val_images") != sizes.val_images or \
+            tuple(recorded_sizes.get("teacher_opts", ())) != sizes.teacher_opts or \
+            tuple(recorded_sizes.get("student_opts", ())) != sizes.student_opts:
+        return Carried(), f"carry: {path} holds another size than {sizes.name}; nothing carried"
+    if data.get("dataset_sha256") and dataset_sha256 and data["dataset_sha256"] != dataset_sha256:
+        return Carried(), f"carry: {path} was measured on another synthetic dataset; nothing carried"
+    runs = {(r["row"], r["mode"], int(r["seed"])): r for r in data.get("runs", [])
+            if r.get("row") in ROWS and r.get("status") in FINISHED and any(k.endswith("_AP") for k in r)}
+    carried = Carried(f"{path} ({data.get('date', 'undated')})", runs, dict(data.get("teachers") or {}),
+                      dict(data.get("caches") or {}))
+    return carried, f"carry: {len(runs)} finished run(s) from {carried.source}"
+
+
+def dataset_digest(layout: "Layout") -> str:
+    """sha256 of the benchmark dataset's annotation files ('' before it is generated): carried runs must
+    come from the same images."""
+    from cache_contract.identity import file_sha256
+
+    files = [layout.synth / "annotations" / f"instances_{split}.json" for split in ("train", "val")]
+    return ":".join(file_sha256(str(f)) for f in files) if all(f.is_file() for f in files) else ""
+
+
+def carried_run(carried: Carried, row: "Row", mode: str, seed: int, teacher: dict[str, Any] | None,
+                strict: bool) -> dict[str, Any] | None:
+    """The carried record of (row, mode, seed) if it may stand for a run with the work dir's `teacher`.
+
+    A baseline has no teacher: always. A distill run: when it distilled from `teacher` (same_teacher), or,
+    unless `strict`, when the work dir has no teacher of that family or nothing of the row distilled by it.
+    `strict` is for deciding whether to run: a run about to distil from `teacher` is only skipped for a
+    record of the same teacher. Unstrict is for the table, where the caller has checked the row."""
+    record = carried.runs.get((row.name, mode, seed))
+    if record is None and mode == "baseline":  # a cross-family row shares its student family's baseline
+        record = carried.runs.get((row.student, mode, seed))
+    if record is None or mode == "baseline":
+        return record
+    if teacher is None:
+        return None if strict else record
+    return record if same_teacher(carried.teachers.get(row.teacher, {}), teacher) or not strict else None
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -376,8 +458,12 @@ def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = ()) -> tup
 
 
 def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequence[Row], online: Sequence[str],
-                device_opts: list[str], budget: Callable[[str], int], ablate: Sequence[str] = ()) -> list[Task]:
-    """Every step of the selected rows, in priority order: row by row, each teacher before its students."""
+                device_opts: list[str], budget: Callable[[str], int], ablate: Sequence[str] = (),
+                carried: Callable[[Row, str, int], bool] = lambda row, mode, seed: False) -> list[Task]:
+    """Every step of the selected rows, in priority order: row by row, each teacher before its students.
+
+    A student run is done when its output dir holds a finished run or `carried(row, mode, seed)` says an
+    earlier results file holds one that may stand for it (asked once the run's teacher has finished)."""
     data = dataset_opts(layout)
     tasks: list[Task] = []
     names: set[str] = set()
@@ -430,19 +516,35 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
                     "online": (icd("distill", "--online", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
                 }[mode]
                 add(Task(task_name(row, mode, seed), lambda cmd=cmd: cmd, deps=deps,
-                         done=lambda out=out: finished_run(out)))
+                         done=lambda out=out, row=row, mode=mode, seed=seed: finished_run(out)
+                         or carried(row, mode, seed)))
     return tasks
 
 
-def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task]) -> list[dict[str, Any]]:
-    """Every run of every row, finished (by this invocation or an earlier one) or not."""
-    runs = []
+def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task], carried: Carried | None = None,
+            teachers: dict[str, dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every run of every row, finished (by this invocation, an earlier one, or carried) or not, and per row
+    the teacher its distill runs used.
+
+    `teachers` describes the work dir's teachers. A row whose distill runs in the work dir used its teacher
+    takes carried distill runs only of that teacher; a row with none in the work dir keeps every carried
+    run, with the teacher the results file recorded."""
+    carried = carried or Carried()
+    teachers = teachers or {}
+    all_seeds = sorted(set(seeds) | {seed for _, _, seed in carried.runs})
+    runs: list[dict[str, Any]] = []
+    row_teachers: dict[str, Any] = {}
     for row in ROWS.values():
+        here = teachers.get(row.teacher)
+        worked = any(finished_run(layout.run_dir(row, mode, seed)) for mode in every_mode(row)
+                     if mode != "baseline" for seed in all_seeds)
+        from_carry = False
         for mode in every_mode(row):
-            for seed in seeds:
+            for seed in all_seeds:
                 out = layout.run_dir(row, mode, seed)
                 task = tasks.get(task_name(row, mode, seed))
                 record: dict[str, Any] = {"row": row.name, "mode": mode, "seed": seed}
+                recorded = carried_run(carried, row, mode, seed, here, strict=worked)
                 if finished_run(out):
                     record["status"] = task.status if task is not None else "reused"
                     record.update(coco_metrics(out))
@@ -450,17 +552,28 @@ def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task]) -> lis
                     signals = decoder_signals(out)
                     if signals:
                         record["decoder"] = signals
+                    if mode != "baseline" and here is not None:
+                        record["teacher_sha256"] = here.get("weights_sha256", "")
                     if task is not None and task.seconds:
                         record["wall_s"] = task.seconds
                         record["overlap"] = overlap_share(task, list(tasks.values()))
-                elif task is not None:
+                elif recorded is not None:
+                    record.update({k: v for k, v in recorded.items() if k not in ("row", "mode", "seed")})
+                    record["status"] = "carried"
+                    from_carry = from_carry or mode != "baseline"
+                elif task is not None and seed in seeds:
                     record["status"] = task.status
                     if task.error:
                         record["error"] = task.error
                 else:
                     continue  # a row this invocation did not run and no earlier one finished
                 runs.append(record)
-    return runs
+        recorded_teacher = carried.teachers.get(row.teacher)
+        if worked and here is not None:
+            row_teachers[row.name] = here
+        elif from_carry and recorded_teacher is not None:
+            row_teachers[row.name] = {**recorded_teacher, "carried_from": carried.source}
+    return runs, row_teachers
 
 
 def paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]], key: str) -> tuple[float, float, int]:
@@ -475,7 +588,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     """Per row and mode: AP mean/std over seeds, paired deltas vs baseline and init_only, decoder signals."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for row in ROWS.values():
-        done = [r for r in runs if r["row"] == row.name and "status" in r and r["status"] in ("ok", "reused")]
+        done = [r for r in runs if r["row"] == row.name and r.get("status") in FINISHED]
         done = [r for r in done if any(k.endswith("_AP") for k in r)]
         if not done:
             continue
@@ -561,6 +674,13 @@ def markdown_table(result: dict[str, Any]) -> str:
                          for f, t in result["teachers"].items() if any(k.endswith("_AP") for k in t))
     if teachers:
         lines += ["", f"Teachers (R-34, AP): {teachers}."]
+    for name, teacher in result.get("row_teachers", {}).items():
+        family = ROWS[name].teacher
+        listed = result["teachers"].get(family)
+        if listed is not None and not same_teacher(teacher, listed):
+            ap = " / ".join(f"{teacher[f'{m}_AP']:.1f}" for m in FAMILIES[family].metrics if f"{m}_AP" in teacher)
+            lines += ["", f"{ROWS[name].label}: distilled from an earlier {FAMILIES[family].label} R-34 teacher "
+                      f"(AP {ap}, recorded in {teacher.get('carried_from', 'an earlier results file')})."]
     budgets = [f"{FAMILIES[f].label} {c['budget']['encoding']}" for f, c in result["caches"].items()
                if "encoding" in c.get("budget", {})]
     if budgets:
@@ -571,12 +691,16 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_teacher(layout: Layout, family: str) -> dict[str, Any]:
+    """A finished teacher: its COCO metrics, step time and the sha256 of its weights (its identity)."""
+    from cache_contract.identity import file_sha256
+
+    root = layout.teacher(family)
+    return {**coco_metrics(root), **step_times(root), "weights_sha256": file_sha256(str(root / "model_final.pth"))}
+
+
 def describe_teachers(layout: Layout) -> dict[str, dict[str, Any]]:
-    out = {}
-    for family in FAMILIES:
-        if finished_run(layout.teacher(family)):
-            out[family] = {**coco_metrics(layout.teacher(family)), **step_times(layout.teacher(family))}
-    return out
+    return {family: describe_teacher(layout, family) for family in FAMILIES if finished_run(layout.teacher(family))}
 
 
 def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
@@ -623,6 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-fraction", type=float, default=DEFAULT_BUDGET_FRACTION, metavar="F",
                        help=f"budget = F x the fp32 cache's feature bytes (default {DEFAULT_BUDGET_FRACTION}: below "
                        "fp16's 0.5, so the planner must choose a lossy encoding)")
+    parser.add_argument("--carry", type=Path, default=None, metavar="JSON",
+                        help="an earlier results file whose finished runs enter the table where the work dir has "
+                        "none (default: the --out file, when it is of this size)")
+    parser.add_argument("--no-carry", action="store_true", help="use the work dir's runs only")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the table and the JSON from the finished runs in the work dir")
     parser.add_argument("--fresh", action="store_true", help="delete this size's work dir first (default: reuse "
@@ -668,6 +796,21 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
     if not args.report_only and not (layout.synth / "annotations" / "instances_val.json").is_file():
         generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0)
+    dataset_sha256 = dataset_digest(layout)
+    carry_from = None if args.no_carry or args.fresh else (args.carry or args.out)
+    carried, said = load_carried(carry_from, sizes, dataset_sha256)
+    if said:
+        print(said, flush=True)
+    teachers_here: dict[str, dict[str, Any]] = {}
+
+    def teacher_here(family: str) -> dict[str, Any] | None:
+        # hashed once, when a run that needs it is about to start (the teacher has finished by then)
+        if family not in teachers_here and finished_run(layout.teacher(family)):
+            teachers_here[family] = describe_teacher(layout, family)
+        return teachers_here.get(family)
+
+    def carried_done(row: Row, mode: str, seed: int) -> bool:
+        return carried_run(carried, row, mode, seed, teacher_here(row.teacher), strict=True) is not None
 
     budgets: dict[str, int] = {}
 
@@ -676,12 +819,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return budgets[family]
 
     tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget,
-                        args.ablate)
+                        args.ablate, carried_done)
     if args.report_only:
         tasks = []
     run_tasks(tasks, jobs, layout.logs, env, resume=True)
     by_name = {t.name: t for t in tasks}
-    runs = collect(layout, seeds, by_name)
+    teachers = describe_teachers(layout)
+    runs, row_teachers = collect(layout, seeds, by_name, carried, teachers)
     failed = [t.name for t in tasks if t.status in ("failed", "skipped")]
     result: dict[str, Any] = {
         "benchmark": "accuracy",
@@ -702,8 +846,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "online_families": list(args.online_families),
         "budget_fraction": args.budget_fraction,
         "budget_explicit": args.budget,
-        "teachers": describe_teachers(layout),
-        "caches": describe_caches(layout, budgets),
+        "dataset_sha256": dataset_sha256,
+        "carried_from": carried.source,
+        "teachers": {**{f: t for f, t in carried.teachers.items() if f in FAMILIES}, **teachers},
+        "row_teachers": row_teachers,
+        "caches": {**{f: c for f, c in carried.caches.items() if f in FAMILIES}, **describe_caches(layout, budgets)},
         "runs": runs,
         "ablate": list(args.ablate),
         "cells": aggregate(runs),

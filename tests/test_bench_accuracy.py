@@ -1,6 +1,7 @@
 """bench/accuracy.py's plan and arithmetic: which steps run, what is shared, paired deltas, the table."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -69,3 +70,132 @@ def test_table_shows_box_and_mask_and_the_decoder(tmp_path: Path) -> None:
     line = next(row for row in table.splitlines() if "ICD cached fp32" in row)
     assert "12.00 ± 0.00 / 9.00 ± 0.00" in line and "+2.00 ± 0.00 / +1.00 ± 0.00" in line
     assert "0.200 / 0.450, AUC 0.90" in line
+
+
+# --- carrying runs from an earlier results file (the work dir does not outlive its machine) ---------------
+def finish(out: Path, box_ap: float, weights: bytes = b"student") -> None:
+    """What a finished `icd train` / `icd distill` leaves: COCO metrics, final weights, logged windows."""
+    (out / "inference").mkdir(parents=True)
+    (out / "inference" / "metrics.json").write_text(json.dumps({"bbox": {"AP": box_ap, "AP50": 2 * box_ap}}))
+    (out / "model_final.pth").write_bytes(weights)
+    (out / "metrics.json").write_text(json.dumps({"time": 1.0, "data_time": 0.1}) + "\n")
+
+
+def results_file(path: Path, runs: list[dict], teacher: dict, size: str = "full") -> Path:
+    sizes = accuracy.SIZES[size]
+    path.write_text(json.dumps({
+        "benchmark": "accuracy", "date": "2026-11-25", "runs": runs, "teachers": {"faster_rcnn": teacher},
+        "caches": {}, "sizes": {"name": sizes.name, "train_images": sizes.train_images,
+                                "val_images": sizes.val_images, "teacher_opts": list(sizes.teacher_opts),
+                                "student_opts": list(sizes.student_opts)}}))
+    return path
+
+
+OLD_TEACHER = {"box_AP": 12.1, "box_AP50": 25.3}  # recorded before digests were: named by its metrics
+
+
+def carried_faster_rcnn(tmp_path: Path) -> accuracy.Carried:
+    runs = [run("faster_rcnn", mode, 0, box_AP=ap) for mode, ap in
+            (("baseline", 3.0), ("init_only", 11.0), ("cached_fp32", 10.0))]
+    path = results_file(tmp_path / "old.json", runs, OLD_TEACHER)
+    carried, said = accuracy.load_carried(path, accuracy.SIZES["full"], dataset_sha256="")
+    assert "3 finished run(s)" in said
+    return carried
+
+
+def test_same_teacher_by_digest_else_by_every_common_metric() -> None:
+    assert accuracy.same_teacher({"weights_sha256": "a", "box_AP": 1.0}, {"weights_sha256": "a", "box_AP": 2.0})
+    assert not accuracy.same_teacher({"weights_sha256": "a", "box_AP": 1.0}, {"weights_sha256": "b", "box_AP": 1.0})
+    assert accuracy.same_teacher(OLD_TEACHER, {**OLD_TEACHER, "weights_sha256": "x"})
+    assert not accuracy.same_teacher(OLD_TEACHER, {"box_AP": 12.1, "box_AP50": 25.300001, "weights_sha256": "x"})
+    assert not accuracy.same_teacher({}, {"weights_sha256": "x"})  # nothing to compare is not a match
+
+
+def test_a_carried_run_stands_for_a_run_only_with_the_same_teacher(tmp_path: Path) -> None:
+    carried = carried_faster_rcnn(tmp_path)
+    row = accuracy.ROWS["faster_rcnn"]
+    other = {"box_AP": 11.7, "box_AP50": 25.0, "weights_sha256": "new"}
+    # deciding whether to run (strict): a baseline needs no teacher; a distill run needs the same one
+    assert accuracy.carried_run(carried, row, "baseline", 0, None, strict=True) is not None
+    assert accuracy.carried_run(carried, row, "init_only", 0, None, strict=True) is None
+    assert accuracy.carried_run(carried, row, "init_only", 0, other, strict=True) is None
+    assert accuracy.carried_run(carried, row, "init_only", 0, {**OLD_TEACHER, "weights_sha256": "x"},
+                                strict=True)["box_AP"] == 11.0
+    assert accuracy.carried_run(carried, row, "init_only", 1, {**OLD_TEACHER}, strict=True) is None  # no record
+    # the plan skips exactly those
+    tasks = accuracy.build_tasks(accuracy.Layout(tmp_path / "work"), accuracy.SIZES["full"], [0, 1], [row], (),
+                                 ["MODEL.DEVICE", "cpu"], budget=lambda family: 1,
+                                 carried=lambda r, m, s: accuracy.carried_run(carried, r, m, s, other, True) is not None)
+    by_name = {t.name: t for t in tasks}
+    assert by_name["faster_rcnn_baseline_seed0"].done() and not by_name["faster_rcnn_baseline_seed1"].done()
+    assert not by_name["faster_rcnn_init_only_seed0"].done()
+
+
+def test_the_table_keeps_carried_runs_unless_the_work_dir_distilled_the_row_with_another_teacher(
+        tmp_path: Path) -> None:
+    carried = carried_faster_rcnn(tmp_path)
+    layout = accuracy.Layout(tmp_path / "work")
+    row = accuracy.ROWS["faster_rcnn"]
+    # nothing in the work dir: every carried run enters the table, with the teacher it recorded
+    runs, row_teachers = accuracy.collect(layout, [0], {}, carried, {})
+    assert sorted((r["mode"], r["status"]) for r in runs) == [
+        ("baseline", "carried"), ("cached_fp32", "carried"), ("init_only", "carried")]
+    assert row_teachers["faster_rcnn"]["box_AP"] == 12.1 and "old.json" in row_teachers["faster_rcnn"]["carried_from"]
+    # a retrained teacher that is not the recorded one, no run of the row with it yet: carried runs stay
+    finish(layout.teacher("faster_rcnn"), 11.7, weights=b"retrained")
+    teachers = accuracy.describe_teachers(layout)
+    runs, row_teachers = accuracy.collect(layout, [0, 1], {}, carried, teachers)
+    assert len(runs) == 3 and row_teachers["faster_rcnn"]["box_AP"] == 12.1
+    # once the work dir distilled the row with it, the old teacher's distill runs leave the row; baselines stay
+    finish(layout.run_dir(row, "init_only", 1), 9.0)
+    runs, row_teachers = accuracy.collect(layout, [0, 1], {}, carried, teachers)
+    assert sorted((r["mode"], r["seed"], r["status"]) for r in runs) == [
+        ("baseline", 0, "carried"), ("init_only", 1, "reused")]
+    assert runs[-1]["teacher_sha256"] == teachers["faster_rcnn"]["weights_sha256"]
+    assert row_teachers["faster_rcnn"] is teachers["faster_rcnn"]
+    cell = accuracy.aggregate(runs)["faster_rcnn"]
+    assert cell["init_only"]["n"] == 1 and cell["init_only"]["box_AP_vs_baseline"]["n"] == 0  # no seed-1 baseline
+
+
+def test_the_table_joins_carried_and_new_seeds_of_the_same_teacher(tmp_path: Path) -> None:
+    carried = carried_faster_rcnn(tmp_path)
+    layout = accuracy.Layout(tmp_path / "work")
+    row = accuracy.ROWS["faster_rcnn"]
+    teacher_dir = layout.teacher("faster_rcnn")
+    (teacher_dir / "inference").mkdir(parents=True)
+    (teacher_dir / "inference" / "metrics.json").write_text(json.dumps({"bbox": {"AP": 12.1, "AP50": 25.3}}))
+    (teacher_dir / "model_final.pth").write_bytes(b"teacher")
+    (teacher_dir / "metrics.json").write_text(json.dumps({"time": 1.0}) + "\n")
+    teachers = accuracy.describe_teachers(layout)
+    for seed, ap in ((1, 4.0), (2, 5.0)):
+        finish(layout.run_dir(row, "baseline", seed), ap)
+        finish(layout.run_dir(row, "init_only", seed), ap + 8)
+    runs, _ = accuracy.collect(layout, [0, 1, 2], {}, carried, teachers)
+    cell = accuracy.aggregate(runs)["faster_rcnn"]["init_only"]
+    assert cell["seeds"] == [0, 1, 2] and cell["box_AP_vs_baseline"]["mean"] == pytest.approx(8.0)
+
+
+def test_results_of_another_size_or_dataset_are_not_carried(tmp_path: Path) -> None:
+    runs = [run("faster_rcnn", "baseline", 0, box_AP=3.0)]
+    quick = results_file(tmp_path / "quick.json", runs, OLD_TEACHER, size="quick")
+    carried, said = accuracy.load_carried(quick, accuracy.SIZES["full"], dataset_sha256="")
+    assert not carried.runs and "another size" in said
+    path = results_file(tmp_path / "full.json", runs, OLD_TEACHER)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "dataset_sha256": "a:b"}))
+    carried, said = accuracy.load_carried(path, accuracy.SIZES["full"], dataset_sha256="c:d")
+    assert not carried.runs and "another synthetic dataset" in said
+    assert accuracy.load_carried(tmp_path / "missing.json", accuracy.SIZES["full"], "")[0].runs == {}
+
+
+def test_table_names_a_row_distilled_from_an_earlier_teacher(tmp_path: Path) -> None:
+    runs = [run("retinanet", "baseline", 0, box_AP=3.0), run("retinanet", "cached_fp32", 0, box_AP=6.0)]
+    result = {"sizes": {"val_images": 50}, "cells": accuracy.aggregate(runs), "failed": [], "caches": {},
+              "budget_fraction": 0.35, "teachers": {"retinanet": {"box_AP": 8.6, "weights_sha256": "new"}},
+              "row_teachers": {"retinanet": {"box_AP": 8.4, "carried_from": "old.json (2026-11-25)"},
+                               "fcos_from_retinanet": {"box_AP": 8.6, "weights_sha256": "new"}}}
+    table = accuracy.markdown_table(result)
+    assert "Teachers (R-34, AP): RetinaNet 8.6." in table
+    notes = [line for line in table.splitlines() if "earlier" in line]
+    assert notes == ["RetinaNet R-18 <- RetinaNet R-34: distilled from an earlier RetinaNet R-34 teacher (AP 8.4, "
+                     "recorded in old.json (2026-11-25))."]
