@@ -1,6 +1,6 @@
 """Accuracy benchmark: the ICD paper's table, every family, in miniature on the synthetic benchmark.
 
-    python -m bench.accuracy [--size full|quick|gpu] [--families NAME ...] [--seeds 3] [--jobs N]
+    python -m bench.accuracy [--size full|quick|gpu] [--families NAME ...] [--seeds 3] [--jobs N] [--threads N]
                              [--online-families retinanet] [--budget SIZE | --budget-fraction F]
                              [--fresh] [--out bench/results/accuracy.json] [--work output/bench_accuracy]
 
@@ -232,7 +232,9 @@ def run_tasks(tasks: list[Task], jobs: int, logs: Path, env: dict[str, str], res
                 task.ended = time.time()
                 task.seconds = task.ended - task.started
                 timings[task.name] = [task.started, task.ended]
-                timings_path.write_text(json.dumps(timings))
+                # another invocation may share the work dir (other rows): keep what it wrote
+                on_disk = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+                timings_path.write_text(json.dumps({**on_disk, task.name: timings[task.name]}))
                 finished = sum(t.status in ("ok", "reused", "failed", "skipped") for t in tasks) + 1
                 if code == 0:
                     task.status = "ok"
@@ -742,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="work dir for the dataset, teachers, caches and runs (a subfolder per size)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs side by side (default: the size's; full/quick: min(2, usable cores) on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: usable cores / jobs); set it when another "
+                        "invocation shares the cores")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--budget", default=None, metavar="SIZE", help="explicit --budget of every budget cache")
     group.add_argument("--budget-fraction", type=float, default=DEFAULT_BUDGET_FRACTION, metavar="F",
@@ -766,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_seeds = args.seeds if args.seeds is not None else sizes.seeds
     if n_seeds < 1:
         parser.error("--seeds must be at least 1")
+    if (args.jobs is not None and args.jobs < 1) or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
     if args.report_only and args.fresh:
         parser.error("--report-only reads the work dir that --fresh would delete")
     if not 0 < args.budget_fraction < 1:
@@ -785,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = args.jobs or sizes.jobs or (1 if device == "cuda" else max(1, min(2, usable)))
-    threads = max(1, usable // jobs)
+    threads = args.threads or max(1, usable // jobs)
     layout = Layout(args.work.resolve() / sizes.name)
     if args.fresh and layout.root.exists():
         shutil.rmtree(layout.root)
