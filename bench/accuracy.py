@@ -332,6 +332,7 @@ class Carried:
     runs: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
     caches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpu: str = ""  # the machine that file's runs were measured on: CPU kernels differ across machines
 
 
 def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tuple[Carried, str]:
@@ -353,8 +354,8 @@ def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tupl
         return Carried(), f"carry: {path} was measured on another synthetic dataset; nothing carried"
     runs = {(r["row"], r["mode"], int(r["seed"])): r for r in data.get("runs", [])
             if r.get("row") in ROWS and r.get("status") in FINISHED and any(k.endswith("_AP") for k in r)}
-    carried = Carried(f"{path} ({data.get('date', 'undated')})", runs, dict(data.get("teachers") or {}),
-                      dict(data.get("caches") or {}))
+    carried = Carried(f"{path.name} ({data.get('date', 'undated')})", runs, dict(data.get("teachers") or {}),
+                      dict(data.get("caches") or {}), str((data.get("machine") or {}).get("cpu", "")))
     return carried, f"carry: {len(runs)} finished run(s) from {carried.source}"
 
 
@@ -562,6 +563,8 @@ def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task], carrie
                 elif recorded is not None:
                     record.update({k: v for k, v in recorded.items() if k not in ("row", "mode", "seed")})
                     record["status"] = "carried"
+                    record.setdefault("carried_from", carried.source)
+                    record.setdefault("cpu", carried.cpu)
                     from_carry = from_carry or mode != "baseline"
                 elif task is not None and seed in seeds:
                     record["status"] = task.status
