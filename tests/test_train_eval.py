@@ -125,6 +125,21 @@ def test_train_then_eval_cli(cfg_tiny, tmp_path, capsys):
     assert train_cli.main(["--config-file", config, "--eval-only", "--resume"]) == 0
 
 
+def test_the_same_seed_trains_the_same_weights_and_another_seed_does_not(cfg_tiny, tmp_path):
+    """On one machine `icd train` is a function of its config and SEED (bench/accuracy.py relies on it to
+    reuse a finished teacher): two runs of one config give bit-identical weights."""
+    cfg_tiny.merge_from_dict({"SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100},
+                              "DATASETS": {"TEST": []}})
+    config = _write_cfg(cfg_tiny, tmp_path / "c.yaml")
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert train_cli.main(["--config-file", config, "OUTPUT_DIR", str(tmp_path / name), "SEED", str(seed)]) == 0
+        weights[name] = torch.load(tmp_path / name / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
 @pytest.mark.parametrize("command, args, message", [
     (train_cli, ["--config-file", "missing.yaml"], "icd train: error: config file not found"),
     (train_cli, ["SOLVER.MAX_ITR", "5"], "icd train: error: unknown config key 'SOLVER.MAX_ITR'"),
