@@ -684,8 +684,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         listed = result["teachers"].get(family)
         if listed is not None and not same_teacher(teacher, listed):
             ap = " / ".join(f"{teacher[f'{m}_AP']:.1f}" for m in FAMILIES[family].metrics if f"{m}_AP" in teacher)
-            lines += ["", f"{ROWS[name].label}: distilled from an earlier {FAMILIES[family].label} R-34 teacher "
-                      f"(AP {ap}, recorded in {teacher.get('carried_from', 'an earlier results file')})."]
+            where = (f"recorded in {teacher['carried_from']}" if "carried_from" in teacher
+                     else "trained in this work dir")
+            lines += ["", f"{ROWS[name].label}: distilled from another {FAMILIES[family].label} R-34 teacher than "
+                      f"the one listed (AP {ap}, {where})."]
     budgets = [f"{FAMILIES[f].label} {c['budget']['encoding']}" for f, c in result["caches"].items()
                if "encoding" in c.get("budget", {})]
     if budgets:
@@ -706,6 +708,15 @@ def describe_teacher(layout: Layout, family: str) -> dict[str, Any]:
 
 def describe_teachers(layout: Layout) -> dict[str, dict[str, Any]]:
     return {family: describe_teacher(layout, family) for family in FAMILIES if finished_run(layout.teacher(family))}
+
+
+def listed_teachers(carried: Carried, here: dict[str, dict[str, Any]],
+                    row_teachers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The teacher the table lists per family: its same-family row's, else the work dir's, else the carried one."""
+    listed = {f: t for f, t in carried.teachers.items() if f in FAMILIES}
+    listed.update(here)
+    listed.update({name: t for name, t in row_teachers.items() if name in FAMILIES})
+    return listed
 
 
 def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
@@ -858,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_explicit": args.budget,
         "dataset_sha256": dataset_sha256,
         "carried_from": carried.source,
-        "teachers": {**{f: t for f, t in carried.teachers.items() if f in FAMILIES}, **teachers},
+        "teachers": listed_teachers(carried, teachers, row_teachers),
         "row_teachers": row_teachers,
         "caches": {**{f: c for f, c in carried.caches.items() if f in FAMILIES}, **describe_caches(layout, budgets)},
         "runs": runs,
