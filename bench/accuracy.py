@@ -719,6 +719,11 @@ def listed_teachers(carried: Carried, here: dict[str, dict[str, Any]],
     return listed
 
 
+def merge_caches(recorded: dict[str, dict[str, Any]], here: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per family and kind (fp32, budget): the work dir's cache where it has one, else the recorded one."""
+    return {f: {**recorded.get(f, {}), **here.get(f, {})} for f in FAMILIES if f in recorded or f in here}
+
+
 def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
     from bench.stage1 import cache_bytes
     from cache_format import CacheReader
@@ -871,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "carried_from": carried.source,
         "teachers": listed_teachers(carried, teachers, row_teachers),
         "row_teachers": row_teachers,
-        "caches": {**{f: c for f, c in carried.caches.items() if f in FAMILIES}, **describe_caches(layout, budgets)},
+        "caches": merge_caches(carried.caches, describe_caches(layout, budgets)),
         "runs": runs,
         "ablate": list(args.ablate),
         "cells": aggregate(runs),

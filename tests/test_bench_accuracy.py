@@ -201,3 +201,10 @@ def test_table_names_a_row_distilled_from_an_earlier_teacher(tmp_path: Path) -> 
     notes = [line for line in table.splitlines() if "another" in line]
     assert notes == ["RetinaNet R-18 <- RetinaNet R-34: distilled from another RetinaNet R-34 teacher than the one "
                      "listed (AP 8.4, recorded in old.json (2026-11-25))."]
+
+
+def test_caches_merge_per_kind_the_work_dir_first() -> None:
+    recorded = {"retinanet": {"fp32": {"samples": 1}, "budget": {"encoding": "int8"}}, "fcos": {"fp32": {}}}
+    here = {"retinanet": {"fp32": {"samples": 2}}}
+    assert accuracy.merge_caches(recorded, here) == {
+        "retinanet": {"fp32": {"samples": 2}, "budget": {"encoding": "int8"}}, "fcos": {"fp32": {}}}
