@@ -142,6 +142,11 @@ class Sizes:
     student_opts: tuple[str, ...] = ()
     jobs: int | None = None  # None: min(2, usable cores) on CPU
 
+    def record(self) -> dict[str, Any]:
+        """What a results file records of its size; a file is carried only into the same record."""
+        return {"name": self.name, "train_images": self.train_images, "val_images": self.val_images,
+                "teacher_opts": list(self.teacher_opts), "student_opts": list(self.student_opts)}
+
 
 def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None) -> tuple[str, ...]:
     opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(max_iter),
@@ -344,11 +349,7 @@ def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tupl
     except (OSError, ValueError) as exc:
         return Carried(), f"carry: {path} is not readable JSON ({exc}); nothing carried"
     recorded_sizes = data.get("sizes") or {}
-    if data.get("benchmark") != "accuracy" or recorded_sizes.get("name") != sizes.name or \
-            recorded_sizes.get("train_images") != sizes.train_images or \
-            recorded_sizes.get("val_images") != sizes.val_images or \
-            tuple(recorded_sizes.get("teacher_opts", ())) != sizes.teacher_opts or \
-            tuple(recorded_sizes.get("student_opts", ())) != sizes.student_opts:
+    if data.get("benchmark") != "accuracy" or {k: recorded_sizes.get(k) for k in sizes.record()} != sizes.record():
         return Carried(), f"carry: {path} holds another size than {sizes.name}; nothing carried"
     if data.get("dataset_sha256") and dataset_sha256 and data["dataset_sha256"] != dataset_sha256:
         return Carried(), f"carry: {path} was measured on another synthetic dataset; nothing carried"
@@ -379,11 +380,11 @@ def carried_run(carried: Carried, row: "Row", mode: str, seed: int, teacher: dic
     record = carried.runs.get((row.name, mode, seed))
     if record is None and mode == "baseline":  # a cross-family row shares its student family's baseline
         record = carried.runs.get((row.student, mode, seed))
-    if record is None or mode == "baseline":
+    if record is None or mode == "baseline" or not strict:
         return record
     if teacher is None:
-        return None if strict else record
-    return record if same_teacher(carried.teachers.get(row.teacher, {}), teacher) or not strict else None
+        return None
+    return record if same_teacher(carried.teachers.get(row.teacher, {}), teacher) else None
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -706,8 +707,14 @@ def describe_teacher(layout: Layout, family: str) -> dict[str, Any]:
     return {**coco_metrics(root), **step_times(root), "weights_sha256": file_sha256(str(root / "model_final.pth"))}
 
 
-def describe_teachers(layout: Layout) -> dict[str, dict[str, Any]]:
-    return {family: describe_teacher(layout, family) for family in FAMILIES if finished_run(layout.teacher(family))}
+def describe_teachers(layout: Layout, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Every finished teacher; `known` keeps the descriptions made so far (a description hashes the whole
+    weights file), so each teacher is hashed once per invocation."""
+    known = {} if known is None else known
+    for family in FAMILIES:
+        if family not in known and finished_run(layout.teacher(family)):
+            known[family] = describe_teacher(layout, family)
+    return dict(known)
 
 
 def listed_teachers(carried: Carried, here: dict[str, dict[str, Any]],
@@ -827,16 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     carried, said = load_carried(carry_from, sizes, dataset_sha256)
     if said:
         print(said, flush=True)
-    teachers_here: dict[str, dict[str, Any]] = {}
-
-    def teacher_here(family: str) -> dict[str, Any] | None:
-        # hashed once, when a run that needs it is about to start (the teacher has finished by then)
-        if family not in teachers_here and finished_run(layout.teacher(family)):
-            teachers_here[family] = describe_teacher(layout, family)
-        return teachers_here.get(family)
+    teachers_known: dict[str, dict[str, Any]] = {}
 
     def carried_done(row: Row, mode: str, seed: int) -> bool:
-        return carried_run(carried, row, mode, seed, teacher_here(row.teacher), strict=True) is not None
+        # asked when the run is about to start, so its teacher has finished
+        teacher = describe_teachers(layout, teachers_known).get(row.teacher)
+        return carried_run(carried, row, mode, seed, teacher, strict=True) is not None
 
     budgets: dict[str, int] = {}
 
@@ -850,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = []
     run_tasks(tasks, jobs, layout.logs, env, resume=True)
     by_name = {t.name: t for t in tasks}
-    teachers = describe_teachers(layout)
+    teachers = describe_teachers(layout, teachers_known)
     runs, row_teachers = collect(layout, seeds, by_name, carried, teachers)
     failed = [t.name for t in tasks if t.status in ("failed", "skipped")]
     result: dict[str, Any] = {
@@ -863,8 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": jobs,
         "threads_per_job": threads,
         "work": str(layout.root),
-        "sizes": {"name": sizes.name, "train_images": sizes.train_images, "val_images": sizes.val_images,
-                  "teacher_opts": list(sizes.teacher_opts), "student_opts": list(sizes.student_opts)},
+        "sizes": sizes.record(),
         "configs": {f: {"teacher": str(fam.teacher_config(f).relative_to(REPO)),
                         "student": str(fam.student_config(f).relative_to(REPO))} for f, fam in FAMILIES.items()},
         "seeds": seeds,
