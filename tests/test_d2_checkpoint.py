@@ -244,7 +244,8 @@ def test_retinanet_head_computes_detectrons_class_layout(cfg_tiny, tmp_path):
         d2 = F.conv2d(tower, torch.from_numpy(state["head.cls_score.weight"]),
                       torch.from_numpy(state["head.cls_score.bias"]), padding=1)  # [1, A*K, H, W]
         d2 = d2.view(1, 9, K, 5, 6).permute(0, 3, 4, 1, 2).reshape(1, -1, K)  # detectron2's N, HWA, K
-    torch.testing.assert_close(ours[..., 1:], d2, rtol=0, atol=1e-6)
+    # two convolutions of different output widths: equal up to float32 rounding, scaled to the logits
+    torch.testing.assert_close(ours[..., 1:], d2, rtol=0, atol=1e-5 * float(d2.abs().max()))
     assert (torch.sigmoid(ours[..., 0]) == 0).all()
 
 
