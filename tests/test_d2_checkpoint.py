@@ -1,7 +1,7 @@
 """detectron2 / AdelaiDet checkpoints on the torchvision backend, without detectron2.
 
 The checkpoints are written here in detectron2's (and AdelaiDet's) key names and shapes, enumerated
-from detectron2's module structure independently of detection.d2_checkpoint's name map, at tiny
+from detectron2's module structure independently of detection.interop.d2_checkpoint's name map, at tiny
 scale (R-18, FPN 32, 3 classes).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.checkpoint import load_weights
+from detection.engine.checkpoint import load_weights
 from detection.config import CfgNode
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 
 K = 3  # foreground classes
 FPN = 32

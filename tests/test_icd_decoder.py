@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detection.errors import UserError
-from stage2_student_distill.decoder import InstanceConditionalDecoder
+from stage2_student_distill.method.decoder import InstanceConditionalDecoder
 
 torch.set_num_threads(1)
 C, HEADS = 16, 4

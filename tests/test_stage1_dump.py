@@ -12,12 +12,12 @@ import torch
 from conftest import run_dump_cli
 
 from cache_format import CacheReader
-from detection.augment import AugmentationPlan, apply_boxes, apply_image
-from detection.checkpoint import save_checkpoint
+from detection.data.augment import AugmentationPlan, apply_boxes, apply_image
+from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode
-from detection.datasets import load_dataset, read_image
+from detection.data.datasets import load_dataset, read_image
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import KILL_AFTER_ENV, run_dump
 from cache_contract.geometry import padded_shape
 from cache_contract.teacher import load_teacher, sample_features
@@ -207,7 +207,7 @@ def test_kill_9_then_resume_equals_uninterrupted_dump(teacher_cfg: CfgNode, tmp_
     assert killed.returncode == -9, killed.stderr
     partial = CacheReader(crashed).committed()
     assert 0 < partial.sum() < partial.size
-    verify = subprocess.run([sys.executable, "-m", "detection.cli", "cache", "verify", crashed, "--no-manifest"],
+    verify = subprocess.run([sys.executable, "-m", "icd", "cache", "verify", crashed, "--no-manifest"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr  # what is committed is intact; unfinished
     resumed = run_dump_cli(teacher_cfg, crashed, "--resume")
