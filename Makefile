@@ -11,7 +11,7 @@ OPTS   ?=
 # e.g. BENCH_OPTS=--quick, or --with-accuracy for the (up to an hour) accuracy reproduction
 BENCH_OPTS ?=
 
-.PHONY: install demo test test-all stage1 stage2 bench clean
+.PHONY: install demo test test-all lint stage1 stage2 bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ''
+
+# ruff (pyflakes, pycodestyle errors, isort, bugbear, pyupgrade; the formatter) and import-linter's
+# contracts for the layering ARCHITECTURE.md states; settings in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/python demo.py

@@ -56,9 +56,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "bench"
@@ -340,7 +341,7 @@ class Carried:
     cpu: str = ""  # the machine that file's runs were measured on: CPU kernels differ across machines
 
 
-def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tuple[Carried, str]:
+def load_carried(path: Path | None, sizes: Sizes, dataset_sha256: str) -> tuple[Carried, str]:
     """The finished runs of a results file of the same size and dataset, and a line saying what was carried."""
     if path is None or not path.is_file():
         return Carried(), ""
@@ -360,7 +361,7 @@ def load_carried(path: Path | None, sizes: "Sizes", dataset_sha256: str) -> tupl
     return carried, f"carry: {len(runs)} finished run(s) from {carried.source}"
 
 
-def dataset_digest(layout: "Layout") -> str:
+def dataset_digest(layout: Layout) -> str:
     """sha256 of the benchmark dataset's annotation files ('' before it is generated): carried runs must
     come from the same images."""
     from cache_contract.identity import file_sha256
@@ -369,7 +370,7 @@ def dataset_digest(layout: "Layout") -> str:
     return ":".join(file_sha256(str(f)) for f in files) if all(f.is_file() for f in files) else ""
 
 
-def carried_run(carried: Carried, row: "Row", mode: str, seed: int, teacher: dict[str, Any] | None,
+def carried_run(carried: Carried, row: Row, mode: str, seed: int, teacher: dict[str, Any] | None,
                 strict: bool) -> dict[str, Any] | None:
     """The carried record of (row, mode, seed) if it may stand for a run with the work dir's `teacher`.
 

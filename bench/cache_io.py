@@ -22,12 +22,13 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from bench.cache_io_s3 import demo_size_samples, object_storage_section, table as s3_table
+from bench.cache_io_s3 import demo_size_samples, object_storage_section
+from bench.cache_io_s3 import table as s3_table
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.store import usage
 from cache_format.synthetic import fpn_like_features

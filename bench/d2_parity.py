@@ -211,8 +211,8 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
               work: Path) -> dict[str, Any]:
     from detectron2.modeling import build_model
 
-    from detection.engine.checkpoint import load_weights
     from detection.config import setup_cfg
+    from detection.engine.checkpoint import load_weights
     from detection.modeling.detector import build_detector
 
     d2cfg = reference_cfg(name, d2_config)

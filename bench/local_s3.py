@@ -60,7 +60,7 @@ class _Child:
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
-    def start(self) -> "_Child":
+    def start(self) -> _Child:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.local_s3", *self.args], cwd=REPO,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
@@ -105,7 +105,7 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 class _ServerInChild:
     """A local server in a child process: its endpoint, the client environment for it, start/stop."""
 
-    _child: "_Child"
+    _child: _Child
 
     @property
     def endpoint(self) -> str:

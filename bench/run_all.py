@@ -16,15 +16,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import tempfile
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "bench" / "results"

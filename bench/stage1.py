@@ -38,9 +38,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -48,14 +49,15 @@ from torch.utils.data import DataLoader
 from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
 from cache_contract.geometry import level_size, padded_shape
 from cache_contract.teacher import load_teacher, sample_features
-from cache_format.budget import format_size, plan as plan_budget
+from cache_format.budget import format_size
+from cache_format.budget import plan as plan_budget
 from cache_format.schema import LevelSpec
 from cache_format.store import usage
-from detection.data.augment import AugmentationPlan
-from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode, setup_cfg
+from detection.data.augment import AugmentationPlan
 from detection.data.datasets import train_index
 from detection.data.synthetic import generate, render_image
+from detection.engine.checkpoint import save_checkpoint
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump import dump as dump_module
 from stage1_teacher_dump.batching import shard_batches

@@ -36,19 +36,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
 from cache_format.repack import repack
-from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode, save_config, setup_cfg
 from detection.data.datasets import train_index
-from detection.engine.trainer import Trainer, build_trainer
 from detection.data.synthetic import generate
+from detection.engine.checkpoint import save_checkpoint
+from detection.engine.trainer import Trainer, build_trainer
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.cli import build_distill_trainer

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cache_format.errors import CacheError
-from detection.interop import d2_conventions as d2_arch
 from detection.data.augment import AugmentationPlan
 from detection.data.datasets import CocoIndex
+from detection.interop import d2_conventions as d2_arch
 
 # The root attributes that say what a cache was made from (besides the format's own keys).
 IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")

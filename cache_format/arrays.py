@@ -14,8 +14,17 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from cache_format.compressors import compressor_codecs
 from cache_format.encodings import Encoding
 from cache_format.errors import CorruptChunkError
-from cache_format.schema import (BOXES_ARRAY, CLASSES_ARRAY, FEATURES_GROUP, QUANT_ARRAY, RECORD_FIELDS,
-                                  RECORDS_ARRAY, Layout, LevelSpec, quant_columns)
+from cache_format.schema import (
+    BOXES_ARRAY,
+    CLASSES_ARRAY,
+    FEATURES_GROUP,
+    QUANT_ARRAY,
+    RECORD_FIELDS,
+    RECORDS_ARRAY,
+    Layout,
+    LevelSpec,
+    quant_columns,
+)
 
 _NO_EMPTY = {"write_empty_chunks": False}
 

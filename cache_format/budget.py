@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import fsspec
 import numpy as np

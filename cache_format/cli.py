@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from cache_format.budget import DEFAULT_CANDIDATES, SIZE_HELP, format_size, parse_size, plan
 from cache_format.compressors import COMPRESSOR_HELP

@@ -21,14 +21,30 @@ from cache_format.arrays import CacheArrays, layout_problems, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.encodings import parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError, StoreAccessError
-from cache_format.manifest import (MANIFEST_KEY, committed_mask, delete_manifest, load_manifest, records_crc,
-                                   root_differences, write_manifest)
-from cache_format.objects import (delete_objects, metadata_key, object_sizes, shard_arrays, shard_key,
-                                  single_chunk_key)
+from cache_format.manifest import (
+    MANIFEST_KEY,
+    committed_mask,
+    delete_manifest,
+    load_manifest,
+    records_crc,
+    root_differences,
+    write_manifest,
+)
+from cache_format.objects import delete_objects, metadata_key, object_sizes, shard_arrays, shard_key, single_chunk_key
 from cache_format.opening import open_root
 from cache_format.remote import access_error, default_workers
-from cache_format.schema import (COL, FORMAT_VERSION, MANIFEST_SINCE, RECORD_FIELDS, WEIGHTS_GROUP, Layout,
-                                  layout_from_attributes, levels_from_attributes, parse_version, quant_columns)
+from cache_format.schema import (
+    COL,
+    FORMAT_VERSION,
+    MANIFEST_SINCE,
+    RECORD_FIELDS,
+    WEIGHTS_GROUP,
+    Layout,
+    layout_from_attributes,
+    levels_from_attributes,
+    parse_version,
+    quant_columns,
+)
 from cache_format.weights import COMPLETE, INCOMPLETE, UNCHECKED, read_weights, weights_digest, weights_state
 
 # Damage kinds: what repairs it.

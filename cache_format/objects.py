@@ -7,7 +7,7 @@ local directory and an object store and a missing object is noticed rather than 
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from collections.abc import Iterable
 
 import zarr
 from zarr.abc.store import Store

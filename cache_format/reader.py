@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
@@ -26,8 +27,18 @@ from cache_format.manifest import committed_mask, load_manifest, records_crc, ro
 from cache_format.objects import metadata_key, shard_key
 from cache_format.opening import open_root
 from cache_format.remote import access_error, is_remote
-from cache_format.schema import (COL, RECORD_FIELDS, WEIGHTS_GROUP, CachedSample, Layout, LevelSpec, SampleMeta,
-                                  layout_from_attributes, levels_from_attributes, quant_columns)
+from cache_format.schema import (
+    COL,
+    RECORD_FIELDS,
+    WEIGHTS_GROUP,
+    CachedSample,
+    Layout,
+    LevelSpec,
+    SampleMeta,
+    layout_from_attributes,
+    levels_from_attributes,
+    quant_columns,
+)
 from cache_format.store import run_on_zarr_loop
 from cache_format.weights import COMPLETE, UNCHECKED, read_weights, weights_state
 

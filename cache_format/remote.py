@@ -9,8 +9,9 @@ secret ever passes through the cache's attributes, the logs or config.yaml (docs
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from cache_format.errors import CacheError, StoreAccessError

@@ -6,8 +6,9 @@ place in code to match. See SPEC.md for the prose version.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class LevelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LevelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> LevelSpec:
         return cls(str(d["name"]), int(d["stride"]), int(d["channels"]), int(d["max_h"]), int(d["max_w"]))
 
 

@@ -7,7 +7,7 @@ would be far less compressible; constants far more). Deterministic given the gen
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

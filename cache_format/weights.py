@@ -8,7 +8,8 @@ finished dump's manifest holds the digest of the whole set (SPEC.md, teacher_wei
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import crc32c
 import numpy as np

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -26,9 +27,22 @@ from cache_format.errors import CacheError, CorruptChunkError, environment_error
 from cache_format.manifest import delete_manifest
 from cache_format.opening import open_root
 from cache_format.remote import access_error, translated_errors
-from cache_format.schema import (COL, CREATING_ATTRIBUTE, FORMAT_NAME, FORMAT_VERSION, RECORD_FIELDS,
-                                  RESERVED_ATTRIBUTES, WEIGHTS_GROUP, Layout, LevelSpec, SampleMeta,
-                                  layout_from_attributes, levels_from_attributes, quant_columns, validate_levels)
+from cache_format.schema import (
+    COL,
+    CREATING_ATTRIBUTE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    RECORD_FIELDS,
+    RESERVED_ATTRIBUTES,
+    WEIGHTS_GROUP,
+    Layout,
+    LevelSpec,
+    SampleMeta,
+    layout_from_attributes,
+    levels_from_attributes,
+    quant_columns,
+    validate_levels,
+)
 from cache_format.state import check_location
 from cache_format.store import key_sizes, open_store, store_is_empty
 from cache_format.weights import tensor_crc
@@ -86,7 +100,7 @@ class CacheWriter:
     def create(cls, url: str, *, num_samples: int, levels: list[LevelSpec], encoding: str,
                compressor: str = "zstd", attributes: Mapping[str, Any] | None = None,
                shard_samples: int = 16, tile: int = 64, instance_capacity: int = 256,
-               overwrite: bool = False) -> "CacheWriter":
+               overwrite: bool = False) -> CacheWriter:
         """Create an empty cache and return its rank-0 writer (world_size 1; others use `open`).
 
         `attributes` are the caller's identity records (teacher, preprocessing, dataset, augmentation);
@@ -138,7 +152,7 @@ class CacheWriter:
         return cls(url, root, dict(root.attrs.asdict()), 0, 1)
 
     @classmethod
-    def open(cls, url: str, *, rank: int = 0, world_size: int = 1) -> "CacheWriter":
+    def open(cls, url: str, *, rank: int = 0, world_size: int = 1) -> CacheWriter:
         """Open an existing cache to resume writing; this writer owns shards s % world_size == rank."""
         _, root, attrs = open_root(str(url), read_only=False)
         return cls(str(url), root, attrs, int(rank), int(world_size))
@@ -206,7 +220,7 @@ class CacheWriter:
             self.flush(partial=True)
             self._closed = True
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -10,7 +10,7 @@ an N-process dump give the same cache bit for bit. Two rules give that:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def shard_batches(
@@ -24,12 +24,12 @@ def shard_batches(
     `shapes[i]` is sample i's padded shape (cache_contract.geometry.padded_shape). Order inside a shard
     follows the sample index, so the result depends only on the set of samples, not on the caller.
     """
-    by_shard: "OrderedDict[int, list[int]]" = OrderedDict()
+    by_shard: OrderedDict[int, list[int]] = OrderedDict()
     for index in sorted(samples):
         by_shard.setdefault(index // shard_samples, []).append(index)
     batches: list[list[int]] = []
     for shard_members in by_shard.values():
-        groups: "OrderedDict[tuple[int, int], list[int]]" = OrderedDict()
+        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         for index in shard_members:
             groups.setdefault(shapes[index], []).append(index)
         for members in groups.values():

@@ -31,7 +31,8 @@ from cache_contract.identity import identity_attributes
 from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format import state as store_states
-from cache_format.budget import format_size, plan as plan_budget
+from cache_format.budget import format_size
+from cache_format.budget import plan as plan_budget
 from cache_format.integrity import finish_cache
 from cache_format.store import usage
 from detection import comm
@@ -43,6 +44,7 @@ from stage1_teacher_dump.background_writer import BackgroundWriter
 from stage1_teacher_dump.batching import shard_batches
 from stage1_teacher_dump.resume import check_resumable, prepare_resume
 from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
+
 # Fault injection for the crash-safety tests: SIGKILL this process after N samples were handed to the
 # cache writer - a real `kill -9` at a chosen point, reproducible unlike a timer in the test.
 KILL_AFTER_ENV = "ICD_DUMP_FAULT_KILL_AFTER"

@@ -19,8 +19,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class SampleTable:
     samples: np.ndarray  # [num_images, num_variants] int64
 
     @classmethod
-    def from_reader(cls, reader: CacheReader, num_variants: int) -> "SampleTable":
+    def from_reader(cls, reader: CacheReader, num_variants: int) -> SampleTable:
         """Read every committed sample's (image id, variant) from the cache's records."""
         committed = np.flatnonzero(reader.committed())
         if committed.size == 0:

@@ -11,8 +11,9 @@ finest distilled level, overlaid on the replayed image.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import matplotlib
 
@@ -25,8 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from cache_contract.identity import recorded_plan  # noqa: E402
 from cache_format import CacheReader  # noqa: E402
 from detection.data.augment import apply_image  # noqa: E402
-from detection.engine.checkpoint import load_checkpoint  # noqa: E402
 from detection.data.datasets import class_statistics, read_image, train_index  # noqa: E402
+from detection.engine.checkpoint import load_checkpoint  # noqa: E402
 from detection.errors import UserError  # noqa: E402
 from stage2_student_distill.method.module import ICDModule  # noqa: E402
 from stage2_student_distill.signals import read_signals  # noqa: E402

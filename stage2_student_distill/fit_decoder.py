@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,14 +36,20 @@ from tqdm import tqdm
 
 from cache_contract.identity import dataset_mismatch
 from cache_format import CacheReader
-from detection.engine.checkpoint import capture_rng_state, last_checkpoint, load_checkpoint, resume_from, save_checkpoint
-from detection.engine.commands import default_argument_parser, default_setup, run_command
 from detection.config import CfgNode, setup_cfg
 from detection.data.datasets import class_statistics
+from detection.engine.checkpoint import (
+    capture_rng_state,
+    last_checkpoint,
+    load_checkpoint,
+    resume_from,
+    save_checkpoint,
+)
+from detection.engine.commands import default_argument_parser, default_setup, run_command
 from detection.engine.trainer import MetricsLog
 from detection.errors import UserError
-from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
 from stage2_student_distill.method.losses import prior_entropy
+from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
 from stage2_student_distill.signals import (
     SIGNALS_FILE,
     DecoderSignals,

@@ -15,7 +15,8 @@ identically in cached and online runs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ class OnlineTeacher:
 
         Images of equal padded shape share a teacher pass, as in stage one.
         """
-        groups: "OrderedDict[tuple[int, int], list[int]]" = OrderedDict()
+        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         for i, image in enumerate(images):
             groups.setdefault(padded_shape(image.shape[-2], image.shape[-1], self.size_divisibility), []).append(i)
         out: list[dict[str, Tensor]] = [{} for _ in images]

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +32,10 @@ from torch import Tensor
 
 from cache_format import CacheReader
 from detection.errors import UserError
-
-from stage2_student_distill.method.module import DecodedBatch, ICDModule
 from stage2_student_distill.method.losses import binary_entropy
-from stage2_student_distill.teacher_samples import TeacherBatch, iter_batches, sample_images
+from stage2_student_distill.method.module import DecodedBatch, ICDModule
 from stage2_student_distill.method.tokens import token_centres
+from stage2_student_distill.teacher_samples import TeacherBatch, iter_batches, sample_images
 
 
 @dataclass

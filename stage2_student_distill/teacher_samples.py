@@ -10,8 +10,9 @@ held-out measurements are on images the decoder never saw.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class TeacherBatch:
     targets: list[dict[str, Tensor]]  # boxes [n, 4] xyxy pixels of the resized image, labels 1..K (detection)
     image_ids: list[int]
 
-    def to(self, device: torch.device | str) -> "TeacherBatch":
+    def to(self, device: torch.device | str) -> TeacherBatch:
         return TeacherBatch({k: v.to(device) for k, v in self.features.items()}, self.image_sizes,
                             [{k: v.to(device) for k, v in t.items()} for t in self.targets], self.image_ids)
 

@@ -14,7 +14,8 @@ by (SEED, rank, iteration), so a resumed run draws exactly what the uninterrupte
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from cache_contract.identity import identity_attributes
 from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheWriter, LevelSpec, SampleMeta
 from cache_format.integrity import finish_cache
-from detection.data.augment import AugmentationPlan
 from detection.config import CfgNode, get_cfg
+from detection.data.augment import AugmentationPlan
 from detection.data.datasets import train_index
 from detection.data.synthetic import generate
 from detection.modeling.detector import build_detector

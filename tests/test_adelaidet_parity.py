@@ -16,14 +16,14 @@ import torch
 pytest.importorskip("detectron2", reason="detectron2 is not importable (build it from source: docs/D2_INTEROP.md)")
 adet = pytest.importorskip("adet", reason="AdelaiDet is not importable (build it from source: docs/D2_INTEROP.md)")
 
-import adet.modeling  # noqa: E402,F401  (registers AdelaiDet's meta-architectures)
+import adet.modeling  # noqa: E402,F401,F811  (registers AdelaiDet's meta-architectures)
 from adet.config import get_cfg as adet_get_cfg  # noqa: E402
-
-from detection.engine.checkpoint import load_weights  # noqa: E402
-from detection.config import CfgNode  # noqa: E402
-from detection.modeling.detector import build_detector  # noqa: E402
 from test_d2_backend import build_detecting  # noqa: E402
 from test_d2_checkpoint import D2_OPTIONS  # noqa: E402
+
+from detection.config import CfgNode  # noqa: E402
+from detection.engine.checkpoint import load_weights  # noqa: E402
+from detection.modeling.detector import build_detector  # noqa: E402
 
 K = 3
 WIDTH = 64  # every GroupNorm layer >= 64 channels: 32 groups here as in AdelaiDet

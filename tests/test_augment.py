@@ -6,9 +6,17 @@ import json
 import pytest
 import torch
 
-from detection.data.augment import (AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks,
-                               apply_polygons, invert_boxes, resized_shape)
 from detection.config import get_cfg
+from detection.data.augment import (
+    AugmentationPlan,
+    AugParams,
+    apply_boxes,
+    apply_image,
+    apply_masks,
+    apply_polygons,
+    invert_boxes,
+    resized_shape,
+)
 from detection.errors import UserError
 
 

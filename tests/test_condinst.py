@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from conftest import masked_batch
 from torchvision.models.detection import FCOS
 
+from detection.modeling.detector import build_detector
 from detection.modeling.meta_arch.condinst import DynamicMaskHead, fcos_matching, relative_coordinates
 from detection.modeling.meta_arch.mask_ops import upsample_corner_aligned
-from detection.modeling.detector import build_detector
 
 K = 4
 

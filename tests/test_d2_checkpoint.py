@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.engine.checkpoint import load_weights
 from detection.config import CfgNode
+from detection.engine.checkpoint import load_weights
 from detection.errors import UserError
 from detection.modeling.detector import build_detector
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_d2_checkpoint import D2_OPTIONS, FPN, d2_state, write_pkl
 from torchvision.ops import roi_align
 
 from cache_contract.identity import preprocessing_identity
@@ -15,13 +16,12 @@ from cache_contract.teacher import load_teacher, sample_features
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
 from detection.config import CfgNode, save_config
-from detection.interop.d2_conventions import D2AnchorGenerator, D2RoIPooler, d2_detector_postprocess
 from detection.data.datasets import load_dataset
 from detection.errors import UserError
+from detection.interop.d2_conventions import D2AnchorGenerator, D2RoIPooler, d2_detector_postprocess
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump import cli as dump_cli
 from stage2_student_distill.cli import student_identity
-from test_d2_checkpoint import D2_OPTIONS, FPN, d2_state, write_pkl
 
 HAVE_D2 = importlib.util.find_spec("detectron2") is not None
 

@@ -12,10 +12,17 @@ import torch
 from PIL import Image
 
 from detection.data.augment import AugmentationPlan, apply_boxes
-from detection.data.datasets import (CocoIndex, DetectionDataset, class_statistics, collate, load_coco_json,
-                                load_dataset, resolve_dataset)
-from detection.errors import UserError
+from detection.data.datasets import (
+    CocoIndex,
+    DetectionDataset,
+    class_statistics,
+    collate,
+    load_coco_json,
+    load_dataset,
+    resolve_dataset,
+)
 from detection.data.loader import InfiniteSampler
+from detection.errors import UserError
 
 
 @pytest.fixture(scope="module")

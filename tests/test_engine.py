@@ -6,13 +6,12 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn
 
-from detection.engine import checkpoint as ckpt
 from detection import comm
+from detection.engine import checkpoint as ckpt
 from detection.engine.trainer import Trainer, build_trainer, warmup_multistep
 from detection.errors import UserError
 from detection.modeling.detector import build_model

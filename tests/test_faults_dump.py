@@ -20,18 +20,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_cfg_tiny
 
 from cache_format import CacheReader
 from cache_format.errors import CacheError, CorruptChunkError, IcdError
 from cache_format.verify import verify_cache
-from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode
 from detection.data.datasets import load_dataset
+from detection.engine.checkpoint import save_checkpoint
 from detection.errors import UserError
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump.cli import format_summary
 from stage1_teacher_dump.dump import run_dump
-from conftest import make_cfg_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode
 from detection.data.datasets import class_statistics, load_dataset
+from detection.engine.checkpoint import save_checkpoint
 from detection.errors import UserError
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import run_dump

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_distill_cfg
-from detection.engine.checkpoint import load_checkpoint, save_checkpoint
+
 from detection.config import save_config
+from detection.engine.checkpoint import load_checkpoint, save_checkpoint
 from detection.errors import UserError
 from stage2_student_distill import fit_decoder
 from stage2_student_distill.cli import build_distill_trainer

@@ -8,7 +8,6 @@ held-out images with signals.measure. Deterministic, one thread, a few seconds.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

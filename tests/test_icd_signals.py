@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from stage2_student_distill.method.decoder import DecoderOutput
-from stage2_student_distill.method.module import DecodedBatch
 from stage2_student_distill.method.losses import binary_entropy, prior_entropy
+from stage2_student_distill.method.module import DecodedBatch
 from stage2_student_distill.method.queries import InstanceQueries
-from stage2_student_distill.signals import _AttentionStats, _attention_stats, roc_auc
+from stage2_student_distill.signals import _attention_stats, _AttentionStats, roc_auc
 
 
 def test_prior_entropy_is_the_bce_of_the_constant_predictor():

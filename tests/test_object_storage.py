@@ -22,8 +22,8 @@ from cache_format import CacheReader
 from cache_format import cli as cache_cli
 from cache_format.errors import CacheError
 from cache_format.store import usage
-from detection.engine.checkpoint import save_checkpoint
 from detection.data.datasets import load_dataset
+from detection.engine.checkpoint import save_checkpoint
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import KILL_AFTER_ENV, run_dump
 from stage2_student_distill.cli import build_distill_trainer

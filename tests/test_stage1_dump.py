@@ -8,20 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_dump_cli
 
-from cache_format import CacheReader
-from detection.data.augment import AugmentationPlan, apply_boxes, apply_image
-from detection.engine.checkpoint import save_checkpoint
-from detection.config import CfgNode
-from detection.data.datasets import load_dataset, read_image
-from detection.errors import UserError
-from detection.modeling.detector import build_detector
-from stage1_teacher_dump.dump import KILL_AFTER_ENV, run_dump
 from cache_contract.geometry import padded_shape
 from cache_contract.teacher import load_teacher, sample_features
+from cache_format import CacheReader
+from detection.config import CfgNode
+from detection.data.augment import AugmentationPlan, apply_boxes, apply_image
+from detection.data.datasets import load_dataset, read_image
+from detection.engine.checkpoint import save_checkpoint
+from detection.errors import UserError
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.batching import shard_batches
+from stage1_teacher_dump.dump import KILL_AFTER_ENV, run_dump
 
 REPO = Path(__file__).resolve().parents[1]
 

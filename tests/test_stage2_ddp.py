@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from detection.engine.checkpoint import load_checkpoint
 from detection.config import save_config
+from detection.engine.checkpoint import load_checkpoint
 from stage2_student_distill import cli
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cache_contract.geometry import batch_padded_shape
 from cache_format import CacheReader
 from cache_format.errors import CacheError
-from cache_contract.geometry import batch_padded_shape
-from detection.modeling import detector as zoo
-from detection.engine.checkpoint import load_checkpoint
 from detection.config import save_config
+from detection.engine.checkpoint import load_checkpoint
 from detection.engine.trainer import images_and_targets
 from detection.errors import UserError
+from detection.modeling import detector as zoo
 from stage2_student_distill import cli
 from stage2_student_distill.cli import build_distill_trainer
 from stage2_student_distill.trainer import DistillTrainer

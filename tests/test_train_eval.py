@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from detection import comm
-from detection.engine import eval_cli, train_cli
 from detection.data.augment import AugmentationPlan
 from detection.data.datasets import DetectionDataset, load_dataset
+from detection.engine import eval_cli, train_cli
 from detection.engine.evaluation import coco_ground_truth, coco_metrics, detections_to_coco
 from detection.engine.launch import launch
 from detection.engine.trainer import build_trainer

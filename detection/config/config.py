@@ -12,8 +12,9 @@ import copy
 import difflib
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -73,16 +74,16 @@ class CfgNode(dict):
     def __reduce__(self):  # type: ignore[override]
         return (_rebuild_node, (self.to_dict(), self.__dict__.get("_key_path", ""), self.is_frozen()))
 
-    def __deepcopy__(self, memo: dict) -> "CfgNode":
+    def __deepcopy__(self, memo: dict) -> CfgNode:
         return _rebuild_node(copy.deepcopy(self.to_dict(), memo), self._key_path, self.is_frozen())
 
     # -- state ------------------------------------------------------------------------------------
-    def freeze(self) -> "CfgNode":
+    def freeze(self) -> CfgNode:
         """Make this node and every child read-only; assignments then raise AttributeError."""
         self._set_frozen(True)
         return self
 
-    def defrost(self) -> "CfgNode":
+    def defrost(self) -> CfgNode:
         self._set_frozen(False)
         return self
 
@@ -95,7 +96,7 @@ class CfgNode(dict):
             if isinstance(value, CfgNode):
                 value._set_frozen(frozen)
 
-    def clone(self) -> "CfgNode":
+    def clone(self) -> CfgNode:
         """A deep copy (unfrozen state is preserved as is)."""
         return copy.deepcopy(self)
 
@@ -108,7 +109,7 @@ class CfgNode(dict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     # -- merging ----------------------------------------------------------------------------------
-    def merge_from_file(self, path: str | os.PathLike) -> "CfgNode":
+    def merge_from_file(self, path: str | os.PathLike) -> CfgNode:
         """Merge a YAML file (and its `_BASE_` chain, resolved relative to each file) into this config.
 
         On any error the config is left unchanged.
@@ -119,7 +120,7 @@ class CfgNode(dict):
         self._replace_contents(work)
         return self
 
-    def merge_from_list(self, opts: Sequence[str] | None) -> "CfgNode":
+    def merge_from_list(self, opts: Sequence[str] | None) -> CfgNode:
         """Merge `["KEY", "VALUE", ...]` command-line overrides; values are parsed as YAML scalars/lists.
 
         On any error the config is left unchanged.
@@ -140,7 +141,7 @@ class CfgNode(dict):
         self._replace_contents(work)
         return self
 
-    def merge_from_dict(self, values: Mapping[str, Any], source: str = "dict") -> "CfgNode":
+    def merge_from_dict(self, values: Mapping[str, Any], source: str = "dict") -> CfgNode:
         """Merge a nested mapping with the same checks as a config file (used by tests and tools)."""
         self._check_mutable()
         work = self.clone()
@@ -152,7 +153,7 @@ class CfgNode(dict):
         if self.is_frozen():
             raise AttributeError("cannot merge into a frozen config (call cfg.defrost() first)")
 
-    def _replace_contents(self, other: "CfgNode") -> None:
+    def _replace_contents(self, other: CfgNode) -> None:
         dict.clear(self)
         for key, value in other.items():
             self[key] = value

@@ -10,8 +10,9 @@ different (no cache space is spent on duplicates) and later variants start a new
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class AugParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AugParams":
+    def from_dict(cls, d: Mapping[str, Any]) -> AugParams:
         return cls(image_id=int(d["image_id"]), variant=int(d["variant"]), scale=float(d["scale"]),
                    flip=bool(d["flip"]), orig_h=int(d["orig_h"]), orig_w=int(d["orig_w"]),
                    resized_h=int(d["resized_h"]), resized_w=int(d["resized_w"]))
@@ -97,13 +98,13 @@ class AugmentationPlan:
 
     # -- construction from a config -----------------------------------------------------------------
     @classmethod
-    def for_training(cls, cfg: Any) -> "AugmentationPlan":
+    def for_training(cls, cfg: Any) -> AugmentationPlan:
         return cls(seed=cfg.CACHE.AUG_SEED, num_variants=cfg.CACHE.NUM_VARIANTS,
                    min_sizes=list(cfg.INPUT.MIN_SIZE_TRAIN), max_size=cfg.INPUT.MAX_SIZE_TRAIN,
                    flip=_flip_mode(cfg.INPUT.RANDOM_FLIP))
 
     @classmethod
-    def for_testing(cls, cfg: Any) -> "AugmentationPlan":
+    def for_testing(cls, cfg: Any) -> AugmentationPlan:
         return cls(seed=cfg.CACHE.AUG_SEED, num_variants=1, min_sizes=[cfg.INPUT.MIN_SIZE_TEST],
                    max_size=cfg.INPUT.MAX_SIZE_TEST, flip=False)
 
@@ -141,7 +142,7 @@ class AugmentationPlan:
                 "max_size": self.max_size, "flip": self.flip}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "a stored record") -> "AugmentationPlan":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "a stored record") -> AugmentationPlan:
         """The plan `to_dict` wrote; `source` (e.g. "cache /data/c") names where the record came from."""
         required = ("seed", "num_variants", "min_sizes", "max_size", "flip")
         missing = [k for k in required if k not in d]

@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

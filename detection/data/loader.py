@@ -11,7 +11,8 @@ an unreadable image) reaches the main process as the exception itself, not as a 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -172,7 +173,7 @@ class _Batches:
         """The dataset the batches are built from (as DataLoader.dataset, without the error wrapper)."""
         return self.loader.dataset.dataset
 
-    def __iter__(self) -> "_Batches":
+    def __iter__(self) -> _Batches:
         # Created now, not at the first batch: a DataLoader iterator draws its workers' base seed from
         # torch's global RNG when created, and exact resume depends on when that draw happens.
         self._batches = iter(self.loader)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from detection.interop import d2_checkpoint
 from detection.errors import UserError
+from detection.interop import d2_checkpoint
 
 LAST_CHECKPOINT = "last_checkpoint"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from detection.engine.commands import default_argument_parser, launch, run_command
 from detection.config import setup_cfg
+from detection.engine.commands import default_argument_parser, launch, run_command
 from detection.engine.evaluation import evaluate_checkpoint, weights_to_evaluate
 
 

@@ -11,8 +11,9 @@ import contextlib
 import io
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,9 @@ from tqdm import tqdm
 
 from detection import comm
 from detection.data.augment import AugmentationPlan, AugParams, invert_boxes
+from detection.data.datasets import CocoIndex, DetectionDataset, collate, load_dataset
 from detection.engine.checkpoint import last_checkpoint, load_weights
 from detection.engine.commands import default_setup
-from detection.data.datasets import CocoIndex, DetectionDataset, collate, load_dataset
 from detection.errors import UserError
 from detection.modeling.detector import BOX_ARCHITECTURES, build_model
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,7 +72,7 @@ def _worker(
         if error is None:
             raise
         errors.put(error)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()
 

@@ -17,24 +17,30 @@ import bisect
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from detection import comm
-from detection.engine.checkpoint import (
-    capture_rng_state, last_checkpoint, load_weights, restore_rng_state, resume_from, save_checkpoint,
-)
 from detection.data.augment import AugmentationPlan
-from detection.engine.commands import default_setup
 from detection.data.datasets import DetectionDataset, check_image_files
-from detection.errors import UserError
-from detection.engine.evaluation import evaluate
 from detection.data.loader import Batch, LoaderFactory, build_train_loader
+from detection.engine.checkpoint import (
+    capture_rng_state,
+    last_checkpoint,
+    load_weights,
+    restore_rng_state,
+    resume_from,
+    save_checkpoint,
+)
+from detection.engine.commands import default_setup
+from detection.engine.evaluation import evaluate
+from detection.errors import UserError
 from detection.modeling.detector import build_model
 
 # evaluate(model) -> {task: {metric: value}} (computed on all ranks, results on every rank or rank 0).

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from detection.interop import d2_checkpoint
 from detection.errors import UserError
+from detection.interop import d2_checkpoint
 
 INSTALL = ("build detectron2 from source (it is not on PyPI): git clone https://github.com/facebookresearch/detectron2 "
            "&& pip install 'setuptools<81' && cd detectron2 && python setup.py build_ext --inplace, then put it on "

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detection.modeling.meta_arch.condinst import SIZE_OF_INTEREST_PER_STRIDE
 from detection.errors import UserError
+from detection.modeling.meta_arch.condinst import SIZE_OF_INTEREST_PER_STRIDE
 
 # Logit of the background class added to sigmoid heads (RetinaNet, FCOS) that detectron2 trains without
 # one: sigmoid(-1e4) == 0 in float32 and float16, so it never passes a score threshold.

@@ -40,12 +40,14 @@ RetinaNet/RPN head layouts ([A, K] per location), zero padding after normalisati
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSRegressionHead
@@ -55,14 +57,12 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import Bottleneck
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection.modeling.meta_arch.condinst import CondInst, build_condinst
-
 from detection.errors import UserError
+from detection.modeling.meta_arch.condinst import CondInst, build_condinst
 
 CONVENTIONS = ("torchvision", "detectron2")
 INPUT_FORMATS = ("RGB", "BGR")
@@ -93,7 +93,9 @@ def top_block_input(cfg: Any, architecture: str) -> str:
     if value not in TOP_BLOCK_INPUTS:
         raise UserError(f"MODEL.FPN.TOP_BLOCK_IN '{value}' is not known.",
                         "use p5, res5, or \"\" (res5 for detectron2's RetinaNet, p5 otherwise).")
-    from detection.modeling.detector import P2_P6  # here, not at the top: detection.modeling.detector imports this module
+    from detection.modeling.detector import (
+        P2_P6,  # here, not at the top: detection.modeling.detector imports this module
+    )
 
     if architecture in P2_P6:
         if value == "res5":

@@ -11,8 +11,9 @@ is returned alongside the outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +29,10 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection.interop import d2_conventions as d2_arch
 from detection import comm
-from detection.modeling.meta_arch.condinst import build_condinst
 from detection.errors import UserError
+from detection.interop import d2_conventions as d2_arch
+from detection.modeling.meta_arch.condinst import build_condinst
 from detection.modeling.meta_arch.solov2 import build_solov2
 
 SINGLE_STAGE = ("RetinaNet", "FCOS")
@@ -241,7 +242,7 @@ class DetectorAdapter(nn.Module):
         image_list, _ = self.model.transform(images)
         return image_list
 
-    def _named(self, raw: "OrderedDict[str, Tensor]") -> dict[str, Tensor]:
+    def _named(self, raw: OrderedDict[str, Tensor]) -> dict[str, Tensor]:
         # torchvision orders the FPN outputs from the finest level up; name them by position.
         return dict(zip(self.levels, raw.values()))
 
@@ -270,7 +271,7 @@ class DetectorAdapter(nn.Module):
         return outputs, self._named(raw), image_list
 
     def _single_stage(
-        self, image_list: ImageList, raw: "OrderedDict[str, Tensor]", targets: list[dict[str, Tensor]] | None
+        self, image_list: ImageList, raw: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]] | None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         # RetinaNet.forward / FCOS.forward, minus resize, built from the model's own parts.
         model = self.model
@@ -291,7 +292,7 @@ class DetectorAdapter(nn.Module):
         return model.transform.postprocess(detections, image_list.image_sizes, image_list.image_sizes)
 
     def _two_stage(
-        self, image_list: ImageList, raw: "OrderedDict[str, Tensor]", targets: list[dict[str, Tensor]] | None
+        self, image_list: ImageList, raw: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]] | None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         # GeneralizedRCNN.forward minus resize; postprocess only pastes masks (sizes are unchanged).
         model = self.model

@@ -19,7 +19,6 @@ from torchvision.ops import MLP
 from detection.errors import UserError
 from stage2_student_distill.method.tokens import SINE_FEATURES
 
-
 # DISTILL.KEY_NORM: "" = the teacher tokens enter the keys as they are (the paper); "LN" = layer-normalised
 # (no affine) first, docs/METHOD.md, section 9.1.
 KEY_NORMS = ("", "LN")

@@ -12,15 +12,21 @@ the functions it calls state their shape contracts as asserts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cache_contract.geometry import level_size
 from detection.errors import UserError
-from stage2_student_distill.method.decoder import AuxiliaryPredictor, DecoderOutput, InstanceConditionalDecoder, check_heads
+from stage2_student_distill.method.decoder import (
+    AuxiliaryPredictor,
+    DecoderOutput,
+    InstanceConditionalDecoder,
+    check_heads,
+)
 from stage2_student_distill.method.losses import (
     StudentValueProjection,
     distillation_loss,
@@ -120,7 +126,7 @@ class ICDModule(nn.Module):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], num_classes: int, channels: int, *,
                     class_prior: Tensor | Sequence[float] | None = None,
-                    size_prior_mean: Tensor | None = None, size_prior_std: Tensor | None = None) -> "ICDModule":
+                    size_prior_mean: Tensor | None = None, size_prior_std: Tensor | None = None) -> ICDModule:
         """Build from the config's DISTILL node (LAMBDA, NUM_HEADS, HIDDEN_DIM, FFN_DIM, NEG_RATIO, ...)."""
         d = cfg["DISTILL"]
         return cls(

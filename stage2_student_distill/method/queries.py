@@ -22,8 +22,8 @@ Choices settled against the authors' reference code (megvii-research/ICD, pytorc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class InstanceQueries:
     is_real: Tensor  # [N, Kmax] bool, True for ground-truth queries (always the first n of an image)
     padding: Tensor  # [N, Kmax] bool, True at padding slots
 
-    def to(self, device: torch.device | str) -> "InstanceQueries":
+    def to(self, device: torch.device | str) -> InstanceQueries:
         return InstanceQueries(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @property

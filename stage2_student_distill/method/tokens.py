@@ -15,7 +15,7 @@ exposes it for an arbitrary validity mask.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from cache_contract.geometry import level_size
 SINE_FEATURES = 128
 SINE_TEMPERATURE = 10000.0
 
-Strides = Union[Mapping[str, int], Sequence[int]]
+Strides = Mapping[str, int] | Sequence[int]
 ImageSizes = Sequence[Sequence[int]]
 
 

@@ -231,7 +231,7 @@ class CondInst(ForwardFromFeatures, FCOS):
         nn.init.zeros_(self.controller.bias)
 
     # --- the whole model, torchvision-style ------------------------------------------------------
-    def forward_from_features(self, image_list: ImageList, features: "OrderedDict[str, Tensor]",
+    def forward_from_features(self, image_list: ImageList, features: OrderedDict[str, Tensor],
                               targets: list[dict[str, Tensor]] | None = None
                               ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Everything after backbone + FPN (features P3..P7 of the padded batch)."""

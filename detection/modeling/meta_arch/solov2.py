@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
 
 from detection.errors import UserError
-from detection.modeling.meta_arch.mask_ops import ForwardFromFeatures, coordinate_channels, dice_loss, group_norm, mask_centroids, pad_masks
+from detection.modeling.meta_arch.mask_ops import (
+    ForwardFromFeatures,
+    coordinate_channels,
+    dice_loss,
+    group_norm,
+    mask_centroids,
+    pad_masks,
+)
 
 # AdelaiDet's defaults (MODEL.SOLOV2.*); the grids and ranges are per instance level (P2..P6).
 NUM_GRIDS = (40, 36, 24, 16, 12)
@@ -252,7 +260,7 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
         self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                                   image_std or [0.229, 0.224, 0.225], **transform_kwargs)
 
-    def forward_from_features(self, image_list: ImageList, features: "OrderedDict[str, Tensor]",
+    def forward_from_features(self, image_list: ImageList, features: OrderedDict[str, Tensor],
                               targets: list[dict[str, Tensor]] | None = None
                               ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Everything after backbone + FPN (features P2..P6 of the padded batch)."""
