@@ -79,14 +79,16 @@ class Family:
         return CONFIGS / f"accuracy_{name}_r18.yaml"
 
 
-FAMILIES = {
-    "retinanet": Family("RetinaNet", ("box",)),
-    "fcos": Family("FCOS", ("box",)),
-    "faster_rcnn": Family("Faster R-CNN", ("box",)),
-    "mask_rcnn": Family("Mask R-CNN", ("box", "mask")),
-    "condinst": Family("CondInst", ("box", "mask")),
-    "solov2": Family("SOLOv2", ("mask",)),
-}
+def _family(name: str) -> Family:
+    """The family of configs/bench/accuracy_{name}_r18.yaml, named and scored as the architecture table says."""
+    from detection.config import setup_cfg
+    from detection.modeling.architectures import ARCHITECTURES
+
+    entry = ARCHITECTURES.get(setup_cfg(str(CONFIGS / f"accuracy_{name}_r18.yaml"), []).MODEL.META_ARCHITECTURE)
+    return Family(entry.title, ("box",) * entry.boxes + ("mask",) * entry.masks)
+
+
+FAMILIES = {name: _family(name) for name in ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "condinst", "solov2")}
 SAME_FAMILY_MODES = ("baseline", "init_only", "cached_fp32", "cached_budget", "online")
 CROSS_MODES = ("baseline", "init_only", "cached_fp32")
 # The ablation of a row (--ablate): cached fp32 ICD with one setting changed, to explain a delta.
@@ -787,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run nothing: rebuild the table and the JSON from the finished runs in the work dir")
     parser.add_argument("--fresh", action="store_true", help="delete this size's work dir first (default: reuse "
                         "every finished step)")
-    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # accepted: finished steps are always reused
     return parser
 
 

@@ -10,7 +10,7 @@ For each detector (R-50 FPN, detectron2's model-zoo config, 80 classes):
    model makes detections at all (detectron2's prior bias would leave RetinaNet with none);
 2. its state dict is written as a model-zoo `.pkl` (numpy arrays, "__author__"), the format users bring;
 3. the project builds the matching teacher config (configs/Teachers/*, with MODEL.BACKBONE.DEPTH 50) on
-   the torchvision backend and loads that file through MODEL.WEIGHTS (detection.checkpoint.load_weights);
+   the torchvision backend and loads that file through MODEL.WEIGHTS (detection.engine.checkpoint.load_weights);
 4. both run on the same images (RGB for the project, BGR for detectron2, as each expects), one batch
    of images of different sizes: the normalised padded input, every FPN level and the final detections
    are compared. Per level: max abs difference, max abs difference / max |detectron2 value| (the

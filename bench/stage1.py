@@ -24,7 +24,7 @@ runs with --threads threads (default 1): on a shared machine two OpenMP threads 
 processes spin and ran 7x slower than one in our measurements, which would swamp the comparison.
 
 No teacher is trained: both teachers are randomly initialised (seeded) and saved with
-detection.checkpoint.save_checkpoint. That is faithful for throughput; for bytes it is indicative only,
+detection.engine.checkpoint.save_checkpoint. That is faithful for throughput; for bytes it is indicative only,
 since trained features are smoother/sparser and compress differently. MODEL.DEVICE is cuda when torch
 sees a GPU.
 """

@@ -18,7 +18,8 @@ from torch import Tensor
 from cache_contract.geometry import padded_shape, valid_region
 from detection.engine.checkpoint import load_weights
 from detection.errors import UserError
-from detection.modeling.detector import ARCHITECTURES, HEAD_FAMILIES, P2_P6, DetectorAdapter, build_detector
+from detection.modeling.architectures import ARCHITECTURES
+from detection.modeling.detector import DetectorAdapter, build_detector
 
 
 def load_teacher(cfg: Any, num_classes: int, device: torch.device) -> DetectorAdapter:
@@ -116,8 +117,8 @@ def translate_fpn_key(key: str, teacher_architecture: str, student_architecture:
     parts = key[len(FPN_PREFIX):].split(".")
     if parts[0] not in ("inner_blocks", "layer_blocks") or teacher_architecture not in ARCHITECTURES:
         return key
-    first = {arch: 2 if arch in P2_P6 else 3 for arch in (teacher_architecture, student_architecture)}
-    index = int(parts[1]) + first[teacher_architecture] - first[student_architecture]
+    index = (int(parts[1]) + ARCHITECTURES.get(teacher_architecture).first_level
+             - ARCHITECTURES.get(student_architecture).first_level)
     if index < 0:
         return None
     return FPN_PREFIX + ".".join([parts[0], str(index), *parts[2:]])
@@ -127,14 +128,14 @@ def init_from_teacher(student: DetectorAdapter, state: Mapping[str, Any], teache
     """Initialise from a teacher's FPN + head tensors (`fpn_and_head_weights`) what `student` shares with it.
 
     The FPN always, level by level (a P3-P7 teacher's P3 convs land on a P2-P6 student's P3); the head
-    only when both are of one head family (detection.zoo.HEAD_FAMILIES): torchvision's RetinaNet and FCOS
+    only when both are of one head family (`Architecture.head_family` in detection.modeling.architectures): torchvision's RetinaNet and FCOS
     heads share tensor names and shapes, but one is not an initialisation of the other (docs/METHOD.md,
     section 5). The student's own `load_fpn_and_head` then loads what fits by name and
     shape. An empty `teacher_architecture` (unknown) initialises the FPN only, unmapped.
     """
     student_architecture = student.architecture
-    same_family = bool(teacher_architecture) and (
-        HEAD_FAMILIES.get(teacher_architecture) == HEAD_FAMILIES.get(student_architecture))
+    same_family = teacher_architecture in ARCHITECTURES and (
+        ARCHITECTURES.get(teacher_architecture).head_family == ARCHITECTURES.get(student_architecture).head_family)
     report = TeacherInit(teacher_architecture or "unknown", student_architecture, same_family)
     offered: dict[str, Tensor] = {}  # student key -> teacher tensor
     source: dict[str, str] = {}  # student key -> teacher key

@@ -2,7 +2,7 @@
 
 `UserError` derives from the project's one root, `cache_format.errors.IcdError`, which the cache format
 defines because it imports nothing of the rest of the project; every command catches that root
-(detection.commands.run_command) and exits 2 with the problem and the fix.
+(detection.engine.commands.run_command) and exits 2 with the problem and the fix.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 from detection.config import get_cfg, save_config, setup_cfg
 from detection.config.defaults import DEFAULTS
 from detection.errors import UserError
-from detection.modeling.detector import ARCHITECTURES, MASK_ARCHITECTURES
+from detection.modeling.architectures import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_save_config_defaults_to_output_dir(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = setup_cfg(REPO / path)
     assert cfg.MODEL.META_ARCHITECTURE in ARCHITECTURES
-    assert cfg.MODEL.MASK_ON == (cfg.MODEL.META_ARCHITECTURE in MASK_ARCHITECTURES)
+    assert cfg.MODEL.MASK_ON == ARCHITECTURES.get(cfg.MODEL.META_ARCHITECTURE).masks
 
 
 def test_coco_configs_set_the_depth_their_name_says():

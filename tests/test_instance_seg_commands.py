@@ -13,7 +13,7 @@ import pytest
 
 from cache_format import CacheReader
 from detection.config import CfgNode, save_config
-from detection.modeling.detector import default_distill_levels
+from detection.modeling.architectures import ARCHITECTURES
 from icd.cli import main as icd
 
 
@@ -55,7 +55,7 @@ def test_every_command(cfg_tiny, tmp_path, capsys, arch):
     assert icd(["dump", "--config-file", config, "--cache", cache, "MODEL.WEIGHTS", weights,
                 "OUTPUT_DIR", str(tmp_path / "dump")]) == 0
     reader = CacheReader(cache)
-    assert [level.name for level in reader.levels] == default_distill_levels(arch)
+    assert [level.name for level in reader.levels] == list(ARCHITECTURES.get(arch).levels)
     assert reader.attributes["teacher"]["architecture"] == arch
     capsys.readouterr()
 

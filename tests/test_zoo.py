@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from detection.errors import UserError
-from detection.modeling.detector import LEVEL_STRIDES, build_detector, default_distill_levels
+from detection.modeling.architectures import ARCHITECTURES, LEVEL_STRIDES
+from detection.modeling.detector import build_detector
 
 ARCHS = ["RetinaNet", "FCOS", "FasterRCNN", "MaskRCNN"]
 K = 4  # foreground classes
@@ -44,7 +45,7 @@ def test_train_and_eval_forward(cfg_tiny, arch):
     torch.manual_seed(0)
     model = build_detector(_cfg(cfg_tiny, arch), K + 1)
     images, targets = _batch(arch == "MaskRCNN")
-    assert model.levels == default_distill_levels(arch)
+    assert model.levels == list(ARCHITECTURES.get(arch).levels)
     assert model.strides == {name: LEVEL_STRIDES[name] for name in model.levels}
 
     model.train()

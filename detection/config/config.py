@@ -2,7 +2,7 @@
 
 Why not yacs: it is unmaintained and has no `_BASE_` inheritance; what detectron2 users rely on here
 (`_BASE_`, overrides from the command line, a clear error for a misspelt key) is small enough to keep in
-one module. Every key must exist in `detection.defaults.DEFAULTS`, except the user dataset names under
+one module. Every key must exist in `detection.config.defaults.DEFAULTS`, except the user dataset names under
 `DATASETS.CATALOG`, which are free-form.
 """
 from __future__ import annotations

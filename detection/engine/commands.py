@@ -75,7 +75,7 @@ def run_command(command: str, body: Callable[[], Any], interrupted: str = "") ->
     """Run one `icd <command>`: a user's error prints `icd <command>: error: ...` and returns 2.
 
     Every error the project raises for bad input derives from IcdError, whichever process raised it
-    (spawned ranks re-raise it here, see detection.distributed.launch; DataLoader workers hand it to
+    (spawned ranks re-raise it here, see detection.engine.launch.launch; DataLoader workers hand it to
     the main process, see detection.data.loader). An OSError the machine caused (a full or read-only disk,
     permissions, a file where a directory must be) is the user's to fix too and is reported the same
     way. Ctrl-C returns 130 with `interrupted` as the advice.

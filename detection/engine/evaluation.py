@@ -30,7 +30,8 @@ from detection.data.datasets import CocoIndex, DetectionDataset, collate, load_d
 from detection.engine.checkpoint import last_checkpoint, load_weights
 from detection.engine.commands import default_setup
 from detection.errors import UserError
-from detection.modeling.detector import BOX_ARCHITECTURES, build_model
+from detection.modeling.architectures import ARCHITECTURES
+from detection.modeling.detector import build_model
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -165,7 +166,7 @@ def _json_safe(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 def evaluation_tasks(cfg: Any) -> list[str]:
     """COCOeval tasks for MODEL.META_ARCHITECTURE: box AP where it predicts boxes (not SOLOv2, whose
     boxes are only its masks' extents), mask AP where it predicts masks (MODEL.MASK_ON)."""
-    tasks = ["bbox"] if cfg.MODEL.META_ARCHITECTURE in BOX_ARCHITECTURES else []
+    tasks = ["bbox"] if ARCHITECTURES.get(cfg.MODEL.META_ARCHITECTURE).boxes else []
     return tasks + (["segm"] if cfg.MODEL.MASK_ON else [])
 
 

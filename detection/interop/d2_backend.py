@@ -25,13 +25,13 @@ from torchvision.models.detection.image_list import ImageList
 
 from detection.errors import UserError
 from detection.interop import d2_checkpoint
+from detection.modeling.architectures import ARCHITECTURES, LEVEL_STRIDES
 
 INSTALL = ("build detectron2 from source (it is not on PyPI): git clone https://github.com/facebookresearch/detectron2 "
            "&& pip install 'setuptools<81' && cd detectron2 && python setup.py build_ext --inplace, then put it on "
            "PYTHONPATH (docs/D2_INTEROP.md), or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS")
 ADELAIDET = ("install AdelaiDet (git clone https://github.com/aim-uofa/AdelaiDet && python setup.py build develop) "
              "on top of detectron2, or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS")
-LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
 
 
 def import_detectron2(architecture: str) -> Any:
@@ -129,7 +129,7 @@ def _check_agreement(cfg: Any, d2cfg: Any, path: str) -> None:
 
 
 class D2DetectorAdapter(nn.Module):
-    """A detectron2-built detector with the torchvision adapter's interface (detection.zoo.DetectorAdapter)."""
+    """A detectron2-built detector with the torchvision adapter's interface (detection.modeling.detector.DetectorAdapter)."""
 
     backend = "detectron2"
 
@@ -244,19 +244,19 @@ class D2DetectorAdapter(nn.Module):
     # --- ICD's teacher initialisation, under the torchvision backend's names ----------------------
     def _project_map(self) -> dict[str, tuple[str, Any]]:
         """detectron2 key -> (torchvision-backend key, Rule) for every FPN / head tensor."""
-        facts = {"lateral_base": 2 if self.architecture in ("FasterRCNN", "MaskRCNN") else 3}
+        lateral_base = ARCHITECTURES.get(self.architecture).first_level
         anchors = self._num_anchors()
         out = {}
         for key in self.model.state_dict():
             if key.startswith("backbone.bottom_up.") or key.endswith("num_batches_tracked"):
                 continue
-            rule = d2_checkpoint.rule_for(key, self.architecture, facts["lateral_base"], anchors)
+            rule = d2_checkpoint.rule_for(key, self.architecture, lateral_base, anchors)
             if rule is not None:
                 out[key] = (rule.target, rule)
         return out
 
     def _num_anchors(self) -> int:
-        if self.architecture == "RetinaNet":
+        if ARCHITECTURES.get(self.architecture).anchors_per_position:
             return int(self.model.head.bbox_pred.out_channels) // 4
         return 1
 
@@ -291,11 +291,10 @@ class D2DetectorAdapter(nn.Module):
 
 def build_d2_detector(cfg: Any, num_classes: int) -> D2DetectorAdapter:
     """Build MODEL.D2_CONFIG with detectron2 for K = num_classes - 1 classes, randomly initialised."""
-    from detection.modeling.detector import default_distill_levels
 
     arch = cfg.MODEL.META_ARCHITECTURE
     d2cfg = d2_config(cfg, num_classes)
     from detectron2.modeling import build_model
 
     model = build_model(d2cfg)
-    return D2DetectorAdapter(model, d2cfg, arch, int(cfg.MODEL.SIZE_DIVISIBILITY), default_distill_levels(arch))
+    return D2DetectorAdapter(model, d2cfg, arch, int(cfg.MODEL.SIZE_DIVISIBILITY), list(ARCHITECTURES.get(arch).levels))

@@ -32,24 +32,29 @@ import torch
 from torch import Tensor, nn
 
 from detection.errors import UserError
+from detection.modeling.architectures import (
+    ARCHITECTURES,
+    CHECKPOINT_RULES,
+    CONDINST_ARCH,
+    FASTER_RCNN_ARCH,
+    FCOS_ARCH,
+    MASK_RCNN_ARCH,
+    RETINANET_ARCH,
+    SOLOV2_ARCH,
+)
 from detection.modeling.meta_arch.condinst import SIZE_OF_INTEREST_PER_STRIDE
 
 # Logit of the background class added to sigmoid heads (RetinaNet, FCOS) that detectron2 trains without
 # one: sigmoid(-1e4) == 0 in float32 and float16, so it never passes a score threshold.
 BACKGROUND_LOGIT = -1.0e4
 
-FAMILY_NAMES = {"RetinaNet": "RetinaNet", "FasterRCNN": "Faster R-CNN", "MaskRCNN": "Mask R-CNN",
-                "FCOS": "FCOS (AdelaiDet)", "CondInst": "CondInst (AdelaiDet)", "SOLOv2": "SOLOv2 (AdelaiDet)",
-                "backbone": "ImageNet backbone"}
-TEACHER_CONFIGS = {"RetinaNet": "configs/Teachers/retinanet_R_101_FPN_3x.yaml",
-                   "FasterRCNN": "configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml",
-                   "MaskRCNN": "configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
-                   "FCOS": "configs/Teachers/fcos_R_101_FPN_3x.yaml",
-                   "SOLOv2": "configs/Teachers/solov2_R_101_FPN_3x.yaml",
-                   "CondInst": "configs/Teachers/condinst_R_101_FPN_3x.yaml"}
-# The project's own modules whose geometry already is AdelaiDet's: their checkpoints need no
-# MODEL.CONVENTIONS detectron2 (which does not apply to them).
-ADELAIDET_NATIVE = ("SOLOv2",)
+
+
+def _title(family: str, unknown: str = "model of an unknown kind") -> str:
+    """How messages name a checkpoint's family (`family_of`)."""
+    if family in ARCHITECTURES:
+        return ARCHITECTURES.get(family).checkpoint_title
+    return "ImageNet backbone" if family == "backbone" else unknown
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -171,18 +176,13 @@ def _rename_c2_backbone(state: dict[str, Any], notes: list[str]) -> dict[str, An
 
 
 def family_of(state: dict[str, Tensor]) -> str:
-    """RetinaNet | FasterRCNN | MaskRCNN | FCOS | CondInst | SOLOv2 | backbone | unknown (by its tensors)."""
+    """An architecture name, 'backbone' or 'unknown', by its tensors: the table entry whose
+    `checkpoint_signature` prefixes all occur, the longest signature first (Mask R-CNN's holds Faster R-CNN's)."""
     keys = set(state)
-    if any(k.startswith("ins_head.") for k in keys):
-        return "SOLOv2"
-    if any(k.startswith(("controller.", "mask_branch.")) for k in keys):
-        return "CondInst"
-    if "proposal_generator.fcos_head.cls_logits.weight" in keys:
-        return "FCOS"
-    if "head.cls_score.weight" in keys:
-        return "RetinaNet"
-    if "roi_heads.box_predictor.cls_score.weight" in keys:
-        return "MaskRCNN" if any(k.startswith("roi_heads.mask_head.") for k in keys) else "FasterRCNN"
+    matches = [entry for entry in ARCHITECTURES if entry.checkpoint_signature
+               and all(any(k.startswith(prefix) for k in keys) for prefix in entry.checkpoint_signature)]
+    if matches:
+        return max(matches, key=lambda entry: len(entry.checkpoint_signature)).name
     if all(k.startswith("backbone.bottom_up.") for k in keys):
         return "backbone"
     return "unknown"
@@ -286,59 +286,93 @@ def _backbone_rule(key: str, lateral_base: int) -> Rule | None:
 
 
 def rule_for(key: str, family: str, lateral_base: int, num_anchors: int) -> Rule | None:
-    """The project name of detectron2 tensor `key` in a `family` model (None: not a tensor we know)."""
+    """The project name of detectron2 tensor `key` in a `family` model (None: not a tensor we know).
+
+    The backbone's rules are shared; a head's are its architecture's CHECKPOINT_RULES (registered below).
+    """
     if key.startswith("backbone."):
         return _backbone_rule(key, lateral_base)
-    if family == "RetinaNet":
-        m = re.match(r"^head\.(cls|bbox)_subnet\.(\d+)\.(weight|bias)$", key)
-        if m:
-            kind, index, leaf = m.groups()
-            branch = "classification_head" if kind == "cls" else "regression_head"
-            return Rule(f"head.{branch}.conv.{int(index) // 2}.0.{leaf}")
-        if key.startswith("head.cls_score."):
-            return Rule("head.classification_head.cls_logits." + key.rsplit(".", 1)[1], "sigmoid_classes", num_anchors)
-        if key.startswith("head.bbox_pred."):
-            return Rule("head.regression_head.bbox_reg." + key.rsplit(".", 1)[1])
-    if family in ("FasterRCNN", "MaskRCNN"):
-        rpn = {"conv": "conv.0.0", "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}
-        m = re.match(r"^proposal_generator\.rpn_head\.(\w+)\.(weight|bias)$", key)
-        if m and m.group(1) in rpn:
-            return Rule(f"rpn.head.{rpn[m.group(1)]}.{m.group(2)}")
-        m = re.match(r"^roi_heads\.box_head\.fc([12])\.(weight|bias)$", key)
-        if m:
-            return Rule(f"roi_heads.box_head.fc{5 + int(m.group(1))}.{m.group(2)}")
-        if key.startswith("roi_heads.box_predictor.cls_score."):
-            return Rule("roi_heads.box_predictor.cls_score." + key.rsplit(".", 1)[1], "softmax_background")
-        if key.startswith("roi_heads.box_predictor.bbox_pred."):
-            return Rule("roi_heads.box_predictor.bbox_pred." + key.rsplit(".", 1)[1], "box_deltas")
-    if family == "MaskRCNN":
-        m = re.match(r"^roi_heads\.mask_head\.mask_fcn(\d)\.(weight|bias)$", key)
-        if m:
-            return Rule(f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}")
-        if key.startswith("roi_heads.mask_head.deconv."):
-            return Rule("roi_heads.mask_predictor.conv5_mask." + key.rsplit(".", 1)[1])
-        if key.startswith("roi_heads.mask_head.predictor."):
-            return Rule("roi_heads.mask_predictor.mask_fcn_logits." + key.rsplit(".", 1)[1], "masks")
-    if family == "CondInst" and key.startswith(("controller.", "mask_branch.")):
+    if not family:
+        return None
+    return ARCHITECTURES.part(family, CHECKPOINT_RULES)(key, num_anchors)
+
+
+@ARCHITECTURES.register(RETINANET_ARCH, CHECKPOINT_RULES)
+def _retinanet_rule(key: str, num_anchors: int) -> Rule | None:
+    m = re.match(r"^head\.(cls|bbox)_subnet\.(\d+)\.(weight|bias)$", key)
+    if m:
+        kind, index, leaf = m.groups()
+        branch = "classification_head" if kind == "cls" else "regression_head"
+        return Rule(f"head.{branch}.conv.{int(index) // 2}.0.{leaf}")
+    if key.startswith("head.cls_score."):
+        return Rule("head.classification_head.cls_logits." + key.rsplit(".", 1)[1], "sigmoid_classes", num_anchors)
+    if key.startswith("head.bbox_pred."):
+        return Rule("head.regression_head.bbox_reg." + key.rsplit(".", 1)[1])
+    return None
+
+
+@ARCHITECTURES.register(FASTER_RCNN_ARCH, CHECKPOINT_RULES)
+def _faster_rcnn_rule(key: str, num_anchors: int) -> Rule | None:
+    rpn = {"conv": "conv.0.0", "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}
+    m = re.match(r"^proposal_generator\.rpn_head\.(\w+)\.(weight|bias)$", key)
+    if m and m.group(1) in rpn:
+        return Rule(f"rpn.head.{rpn[m.group(1)]}.{m.group(2)}")
+    m = re.match(r"^roi_heads\.box_head\.fc([12])\.(weight|bias)$", key)
+    if m:
+        return Rule(f"roi_heads.box_head.fc{5 + int(m.group(1))}.{m.group(2)}")
+    if key.startswith("roi_heads.box_predictor.cls_score."):
+        return Rule("roi_heads.box_predictor.cls_score." + key.rsplit(".", 1)[1], "softmax_background")
+    if key.startswith("roi_heads.box_predictor.bbox_pred."):
+        return Rule("roi_heads.box_predictor.bbox_pred." + key.rsplit(".", 1)[1], "box_deltas")
+    return None
+
+
+@ARCHITECTURES.register(MASK_RCNN_ARCH, CHECKPOINT_RULES)
+def _mask_rcnn_rule(key: str, num_anchors: int) -> Rule | None:
+    rule = _faster_rcnn_rule(key, num_anchors)
+    if rule is not None:
+        return rule
+    m = re.match(r"^roi_heads\.mask_head\.mask_fcn(\d)\.(weight|bias)$", key)
+    if m:
+        return Rule(f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}")
+    if key.startswith("roi_heads.mask_head.deconv."):
+        return Rule("roi_heads.mask_predictor.conv5_mask." + key.rsplit(".", 1)[1])
+    if key.startswith("roi_heads.mask_head.predictor."):
+        return Rule("roi_heads.mask_predictor.mask_fcn_logits." + key.rsplit(".", 1)[1], "masks")
+    return None
+
+
+@ARCHITECTURES.register(FCOS_ARCH, CHECKPOINT_RULES)
+def _fcos_rule(key: str, num_anchors: int) -> Rule | None:
+    head = "proposal_generator.fcos_head."
+    m = re.match(re.escape(head) + r"(cls|bbox)_tower\.(\d+)\.(weight|bias)$", key)
+    if m:
+        branch = "classification_head" if m.group(1) == "cls" else "regression_head"
+        return Rule(f"head.{branch}.conv.{m.group(2)}.{m.group(3)}")
+    simple = {"bbox_pred": "head.regression_head.bbox_reg", "ctrness": "head.regression_head.bbox_ctrness"}
+    m = re.match(re.escape(head) + r"(\w+)\.(weight|bias)$", key)
+    if m and m.group(1) in simple:
+        return Rule(f"{simple[m.group(1)]}.{m.group(2)}")
+    if key.startswith(head + "cls_logits."):
+        return Rule("head.classification_head.cls_logits." + key.rsplit(".", 1)[1], "sigmoid_classes", 1)
+    m = re.match(re.escape(head) + r"scales\.(\d)\.scale$", key)
+    if m:
+        return Rule(f"head.regression_head.scales.{m.group(1)}")
+    return None
+
+
+@ARCHITECTURES.register(CONDINST_ARCH, CHECKPOINT_RULES)
+def _condinst_rule(key: str, num_anchors: int) -> Rule | None:
+    if key.startswith(("controller.", "mask_branch.")):
         return Rule(key)  # detection/modeling/meta_arch/condinst.py keeps AdelaiDet's names for these
-    if family in ("FCOS", "CondInst"):
-        head = "proposal_generator.fcos_head."
-        m = re.match(re.escape(head) + r"(cls|bbox)_tower\.(\d+)\.(weight|bias)$", key)
-        if m:
-            branch = "classification_head" if m.group(1) == "cls" else "regression_head"
-            return Rule(f"head.{branch}.conv.{m.group(2)}.{m.group(3)}")
-        simple = {"bbox_pred": "head.regression_head.bbox_reg", "ctrness": "head.regression_head.bbox_ctrness"}
-        m = re.match(re.escape(head) + r"(\w+)\.(weight|bias)$", key)
-        if m and m.group(1) in simple:
-            return Rule(f"{simple[m.group(1)]}.{m.group(2)}")
-        if key.startswith(head + "cls_logits."):
-            return Rule("head.classification_head.cls_logits." + key.rsplit(".", 1)[1], "sigmoid_classes", 1)
-        m = re.match(re.escape(head) + r"scales\.(\d)\.scale$", key)
-        if m:
-            return Rule(f"head.regression_head.scales.{m.group(1)}")
-    if family == "SOLOv2" and key.startswith(("ins_head.", "mask_head.")):
-        # detection/modeling/meta_arch/solov2.py keeps AdelaiDet's module tree (towers as flat conv-GN-ReLU Sequentials), so
-        # the names are the same; the category branch has K sigmoid classes in both (no background).
+    return _fcos_rule(key, num_anchors)
+
+
+@ARCHITECTURES.register(SOLOV2_ARCH, CHECKPOINT_RULES)
+def _solov2_rule(key: str, num_anchors: int) -> Rule | None:
+    if key.startswith(("ins_head.", "mask_head.")):
+        # detection/modeling/meta_arch/solov2.py keeps AdelaiDet's module tree (towers as flat conv-GN-ReLU
+        # Sequentials), so the names are the same; the category branch has K sigmoid classes in both.
         return Rule(key, "classes" if key.startswith("ins_head.cate_pred.") else "")
     return None
 
@@ -362,11 +396,11 @@ def _model_facts(adapter: nn.Module) -> dict[str, Any]:
     depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((len(blocks), bottleneck))
     options = dict(getattr(model.transform, "options", {}) or {})
     return {"own": own, "architecture": adapter.architecture, "depth": depth, "options": options,
-            "lateral_base": 2 if adapter.architecture in ("FasterRCNN", "MaskRCNN", "SOLOv2") else 3}
+            "lateral_base": ARCHITECTURES.get(adapter.architecture).first_level}
 
 
 def _num_anchors(own: dict[str, Tensor], architecture: str) -> int:
-    if architecture == "RetinaNet" and "head.regression_head.bbox_reg.weight" in own:
+    if ARCHITECTURES.get(architecture).anchors_per_position and "head.regression_head.bbox_reg.weight" in own:
         return int(own["head.regression_head.bbox_reg.weight"].shape[0]) // 4
     return 1
 
@@ -390,17 +424,18 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     facts = _model_facts(adapter)
     own, arch = facts["own"], facts["architecture"]
     family = ckpt.family
-    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
+    what = f"'{ckpt.source}' is a detectron2 {_title(family)} checkpoint"
     if family == "unknown" or (family != "backbone" and family != arch):
-        fix = (f"use {TEACHER_CONFIGS[family]} (or MODEL.META_ARCHITECTURE {family} with its options)"
-               if family in TEACHER_CONFIGS else
+        fix = (f"use {ARCHITECTURES.get(family).teacher_config} (or MODEL.META_ARCHITECTURE {family} with its options)"
+               if family in ARCHITECTURES else
                "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS, CondInst or SOLOv2 checkpoint, "
                "or an ImageNet backbone")
         raise UserError(f"{what}, but the config builds {arch}; nothing was loaded.", fix)
-    if family not in ("backbone", *ADELAIDET_NATIVE) and facts["options"].get("conventions") != "detectron2":
+    native = family == "backbone" or ARCHITECTURES.get(family).adelaidet_native
+    if not native and facts["options"].get("conventions") != "detectron2":
         raise UserError(f"{what}, but the model is built with torchvision's conventions, so the weights would "
                         "compute another function (anchors, RoI pooling, post-processing differ); nothing was loaded.",
-                        f"use {TEACHER_CONFIGS[family]}, or set MODEL.CONVENTIONS detectron2 with MODEL.INPUT_FORMAT, "
+                        f"use {ARCHITECTURES.get(family).teacher_config}, or set MODEL.CONVENTIONS detectron2 with MODEL.INPUT_FORMAT, "
                         "MODEL.PIXEL_MEAN/STD and MODEL.RESNETS.STRIDE_IN_1X1 as the checkpoint was trained")
     ckpt_depth = resnet_depth(ckpt.state)
     problems: list[str] = []
@@ -419,10 +454,10 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
         if "anchor_generator.cell_anchors" in key:
             _check_cell_anchors(key, value, adapter, problems, out)
             continue
-        if family == "CondInst" and key in ("mask_head._iter", "mask_head.sizes_of_interest"):
+        if family == CONDINST_ARCH.name and key in ("mask_head._iter", "mask_head.sizes_of_interest"):
             _check_condinst_buffer(key, value, problems, out)
             continue
-        if family == "CondInst" and key.startswith(("mask_branch.seg_head.", "mask_branch.logits.")):
+        if family == CONDINST_ARCH.name and key.startswith(("mask_branch.seg_head.", "mask_branch.logits.")):
             # the `_sem` configs' auxiliary semantic-segmentation loss: a training-only branch
             out.skipped.append(f"{key} (AdelaiDet's training-only semantic-loss branch; inference does not use it)")
             continue
@@ -464,18 +499,15 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
         raise UserError(f"{what} that does not fit the configured {arch}"
                         f"{' R-' + str(facts['depth']) if facts['depth'] else ''}; nothing was loaded:\n    "
                         + "\n    ".join(dict.fromkeys(problems)),
-                        f"use the config the checkpoint was trained with ({TEACHER_CONFIGS.get(family, 'same depth')}"
+                        f"use the config the checkpoint was trained with ({ARCHITECTURES.get(family).teacher_config if family in ARCHITECTURES else 'same depth'}"
                         " with MODEL.BACKBONE.DEPTH, MODEL.FPN.OUT_CHANNELS, MODEL.FPN.TOP_BLOCK_IN as trained)")
     out.skipped += ckpt.notes
     return out
 
 
 def _model_classes(own: dict[str, Tensor], arch: str, num_anchors: int) -> int:
-    if arch in ("FasterRCNN", "MaskRCNN"):
-        return int(own["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
-    if arch == "SOLOv2":
-        return int(own["ins_head.cate_pred.weight"].shape[0])
-    return int(own["head.classification_head.cls_logits.weight"].shape[0]) // num_anchors - 1
+    entry = ARCHITECTURES.get(arch)
+    return int(own[entry.class_logits].shape[0]) // num_anchors - int(entry.background_class)
 
 
 def _shape_problem(key: str, target: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
@@ -532,7 +564,7 @@ def _check_condinst_buffer(key: str, value: Tensor, problems: list[str], out: Co
 def report(ckpt: D2Checkpoint, conversion: Conversion, adapter: nn.Module) -> str:
     """The lines the loader prints: what the file is, loaded / converted / skipped, config-given facts."""
     options = dict(getattr(getattr(adapter.model, "transform", None), "options", {}) or {})
-    kind = FAMILY_NAMES.get(ckpt.family, ckpt.family)
+    kind = _title(ckpt.family, ckpt.family)
     depth = resnet_depth(ckpt.state)
     lines = [f"MODEL.WEIGHTS {ckpt.source}: detectron2 {kind} checkpoint"
              + (f" (R-{depth})" if depth else "") + (f", by {ckpt.author}" if ckpt.author else "")
@@ -557,7 +589,7 @@ def same_names(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     """`ckpt` for a detectron2-built adapter (MODEL.BACKEND detectron2): names as they are, strictly."""
     own = {k[len("model."):]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
     arch, family = adapter.architecture, ckpt.family
-    what = f"'{ckpt.source}' is a detectron2 {FAMILY_NAMES.get(family, 'model of an unknown kind')} checkpoint"
+    what = f"'{ckpt.source}' is a detectron2 {_title(family)} checkpoint"
     if family == "unknown" or (family != "backbone" and family != arch):
         raise UserError(f"{what}, but MODEL.D2_CONFIG builds {arch}; nothing was loaded.",
                         "use a checkpoint of the configured architecture, or the matching MODEL.D2_CONFIG")

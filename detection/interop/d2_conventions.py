@@ -55,14 +55,26 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, roi_align
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection.errors import UserError
+from detection.modeling.architectures import (
+    ARCHITECTURES,
+    BUILD_D2,
+    CONDINST_ARCH,
+    FASTER_RCNN_ARCH,
+    FCOS_ARCH,
+    MASK_RCNN_ARCH,
+    RETINANET_ARCH,
+)
 from detection.modeling.meta_arch.condinst import CondInst, build_condinst
+from detection.modeling.meta_arch.fcos import fcos_head
+from detection.modeling.meta_arch.heads import anchor_sizes, test_options
+from detection.modeling.meta_arch.retinanet import retinanet_head
+from detection.modeling.transform import PresizedTransform
 
 CONVENTIONS = ("torchvision", "detectron2")
 INPUT_FORMATS = ("RGB", "BGR")
@@ -93,18 +105,15 @@ def top_block_input(cfg: Any, architecture: str) -> str:
     if value not in TOP_BLOCK_INPUTS:
         raise UserError(f"MODEL.FPN.TOP_BLOCK_IN '{value}' is not known.",
                         "use p5, res5, or \"\" (res5 for detectron2's RetinaNet, p5 otherwise).")
-    from detection.modeling.detector import (
-        P2_P6,  # here, not at the top: detection.modeling.detector imports this module
-    )
-
-    if architecture in P2_P6:
+    entry = ARCHITECTURES.get(architecture)
+    if entry.max_pooled_p6:
         if value == "res5":
             raise UserError(f"MODEL.FPN.TOP_BLOCK_IN res5 does not apply to {architecture}: its P6 is P5 max-pooled.",
                             "leave MODEL.FPN.TOP_BLOCK_IN empty for R-CNNs and SOLOv2.")
         return ""
     if value:
         return value
-    return "res5" if architecture == "RetinaNet" and conventions(cfg) == "detectron2" else "p5"
+    return entry.d2_top_block_in if conventions(cfg) == "detectron2" else "p5"
 
 
 def describe(cfg: Any) -> dict[str, Any]:
@@ -192,32 +201,6 @@ def apply_backbone_options(cfg: Any, backbone: BackboneWithFPN, architecture: st
 
 
 # --- input and output -------------------------------------------------------------------------
-class PresizedTransform(GeneralizedRCNNTransform):
-    """Normalise (in the model's channel order) and zero-pad; never resize; d2-style output if asked.
-
-    Images reach the model already resized by the augmentation plan (the cache and the student must
-    see identical pixels), so there is no resize here.
-    """
-
-    def __init__(self, *, input_format: str = "RGB", d2_postprocess: bool = False, **common: Any) -> None:
-        super().__init__(**common)
-        self.input_format = input_format
-        self.d2_postprocess = d2_postprocess
-
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
-        return image, target
-
-    def normalize(self, image: Tensor) -> Tensor:
-        # The project's images are RGB; a BGR model's mean/std are in BGR order.
-        return super().normalize(image.flip(0) if self.input_format == "BGR" else image)
-
-    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
-                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        if self.training or not self.d2_postprocess:
-            return super().postprocess(result, image_shapes, original_image_sizes)
-        return [d2_detector_postprocess(r, size) for r, size in zip(result, image_shapes)]
-
-
 def d2_detector_postprocess(detections: dict[str, Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
     """detectron2's final step at an unchanged size: clip boxes, drop empty ones, paste masks."""
     h, w = int(image_size[0]), int(image_size[1])
@@ -558,75 +541,99 @@ class AdelaiCondInst(CondInst):
 
 
 # --- the model ----------------------------------------------------------------------------------
-def build_detectron2_style(cfg: Any, num_classes: int, backbone: BackboneWithFPN, common: dict[str, Any],
-                           retinanet_head: Any, fcos_head: Any, anchor_base_sizes: Sequence[int]) -> nn.Module:
-    """MODEL.META_ARCHITECTURE on `backbone`, computing detectron2's (AdelaiDet's for FCOS) function.
+def _anchor_options(cfg: Any) -> tuple[list[float], float]:
+    return [float(r) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS], float(cfg.MODEL.ANCHOR_GENERATOR.OFFSET)
 
-    `retinanet_head(cfg, channels, num_anchors, num_classes)` and `fcos_head(channels, num_classes)`
-    are the zoo's head builders, so the parameter names stay torchvision's.
-    """
-    arch = cfg.MODEL.META_ARCHITECTURE
+
+@ARCHITECTURES.register(RETINANET_ARCH, BUILD_D2)
+def build_d2_retinanet(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]) -> nn.Module:
+    """detectron2's RetinaNet on `backbone`, with torchvision's head (so the parameter names stay torchvision's)."""
+    if cfg.MODEL.RETINANET.NORM:
+        raise UserError("MODEL.RETINANET.NORM GN is not supported with MODEL.CONVENTIONS detectron2: "
+                        "detectron2's GN head keeps conv biases that torchvision's drops.",
+                        'set MODEL.RETINANET.NORM "" (detectron2\'s default RetinaNet).')
+    ratios, offset = _anchor_options(cfg)
+    anchors = D2AnchorGenerator(retinanet_anchor_sizes(anchor_sizes(cfg)), ratios, [8, 16, 32, 64, 128], offset)
+    head = retinanet_head(cfg, int(backbone.out_channels), anchors.num_anchors_per_location()[0], num_classes)
+    return D2RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **test_options(cfg), **common)
+
+
+def _adelaidet_fcos_head(backbone: BackboneWithFPN, num_classes: int) -> tuple[nn.Module, D2AnchorGenerator]:
+    """torchvision's FCOS head with AdelaiDet's regression (a learnt scale per level) and centred anchors."""
     channels = int(backbone.out_channels)
-    ratios = [float(r) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS]
-    offset = float(cfg.MODEL.ANCHOR_GENERATOR.OFFSET)
-    post = dict(score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST), nms_thresh=float(cfg.MODEL.NMS_THRESH_TEST),
-                detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE))
-    if arch == "RetinaNet":
-        if cfg.MODEL.RETINANET.NORM:
-            raise UserError("MODEL.RETINANET.NORM GN is not supported with MODEL.CONVENTIONS detectron2: "
-                            "detectron2's GN head keeps conv biases that torchvision's drops.",
-                            'set MODEL.RETINANET.NORM "" (detectron2\'s default RetinaNet).')
-        anchors = D2AnchorGenerator(retinanet_anchor_sizes(anchor_base_sizes), ratios, [8, 16, 32, 64, 128], offset)
-        head = retinanet_head(cfg, channels, anchors.num_anchors_per_location()[0], num_classes)
-        model: nn.Module = D2RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
-    elif arch in ("FCOS", "CondInst"):
-        head = fcos_head(channels, num_classes)
-        norm = type(head.regression_head.conv[1])
-        groups = head.regression_head.conv[1].num_groups
-        head.regression_head = AdelaiFCOSRegressionHead(channels, 5, lambda c: norm(groups, c))
-        # One cell per location, centred on it: (i + 0.5) * stride, size = stride, as AdelaiDet's locations.
-        anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
-        if arch == "FCOS":
-            model = AdelaiFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **post, **common)
-        else:
-            model = build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
-                                   head=head, topk_candidates=1000, **post, **common)
+    head = fcos_head(channels, num_classes)
+    norm = type(head.regression_head.conv[1])
+    groups = head.regression_head.conv[1].num_groups
+    head.regression_head = AdelaiFCOSRegressionHead(channels, 5, lambda c: norm(groups, c))
+    # One cell per location, centred on it: (i + 0.5) * stride, size = stride, as AdelaiDet's locations.
+    anchors = D2AnchorGenerator([[s] for s in (8, 16, 32, 64, 128)], [1.0], [8, 16, 32, 64, 128], 0.5)
+    return head, anchors
+
+
+@ARCHITECTURES.register(FCOS_ARCH, BUILD_D2)
+def build_adelaidet_fcos(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]) -> nn.Module:
+    head, anchors = _adelaidet_fcos_head(backbone, num_classes)
+    return AdelaiFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **test_options(cfg), **common)
+
+
+@ARCHITECTURES.register(CONDINST_ARCH, BUILD_D2)
+def build_adelaidet_condinst(cfg: Any, backbone: BackboneWithFPN, num_classes: int,
+                             common: dict[str, Any]) -> nn.Module:
+    head, anchors = _adelaidet_fcos_head(backbone, num_classes)
+    return build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
+                          head=head, topk_candidates=1000, **test_options(cfg), **common)
+
+
+def _d2_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any], masks: bool) -> nn.Module:
+    ratios, offset = _anchor_options(cfg)
+    post = test_options(cfg)
+    channels = int(backbone.out_channels)
+    rpn_anchors = D2AnchorGenerator([[s] for s in anchor_sizes(cfg)], ratios, [4, 8, 16, 32, 64], offset)
+    names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]
+    rcnn: dict[str, Any] = dict(
+        rpn_anchor_generator=rpn_anchors, box_roi_pool=D2RoIPooler(names, strides, 7),
+        rpn_pre_nms_top_n_test=D2_RPN_TOPK["pre_test"], rpn_post_nms_top_n_test=D2_RPN_TOPK["post_test"],
+        rpn_pre_nms_top_n_train=D2_RPN_TOPK["pre_train"], rpn_post_nms_top_n_train=D2_RPN_TOPK["post_train"],
+        box_score_thresh=post["score_thresh"], box_nms_thresh=post["nms_thresh"],
+        box_detections_per_img=post["detections_per_img"], **common,
+    )
+    if not masks:
+        model: nn.Module = FasterRCNN(backbone, num_classes, **rcnn)
     else:
-        rpn_anchors = D2AnchorGenerator([[s] for s in anchor_base_sizes], ratios, [4, 8, 16, 32, 64], offset)
-        names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]
-        rcnn: dict[str, Any] = dict(
-            rpn_anchor_generator=rpn_anchors, box_roi_pool=D2RoIPooler(names, strides, 7),
-            rpn_pre_nms_top_n_test=D2_RPN_TOPK["pre_test"], rpn_post_nms_top_n_test=D2_RPN_TOPK["post_test"],
-            rpn_pre_nms_top_n_train=D2_RPN_TOPK["pre_train"], rpn_post_nms_top_n_train=D2_RPN_TOPK["post_train"],
-            box_score_thresh=post["score_thresh"], box_nms_thresh=post["nms_thresh"],
-            box_detections_per_img=post["detections_per_img"], **common,
-        )
-        if arch == "FasterRCNN":
-            model = FasterRCNN(backbone, num_classes, **rcnn)
-        else:
-            model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
-                             mask_roi_pool=D2RoIPooler(names, strides, 14),
-                             mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
-                             mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **rcnn)
-        old = model.rpn
-        model.rpn = D2RegionProposalNetwork(
-            old.anchor_generator, old.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
-            positive_fraction=0.5, nms_thresh=0.7,
-            pre_nms_top_n=dict(training=D2_RPN_TOPK["pre_train"], testing=D2_RPN_TOPK["pre_test"]),
-            post_nms_top_n=dict(training=D2_RPN_TOPK["post_train"], testing=D2_RPN_TOPK["post_test"]),
-        )
-        heads = model.roi_heads
-        model.roi_heads = D2RoIHeads(
-            heads.box_roi_pool, heads.box_head, heads.box_predictor, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0),
-            post["score_thresh"], post["nms_thresh"], post["detections_per_img"],
-            mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
-        )
+        model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
+                         mask_roi_pool=D2RoIPooler(names, strides, 14),
+                         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
+                         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **rcnn)
+    old = model.rpn
+    model.rpn = D2RegionProposalNetwork(
+        old.anchor_generator, old.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+        positive_fraction=0.5, nms_thresh=0.7,
+        pre_nms_top_n=dict(training=D2_RPN_TOPK["pre_train"], testing=D2_RPN_TOPK["pre_test"]),
+        post_nms_top_n=dict(training=D2_RPN_TOPK["post_train"], testing=D2_RPN_TOPK["post_test"]),
+    )
+    heads = model.roi_heads
+    model.roi_heads = D2RoIHeads(
+        heads.box_roi_pool, heads.box_head, heads.box_predictor, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0),
+        post["score_thresh"], post["nms_thresh"], post["detections_per_img"],
+        mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+    )
     return model
+
+
+@ARCHITECTURES.register(FASTER_RCNN_ARCH, BUILD_D2)
+def build_d2_faster_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]) -> nn.Module:
+    return _d2_rcnn(cfg, backbone, num_classes, common, masks=False)
+
+
+@ARCHITECTURES.register(MASK_RCNN_ARCH, BUILD_D2)
+def build_d2_mask_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]) -> nn.Module:
+    return _d2_rcnn(cfg, backbone, num_classes, common, masks=True)
 
 
 def presized_transform(cfg: Any, common: dict[str, Any]) -> PresizedTransform:
     """The model's transform; it also carries `describe(cfg)` for loading messages and identities."""
-    transform = PresizedTransform(input_format=input_format(cfg), d2_postprocess=conventions(cfg) == "detectron2",
-                                  **common)
+    d2 = conventions(cfg) == "detectron2"
+    transform = PresizedTransform(input_format=input_format(cfg),
+                                  detector_postprocess=d2_detector_postprocess if d2 else None, **common)
     transform.options = describe(cfg)
     return transform

@@ -45,9 +45,13 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detection.errors import UserError
+from detection.modeling.architectures import ARCHITECTURES, CONDINST_ARCH, FORWARD
+from detection.modeling.meta_arch.fcos import fcos_head
+from detection.modeling.meta_arch.heads import test_options
 from detection.modeling.meta_arch.mask_ops import (
     ForwardFromFeatures,
     dice_loss,
+    forward_from_features,
     group_norm,
     mask_centroids,
     pad_masks,
@@ -214,7 +218,7 @@ class CondInst(ForwardFromFeatures, FCOS):
                  max_proposals: int = 500, cell_centred: bool = False, **fcos_kwargs: Any) -> None:
         super().__init__(backbone, num_classes, **fcos_kwargs)
         # cell_centred: locations at cell centres (i + 1/2) * stride, AdelaiDet's geometry, for its
-        # checkpoints (detection.d2_arch.AdelaiCondInst, which also brings centred anchors).
+        # checkpoints (detection.interop.d2_conventions.AdelaiCondInst, which also brings centred anchors).
         self.cell_centred = cell_centred
         if MASK_FEATURE_STRIDE % mask_out_stride:
             raise ValueError(f"mask_out_stride {mask_out_stride} must divide {MASK_FEATURE_STRIDE}")
@@ -354,7 +358,7 @@ class CondInst(ForwardFromFeatures, FCOS):
 def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, model_class: type[CondInst] | None = None,
                    **fcos_kwargs: Any) -> CondInst:
     """CondInst from MODEL.CONDINST.* (FCOS arguments - head, thresholds, transform - passed through);
-    `model_class`: a CondInst subclass (detection.d2_arch.AdelaiCondInst for AdelaiDet's conventions)."""
+    `model_class`: a CondInst subclass (detection.interop.d2_conventions.AdelaiCondInst for AdelaiDet's conventions)."""
     c = cfg.MODEL.CONDINST
     stride = int(c.MASK_OUT_STRIDE)
     if stride not in (1, 2, 4, 8):
@@ -376,3 +380,13 @@ def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, model_class:
                     mask_branch_convs=int(c.MASK_BRANCH.NUM_CONVS), mask_branch_norm=norm,
                     mask_head_channels=int(c.MASK_HEAD.CHANNELS), mask_head_layers=int(c.MASK_HEAD.NUM_LAYERS),
                     mask_out_stride=stride, max_proposals=int(c.MAX_PROPOSALS), **fcos_kwargs)
+
+
+@ARCHITECTURES.register(CONDINST_ARCH)
+def build(cfg: Any, backbone: nn.Module, num_classes: int, common: dict[str, Any]) -> CondInst:
+    """torchvision's FCOS head and thresholds, CondInst's mask branch and dynamic heads."""
+    head = fcos_head(int(backbone.out_channels), num_classes)
+    return build_condinst(cfg, backbone, num_classes, head=head, **test_options(cfg), **common)
+
+
+ARCHITECTURES.register(CONDINST_ARCH, FORWARD)(forward_from_features)

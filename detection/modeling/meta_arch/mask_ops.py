@@ -7,9 +7,12 @@ helpers assume 32 groups (the project's tiny test models have 32-channel layers)
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 
 from detection.errors import UserError
 
@@ -96,3 +99,11 @@ def mask_centroids(masks: Tensor, boxes: Tensor) -> Tensor:
     box_centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     centres = torch.stack([cx, cy], 1)
     return torch.where((mass > 0)[:, None], centres, box_centres.to(centres.dtype))
+
+
+def forward_from_features(model: nn.Module, image_list: ImageList, raw: OrderedDict[str, Tensor],
+                          targets: list[dict[str, Tensor]] | None, training: bool
+                          ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """The FORWARD part of the project's own modules: detections come in the sample frame, masks
+    [n, 1, h, w], so no torchvision postprocess runs (`training` is the module's own mode)."""
+    return model.forward_from_features(image_list, raw, targets)

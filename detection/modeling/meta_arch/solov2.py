@@ -44,10 +44,12 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
 
 from detection.errors import UserError
+from detection.modeling.architectures import ARCHITECTURES, FORWARD, SOLOV2_ARCH
 from detection.modeling.meta_arch.mask_ops import (
     ForwardFromFeatures,
     coordinate_channels,
     dice_loss,
+    forward_from_features,
     group_norm,
     mask_centroids,
     pad_masks,
@@ -395,3 +397,12 @@ def build_solov2(cfg: Any, backbone: nn.Module, num_classes: int, **kwargs: Any)
                   focal_weight=float(loss.FOCAL_WEIGHT), dice_weight=float(loss.DICE_WEIGHT),
                   mask_thresh=float(s.MASK_THR), update_thresh=float(s.UPDATE_THR), nms_pre=int(s.NMS_PRE),
                   nms_kernel=s.NMS_KERNEL, nms_sigma=float(s.NMS_SIGMA), **kwargs)
+
+
+@ARCHITECTURES.register(SOLOV2_ARCH)
+def build(cfg: Any, backbone: nn.Module, num_classes: int, common: dict[str, Any]) -> SOLOv2:
+    return build_solov2(cfg, backbone, num_classes, score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST),
+                        detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE), **common)
+
+
+ARCHITECTURES.register(SOLOV2_ARCH, FORWARD)(forward_from_features)
