@@ -53,6 +53,8 @@ from detection.engine.trainer import Trainer, build_trainer
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.cli import build_distill_trainer
+from stage2_student_distill.data import DistillBatch
+from stage2_student_distill.online import OnlineTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_CONFIG = REPO / "configs" / "demo" / "teacher_retinanet_r34.yaml"
@@ -198,7 +200,7 @@ def timed_loader(factory: Callable[[int], Any], mode: str, turns: Turns, log: Mo
             batch = next(batches)
             last = time.perf_counter()
             log.data.append(last - start)
-            samples = batch["samples"] if isinstance(batch, dict) else batch
+            samples = batch.samples if isinstance(batch, DistillBatch) else batch
             log.image_ids.append([int(s["image_id"]) for s in samples])
             yield batch
 
@@ -227,8 +229,8 @@ def interleaved(trainers: dict[str, Trainer], steps_per_turn: int) -> dict[str, 
     errors: list[BaseException] = []
     for mode, trainer in trainers.items():
         trainer.build_loader = timed_loader(trainer.build_loader, mode, turns, logs[mode], trainer.device)
-        if getattr(trainer, "teacher", None) is not None:
-            trainer.teacher = TimedTeacher(trainer.teacher, logs[mode], trainer.device)
+        if isinstance(trainer.teacher_features, OnlineTeacher):
+            trainer.teacher_features = TimedTeacher(trainer.teacher_features, logs[mode], trainer.device)
 
     def work(mode: str, trainer: Trainer) -> None:
         try:

@@ -25,7 +25,13 @@ from detection.engine.commands import default_argument_parser, default_setup, la
 from detection.engine.evaluation import evaluate, evaluate_checkpoint
 from detection.errors import UserError
 from detection.modeling.detector import DetectorAdapter, build_model
-from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, report_skipped
+from stage2_student_distill.data import (
+    CachedTeacherFeatures,
+    DistillCollate,
+    DistillDataset,
+    SampleTable,
+    report_skipped,
+)
 from stage2_student_distill.fit_decoder import load_fitted_decoder
 from stage2_student_distill.method.module import ICDModule
 from stage2_student_distill.online import OnlineTeacher, build_online_teacher
@@ -51,8 +57,8 @@ def student_identity(cfg: Any, student: DetectorAdapter, levels: list[str]) -> d
             "preprocessing": preprocessing_identity(cfg)}
 
 
-def check_cache(reader: CacheReader, cfg: Any, index: CocoIndex, student: DetectorAdapter, levels: list[str],
-                features: bool = True) -> None:
+def check_cache_serves(reader: CacheReader, cfg: Any, index: CocoIndex, student: DetectorAdapter, levels: list[str],
+                       features: bool = True) -> None:
     """Refuse a cache this student cannot distil from, naming the reason (before any training).
 
     features=False (--online with a cache): only its samples are used, so its levels and teacher
@@ -81,15 +87,19 @@ def check_teacher(teacher: DetectorAdapter, tcfg: Any, cfg: Any, student: Detect
                         fix="choose a teacher (DISTILL.TEACHER) with the student's levels and FPN width")
 
 
+def require_cache(cache: str | None, online: bool) -> None:
+    if not online and not cache:
+        raise UserError("cached distillation needs the teacher cache: no --cache was given",
+                        "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
+
+
 def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False, resume: bool = False,
                           with_evaluation: bool = True) -> DistillTrainer:
     """Check everything and build the trainer for this process (one of several under DDP)."""
     if not cfg.DISTILL.ENABLED:
         raise UserError("DISTILL.ENABLED is False: `icd distill` has nothing to distil",
                         "set DISTILL.ENABLED True, or train the student alone with `icd train`")
-    if not online and not cache:
-        raise UserError("cached distillation needs the teacher cache: no --cache was given",
-                        "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
+    require_cache(cache, online)
     reader = CacheReader(cache) if cache else None
     cfg, index = default_setup(cfg, need_train_index=True)  # seeds this rank, resolves K, saves config.yaml
     num_classes = int(cfg.MODEL.NUM_CLASSES)
@@ -97,7 +107,7 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
     student = build_model(cfg, num_classes)
     levels = distill_levels(cfg, student)
     if reader is not None:
-        check_cache(reader, cfg, index, student, levels, features=not online)
+        check_cache_serves(reader, cfg, index, student, levels, features=not online)
     prior, size_mean, size_std = class_statistics(index)
     icd = ICDModule.from_config(cfg, num_classes, student.out_channels, class_prior=prior,
                                 size_prior_mean=size_mean, size_prior_std=size_std)
@@ -110,7 +120,7 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
         device = comm.device_for_process(cfg.MODEL.DEVICE)
         adapter, tcfg = build_online_teacher(cfg, num_classes, device, reader.attributes if reader else None)
         check_teacher(adapter, tcfg, cfg, student, levels)
-        teacher = OnlineTeacher(adapter, levels, adapter.strides, amp=bool(cfg.SOLVER.AMP))
+        teacher = OnlineTeacher(adapter, levels, adapter.strides, student.size_divisibility, amp=bool(cfg.SOLVER.AMP))
 
     with_masks = bool(cfg.MODEL.MASK_ON)
     if reader is not None:
@@ -140,7 +150,8 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
                 f", samples and geometry from the cache {reader.url}" if reader is not None else "")
         print(f"icd distill: {student.architecture} student, levels {', '.join(levels)}, {len(dataset)} training "
               f"images; teacher features from {source}", flush=True)
-    trainer = DistillTrainer(cfg, student, loader, icd, levels, teacher=teacher, teacher_weights=teacher_weights,
+    features = teacher or CachedTeacherFeatures(levels, comm.device_for_process(cfg.MODEL.DEVICE))
+    trainer = DistillTrainer(cfg, student, loader, icd, levels, features, teacher_weights=teacher_weights,
                              teacher_architecture=teacher_architecture,
                              evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None)
     trainer.resume_or_load(resume)
@@ -175,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
-        if not args.eval_only and not args.online and not args.cache:
-            raise UserError("cached distillation needs the teacher cache: no --cache was given",
-                            "pass --cache PATH (written by `icd dump`), or --online to run the teacher live")
+        if not args.eval_only:
+            require_cache(args.cache, args.online)  # here too: before any rank is spawned
         launch(distill, args.num_gpus, (cfg, args.cache, args.online, args.resume, args.eval_only),
                device=cfg.MODEL.DEVICE)
 

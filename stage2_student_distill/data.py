@@ -9,7 +9,7 @@ DataLoader worker that builds the item (one CacheReader per process, opened lazi
 URL is pickled and memory does not grow with the cache), and the collate function pads them to the
 student's batch shape with zeros.
 
-Items are built by detection.datasets.DetectionDataset (image decoding, target transforms, masks); this
+Items are built by detection.data.datasets.DetectionDataset (image decoding, target transforms, masks); this
 module adds the choice of variant, the check that the plan reproduces the recorded geometry exactly,
 and the features.
 """
@@ -21,10 +21,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from cache_contract.geometry import batch_padded_shape, pad_levels
@@ -123,7 +125,7 @@ class DistillDataset(Dataset):
     Modes: `cache_url` and `read_features` (cached ICD); `cache_url` without features (online ICD on
     the cache's samples: same images, variants and geometry, the teacher runs live); no cache (online
     ICD on the plan from the config). Item indices are `(epoch, i)` as InfiniteSampler(yield_epoch=True)
-    yields them; `locate()` serves detection.loader.batch_stream.
+    yields them; `locate()` serves detection.data.loader.batch_stream.
     """
 
     def __init__(self, index: CocoIndex, plan: AugmentationPlan, *, table: SampleTable | None = None,
@@ -228,22 +230,57 @@ def check_geometry(meta: Any, p: AugParams, index: int, url: str | None) -> None
 
 
 # -- batching ---------------------------------------------------------------------------------------------
+def _pinned(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {key: _pinned(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_pinned(item) for item in value]
+    return value
+
+
+@dataclass
+class DistillBatch:
+    """One stage-two batch: the dataset's items (image, target, aug, image_id, cache_index) and the cache's
+    teacher features padded to the batch, {level: [N, C, H, W]}, or None when the teacher runs live."""
+
+    samples: list[dict[str, Any]]
+    teacher_features: dict[str, Tensor] | None = None
+
+    def pin_memory(self) -> DistillBatch:
+        """What DataLoader(pin_memory=True) calls on a custom batch type (CUDA runs)."""
+        return DistillBatch(_pinned(self.samples), _pinned(self.teacher_features))
+
+
+class CachedTeacherFeatures:
+    """The teacher-feature source of a cached run: the batch's own, read and padded in the loader's workers."""
+
+    def __init__(self, levels: Sequence[str], device: torch.device) -> None:
+        self.levels = list(levels)
+        self.device = device
+
+    def __call__(self, batch: DistillBatch, images: Sequence[Tensor]) -> dict[str, Tensor]:
+        assert batch.teacher_features is not None, "a cached run's batch carries the teacher's features"
+        return {name: batch.teacher_features[name].to(self.device, non_blocking=True) for name in self.levels}
+
+
 class DistillCollate:
-    """Batch = {'samples': [items], 'teacher_features': {level: [N, C, H, W]} or None} (runs in workers)."""
+    """Items -> DistillBatch, padding the cached teacher features to the batch's shape (runs in workers)."""
 
     def __init__(self, levels: Sequence[str], strides: Mapping[str, int], size_divisibility: int) -> None:
         self.levels = list(levels)
         self.strides = {name: int(strides[name]) for name in self.levels}
         self.size_divisibility = int(size_divisibility)
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> DistillBatch:
         features = None
         if items and "teacher_features" in items[0]:
             sizes = [tuple(item["image"].shape[-2:]) for item in items]
             padded = batch_padded_shape(sizes, self.size_divisibility)
             features = pad_levels([item.pop("teacher_features") for item in items], padded, self.levels,
                                   self.strides)
-        return {"samples": items, "teacher_features": features}
+        return DistillBatch(items, features)
 
 
 def report_skipped(dataset: DistillDataset, reader: CacheReader) -> None:

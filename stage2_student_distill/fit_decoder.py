@@ -50,6 +50,7 @@ from detection.engine.trainer import MetricsLog
 from detection.errors import UserError
 from stage2_student_distill.method.losses import prior_entropy
 from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
+from stage2_student_distill.method.queries import query_generator
 from stage2_student_distill.signals import (
     SIGNALS_FILE,
     DecoderSignals,
@@ -111,12 +112,6 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, start_iter: int, m
                 permutations = {epoch: np.random.default_rng([seed, epoch]).permutation(num_items)}
             batch.append(int(permutations[epoch][position % num_items]))
         yield batch
-
-
-def query_generator(seed: int, iteration: int) -> torch.Generator:
-    """The fake-query/jitter generator of one iteration (CPU, as the ICD modules require)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, 0, iteration]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
 
 
 class DecoderFitter:
@@ -183,7 +178,7 @@ class DecoderFitter:
                 start = time.perf_counter()
                 batch = batch.to(device)
                 decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets, self.levels, self.strides,
-                                          query_generator(int(self.cfg.SEED), self.iteration))
+                                          query_generator(int(self.cfg.SEED), 0, self.iteration))
                 losses = self.icd.auxiliary_losses(decoded)
                 sum(losses.values()).backward()
                 if self.clip_norm > 0:  # DISTILL.OPTIMIZER.CLIP_NORM, as in `icd distill`

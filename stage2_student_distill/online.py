@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cache_contract.geometry import pad_levels, padded_shape
+from cache_contract.geometry import batch_padded_shape, pad_levels, padded_shape
 from cache_contract.identity import apply_teacher_model_options, file_sha256
 from cache_contract.teacher import load_teacher, sample_features
 from detection.errors import UserError
-from detection.modeling.detector import MASK_ARCHITECTURES, DetectorAdapter
+from detection.modeling.architectures import ARCHITECTURES
+from detection.modeling.detector import DetectorAdapter
 
 
 def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) -> Any:
@@ -41,7 +42,8 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
     if "fpn_channels" in recorded:
         tcfg.MODEL.FPN.OUT_CHANNELS = int(recorded["fpn_channels"])
     apply_teacher_model_options(tcfg, recorded)  # the teacher's own normalisation / detectron2 options
-    tcfg.MODEL.MASK_ON = tcfg.MODEL.META_ARCHITECTURE in MASK_ARCHITECTURES
+    arch = tcfg.MODEL.META_ARCHITECTURE
+    tcfg.MODEL.MASK_ON = arch in ARCHITECTURES and ARCHITECTURES.get(arch).masks
     missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
                                       ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]
     if missing:
@@ -72,8 +74,9 @@ class OnlineTeacher:
     """Live teacher features padded like the cached ones: {level: [N, C, H, W]} for a student batch."""
 
     def __init__(self, teacher: DetectorAdapter, levels: Sequence[str], strides: Mapping[str, int],
-                 amp: bool = False) -> None:
+                 student_size_divisibility: int, amp: bool = False) -> None:
         self.teacher = teacher
+        self.student_size_divisibility = int(student_size_divisibility)  # the batch's padding grid
         self.levels = list(levels)
         self.strides = {name: int(strides[name]) for name in self.levels}
         self.amp = amp
@@ -94,8 +97,14 @@ class OnlineTeacher:
                 out[i] = features
         return out
 
-    def __call__(self, images: Sequence[Tensor], padded_hw: tuple[int, int]) -> dict[str, Tensor]:
+    def padded(self, images: Sequence[Tensor], padded_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """{level: [N, C, H, W]} for a batch padded to `padded_hw`, zeros outside each image's valid region."""
         return pad_levels(self.valid_features(images), padded_hw, self.levels, self.strides)
+
+    def __call__(self, batch: Any, images: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The teacher-feature source of an --online run: the student batch's features, padded like the cache's."""
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        return self.padded(images, batch_padded_shape(sizes, self.student_size_divisibility))
 
     def fpn_and_head_state_dict(self) -> dict[str, Tensor]:
         return self.teacher.fpn_and_head_state_dict()

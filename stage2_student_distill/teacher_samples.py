@@ -127,8 +127,3 @@ def iter_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
     for start in range(0, len(dataset), batch_size):
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
-
-def load_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
-                 levels: Sequence[str] | None = None) -> list[TeacherBatch]:
-    """iter_batches, held in memory (a small set measured more than once)."""
-    return list(iter_batches(reader, indices, batch_size, levels))

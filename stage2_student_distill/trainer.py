@@ -21,13 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache_contract.geometry import batch_padded_shape
 from cache_contract.teacher import TeacherInit, init_from_teacher
 from detection import comm
 from detection.engine.trainer import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
 from detection.modeling.detector import DetectorAdapter
+from stage2_student_distill.data import DistillBatch
 from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
-from stage2_student_distill.online import OnlineTeacher
+from stage2_student_distill.method.queries import query_generator
+
+# (batch, its images on the device) -> the teacher's {level: [N, C, H, W]}, padded to the batch
+TeacherFeatures = Callable[[DistillBatch, list[Tensor]], dict[str, Tensor]]
 
 
 class DistillTrainer(Trainer):
@@ -40,19 +43,20 @@ class DistillTrainer(Trainer):
         build_loader: LoaderFactory,
         icd: ICDModule,
         levels: Sequence[str],
+        teacher_features: TeacherFeatures,
         *,
-        teacher: OnlineTeacher | None = None,
         teacher_weights: Callable[[], Mapping[str, Any]] | None = None,
         teacher_architecture: str = "",
         evaluate: EvaluateFn | None = None,
     ) -> None:
-        """`teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None;
+        """`teacher_features(batch, images)`: the teacher's {level: [N, C, H, W]} for a batch, padded to it
+        (`CachedTeacherFeatures` from the cache, `OnlineTeacher` live); `teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None;
         `teacher_architecture` (its MODEL.META_ARCHITECTURE, "" if unknown) decides whether the head is shared."""
         super().__init__(cfg, student, build_loader, evaluate=evaluate)
         self.levels = list(levels)
         self.strides = {name: int(student.strides[name]) for name in self.levels}
         self.size_divisibility = int(student.size_divisibility)
-        self.teacher = teacher
+        self.teacher_features = teacher_features
         self.teacher_weights = teacher_weights
         self.teacher_architecture = teacher_architecture
         self.warmup_detach_iters = int(cfg.DISTILL.WARMUP_DETACH_ITERS)
@@ -80,21 +84,15 @@ class DistillTrainer(Trainer):
 
     def query_generator(self) -> torch.Generator:
         """The fake-query/jitter generator of this iteration and rank (CPU, as the ICD modules require)."""
-        entropy = [int(self.cfg.SEED) % 2**63, comm.get_rank(), self.iteration]  # SeedSequence wants ints >= 0
-        seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
-        return torch.Generator().manual_seed(int(seed[0]) & (2**63 - 1))
+        return query_generator(int(self.cfg.SEED), comm.get_rank(), self.iteration)
 
-    def run_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def run_step(self, batch: DistillBatch) -> dict[str, Tensor]:
         """One stage-two iteration: student, teacher features, ICD losses, one backward, both optimizers."""
-        images, targets = images_and_targets(batch["samples"], self.device)
+        images, targets = images_and_targets(batch.samples, self.device)
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]  # resized, before padding
         with self.autocast():
             detection_losses, student_features, _ = self.model(images, targets)  # {level: [N, C, H, W]}
-            if self.teacher is not None:  # --online: the live teacher, cut and padded as the cache is
-                teacher_features = self.teacher(images, batch_padded_shape(sizes, self.size_divisibility))
-            else:  # the cache, padded to this batch's shape by DistillCollate in the loader's workers
-                teacher_features = {name: batch["teacher_features"][name].to(self.device, non_blocking=True)
-                                    for name in self.levels}
+            teacher_features = self.teacher_features(batch, images)  # {level: [N, C, H, W]}, padded as the batch
             icd_losses = self.icd_model(
                 teacher_features, {name: student_features[name] for name in self.levels}, sizes, targets,
                 self.levels, self.strides, self.query_generator(),

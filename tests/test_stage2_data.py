@@ -86,11 +86,11 @@ def test_collate_pads_teacher_levels_to_the_students_feature_shapes(cfg_tiny, te
     batch = DistillCollate(LEVELS, student.strides, student.size_divisibility)(items)
     padded = batch_padded_shape(sizes, 32)
     with torch.no_grad():
-        batched = student.preprocess([item["image"] for item in batch["samples"]]).tensors
+        batched = student.preprocess([item["image"] for item in batch.samples]).tensors
         student_features = student.features(batched)
     assert tuple(batched.shape[-2:]) == padded
     for level in LEVELS:
-        teacher = batch["teacher_features"][level]
+        teacher = batch.teacher_features[level]
         assert teacher.shape == student_features[level].shape
         for i, features in enumerate(valid):
             h, w = features[level].shape[-2:]
@@ -131,9 +131,9 @@ def test_worker_loading_gives_the_same_batches_as_in_process_loading(cfg_tiny, t
         loader = iter(build_train_loader(cfg_tiny, dataset, collate)(start_iter=2))
         batches[workers] = [next(loader) for _ in range(2)]
     for a, b in zip(batches[0], batches[1]):
-        assert [s["cache_index"] for s in a["samples"]] == [s["cache_index"] for s in b["samples"]]
+        assert [s["cache_index"] for s in a.samples] == [s["cache_index"] for s in b.samples]
         for level in LEVELS:
-            assert torch.equal(a["teacher_features"][level], b["teacher_features"][level])
+            assert torch.equal(a.teacher_features[level], b.teacher_features[level])
 
 
 def test_a_cache_whose_geometry_the_plan_does_not_reproduce_is_refused(cfg_tiny, teacher_cache):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_contract.geometry import batch_padded_shape
 from cache_format import CacheReader
 from cache_format.errors import CacheError
 from detection.config import save_config
@@ -18,6 +17,8 @@ from detection.errors import UserError
 from detection.modeling import detector as zoo
 from stage2_student_distill import cli
 from stage2_student_distill.cli import build_distill_trainer
+from stage2_student_distill.data import CachedTeacherFeatures
+from stage2_student_distill.online import OnlineTeacher
 from stage2_student_distill.trainer import DistillTrainer
 
 ICD_LOSSES = ("loss_distill", "loss_ident", "loss_loc")
@@ -66,7 +67,7 @@ def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny
     for key in p_cached:
         a, b = p_cached[key].double(), p_online[key].double()
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12, key
-    assert cached.teacher is None and online.teacher is not None
+    assert isinstance(cached.teacher_features, CachedTeacherFeatures) and isinstance(online.teacher_features, OnlineTeacher)
 
 
 def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, distill_cfg, tmp_path, monkeypatch):
@@ -86,7 +87,7 @@ def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, distill
     cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), SOLVER={"MAX_ITER": 2})
     trainer = run(cfg, url)
     assert built == ["RetinaNet"]  # the student, and nothing else
-    assert trainer.teacher is None
+    assert isinstance(trainer.teacher_features, CachedTeacherFeatures)
     assert len(metrics(cfg.OUTPUT_DIR)) == 2
 
 
@@ -152,7 +153,7 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
         trainer.run_step(batch)
     assert asked == [True, False]
     # ... and detaching keeps loss_distill away from the student, never from the student-side projection
-    images, targets = images_and_targets(batch["samples"], trainer.device)
+    images, targets = images_and_targets(batch.samples, trainer.device)
     sizes = [tuple(image.shape[-2:]) for image in images]
     fpn = [p for n, p in trainer.module.named_parameters() if ".fpn." in n]
 
@@ -160,7 +161,7 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
         trainer.module.zero_grad(set_to_none=True)
         trainer.icd.zero_grad(set_to_none=True)
         _, student, _ = trainer.model(images, targets)
-        return icd(batch["teacher_features"], {level: student[level] for level in trainer.levels}, sizes, targets,
+        return icd(batch.teacher_features, {level: student[level] for level in trainer.levels}, sizes, targets,
                    trainer.levels, trainer.strides, trainer.query_generator(), detach_student=detach)
 
     for detach in (True, False):
@@ -257,10 +258,10 @@ def test_online_without_a_cache_replays_the_configs_plan_and_pads_like_the_cache
     online = build_distill_trainer(cfg, None, online=True, with_evaluation=False)
     cached = build_distill_trainer(distill_cfg(cfg, OUTPUT_DIR=str(tmp_path / "cached")), url, with_evaluation=False)
     for a, b in zip(online.build_loader(0), cached.build_loader(0)):
-        images = [s["image"] for s in a["samples"]]
-        assert all(torch.equal(x, s["image"]) for x, s in zip(images, b["samples"]))
-        live = online.teacher(images, batch_padded_shape([image.shape[-2:] for image in images], 32))
-        for level, stored in b["teacher_features"].items():
+        images = [s["image"] for s in a.samples]
+        assert all(torch.equal(x, s["image"]) for x, s in zip(images, b.samples))
+        live = online.teacher_features(a, images)  # padded to the student's grid (32), as the cache is
+        for level, stored in b.teacher_features.items():
             assert live[level].shape == stored.shape
             assert (live[level] - stored).abs().max() <= 1e-5 * stored.abs().max()
             stride = online.strides[level]

@@ -312,11 +312,6 @@ class ICDModule(nn.Module):
                         for level, maps, stride in zip(levels, per_level, stride_list)})
         return out
 
-    def queries(self, targets: Sequence[Mapping[str, Tensor]], image_sizes: ImageSizes,
-                generator: torch.Generator) -> InstanceQueries:
-        """The instance queries forward() would build for these detection targets (for inspection)."""
-        return self.query_builder(icd_targets(targets), image_sizes, generator)
-
 
 # -- the ICD module's own optimizer --------------------------------------------------------------------
 def cosine_with_warmup(max_iter: int, warmup_iters: int, warmup_factor: float) -> Callable[[int], float]:

@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +33,13 @@ from torchvision.ops import MLP
 
 from detection.errors import UserError
 from stage2_student_distill.method.tokens import SINE_FEATURES, SINE_TEMPERATURE, ImageSizes, sine_features
+
+
+def query_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
+    """The fake-query/jitter generator of one iteration of one rank (CPU, as the ICD modules require): a
+    function of (seed, rank, iteration) only, so a resumed run draws what the uninterrupted one drew."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(rank), int(iteration)]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))  # SeedSequence wants ints >= 0
 
 SCALE_BINS = 5  # per axis; the indicator is 2 * SCALE_BINS = 10 features
 FAKE_CENTRE_RANGE = (0.03, 0.97)
