@@ -41,10 +41,6 @@ class Encoding:
         """True when each sample also stores per-channel (scale, offset) in samples/quant."""
         return self.base == "int8"
 
-    @property
-    def lossless(self) -> bool:
-        return self.base == "fp32" and self.keepbits is None
-
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 [C, h, w] -> (stored array, quant [2, C] float32 (scale; offset) or None).
 

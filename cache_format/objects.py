@@ -42,11 +42,6 @@ def shard_key(array: zarr.Array, shard: int) -> str:
     return chunk_key(array, (shard,) + (0,) * (array.ndim - 1))
 
 
-def shard_keys(arrays: CacheArrays, shard: int) -> dict[str, str]:
-    """{array path: object key} of one shard."""
-    return {path: shard_key(arr, shard) for path, arr in shard_arrays(arrays).items()}
-
-
 def single_chunk_key(array: zarr.Array) -> str:
     """The key of an array stored as one chunk (each teacher-weight tensor)."""
     return chunk_key(array, (0,) * array.ndim)

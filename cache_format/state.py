@@ -1,10 +1,10 @@
 """What is at a cache location before a writer starts: nothing, a cache, an interrupted creation, or
 something else - and whether a local path can hold a cache directory at all.
 
-Why this exists: a kill during creation used to leave a store that `--resume` called "not a cache" and a
-new run called "already exists", so only a manual delete got out. Creation now writes the root first
-with a marker (schema.CREATING_ATTRIBUTE) that the format attributes replace last; a store in that state
-holds nothing of value and may be started over.
+Why this exists: a kill during creation leaves a store that is neither empty nor a cache, and without
+telling it apart `--resume` would call it "not a cache" and a new run "already exists". Creation writes
+the root first with a marker (schema.CREATING_ATTRIBUTE) that the format attributes replace last; a store
+in that state holds nothing of value and may be started over.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import zarr
 from cache_format.errors import CacheError
 from cache_format.remote import translated_errors
 from cache_format.schema import BOXES_ARRAY, CREATING_ATTRIBUTE, FEATURES_GROUP, FORMAT_NAME, WEIGHTS_GROUP
-from cache_format.store import _local_path, open_store, run_on_zarr_loop, store_is_empty
+from cache_format.store import local_path, open_store, run_on_zarr_loop, store_is_empty
 
 ABSENT = "absent"        # nothing stored there (or an empty directory)
 CREATING = "creating"    # a creation that was interrupted: safe to start over
@@ -29,7 +29,7 @@ _OWN_NAMES = {FEATURES_GROUP, BOXES_ARRAY.split("/")[0], "samples", WEIGHTS_GROU
 
 def check_location(url: str) -> None:
     """Refuse, in one line, a local path that cannot be a cache directory: a file, or a path below a file."""
-    path = _local_path(str(url))
+    path = local_path(str(url))
     if path is None:
         return
     if os.path.exists(path) and not os.path.isdir(path):
@@ -50,7 +50,7 @@ def store_state(url: str) -> str:
     """ABSENT, CREATING, CACHE or OTHER for the store at `url` (CacheError for a path that cannot be one)."""
     url = str(url)
     check_location(url)
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None and not os.path.isdir(path):
         return ABSENT
     store = open_store(url, read_only=True)

@@ -23,7 +23,7 @@ from cache_format.remote import check_url, missing_package_error, redact, storag
 T = TypeVar("T")
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The filesystem path for a plain path or file:// URL, else None."""
     if "://" not in url:
         return os.path.abspath(os.path.expanduser(url))
@@ -36,7 +36,7 @@ def _local_path(url: str) -> str | None:
 def open_store(url: str, *, read_only: bool) -> Store:
     """The zarr store behind a cache URL."""
     url = str(url)
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None:
         if read_only and not os.path.isdir(path):
             raise CacheError(f"{url} is not a cache: no such directory",
@@ -70,11 +70,6 @@ def store_is_empty(store: Store, url: str = "") -> bool:
         return bool(run_on_zarr_loop(store.is_empty("")))
 
 
-def key_size(store: Store, key: str) -> int:
-    """Bytes of one stored object (0 when it does not exist, e.g. an all-padding shard)."""
-    return key_sizes(store, [key])[key]
-
-
 def key_sizes(store: Store, keys: list[str]) -> dict[str, int]:
     """Bytes of several stored objects, asked concurrently (one round trip on an object store, not one
     per key); 0 for a key that does not exist."""
@@ -94,7 +89,7 @@ def key_sizes(store: Store, keys: list[str]) -> dict[str, int]:
 def usage(url: str, prefix: str = "") -> tuple[int, int]:
     """(number of files/objects, total bytes) under a cache URL (or a key prefix inside it)."""
     url = str(url).rstrip("/") + (f"/{prefix.strip('/')}" if prefix else "")
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None:
         files = total = 0
         if not os.path.isdir(path):

@@ -170,11 +170,11 @@ def test_padding_tiles_are_never_written():
                            compressor="none", attributes={}, shard_samples=1, tile=8)
     w.write_sample(0, {"p3": np.ones((2, 5, 9), np.float32)}, SampleMeta(0, 0, 1.0, False, 40, 72))
     w.close()
-    from cache_format.store import key_size
+    from cache_format.store import key_sizes
     arr = CacheReader(url).feature_array("p3")
     # The 5x9 valid region touches 2 of the 16 8x8 tiles: the shard holds those two raw chunks
     # (2*8*8 float32 + crc32c each) and the index (16 chunks x 16 bytes + crc32c), nothing else.
-    assert key_size(arr.store, "features/p3/c/0/0/0/0") == 2 * (2 * 8 * 8 * 4 + 4) + (16 * 16 + 4)
+    assert key_sizes(arr.store, ["features/p3/c/0/0/0/0"])["features/p3/c/0/0/0/0"] == 2 * (2 * 8 * 8 * 4 + 4) + (16 * 16 + 4)
 
 
 def test_importing_cache_format_does_not_import_torch():

@@ -19,7 +19,7 @@ from stage2_student_distill.fit_decoder import fitted_parts
 from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
 from stage2_student_distill.method.queries import estimate_priors
 from stage2_student_distill.signals import measure
-from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, load_batches, split_by_image
+from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, iter_batches, split_by_image
 
 C, SIZE, NUM_CLASSES, NUM_IMAGES = 32, 64, 3, 48
 LEVELS = [LevelSpec("p3", 8, C, 8, 8), LevelSpec("p4", 16, C, 4, 4)]
@@ -70,7 +70,7 @@ def fit_and_measure(url: str, iterations: int, **settings) -> tuple[object, obje
                     size_prior_std=std, **settings)
     cfg = {"DISTILL": {"OPTIMIZER": {**DEFAULTS["DISTILL"]["OPTIMIZER"], "BASE_LR": 1e-3}}, "SOLVER": {"MAX_ITER": 1}}
     optimizer, scheduler = build_icd_optimizer(fitted_parts(icd), cfg, max_iter=iterations)
-    held_batches = load_batches(reader, held, 12)
+    held_batches = list(iter_batches(reader, held, 12))
     before = measure(icd, held_batches, NAMES, STRIDES)
     collate, order = TeacherCollate(NAMES, STRIDES), np.random.default_rng(0)
     for it in range(iterations):

@@ -34,18 +34,17 @@ DEFAULTS: dict[str, Any] = {
             "NORM": "BN",
         },
         # FPN width; TOP_BLOCK_IN: where RetinaNet/FCOS compute P6 from, "p5" | "res5" | "" (= res5 for
-        # RetinaNet under detectron2 conventions, else p5). Added by detection.d2_arch.
+        # RetinaNet under detectron2 conventions, else p5).
         "FPN": {"OUT_CHANNELS": 256, "TOP_BLOCK_IN": ""},
         # Anchor base size per FPN level (5 values, RetinaNet P3-P7 / R-CNN RPN P2-P6); RetinaNet adds
         # 3 octave scales per base. Empty: torchvision's [32, 64, 128, 256, 512]. Small images (the
-        # synthetic demo) want smaller anchors. Added by detection.zoo.
+        # synthetic demo) want smaller anchors.
         # ASPECT_RATIOS (h / w) and OFFSET are used under MODEL.CONVENTIONS detectron2 (torchvision's
         # anchors are (0.5, 1, 2) at offset 0, rounded).
         "ANCHOR_GENERATOR": {"SIZES": [], "ASPECT_RATIOS": [0.5, 1.0, 2.0], "OFFSET": 0.0},
         # RetinaNet head normalisation, as detectron2's MODEL.RETINANET.NORM: "" (torchvision's v1 head)
-        # or "GN" (GroupNorm, torchvision's v2 head; trains far faster from scratch). Added by detection.zoo.
+        # or "GN" (GroupNorm, torchvision's v2 head; trains far faster from scratch).
         "RETINANET": {"NORM": ""},
-        # Score threshold / NMS / detections per image at test time.
         # detectron2 / AdelaiDet interop (docs/D2_INTEROP.md). BACKEND: torchvision | detectron2 (build
         # the model with detectron2 itself from D2_CONFIG, a detectron2 config file or model-zoo name).
         "BACKEND": "torchvision",
@@ -57,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "INPUT_FORMAT": "RGB",
         # True for MSRA ResNets (detectron2's ImageNet weights): stride in the bottleneck's 1x1 conv.
         "RESNETS": {"STRIDE_IN_1X1": False},
+        # Score threshold and NMS IoU at test time (detections per image: TEST.DETECTIONS_PER_IMAGE).
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
         "MASK_ON": False,
