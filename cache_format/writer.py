@@ -127,7 +127,8 @@ class CacheWriter:
                 store = open_store(url, read_only=False)
                 if not store_is_empty(store, url) and not overwrite:
                     raise CacheError(f"{url} already exists and is not empty",
-                                     "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
+                                     "write to a new location, replace it with CacheWriter.create(..., overwrite=True), "
+                                     "or continue it with CacheWriter.open")
                 # The root is written first with a creation marker and the format attributes replace it last:
                 # a store whose creation was interrupted says so (cache_format.state), and can be started over.
                 root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})
