@@ -68,7 +68,9 @@ class CacheWriter:
         self.layout: Layout = layout_from_attributes(attrs)
         self.encoding: Encoding = parse_encoding(attrs["encoding"])
         self.compressor: str = attrs["compressor"]
-        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout)
+        # Refuses edited array metadata (codecs included): nothing is ever written under it.
+        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout,
+                                                self.compressor)
         self._quant_cols = quant_columns(self.levels)
         records = self._read_all_records()
         self._committed = records[:, COL["committed"]] == 1.0

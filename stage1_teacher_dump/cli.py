@@ -48,11 +48,15 @@ def format_summary(summary: DumpSummary, budget: int | None, dry_run: bool) -> s
         f"({summary.written_now} written by this run) in {summary.seconds:.1f} s, encoding {summary.encoding}, "
         f"{format_size(summary.bytes_on_disk)} on disk"
         + (f" (budget {format_size(budget)})" if budget else "")
-        + ("; finished: manifest written" if summary.finished else "")
+        + ("; already finished: its manifest is kept" if summary.manifest_kept else
+           "; finished: manifest written" if summary.finished else "")
     )
-    if summary.resumed and not summary.deep_checked:
-        lines.append("(the resume checked metadata, records, object sizes and teacher weights without reading every "
-                     "chunk: `--repair` or `icd cache verify` does)")
+    if summary.resumed and not summary.deep_checked and summary.unread_shards:
+        lines.append(f"not read: the chunks of the {summary.unread_shards} shard(s) committed before this run. The "
+                     f"resume checked the metadata, records and teacher weights and confirmed every object's size "
+                     f"({summary.sizes_from}), so a lost or truncated object would have been rewritten; a byte "
+                     "flipped inside a chunk is found only by reading it: `--resume --repair` (or `icd cache "
+                     "verify`) does")
     if summary.skipped:
         lines.append(f"{len(summary.skipped)} unreadable image(s) skipped (CACHE.SKIP_UNREADABLE):")
         lines += [f"  {item}" for item in summary.skipped]

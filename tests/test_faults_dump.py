@@ -185,6 +185,64 @@ def test_hole4_resume_repair_is_the_repair_procedure_in_one_command(env, tmp_pat
     _assert_same_cache(cache, env.reference)
 
 
+@pytest.mark.parametrize("victim", ["features/p3/c/1/0/0/0", "instances/boxes/c/0/0"])
+def test_resume_without_a_manifest_never_finishes_over_a_truncated_committed_shard(env, tmp_path, monkeypatch,
+                                                                                  capsys, victim) -> None:
+    """Issue 20 item 3: a dump killed after 3 of its 4 shards, one committed object then truncated to half.
+    There is no manifest to hold its size; the plain resume finds it by its shard index (features) or by
+    reading the small chunk (instances), rewrites the shard and finishes byte-identical to the reference."""
+    from cache_format import CacheWriter
+
+    cfg, cache = _cfg(env, tmp_path), tmp_path / "cache"
+    _kill_at(monkeypatch, CacheWriter, "write_shard", call=3, after=True)
+    with pytest.raises(_Killed):
+        run_dump(cfg, str(cache))
+    monkeypatch.undo()
+    path = cache / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    summary = run_dump(cfg, str(cache), resume=True)
+    out = capsys.readouterr().out
+    assert f"damaged: {victim}" in out and "rewriting 1 damaged shard(s)" in out, out
+    assert summary.finished and summary.written_now == 8   # the damaged shard and the one never written
+    _assert_same_cache(cache, env.reference)
+
+
+def test_plain_resume_of_a_finished_cache_keeps_every_byte_and_names_what_it_did_not_read(env, tmp_path) -> None:
+    """Issue 20 item 3: a finished cache with a flipped feature byte (same size: only reading finds it). A
+    plain resume writes nothing - the manifest is kept, not rewritten over unread chunks - and says which
+    shards it did not read and that only --repair would catch a flipped byte; --repair then does."""
+    cache = _copy_reference(env, tmp_path)
+    shard = cache / "features" / "p4" / "c" / "3" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = _tree(cache)
+    summary = run_dump(_cfg(env, tmp_path), str(cache), resume=True)
+    assert _tree(cache) == before and summary.manifest_kept and summary.written_now == 0
+    text = format_summary(summary, None, False)
+    assert "already finished: its manifest is kept" in text and "manifest written" not in text, text
+    assert "not read: the chunks of the 4 shard(s)" in text and "the manifest's sizes" in text, text
+    assert "--resume --repair" in text and "flipped" in text, text
+    repaired = run_dump(_cfg(env, tmp_path), str(cache), repair=True)
+    assert repaired.written_now == 4 and "not read" not in format_summary(repaired, None, False)
+    _assert_same_cache(cache, env.reference)
+
+
+def test_repair_refuses_to_rewrite_under_an_edited_codec_list_and_changes_nothing(env, tmp_path) -> None:
+    """Issue 20 item 4: a crc32c codec removed from features/p3/zarr.json makes every p3 chunk undecodable;
+    --repair used to rewrite those intact shards under the edited list and certify them."""
+    cache = _copy_reference(env, tmp_path)
+    doc = json.loads((cache / "features" / "p3" / "zarr.json").read_text())
+    inner = doc["codecs"][0]["configuration"]["codecs"]
+    inner[:] = [c for c in inner if c["name"] != "crc32c"]
+    (cache / "features" / "p3" / "zarr.json").write_text(json.dumps(doc))
+    before = _tree(cache)
+    with pytest.raises(IcdError, match="features/p3/zarr.json") as info:
+        run_dump(_cfg(env, tmp_path), str(cache), repair=True)
+    assert "crc32c" in str(info.value) and "restore" in str(info.value)
+    assert _tree(cache) == before
+
+
 def test_damaged_metadata_is_refused_on_resume_naming_the_file(env, tmp_path) -> None:
     cache = _copy_reference(env, tmp_path)
     doc = json.loads((cache / "samples" / "records" / "zarr.json").read_text())
