@@ -110,14 +110,17 @@ def overlap(target: str, source: str) -> str | None:
     return None
 
 
-def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str) -> None:
+def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str,
+                allow: tuple[str, ...] = ()) -> None:
     """Refuse a `target` that is, contains or lies inside one of the `sources` ({role: url}) a command reads:
-    writing (or deleting) it would destroy what the command is reading."""
+    writing (or deleting) it would destroy or alter what the command is reading. `allow` lists relations
+    that are harmless for this target (an OUTPUT_DIR that contains the cache: only named files are
+    written into it, never a whole directory replaced)."""
     for role, source in sources.items():
         if not source:
             continue
         how = overlap(target, source)
-        if how is not None:
+        if how is not None and how not in allow:
             raise CacheError(f"the {target_role} {target} {how} the {role} {source}" +
                              ("" if how == "lies inside" else ": writing it would destroy what is being read"),
                              fix)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cache_format.budget import format_size, parse_size
+from cache_format.budget import format_size, join_size_arguments, parse_size
+from cache_format.state import check_apart
 from detection import distributed as comm
 from detection.commands import default_argument_parser, launch, run_command, seed_all
 from detection.config import save_config, setup_cfg
@@ -79,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repair", action="store_true",
                         help="with --resume (implied): first read every committed chunk, as `icd cache verify` does, "
                         "then rewrite the damaged shards and teacher weights and finish the cache")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_size_arguments(sys.argv[1:] if argv is None else argv))
 
     def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         budget = parse_size(args.budget) if args.budget is not None else None
+        # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
+        check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": args.cache},
+                    "set OUTPUT_DIR to a directory outside the cache", allow=("contains",))
         if not args.dry_run:
             save_config(cfg)
         launch(dump, args.num_gpus, (cfg, args.cache, budget, args.dry_run, args.resume, args.repair),

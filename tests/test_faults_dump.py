@@ -463,3 +463,45 @@ echo $? >{out}/train.rc
     assert rc == 2 and "Read-only file system" in _one_error_line(err, "dump"), err
     rc, err = result("train")
     assert rc == 2 and "Read-only file system" in _one_error_line(err, "train"), err
+
+
+# ----------------------------------------------------------------- issue 20: targets apart from sources
+def test_dump_refuses_a_cache_inside_the_training_images_and_writes_nothing(env, tmp_path) -> None:
+    images = Path(shutil.copytree(env.cfg.DATASETS.CATALOG["synth_train"][1], tmp_path / "images"))
+    cfg = _cfg(env, tmp_path)
+    cfg.DATASETS.CATALOG["synth_train"] = [env.cfg.DATASETS.CATALOG["synth_train"][0], str(images)]
+    before = sorted(p.name for p in images.iterdir())
+    with pytest.raises(CacheError, match="the cache .*/images/cache lies inside the image directory of synth_train"):
+        run_dump(cfg, str(images / "cache"))
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_a_negative_budget_is_one_line_naming_it_not_argparse_usage(env, tmp_path, capsys) -> None:
+    from cache_format.cli import main as cache_cli
+    from stage1_teacher_dump.cli import main as dump_main
+
+    config = tmp_path / "dump.yaml"
+    config.write_text(_cfg(env, tmp_path).dump())
+    assert dump_main(["--config-file", str(config), "--cache", str(tmp_path / "c"), "--budget", "-5GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icd dump: error: size '-5GB' is not positive") and "expected one argument" not in err, err
+    assert len(err.strip().splitlines()) == 2 and not (tmp_path / "c").exists()
+    assert cache_cli(["plan", "--calib", str(env.reference), "--samples", "10", "--budget", "-5GB"]) == 2
+    assert "size '-5GB' is not positive" in capsys.readouterr().err
+
+
+def test_distill_and_fit_decoder_refuse_an_output_dir_inside_the_cache_before_writing(cfg_tiny, teacher_cache,
+                                                                                       distill_cfg, tmp_path) -> None:
+    from stage2_student_distill.cli import build_distill_trainer
+    from stage2_student_distill.fit_decoder import DecoderFitter
+
+    url, _ = teacher_cache("fp32")
+    cache = Path(shutil.copytree(url, tmp_path / "cache"))
+    before = _tree(cache)
+    for out in (cache, cache / "run"):
+        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(out))
+        with pytest.raises(CacheError, match="OUTPUT_DIR .* (is|lies inside) the cache"):
+            build_distill_trainer(cfg, str(cache), with_evaluation=False)
+        with pytest.raises(CacheError, match="OUTPUT_DIR .* (is|lies inside) the cache"):
+            DecoderFitter(cfg, str(cache))
+    assert _tree(cache) == before and not (cache / "run").exists()
