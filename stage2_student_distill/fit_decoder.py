@@ -155,8 +155,8 @@ class DecoderFitter:
             self.iteration, _extra, _rng = resume_from(checkpoint, self.parts, self.optimizer, self.scheduler)
             print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
         elif resume:  # as `icd train` / `icd distill` (and detectron2): a fresh start, said in one line
-            print(f"--resume: no checkpoint in {self.output_dir} (no last_checkpoint); starting a new fit at "
-                  "iteration 0", flush=True)
+            print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
+                  "file); starting a new fit at iteration 0", flush=True)
 
     def loader(self) -> DataLoader:
         dataset = TeacherSampleDataset(self.reader.url, self.fit_samples, self.levels)

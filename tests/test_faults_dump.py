@@ -505,3 +505,33 @@ def test_distill_and_fit_decoder_refuse_an_output_dir_inside_the_cache_before_wr
         with pytest.raises(CacheError, match="OUTPUT_DIR .* (is|lies inside) the cache"):
             DecoderFitter(cfg, str(cache))
     assert _tree(cache) == before and not (cache / "run").exists()
+
+
+# ------------------------------------------------------------------ issue 20 item 5: silent one-liners
+def test_train_says_it_skips_training_images_without_annotations_as_the_dump_does(env, tmp_path, capsys) -> None:
+    from detection.engine.trainer import build_trainer
+
+    annotations = json.loads(Path(env.cfg.DATASETS.CATALOG["synth_train"][0]).read_text())
+    empty = annotations["images"][3]["id"]
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] != empty]
+    (tmp_path / "train.json").write_text(json.dumps(annotations))
+    cfg = _cfg(env, tmp_path, DATASETS={"TEST": []})
+    cfg.DATASETS.CATALOG["synth_train"] = [str(tmp_path / "train.json"), env.cfg.DATASETS.CATALOG["synth_train"][1]]
+    build_trainer(cfg)
+    assert "icd train: 1 of 16 training image(s) have no (non-crowd) annotations and are skipped for training" \
+        in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(cfg_tiny, teacher_cache, distill_cfg, tmp_path,
+                                                              capsys) -> None:
+    """detectron2's behaviour (one job script for the first start and every restart), said in one line."""
+    from stage2_student_distill.cli import build_distill_trainer
+
+    url, _ = teacher_cache("fp32")
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"))
+    trainer = build_distill_trainer(cfg, url, resume=True, with_evaluation=False)
+    out = capsys.readouterr().out
+    assert f"--resume: no checkpoint to resume in {tmp_path / 'out'}" in out and "iteration 0" in out, out
+    assert trainer.iteration == 0
+    build_distill_trainer(cfg, url, resume=False, with_evaluation=False)
+    assert "--resume" not in capsys.readouterr().out
