@@ -99,6 +99,7 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
     weights = reader.teacher_weights() if reader.has_teacher_weights() or listed else None
     replacing = state != ABSENT
     local = _local_path(str(dst))
+    local = os.path.realpath(local) if local is not None else None   # a symlinked destination: swap its target
     target = str(dst)
     if replacing and local is not None:
         target = _staging_path(local)        # written beside the old copy, swapped in when complete
