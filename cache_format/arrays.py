@@ -172,9 +172,9 @@ def codec_problems(arrays: CacheArrays, levels: list[LevelSpec], layout: Layout,
         for field in ("data_type", "codecs", "chunk_key_encoding"):
             if json.dumps(got.get(field), sort_keys=True, default=str) != json.dumps(ref.get(field), sort_keys=True,
                                                                                    default=str):
-                problems.append((f"{have.path}/zarr.json", f"its {field} is {_short(got.get(field))}, but the "
-                                 f"cache's encoding {encoding.name} and compressor {compressor} specify "
-                                 f"{_short(ref.get(field))} (an edited metadata file)"))
+                problem = (f"its {field} is {_short(got.get(field))}, but the cache's encoding {encoding.name} and "
+                           f"compressor {compressor} specify {_short(ref.get(field))} (an edited metadata file)")
+                problems.append((f"{have.path}/zarr.json", problem))
                 break
     return problems
 
