@@ -3,8 +3,9 @@
 `check_cache` is what `icd cache verify` and `icd dump --resume` run. Cheap checks (always): the root
 and array metadata agree with each other and with the manifest, every shard's records chunk reads, the
 committed samples and the records are those the manifest lists, every object the manifest lists exists
-with its size (without a manifest: every object a committed sample needs exists), the teacher weights
-pass their checksums. `deep=True` also reads every committed sample, checking each chunk's crc32c and
+with its size (without a manifest: every object a committed sample needs exists and is whole - a feature
+shard by its crc32c-checked shard index, the small per-shard chunks by being read), the array metadata
+is what the root's encoding and compressor specify, the teacher weights pass their checksums. `deep=True` also reads every committed sample, checking each chunk's crc32c and
 the records' per-level checksums, as a training run would. Each finding names the object at fault,
 relative to the cache root, and says whether rewriting its shard repairs it.
 """

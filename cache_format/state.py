@@ -69,9 +69,8 @@ def store_state(url: str) -> str:
         return OTHER
     if attrs.get("format") == FORMAT_NAME:
         return CACHE
-    if CREATING_ATTRIBUTE in attrs:
-        return CREATING
-    if not attrs:
+    if CREATING_ATTRIBUTE in attrs or not attrs:
+        # Started over means cleared: only when nothing but the creation's own names is there.
         names = set(run_on_zarr_loop(_list_dir(store)))
         if names <= _OWN_NAMES:
             return CREATING

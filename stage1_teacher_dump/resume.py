@@ -3,7 +3,8 @@
 `--resume` continues a dump from any kill point: the cache must be the same run (identity: teacher,
 data, preprocessing, plan) with the same layout (sample count, CACHE.SHARD_SAMPLES, CACHE.TILE, levels,
 encoding), then its damage is found cheaply (cache_format.integrity: metadata, records, every object a
-committed sample needs or the manifest lists, the teacher weights) and repaired: a damaged shard is made
+committed sample needs or the manifest lists - its size, or without a manifest its shard index - the
+teacher weights) and repaired: a damaged shard is made
 unwritten (records first) and written again whole by the teacher, missing or damaged teacher weights are
 stored again. `--repair` also reads every committed chunk first (as `icd cache verify` does), to find
 flipped bytes too. Damaged metadata (a zarr.json that disagrees) cannot be recomputed: the resume is

@@ -147,3 +147,25 @@ def test_repack_on_s3_refuses_overlap_and_non_caches_and_keeps_the_old_copy_on_f
     assert cache_cli(["repack", f"{url}/src", f"{url}/old", "--encoding", "int8", "--overwrite"]) == 2
     assert "the destination was not touched" in capsys.readouterr().err
     assert _objects(s3, "s3x/old") == old
+
+
+def test_an_interrupted_creation_holding_a_foreign_file_is_not_started_over(tmp_path: Path, monkeypatch) -> None:
+    """Starting an interrupted creation over clears its location: only when nothing but the creation's own
+    names is there (a file put there since makes it 'other', which dump and repack refuse)."""
+    import cache_format.writer as writer_module
+    from cache_format.state import CREATING, OTHER, store_state
+
+    class Killed(BaseException):
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed()
+
+    url = tmp_path / "c"
+    monkeypatch.setattr(writer_module, "create_arrays", die)
+    with pytest.raises(Killed):
+        CacheWriter.create(str(url), num_samples=4, levels=LEVELS, encoding="fp16", shard_samples=2, tile=4)
+    monkeypatch.undo()
+    assert store_state(str(url)) == CREATING
+    (url / "notes.txt").write_text("mine")
+    assert store_state(str(url)) == OTHER
