@@ -5,6 +5,7 @@ Every array is chunked so that one chunk (or one shard) belongs to exactly one f
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,11 +82,12 @@ def create_arrays(root: zarr.Group, levels: list[LevelSpec], layout: Layout, enc
 
 
 def open_arrays(root: zarr.Group, levels: list[LevelSpec], encoding: Encoding, url: str,
-                layout: Layout | None = None) -> CacheArrays:
+                layout: Layout | None = None, compressor: str | None = None) -> CacheArrays:
     """Open the arrays of an existing cache; a missing one means a truncated store.
 
     With `layout` (the root's), the arrays' shapes and chunking must agree with it: an edited count
-    (root `num_samples` 48 -> 40) or shape raises CorruptChunkError naming the metadata document.
+    (root `num_samples` 48 -> 40) or shape raises CorruptChunkError naming the metadata document; with
+    `compressor` too, so must their codecs (codec_problems).
     """
 
     def get(path: str) -> zarr.Array:
@@ -112,6 +114,8 @@ def open_arrays(root: zarr.Group, levels: list[LevelSpec], encoding: Encoding, u
     arrays = CacheArrays(features, get(RECORDS_ARRAY), quant, get(BOXES_ARRAY), get(CLASSES_ARRAY))
     if layout is not None:
         problems = layout_problems(arrays, levels, layout)
+        if not problems and compressor is not None:
+            problems = codec_problems(arrays, levels, layout, encoding, compressor)
         if problems:
             key, message = problems[0]
             raise CorruptChunkError(f"cache {url}: {key}: {message}",
@@ -154,3 +158,46 @@ def layout_problems(arrays: CacheArrays, levels: list[LevelSpec], layout: Layout
             problems.append((f"{path}/zarr.json", f"shape {list(arr.shape)} in blocks of {got_block}, but the "
                              f"root's layout needs shape {list(shape)} in blocks of {block}"))
     return problems
+
+
+def codec_problems(arrays: CacheArrays, levels: list[LevelSpec], layout: Layout, encoding: Encoding,
+                   compressor: str) -> list[tuple[str, str]]:
+    """(metadata document, problem) for each array whose stored dtype, codecs or chunk key encoding differ
+    from what this cache's root attributes (encoding, compressor) make a writer create.
+
+    Why: an edited codec list (a crc32c codec removed from features/p3/zarr.json) otherwise shows up only
+    as every chunk of that array failing to decode, blamed on intact chunks, and a repair would rewrite
+    them under the edited list. The expected metadata is create_arrays' own, built in memory.
+    """
+    expected = create_arrays(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), levels, layout, encoding,
+                             compressor)
+    pairs = [(arrays.features[lv.name], expected.features[lv.name]) for lv in levels]
+    pairs += [(arrays.records, expected.records), (arrays.boxes, expected.boxes), (arrays.classes, expected.classes)]
+    if arrays.quant is not None and expected.quant is not None:
+        pairs.append((arrays.quant, expected.quant))
+    problems = []
+    for have, want in pairs:
+        got, ref = have.metadata.to_dict(), want.metadata.to_dict()
+        for field in ("data_type", "codecs", "chunk_key_encoding"):
+            if json.dumps(got.get(field), sort_keys=True, default=str) != json.dumps(ref.get(field), sort_keys=True,
+                                                                                   default=str):
+                problem = (f"its {field} is {_short(got.get(field))}, but the cache's encoding {encoding.name} and "
+                           f"compressor {compressor} specify {_short(ref.get(field))} (an edited metadata file)")
+                problems.append((f"{have.path}/zarr.json", problem))
+                break
+    return problems
+
+
+def _short(value) -> str:
+    """A codec list as names ('bytes, zstd, crc32c'; sharding shows its inner codecs), else the value."""
+    value = json.loads(json.dumps(value, default=str))   # zarr's to_dict may hold tuples and codec objects
+    if isinstance(value, list):
+        names = []
+        for codec in value:
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                inner = codec.get("configuration", {}).get("codecs", [])
+                names.append("sharding" + _short(inner))
+            else:
+                names.append(codec.get("name", "?") if isinstance(codec, dict) else str(codec))
+        return "[" + ", ".join(names) + "]"
+    return json.dumps(value, default=str)

@@ -31,7 +31,7 @@ _UNITS = {
     "p": 10**15, "pb": 10**15,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-zA-Z]*)\s*$")
 SIZE_HELP = ("a number with an optional unit: B, K/KB, M/MB, G/GB, T/TB, P/PB (powers of 1000) or "
              "KiB, MiB, GiB, TiB, PiB (powers of 1024), e.g. '200GB', '1.5TiB', '500M'")
 
@@ -47,8 +47,25 @@ def parse_size(text: str | int) -> int:
         value, unit = float(m.group(1)), m.group(2).lower()
     size = int(value * _UNITS[unit])
     if size <= 0:
-        raise CacheError(f"size {text!r} is not positive", f"write {SIZE_HELP}")
+        raise CacheError(f"size {text!r} is not positive: a budget is a number of bytes above zero", f"write {SIZE_HELP}")
     return size
+
+
+def join_size_arguments(argv: Sequence[str], options: Sequence[str] = ("--budget",)) -> list[str]:
+    """argv with `--budget -5GB` written as `--budget=-5GB`, so that a negative size reaches parse_size and
+    its one-line message instead of argparse's "expected one argument" (argparse takes '-5GB' for an
+    option; it only accepts values that look like plain negative numbers)."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in options and i + 1 < len(args) and re.match(r"^-[\d.]", args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
 
 
 def format_size(n: float, round_up: bool = False) -> str:

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cache_format.budget import DEFAULT_CANDIDATES, SIZE_HELP, format_size, parse_size, plan
+from cache_format.budget import DEFAULT_CANDIDATES, SIZE_HELP, format_size, join_size_arguments, parse_size, plan
 from cache_format.compressors import COMPRESSOR_HELP
 from cache_format.encodings import ENCODING_HELP
 from cache_format.errors import CacheError
@@ -110,7 +110,7 @@ def _repack(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(join_size_arguments(argv))
     except SystemExit as exc:  # argparse already printed usage / help
         return int(exc.code or 0)
     handler = {"inspect": _inspect, "verify": _verify, "plan": _plan, "repack": _repack}[args.command]

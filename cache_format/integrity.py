@@ -3,8 +3,9 @@
 `check_cache` is what `icd cache verify` and `icd dump --resume` run. Cheap checks (always): the root
 and array metadata agree with each other and with the manifest, every shard's records chunk reads, the
 committed samples and the records are those the manifest lists, every object the manifest lists exists
-with its size (without a manifest: every object a committed sample needs exists), the teacher weights
-pass their checksums. `deep=True` also reads every committed sample, checking each chunk's crc32c and
+with its size (without a manifest: every object a committed sample needs exists and is whole - a feature
+shard by its crc32c-checked shard index, the small per-shard chunks by being read), the array metadata
+is what the root's encoding and compressor specify, the teacher weights pass their checksums. `deep=True` also reads every committed sample, checking each chunk's crc32c and
 the records' per-level checksums, as a training run would. Each finding names the object at fault,
 relative to the cache root, and says whether rewriting its shard repairs it.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from cache_format.arrays import CacheArrays, layout_problems, open_arrays
+from cache_format.arrays import CacheArrays, codec_problems, layout_problems, open_arrays
 from cache_format.checksums import instances_crc, level_crc
 from cache_format.encodings import parse_encoding
 from cache_format.errors import CacheError, CorruptChunkError, StoreAccessError
@@ -30,7 +31,15 @@ from cache_format.manifest import (
     root_differences,
     write_manifest,
 )
-from cache_format.objects import delete_objects, metadata_key, object_sizes, shard_arrays, shard_key, single_chunk_key
+from cache_format.objects import (
+    delete_objects,
+    metadata_key,
+    object_sizes,
+    shard_arrays,
+    shard_index_problems,
+    shard_key,
+    single_chunk_key,
+)
 from cache_format.opening import open_root
 from cache_format.remote import access_error, default_workers
 from cache_format.schema import (
@@ -72,6 +81,12 @@ class IntegrityReport:
     weights: str                     # weights.ABSENT / INCOMPLETE / UNCHECKED / COMPLETE
     damage: list[Damage] = field(default_factory=list)
     checked_levels: int = 0          # sample-levels read by the deep check
+    layout: Layout | None = None
+
+    def committed_shards(self) -> list[int]:
+        """Shards holding at least one committed sample."""
+        assert self.layout is not None
+        return [s for s in range(self.layout.num_shards) if self.committed[self.layout.shard_range(s)].any()]
 
     @property
     def finished(self) -> bool:
@@ -127,7 +142,7 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     layout = layout_from_attributes(attrs)
     encoding = parse_encoding(attrs["encoding"])
     report = IntegrityReport(str(url), str(attrs["format_version"]), layout.num_samples,
-                             np.zeros(layout.num_samples, bool), None, weights_state(root))
+                             np.zeros(layout.num_samples, bool), None, weights_state(root), layout=layout)
     damage = report.damage
     try:
         report.manifest = load_manifest(root, url)
@@ -144,7 +159,8 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     except CorruptChunkError as exc:
         damage.append(Damage(exc.key or "zarr.json", exc.problem.split(": ", 1)[-1], METADATA))
         return report
-    for key, message in layout_problems(arrays, levels, layout):
+    for key, message in layout_problems(arrays, levels, layout) or codec_problems(arrays, levels, layout, encoding,
+                                                                                  str(attrs["compressor"])):
         damage.append(Damage(key, message, METADATA))
     by_path = shard_arrays(arrays)
     if manifest is not None:
@@ -184,6 +200,8 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     keys = {(path, s): shard_key(arr, s) for path, arr in by_path.items() for s in range(layout.num_shards)}
     sizes = object_sizes(store, keys.values())
     quant_rows = None
+    feature_paths = {arr.path for arr in arrays.features.values()}
+    present: dict[str, dict[str, int]] = {}     # without a manifest: feature shard objects to check
     for (path, s), key in keys.items():
         size = sizes[key]
         if manifest is not None:
@@ -196,13 +214,27 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
                                      f"wrote {want if want is not None else 'none'} (truncated, replaced or "
                                      f"stray; {_samples(layout, s)})", SHARD, s))
             continue
-        if size is not None or s in unreadable:
+        if s in unreadable:
             continue
         rng = layout.shard_range(s)
         rows = records[rng][report.committed[rng]]
-        if not len(rows):
+        if not len(rows) or path == arrays.records.path:
             continue
-        if path == arrays.records.path:
+        if size is not None:
+            # No manifest lists its size: the object must prove itself whole, cheaply (a feature shard by
+            # its crc32c-checked index, the small per-shard chunks by being read).
+            if path in feature_paths:
+                present.setdefault(path, {})[key] = size
+            else:
+                try:
+                    by_path[path][_block(by_path[path], s)]
+                except StoreAccessError:
+                    raise
+                except Exception as exc:
+                    denied = access_error(exc, str(url))
+                    if denied is not None:
+                        raise denied from exc
+                    damage.append(Damage(key, f"cannot be read: {_reason(exc)} ({_samples(layout, s)})", SHARD, s))
             continue
         if arrays.quant is not None and path == arrays.quant.path:
             damage.append(Damage(key, f"missing ({_samples(layout, s)} are committed)", SHARD, s))
@@ -229,6 +261,11 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
                     damage.append(Damage(key, f"missing ({_samples(layout, s)} are committed)", SHARD, s))
                     break
 
+    for path, found in present.items():
+        for key, problem in shard_index_problems(store, by_path[path], found).items():
+            s = next(s for (p, s), k in keys.items() if k == key)
+            damage.append(Damage(key, f"{problem} ({_samples(layout, s)})", SHARD, s))
+
     # 4. teacher weights: checksums per tensor, the set against the manifest, objects against their sizes.
     listed = (manifest or {}).get("teacher_weights")
     if report.weights in (COMPLETE, UNCHECKED) or listed:
@@ -246,6 +283,18 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     if deep:
         _deep_check(report, arrays, layout, workers)
     return report
+
+
+def _block(array, shard: int) -> tuple[slice, ...]:
+    """The selection of `array` stored in shard `shard`'s one object."""
+    first = (array.shards or array.chunks)[0]
+    return (slice(shard * first, (shard + 1) * first),) + (slice(None),) * (array.ndim - 1)
+
+
+def _reason(exc: BaseException) -> str:
+    if "checksum do not match" in str(exc):
+        return "its bytes fail their crc32c (truncated or altered)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _instances_match(arrays: CacheArrays, layout: Layout, shard: int, records: np.ndarray,
@@ -305,6 +354,16 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
     found: dict[str, list] = {}
     checked = 0
     quant_key = None if arrays.quant is None else shard_key(arrays.quant, shard)
+
+    def shared_block(exc: CacheError) -> str | None:
+        """The records or int8-scales chunk at fault when the error is about that block: every read of
+        the shard fails through it, and only it is damaged (never blame the features or instances)."""
+        if quant_key and "int8 scales" in exc.problem:
+            return quant_key
+        if "records chunk" in exc.problem:
+            return shard_key(arrays.records, shard)
+        return None
+
     for i in layout.shard_range(shard):
         if not committed[i]:
             continue
@@ -315,13 +374,18 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
             except StoreAccessError:
                 raise  # an outage or refused access is not damage: the whole check stops (exit 2)
             except CacheError as exc:
-                key = quant_key if quant_key and "int8 scales" in exc.problem else shard_key(arrays.features[name], shard)
+                key = shared_block(exc) or shard_key(arrays.features[name], shard)
                 found.setdefault(key, []).append((i, name, _detail(exc)))
         try:
             reader.read_instances(i)
         except StoreAccessError:
             raise
         except CacheError as exc:
+            block = shared_block(exc)
+            if block is not None:   # already named by the levels' reads of this sample
+                if not any(j == i for j, _, _ in found.get(block, [])):
+                    found.setdefault(block, []).append((i, "instances", _detail(exc)))
+                continue
             for key in _instance_keys_at_fault(arrays, layout, shard):
                 found.setdefault(key, []).append((i, "instances", _detail(exc)))
     out = []

@@ -68,7 +68,8 @@ class CacheReader:
         self.compressor: str = attrs["compressor"]
         self._encoding: Encoding = parse_encoding(self.encoding)
         self._level_index = {lv.name: i for i, lv in enumerate(self.levels)}
-        self._arrays: CacheArrays = open_arrays(self._root, self.levels, self._encoding, self.url, self.layout)
+        self._arrays: CacheArrays = open_arrays(self._root, self.levels, self._encoding, self.url, self.layout,
+                                                self.compressor)
         self.manifest: dict[str, Any] | None = None
         if self.check_manifest:
             self.manifest = load_manifest(self._root, self.url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import zarr
+from zarr.errors import GroupNotFoundError
 
 from cache_format.errors import CacheError
 from cache_format.remote import translated_errors
@@ -58,16 +59,18 @@ def store_state(url: str) -> str:
         return ABSENT
     try:
         with translated_errors(url, "opening"):  # an unreachable store is an access error, not "other"
-            attrs = dict(zarr.open_group(store, mode="r").attrs.asdict())
+            try:
+                attrs = dict(zarr.open_group(store, mode="r").attrs.asdict())
+            except GroupNotFoundError:  # objects but no zarr root (the store is not empty): not a cache
+                return OTHER
     except CacheError:
         raise
     except Exception:
         return OTHER
     if attrs.get("format") == FORMAT_NAME:
         return CACHE
-    if CREATING_ATTRIBUTE in attrs:
-        return CREATING
-    if not attrs:
+    if CREATING_ATTRIBUTE in attrs or not attrs:
+        # Started over means cleared: only when nothing but the creation's own names is there.
         names = set(run_on_zarr_loop(_list_dir(store)))
         if names <= _OWN_NAMES:
             return CREATING
@@ -76,3 +79,64 @@ def store_state(url: str) -> str:
 
 async def _list_dir(store) -> list[str]:
     return [name async for name in store.list_dir("")]
+
+
+def _location(url: str) -> tuple[str, tuple[str, ...]]:
+    """(filesystem, path components) of a URL, for comparing where two URLs point.
+
+    Local paths are resolved (symlinks, `..`) so that `caches/x` and `./caches/x/src/..` compare equal;
+    an object-store URL is its scheme family, bucket and key prefix."""
+    url = str(url)
+    path = _local_path(url)
+    if path is not None:
+        return "file", tuple(p for p in os.path.realpath(path).split(os.sep) if p)
+    family = {"s3a": "s3", "gcs": "gs"}.get(url.split("://", 1)[0].lower(), url.split("://", 1)[0].lower())
+    rest = url.split("://", 1)[1].split("?", 1)[0]
+    return family, tuple(p for p in rest.split("/") if p)
+
+
+def overlap(target: str, source: str) -> str | None:
+    """How `target` overlaps `source`: 'is', 'contains', 'lies inside', or None when they are apart."""
+    (fs_t, t), (fs_s, s) = _location(target), _location(source)
+    if fs_t != fs_s:
+        return None
+    if t == s:
+        return "is"
+    if s[:len(t)] == t:
+        return "contains"
+    if t[:len(s)] == s:
+        return "lies inside"
+    return None
+
+
+def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str,
+                allow: tuple[str, ...] = ()) -> None:
+    """Refuse a `target` that is, contains or lies inside one of the `sources` ({role: url}) a command reads:
+    writing (or deleting) it would destroy or alter what the command is reading. `allow` lists relations
+    that are harmless for this target (an OUTPUT_DIR that contains the cache: only named files are
+    written into it, never a whole directory replaced)."""
+    for role, source in sources.items():
+        if not source:
+            continue
+        how = overlap(target, source)
+        if how is not None and how not in allow:
+            raise CacheError(f"the {target_role} {target} {how} the {role} {source}" +
+                             ("" if how == "lies inside" else ": writing it would destroy what is being read"),
+                             fix)
+
+
+def describe_contents(url: str, limit: int = 4) -> str:
+    """A few of the names stored at `url` (for a refusal naming what is there), e.g. "annotations/, 000001.png"."""
+    path = _local_path(str(url))
+    if path is not None:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            return "unreadable contents"
+        shown = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in names[:limit]]
+    else:
+        store = open_store(str(url), read_only=True)
+        names = sorted(run_on_zarr_loop(_list_dir(store)))
+        shown = names[:limit]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more

@@ -52,7 +52,10 @@ class VerifyReport:
         status = "finished (manifest checked)" if r.finished else "no manifest"
         problems = self.problems
         count = len(problems) + (1 if self.require_manifest and self.unfinished else 0)
-        lines = [f"{r.url}: format {r.format_version}, {int(r.committed.sum())}/{r.num_samples} samples committed, "
+        # Damaged metadata stops the check before the records are read: no committed count to show.
+        done = (f"{r.num_samples} sample slots (records not read: damaged metadata)" if r.of_kind("metadata")
+                else f"{int(r.committed.sum())}/{r.num_samples} samples committed")
+        lines = [f"{r.url}: format {r.format_version}, {done}, "
                  f"{status}, {r.checked_levels} sample-levels read, teacher weights {r.weights}: "
                  f"{count} problem(s)"]
         if self.unfinished and self.require_manifest:

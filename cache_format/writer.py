@@ -82,7 +82,9 @@ class CacheWriter:
         self.layout: Layout = layout_from_attributes(attrs)
         self.encoding: Encoding = parse_encoding(attrs["encoding"])
         self.compressor: str = attrs["compressor"]
-        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout)
+        # Refuses edited array metadata (codecs included): nothing is ever written under it.
+        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout,
+                                                self.compressor)
         self._quant_cols = quant_columns(self.levels)
         records = self._read_all_records()
         self._committed = records[:, COL["committed"]] == 1.0
@@ -141,7 +143,8 @@ class CacheWriter:
                 store = open_store(url, read_only=False)
                 if not store_is_empty(store, url) and not overwrite:
                     raise CacheError(f"{url} already exists and is not empty",
-                                     "pass overwrite=True (--overwrite) to replace it, or CacheWriter.open to resume")
+                                     "write to a new location, replace it with CacheWriter.create(..., overwrite=True), "
+                                     "or continue it with CacheWriter.open")
                 # The root is written first with a creation marker and the format attributes replace it last:
                 # a store whose creation was interrupted says so (cache_format.state), and can be started over.
                 root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})

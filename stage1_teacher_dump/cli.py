@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cache_format.budget import format_size, parse_size
+from cache_format.budget import format_size, join_size_arguments, parse_size
+from cache_format.state import check_apart
 from detection import comm
 from detection.config import save_config, setup_cfg
 from detection.engine.commands import default_argument_parser, launch, run_command, seed_all
@@ -48,11 +49,15 @@ def format_summary(summary: DumpSummary, budget: int | None, dry_run: bool) -> s
         f"({summary.written_now} written by this run) in {summary.seconds:.1f} s, encoding {summary.encoding}, "
         f"{format_size(summary.bytes_on_disk)} on disk"
         + (f" (budget {format_size(budget)})" if budget else "")
-        + ("; finished: manifest written" if summary.finished else "")
+        + ("; already finished: its manifest is kept" if summary.manifest_kept else
+           "; finished: manifest written" if summary.finished else "")
     )
-    if summary.resumed and not summary.deep_checked:
-        lines.append("(the resume checked metadata, records, object sizes and teacher weights without reading every "
-                     "chunk: `--repair` or `icd cache verify` does)")
+    if summary.resumed and not summary.deep_checked and summary.unread_shards:
+        lines.append(f"not read: the chunks of the {summary.unread_shards} shard(s) committed before this run. The "
+                     f"resume checked the metadata, records and teacher weights and confirmed every object's size "
+                     f"({summary.sizes_from}), so a lost or truncated object would have been rewritten; a byte "
+                     "flipped inside a chunk is found only by reading it: `--resume --repair` (or `icd cache "
+                     "verify`) does")
     if summary.skipped:
         lines.append(f"{len(summary.skipped)} unreadable image(s) skipped (CACHE.SKIP_UNREADABLE):")
         lines += [f"  {item}" for item in summary.skipped]
@@ -75,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repair", action="store_true",
                         help="with --resume (implied): first read every committed chunk, as `icd cache verify` does, "
                         "then rewrite the damaged shards and teacher weights and finish the cache")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_size_arguments(sys.argv[1:] if argv is None else argv))
 
     def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
         budget = parse_size(args.budget) if args.budget is not None else None
+        # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
+        check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": args.cache},
+                    "set OUTPUT_DIR to a directory outside the cache", allow=("contains",))
         if not args.dry_run:
             save_config(cfg)
         launch(dump, args.num_gpus, (cfg, args.cache, budget, args.dry_run, args.resume, args.repair),

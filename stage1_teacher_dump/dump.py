@@ -34,15 +34,16 @@ from cache_format import state as store_states
 from cache_format.budget import format_size
 from cache_format.budget import plan as plan_budget
 from cache_format.integrity import finish_cache
+from cache_format.state import check_apart
 from cache_format.store import usage
 from detection import comm
 from detection.data.augment import AugmentationPlan
-from detection.data.datasets import train_index
+from detection.data.datasets import resolve_dataset, train_index
 from detection.errors import UserError
 from detection.modeling.detector import DetectorAdapter
 from stage1_teacher_dump.background_writer import BackgroundWriter
 from stage1_teacher_dump.batching import shard_batches
-from stage1_teacher_dump.resume import check_resumable, prepare_resume
+from stage1_teacher_dump.resume import ResumeCheck, check_resumable, prepare_resume
 from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
 
 # Fault injection for the crash-safety tests: SIGKILL this process after N samples were handed to the
@@ -68,6 +69,21 @@ class DumpSummary:
     repairs: list[str] = field(default_factory=list)
     resumed: bool = False           # an existing cache was continued
     deep_checked: bool = False      # ... after reading every committed chunk (--repair, or damage found)
+    manifest_kept: bool = False     # the cache was already finished and intact: nothing was rewritten
+    unread_shards: int = 0          # committed shards the resume kept without reading their chunks
+    sizes_from: str = ""            # ... whose objects' sizes it confirmed from this
+
+
+def check_apart_from_sources(cfg: Any, cache: str) -> None:
+    """Refuse a cache location that is, contains or lies inside what the dump reads (the training images,
+    their annotation file, the teacher checkpoint): an interrupted creation there is started over, which
+    clears the location, and a cache written into a dataset mixes with it."""
+    sources = {"MODEL.WEIGHTS": str(cfg.MODEL.WEIGHTS)}
+    for name in cfg.DATASETS.TRAIN:
+        json_path, image_root = resolve_dataset(cfg, name)
+        sources[f"annotation file of {name}"] = json_path
+        sources[f"image directory of {name}"] = image_root
+    check_apart(cache, "cache", sources, "choose a --cache path outside the dataset and the teacher checkpoint")
 
 
 def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[LevelSpec]:
@@ -188,6 +204,7 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     device = comm.device_for_process(cfg.MODEL.DEVICE)
     amp = bool(cfg.SOLVER.AMP)
     index = train_index(cfg)
+    check_apart_from_sources(cfg, cache)
     plan = AugmentationPlan.for_training(cfg)
     samples = enumerate_samples(index, plan)
     empty = len(index.images) - len(index.training_images())
@@ -216,7 +233,7 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     if dry_run:
         return DumpSummary(cache, encoding, len(samples), 0, 0, 0, time.perf_counter() - start, plan_table=plan_table)
 
-    repairs: list[str] = []
+    check = ResumeCheck()
     if rank == 0:
         if not exists:
             if state == store_states.CREATING:
@@ -229,10 +246,10 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
             writer.put_teacher_weights(weights)
             writer.close()
         else:
-            repairs = prepare_resume(cache, weights, deep=repair)
-            for line in repairs:
+            check = prepare_resume(cache, weights, deep=repair)
+            for line in check.notes:
                 print(f"icd dump: {line}", flush=True)
-    comm.synchronize()
+    check = comm.broadcast_object(check)
 
     writer = CacheWriter.open(cache, rank=rank, world_size=world)
     todo = writer.uncommitted_owned_samples()
@@ -287,14 +304,19 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     if skipped and rank == 0:
         _record_skipped(cfg, skipped)
     comm.synchronize()
-    if rank == 0:  # every rank wrote all it will: the manifest, written last, says the cache is complete
-        finish_cache(cache)
-    comm.synchronize()
+    # Every rank wrote all it will: the manifest, written last, says the cache is complete. A finished
+    # cache found intact that nothing was written to keeps its manifest (any write would have withdrawn it).
+    kept = False
+    if rank == 0:
+        kept = check.finished and CacheReader(cache).finished
+        if not kept:
+            finish_cache(cache)
+    kept = comm.broadcast_object(kept)
     committed = int(np.count_nonzero(CacheReader(cache).committed()))
     return DumpSummary(cache, encoding, len(samples), written, committed, usage(cache)[1],
                        time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table,
-                       finished=True, repairs=repairs, resumed=exists,
-                       deep_checked=repair or any(line.startswith("damage found") for line in repairs))
+                       finished=True, repairs=check.notes, resumed=exists, deep_checked=repair or check.deep,
+                       manifest_kept=kept, unread_shards=check.unread_shards, sizes_from=check.sizes_from)
 
 
 class WriteTracker:

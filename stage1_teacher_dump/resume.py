@@ -3,7 +3,8 @@
 `--resume` continues a dump from any kill point: the cache must be the same run (identity: teacher,
 data, preprocessing, plan) with the same layout (sample count, CACHE.SHARD_SAMPLES, CACHE.TILE, levels,
 encoding), then its damage is found cheaply (cache_format.integrity: metadata, records, every object a
-committed sample needs or the manifest lists, the teacher weights) and repaired: a damaged shard is made
+committed sample needs or the manifest lists - its size, or without a manifest its shard index - the
+teacher weights) and repaired: a damaged shard is made
 unwritten (records first) and written again whole by the teacher, missing or damaged teacher weights are
 stored again. `--repair` also reads every committed chunk first (as `icd cache verify` does), to find
 flipped bytes too. Damaged metadata (a zarr.json that disagrees) cannot be recomputed: the resume is
@@ -12,6 +13,7 @@ refused naming the files to restore.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,11 +65,24 @@ def check_resumable(url: str, wanted: dict[str, Any], cfg: Any, levels: list[Lev
     return reader.encoding
 
 
-def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bool) -> list[str]:
-    """Find the cache's damage and make it resumable; returns one line per repair for the user.
+@dataclass
+class ResumeCheck:
+    """What the resume's check found and did, for the user and for the summary."""
+
+    notes: list[str] = field(default_factory=list)   # one line per finding / repair
+    deep: bool = False           # every committed chunk was read (--repair, or damage found)
+    finished: bool = False       # the cache was finished and nothing was found damaged: its manifest stands
+    unread_shards: int = 0       # committed shards kept without reading their chunks (a cheap check)
+    sizes_from: str = ""         # how their objects were proven whole: "the manifest's sizes" / "their shard indexes"
+
+
+def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bool) -> ResumeCheck:
+    """Find the cache's damage and make it resumable; returns what was checked and repaired.
 
     Runs on rank 0 before any writer opens the cache. Raises UserError for damage a resume cannot
-    repair (metadata), naming each file.
+    repair (metadata), naming each file. Without `deep` the chunks of committed shards are not read:
+    each object's size is confirmed (against the manifest, or by its crc32c-checked shard index), which
+    catches loss and truncation; a byte flipped inside a chunk only a deep check finds.
     """
     report = check_cache(url, deep=deep)
     if not deep and any(d.kind != "manifest" for d in report.damage) and not report.of_kind(METADATA):
@@ -107,4 +122,7 @@ def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bo
         writer.close()
     if report.of_kind("manifest"):
         notes.append("the manifest was damaged: a new one is written when the dump finishes")
-    return notes
+    kept = [s for s in report.committed_shards() if s not in set(shards)]
+    return ResumeCheck(notes, deep or notes_deep, report.finished and not report.damage and report.weights == COMPLETE,
+                       0 if deep or notes_deep else len(kept),
+                       "the manifest's sizes" if report.finished else "their crc32c-checked shard indexes")

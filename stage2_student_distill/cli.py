@@ -16,6 +16,7 @@ from typing import Any
 from cache_contract.identity import dataset_mismatch, preprocessing_identity, recorded_plan
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
+from cache_format.state import check_apart
 from detection import comm
 from detection.config import CfgNode, setup_cfg
 from detection.data.augment import AugmentationPlan
@@ -37,6 +38,8 @@ from stage2_student_distill.method.module import ICDModule
 from stage2_student_distill.online import OnlineTeacher, build_online_teacher
 from stage2_student_distill.signals import report_distill_signals
 from stage2_student_distill.trainer import DistillTrainer
+
+OUTPUT_DIR_FIX = "set OUTPUT_DIR to a directory outside the cache (e.g. output/<run name>)"
 
 
 def distill_levels(cfg: Any, student: DetectorAdapter) -> list[str]:
@@ -100,6 +103,8 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
         raise UserError("DISTILL.ENABLED is False: `icd distill` has nothing to distil",
                         "set DISTILL.ENABLED True, or train the student alone with `icd train`")
     require_cache(cache, online)
+    if cache:  # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
+        check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": cache}, OUTPUT_DIR_FIX, allow=("contains",))
     reader = CacheReader(cache) if cache else None
     cfg, index = default_setup(cfg, need_train_index=True)  # seeds this rank, resolves K, saves config.yaml
     num_classes = int(cfg.MODEL.NUM_CLASSES)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from cache_contract.identity import dataset_mismatch
 from cache_format import CacheReader
+from cache_format.state import check_apart
 from detection.config import CfgNode, setup_cfg
 from detection.data.datasets import class_statistics
 from detection.engine.checkpoint import (
@@ -124,6 +125,10 @@ class DecoderFitter:
         if self.max_iter < 1 or self.batch_size < 1 or self.period < 1:
             raise UserError(f"invalid DISTILL.FIT: MAX_ITER={self.max_iter}, IMS_PER_BATCH={self.batch_size}, "
                             f"CHECKPOINT_PERIOD={self.period}", "use positive values (e.g. 2000, 8, 500)")
+        # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
+        check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": cache},
+                    "set OUTPUT_DIR to a directory outside the cache (e.g. output/decoder_<cache name>)",
+                    allow=("contains",))
         self.reader = CacheReader(cache)
         cfg, index = default_setup(cfg, need_train_index=True)  # seeds, resolves K, saves config.yaml
         self.cfg, self.output_dir = cfg, Path(cfg.OUTPUT_DIR)
@@ -151,6 +156,9 @@ class DecoderFitter:
             # the batches and queries are functions of (SEED, iteration): no RNG state to restore
             self.iteration, _extra, _rng = resume_from(checkpoint, self.parts, self.optimizer, self.scheduler)
             print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
+        elif resume:  # as `icd train` / `icd distill` (and detectron2): a fresh start, said in one line
+            print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
+                  "file); starting a new fit at iteration 0", flush=True)
 
     def loader(self) -> DataLoader:
         dataset = TeacherSampleDataset(self.reader.url, self.fit_samples, self.levels)

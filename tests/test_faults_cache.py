@@ -230,3 +230,43 @@ def test_store_states_and_paths_that_cannot_be_caches(tmp_path: Path) -> None:
             store_state(str(url))
         with pytest.raises(CacheError, match=match):
             CacheWriter.create(str(url), num_samples=2, levels=LEVELS, encoding="fp16")
+
+
+# ------------------------------------------------------------------------------------- issue 20, items 3, 4
+def test_verify_blames_only_the_int8_scales_chunk_when_only_it_is_damaged(cache: Path) -> None:
+    """The records-side blocks (int8 scales) are read with every sample: their failure is theirs alone,
+    never the intact boxes / classes / features of the shard."""
+    _damage(cache / "samples" / "quant" / "c" / "1" / "0", "flip")
+    report = verify_cache(str(cache))
+    assert _bad(report) == {"samples/quant/c/1/0"}, report.summary()
+
+
+@pytest.mark.parametrize("document", ["features/p3/zarr.json", "instances/boxes/zarr.json"])
+def test_an_edited_codec_list_is_named_as_the_metadata_file_never_as_its_intact_chunks(cache: Path, document) -> None:
+    def drop_crc(doc):
+        codecs = doc["codecs"][0]["configuration"]["codecs"] if document.startswith("features") else doc["codecs"]
+        codecs[:] = [c for c in codecs if c["name"] != "crc32c"]
+
+    _edit_json(cache / document, drop_crc)
+    report = verify_cache(str(cache))
+    assert _bad(report) == {document}, report.summary()
+    assert "crc32c" in report.summary() and "restore the named metadata file" in report.summary()
+    for opening in (lambda: CacheReader(str(cache)), lambda: CacheWriter.open(str(cache))):
+        with pytest.raises(CorruptChunkError) as info:       # nothing is read or written under it
+            opening()
+        assert info.value.key == document
+
+
+def test_the_cheap_check_finds_a_truncated_object_of_an_unfinished_cache_by_its_shard_index(cache: Path) -> None:
+    """No manifest holds the sizes: a feature shard proves itself whole by its crc32c-checked index, the
+    small per-shard chunks by being read. Without reading a single feature chunk."""
+    from cache_format.integrity import check_cache
+
+    (cache / "manifest" / "zarr.json").unlink()
+    assert not check_cache(str(cache)).damage
+    for key in ("features/p4/c/2/0/0/0", "samples/quant/c/3/0", "instances/classes/c/1"):
+        _damage(cache / key, "truncate")
+    report = check_cache(str(cache))
+    assert {d.key for d in report.damage} == {"features/p4/c/2/0/0/0", "samples/quant/c/3/0",
+                                              "instances/classes/c/1"}, report.damage
+    assert report.checked_levels == 0 and report.damaged_shards() == [1, 2, 3]

@@ -185,6 +185,64 @@ def test_hole4_resume_repair_is_the_repair_procedure_in_one_command(env, tmp_pat
     _assert_same_cache(cache, env.reference)
 
 
+@pytest.mark.parametrize("victim", ["features/p3/c/1/0/0/0", "instances/boxes/c/0/0"])
+def test_resume_without_a_manifest_never_finishes_over_a_truncated_committed_shard(env, tmp_path, monkeypatch,
+                                                                                  capsys, victim) -> None:
+    """Issue 20 item 3: a dump killed after 3 of its 4 shards, one committed object then truncated to half.
+    There is no manifest to hold its size; the plain resume finds it by its shard index (features) or by
+    reading the small chunk (instances), rewrites the shard and finishes byte-identical to the reference."""
+    from cache_format import CacheWriter
+
+    cfg, cache = _cfg(env, tmp_path), tmp_path / "cache"
+    _kill_at(monkeypatch, CacheWriter, "write_shard", call=3, after=True)
+    with pytest.raises(_Killed):
+        run_dump(cfg, str(cache))
+    monkeypatch.undo()
+    path = cache / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    summary = run_dump(cfg, str(cache), resume=True)
+    out = capsys.readouterr().out
+    assert f"damaged: {victim}" in out and "rewriting 1 damaged shard(s)" in out, out
+    assert summary.finished and summary.written_now == 8   # the damaged shard and the one never written
+    _assert_same_cache(cache, env.reference)
+
+
+def test_plain_resume_of_a_finished_cache_keeps_every_byte_and_names_what_it_did_not_read(env, tmp_path) -> None:
+    """Issue 20 item 3: a finished cache with a flipped feature byte (same size: only reading finds it). A
+    plain resume writes nothing - the manifest is kept, not rewritten over unread chunks - and says which
+    shards it did not read and that only --repair would catch a flipped byte; --repair then does."""
+    cache = _copy_reference(env, tmp_path)
+    shard = cache / "features" / "p4" / "c" / "3" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = _tree(cache)
+    summary = run_dump(_cfg(env, tmp_path), str(cache), resume=True)
+    assert _tree(cache) == before and summary.manifest_kept and summary.written_now == 0
+    text = format_summary(summary, None, False)
+    assert "already finished: its manifest is kept" in text and "manifest written" not in text, text
+    assert "not read: the chunks of the 4 shard(s)" in text and "the manifest's sizes" in text, text
+    assert "--resume --repair" in text and "flipped" in text, text
+    repaired = run_dump(_cfg(env, tmp_path), str(cache), repair=True)
+    assert repaired.written_now == 4 and "not read" not in format_summary(repaired, None, False)
+    _assert_same_cache(cache, env.reference)
+
+
+def test_repair_refuses_to_rewrite_under_an_edited_codec_list_and_changes_nothing(env, tmp_path) -> None:
+    """Issue 20 item 4: a crc32c codec removed from features/p3/zarr.json makes every p3 chunk undecodable;
+    --repair used to rewrite those intact shards under the edited list and certify them."""
+    cache = _copy_reference(env, tmp_path)
+    doc = json.loads((cache / "features" / "p3" / "zarr.json").read_text())
+    inner = doc["codecs"][0]["configuration"]["codecs"]
+    inner[:] = [c for c in inner if c["name"] != "crc32c"]
+    (cache / "features" / "p3" / "zarr.json").write_text(json.dumps(doc))
+    before = _tree(cache)
+    with pytest.raises(IcdError, match="features/p3/zarr.json") as info:
+        run_dump(_cfg(env, tmp_path), str(cache), repair=True)
+    assert "crc32c" in str(info.value) and "restore" in str(info.value)
+    assert _tree(cache) == before
+
+
 def test_damaged_metadata_is_refused_on_resume_naming_the_file(env, tmp_path) -> None:
     cache = _copy_reference(env, tmp_path)
     doc = json.loads((cache / "samples" / "records" / "zarr.json").read_text())
@@ -405,3 +463,80 @@ echo $? >{out}/train.rc
     assert rc == 2 and "Read-only file system" in _one_error_line(err, "dump"), err
     rc, err = result("train")
     assert rc == 2 and "Read-only file system" in _one_error_line(err, "train"), err
+
+
+# ----------------------------------------------------------------- issue 20: targets apart from sources
+def test_dump_refuses_a_cache_inside_the_training_images_and_writes_nothing(env, tmp_path) -> None:
+    images = Path(shutil.copytree(env.cfg.DATASETS.CATALOG["synth_train"][1], tmp_path / "images"))
+    cfg = _cfg(env, tmp_path)
+    cfg.DATASETS.CATALOG["synth_train"] = [env.cfg.DATASETS.CATALOG["synth_train"][0], str(images)]
+    before = sorted(p.name for p in images.iterdir())
+    with pytest.raises(CacheError, match="the cache .*/images/cache lies inside the image directory of synth_train"):
+        run_dump(cfg, str(images / "cache"))
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_a_negative_budget_is_one_line_naming_it_not_argparse_usage(env, tmp_path, capsys) -> None:
+    from cache_format.cli import main as cache_cli
+    from stage1_teacher_dump.cli import main as dump_main
+
+    config = tmp_path / "dump.yaml"
+    config.write_text(_cfg(env, tmp_path).dump())
+    assert dump_main(["--config-file", str(config), "--cache", str(tmp_path / "c"), "--budget", "-5GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icd dump: error: size '-5GB' is not positive") and "expected one argument" not in err, err
+    assert len(err.strip().splitlines()) == 2 and not (tmp_path / "c").exists()
+    assert cache_cli(["plan", "--calib", str(env.reference), "--samples", "10", "--budget", "-5GB"]) == 2
+    assert "size '-5GB' is not positive" in capsys.readouterr().err
+
+
+def test_distill_and_fit_decoder_refuse_an_output_dir_inside_the_cache_before_writing(cfg_tiny, teacher_cache,
+                                                                                       distill_cfg, tmp_path) -> None:
+    from stage2_student_distill.cli import build_distill_trainer
+    from stage2_student_distill.fit_decoder import DecoderFitter
+
+    url, _ = teacher_cache("fp32")
+    cache = Path(shutil.copytree(url, tmp_path / "cache"))
+    before = _tree(cache)
+    for out in (cache, cache / "run"):
+        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(out))
+        with pytest.raises(CacheError, match="OUTPUT_DIR .* (is|lies inside) the cache"):
+            build_distill_trainer(cfg, str(cache), with_evaluation=False)
+        with pytest.raises(CacheError, match="OUTPUT_DIR .* (is|lies inside) the cache"):
+            DecoderFitter(cfg, str(cache))
+    assert _tree(cache) == before and not (cache / "run").exists()
+
+
+# ------------------------------------------------------------------ issue 20 item 5: silent one-liners
+def test_train_says_it_skips_training_images_without_annotations_as_the_dump_does(env, tmp_path, capsys) -> None:
+    from detection.engine.trainer import build_trainer
+
+    annotations = json.loads(Path(env.cfg.DATASETS.CATALOG["synth_train"][0]).read_text())
+    empty = annotations["images"][3]["id"]
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] != empty]
+    (tmp_path / "train.json").write_text(json.dumps(annotations))
+    cfg = _cfg(env, tmp_path, DATASETS={"TEST": []})
+    cfg.DATASETS.CATALOG["synth_train"] = [str(tmp_path / "train.json"), env.cfg.DATASETS.CATALOG["synth_train"][1]]
+    build_trainer(cfg)
+    assert "icd train: 1 of 16 training image(s) have no (non-crowd) annotations and are skipped for training" \
+        in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(cfg_tiny, teacher_cache, distill_cfg, tmp_path,
+                                                              capsys) -> None:
+    """detectron2's behaviour (one job script for the first start and every restart), said in one line."""
+    from stage2_student_distill.cli import build_distill_trainer
+
+    url, _ = teacher_cache("fp32")
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"))
+    trainer = build_distill_trainer(cfg, url, resume=True, with_evaluation=False)
+    out = capsys.readouterr().out
+    assert f"--resume: no checkpoint to resume in {tmp_path / 'out'}" in out and "iteration 0" in out, out
+    assert trainer.iteration == 0
+    build_distill_trainer(cfg, url, resume=False, with_evaluation=False)
+    assert "--resume" not in capsys.readouterr().out
+    from stage2_student_distill.fit_decoder import DecoderFitter
+
+    fitter = DecoderFitter(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "fit")), url, resume=True)
+    assert fitter.iteration == 0 and f"--resume: no checkpoint to resume in {tmp_path / 'fit'}" in \
+        capsys.readouterr().out

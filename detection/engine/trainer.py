@@ -162,6 +162,12 @@ class Trainer:
         """
         checkpoint = last_checkpoint(self.output_dir) if resume else None
         if checkpoint is None:
+            if resume and comm.is_main_process():
+                # As detectron2's resume_or_load: --resume without a checkpoint starts a new run (so one job
+                # script serves the first start and every restart), and says so rather than silently.
+                start = f"MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS}" if self.cfg.MODEL.WEIGHTS else "scratch"
+                print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
+                      f"file); starting a new run at iteration 0 from {start}", flush=True)
             if self.cfg.MODEL.WEIGHTS:
                 load_weights(self.module, self.cfg.MODEL.WEIGHTS)
             return False
@@ -298,6 +304,11 @@ class Trainer:
 def build_trainer(cfg: Any, resume: bool = False) -> Trainer:
     """`icd train`'s trainer for this process: set-up, detector, data, COCO evaluation; resumed or loaded."""
     cfg, index = default_setup(cfg, need_train_index=True)
+    empty = len(index.images) - len(index.training_images())
+    if empty and comm.is_main_process():  # said as `icd dump` says it: one line, not a silent drop
+        print(f"icd train: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and "
+              "are skipped for training (detectron2's filter_empty_annotations; `icd dump` does not cache them)",
+              flush=True)
     plan = AugmentationPlan.for_training(cfg)
     dataset = DetectionDataset(index, plan, training=True, variant_sampler=plan.sample_variant,
                                with_masks=bool(cfg.MODEL.MASK_ON))
