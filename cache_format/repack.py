@@ -25,7 +25,7 @@ from cache_format.reader import CacheReader
 from cache_format.remote import default_workers
 from cache_format.schema import RESERVED_ATTRIBUTES
 from cache_format.state import ABSENT, CACHE, CREATING, OTHER, check_apart, describe_contents, store_state
-from cache_format.store import _local_path, open_store, run_on_zarr_loop
+from cache_format.store import local_path, open_store, run_on_zarr_loop
 from cache_format.writer import CacheWriter
 
 
@@ -98,7 +98,7 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
     listed = (reader.manifest or {}).get("teacher_weights")
     weights = reader.teacher_weights() if reader.has_teacher_weights() or listed else None
     replacing = state != ABSENT
-    local = _local_path(str(dst))
+    local = local_path(str(dst))
     local = os.path.realpath(local) if local is not None else None   # a symlinked destination: swap its target
     target = str(dst)
     if replacing and local is not None:

@@ -87,7 +87,7 @@ def _location(url: str) -> tuple[str, tuple[str, ...]]:
     Local paths are resolved (symlinks, `..`) so that `caches/x` and `./caches/x/src/..` compare equal;
     an object-store URL is its scheme family, bucket and key prefix."""
     url = str(url)
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None:
         return "file", tuple(p for p in os.path.realpath(path).split(os.sep) if p)
     family = {"s3a": "s3", "gcs": "gs"}.get(url.split("://", 1)[0].lower(), url.split("://", 1)[0].lower())
@@ -127,7 +127,7 @@ def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str
 
 def describe_contents(url: str, limit: int = 4) -> str:
     """A few of the names stored at `url` (for a refusal naming what is there), e.g. "annotations/, 000001.png"."""
-    path = _local_path(str(url))
+    path = local_path(str(url))
     if path is not None:
         try:
             names = sorted(os.listdir(path))
