@@ -12,7 +12,8 @@ The project is installed editable with its test extra, the installed versions ar
 end's pins, and `python -m pytest -q` (the default suite, as `make test`) runs in that venv. The ends
 run one after another: the suite uses every core. Printed at the end and written to
 `.compat/report.json`: per end the versions, the seconds the build and the suite took, the suite's
-summary line. Exit 0 only when every end passed.
+summary line; an end not run this time keeps its last entry there. Exit 0 only when every end run
+passed.
 """
 from __future__ import annotations
 
@@ -180,8 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry.update(suite_seconds=round(seconds, 1), suite_exit_code=code, summary=summary)
             if code:
                 failed.append(end)
+        entry["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report["ends"][end] = entry
-    (args.venvs / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # An end not run this time keeps its last entry (with its date): `--ends oldest` then `--ends newest`
+    # leave one report of both.
+    path = args.venvs / "report.json"
+    earlier = json.loads(path.read_text()).get("ends", {}) if path.is_file() else {}
+    report["ends"] = {**{k: v for k, v in earlier.items() if k not in report["ends"]}, **report["ends"]}
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print("\ntest_compat:")
     for end, entry in report["ends"].items():
         v = entry["versions"]
