@@ -58,7 +58,7 @@ def output_dir(config: str) -> Path:
 
 
 def icd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "detection.cli", *args]
+    return [sys.executable, "-m", "icd", *args]
 
 
 def bbox_ap(out_dir: Path) -> float:

@@ -37,7 +37,7 @@ a results file that recorded no digest names its teacher by its COCO metrics to 
 the work dir has distilled with another teacher takes its distill runs from the work dir only, so every
 distill cell of a row comes from one teacher.
 
-Every step is the CLI a user runs (`python -m detection.cli ...`), as a subprocess with its log in
+Every step is the CLI a user runs (`python -m icd ...`), as a subprocess with its log in
 <work>/<size>/logs/. On CPU up to --jobs runs go side by side (default: 2 on 2+ cores), each with one
 torch thread. Sizes: full (200 train / 50 val images of 128 px, 500-iteration teachers, 150-iteration
 students, 3 seeds): on 2 CPU cores about 25-40 minutes per family for the box families, more for the
@@ -422,7 +422,7 @@ def task_name(row: Row, mode: str, seed: int) -> str:
 
 
 def icd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "detection.cli", *args]
+    return [sys.executable, "-m", "icd", *args]
 
 
 def dataset_opts(layout: Layout) -> list[str]:
@@ -813,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from bench.run_all import machine_info, now_iso
-    from detection.synthetic import generate
+    from detection.data.synthetic import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -211,9 +211,9 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
               work: Path) -> dict[str, Any]:
     from detectron2.modeling import build_model
 
-    from detection.checkpoint import load_weights
+    from detection.engine.checkpoint import load_weights
     from detection.config import setup_cfg
-    from detection.zoo import build_detector
+    from detection.modeling.detector import build_detector
 
     d2cfg = reference_cfg(name, d2_config)
     if d2cfg is None:
@@ -275,8 +275,8 @@ def ablations(name: str, ours: torch.nn.Module, cfg: Any, rgb: list[torch.Tensor
     """
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from detection.d2_arch import D2FrozenBatchNorm2d
-    from detection.zoo import build_detector
+    from detection.interop.d2_conventions import D2FrozenBatchNorm2d
+    from detection.modeling.detector import build_detector
 
     out: dict[str, Any] = {}
     plain = build_detector(cfg, NUM_CLASSES + 1).eval()

@@ -51,12 +51,12 @@ from cache_contract.teacher import load_teacher, sample_features
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.schema import LevelSpec
 from cache_format.store import usage
-from detection.augment import AugmentationPlan
-from detection.checkpoint import save_checkpoint
+from detection.data.augment import AugmentationPlan
+from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode, setup_cfg
-from detection.datasets import train_index
-from detection.synthetic import generate, render_image
-from detection.zoo import build_detector
+from detection.data.datasets import train_index
+from detection.data.synthetic import generate, render_image
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump import dump as dump_module
 from stage1_teacher_dump.batching import shard_batches
 from stage1_teacher_dump.dump import cache_levels, run_dump, to_numpy

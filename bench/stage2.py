@@ -44,12 +44,12 @@ import torch
 
 from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
 from cache_format.repack import repack
-from detection.checkpoint import save_checkpoint
+from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode, save_config, setup_cfg
-from detection.datasets import train_index
-from detection.engine import Trainer, build_trainer
-from detection.synthetic import generate
-from detection.zoo import build_detector
+from detection.data.datasets import train_index
+from detection.engine.trainer import Trainer, build_trainer
+from detection.data.synthetic import generate
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.cli import build_distill_trainer
 

@@ -11,9 +11,9 @@ import os
 from typing import Any, Mapping
 
 from cache_format.errors import CacheError
-from detection import d2_arch
-from detection.augment import AugmentationPlan
-from detection.datasets import CocoIndex
+from detection.interop import d2_conventions as d2_arch
+from detection.data.augment import AugmentationPlan
+from detection.data.datasets import CocoIndex
 
 # The root attributes that say what a cache was made from (besides the format's own keys).
 IDENTITY_FIELDS = ("teacher", "preprocessing", "dataset", "augmentation")

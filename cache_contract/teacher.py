@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from cache_contract.geometry import padded_shape, valid_region
-from detection.checkpoint import load_weights
+from detection.engine.checkpoint import load_weights
 from detection.errors import UserError
-from detection.zoo import ARCHITECTURES, HEAD_FAMILIES, P2_P6, DetectorAdapter, build_detector
+from detection.modeling.detector import ARCHITECTURES, HEAD_FAMILIES, P2_P6, DetectorAdapter, build_detector
 
 
 def load_teacher(cfg: Any, num_classes: int, device: torch.device) -> DetectorAdapter:

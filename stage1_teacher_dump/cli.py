@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 from cache_format.budget import format_size, parse_size
-from detection import distributed as comm
-from detection.commands import default_argument_parser, launch, run_command, seed_all
+from detection import comm
+from detection.engine.commands import default_argument_parser, launch, run_command, seed_all
 from detection.config import save_config, setup_cfg
 from stage1_teacher_dump.dump import DumpSummary, run_dump
 

@@ -34,11 +34,11 @@ from cache_format import state as store_states
 from cache_format.budget import format_size, plan as plan_budget
 from cache_format.integrity import finish_cache
 from cache_format.store import usage
-from detection import distributed as comm
-from detection.augment import AugmentationPlan
-from detection.datasets import train_index
+from detection import comm
+from detection.data.augment import AugmentationPlan
+from detection.data.datasets import train_index
 from detection.errors import UserError
-from detection.zoo import DetectorAdapter
+from detection.modeling.detector import DetectorAdapter
 from stage1_teacher_dump.background_writer import BackgroundWriter
 from stage1_teacher_dump.batching import shard_batches
 from stage1_teacher_dump.resume import check_resumable, prepare_resume

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from detection.augment import AugmentationPlan, AugParams, apply_boxes, apply_image
-from detection.datasets import CocoImage, CocoIndex, UnreadableImageError, read_image
+from detection.data.augment import AugmentationPlan, AugParams, apply_boxes, apply_image
+from detection.data.datasets import CocoImage, CocoIndex, UnreadableImageError, read_image
 
 
 def enumerate_samples(index: CocoIndex, plan: AugmentationPlan) -> list[tuple[CocoImage, AugParams]]:

@@ -16,18 +16,18 @@ from typing import Any
 from cache_contract.identity import dataset_mismatch, preprocessing_identity, recorded_plan
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
-from detection import distributed as comm
-from detection.augment import AugmentationPlan
-from detection.commands import default_argument_parser, default_setup, launch, run_command
+from detection import comm
+from detection.data.augment import AugmentationPlan
+from detection.engine.commands import default_argument_parser, default_setup, launch, run_command
 from detection.config import CfgNode, setup_cfg
-from detection.datasets import CocoIndex, check_image_files, class_statistics
+from detection.data.datasets import CocoIndex, check_image_files, class_statistics
 from detection.errors import UserError
-from detection.evaluation import evaluate, evaluate_checkpoint
-from detection.loader import build_train_loader
-from detection.zoo import DetectorAdapter, build_model
+from detection.engine.evaluation import evaluate, evaluate_checkpoint
+from detection.data.loader import build_train_loader
+from detection.modeling.detector import DetectorAdapter, build_model
 from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, report_skipped
 from stage2_student_distill.fit_decoder import load_fitted_decoder
-from stage2_student_distill.icd import ICDModule
+from stage2_student_distill.method.module import ICDModule
 from stage2_student_distill.online import OnlineTeacher, build_online_teacher
 from stage2_student_distill.signals import report_distill_signals
 from stage2_student_distill.trainer import DistillTrainer

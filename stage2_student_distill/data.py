@@ -3,7 +3,7 @@
 One item per training image and epoch: the epoch draws one of the image's cached variants
 (`AugmentationPlan.sample_variant`, the plan stored in the cache), falling back to another committed
 variant when the drawn one is not in the cache. The image is read and the recorded geometry replayed
-with detection.augment, so the student sees exactly the teacher's pixels; targets come from the
+with detection.data.augment, so the student sees exactly the teacher's pixels; targets come from the
 annotations transformed the same way. The sample's teacher features are read from the cache in the
 DataLoader worker that builds the item (one CacheReader per process, opened lazily, so nothing but the
 URL is pickled and memory does not grow with the cache), and the collate function pads them to the
@@ -31,9 +31,9 @@ from cache_format import CacheReader
 from cache_format.errors import CacheError
 from cache_format.remote import is_remote
 from cache_format.schema import COL
-from detection import distributed as comm
-from detection.augment import AugmentationPlan, AugParams
-from detection.datasets import CocoIndex, DetectionDataset
+from detection import comm
+from detection.data.augment import AugmentationPlan, AugParams
+from detection.data.datasets import CocoIndex, DetectionDataset
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from cache_contract.identity import recorded_plan  # noqa: E402
 from cache_format import CacheReader  # noqa: E402
-from detection.augment import apply_image  # noqa: E402
-from detection.checkpoint import load_checkpoint  # noqa: E402
-from detection.datasets import class_statistics, read_image, train_index  # noqa: E402
+from detection.data.augment import apply_image  # noqa: E402
+from detection.engine.checkpoint import load_checkpoint  # noqa: E402
+from detection.data.datasets import class_statistics, read_image, train_index  # noqa: E402
 from detection.errors import UserError  # noqa: E402
-from stage2_student_distill.icd import ICDModule  # noqa: E402
+from stage2_student_distill.method.module import ICDModule  # noqa: E402
 from stage2_student_distill.signals import read_signals  # noqa: E402
 
 # Training-record keys that are bookkeeping, not losses (torchvision's loss names vary by architecture:

@@ -35,14 +35,14 @@ from tqdm import tqdm
 
 from cache_contract.identity import dataset_mismatch
 from cache_format import CacheReader
-from detection.checkpoint import capture_rng_state, last_checkpoint, load_checkpoint, resume_from, save_checkpoint
-from detection.commands import default_argument_parser, default_setup, run_command
+from detection.engine.checkpoint import capture_rng_state, last_checkpoint, load_checkpoint, resume_from, save_checkpoint
+from detection.engine.commands import default_argument_parser, default_setup, run_command
 from detection.config import CfgNode, setup_cfg
-from detection.datasets import class_statistics
-from detection.engine import MetricsLog
+from detection.data.datasets import class_statistics
+from detection.engine.trainer import MetricsLog
 from detection.errors import UserError
-from stage2_student_distill.icd import ICDModule, build_icd_optimizer
-from stage2_student_distill.losses import prior_entropy
+from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
+from stage2_student_distill.method.losses import prior_entropy
 from stage2_student_distill.signals import (
     SIGNALS_FILE,
     DecoderSignals,

@@ -24,7 +24,7 @@ from cache_contract.geometry import pad_levels, padded_shape
 from cache_contract.identity import apply_teacher_model_options, file_sha256
 from cache_contract.teacher import load_teacher, sample_features
 from detection.errors import UserError
-from detection.zoo import MASK_ARCHITECTURES, DetectorAdapter
+from detection.modeling.detector import MASK_ARCHITECTURES, DetectorAdapter
 
 
 def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) -> Any:

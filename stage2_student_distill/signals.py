@@ -32,10 +32,10 @@ from torch import Tensor
 from cache_format import CacheReader
 from detection.errors import UserError
 
-from stage2_student_distill.icd import DecodedBatch, ICDModule
-from stage2_student_distill.losses import binary_entropy
+from stage2_student_distill.method.module import DecodedBatch, ICDModule
+from stage2_student_distill.method.losses import binary_entropy
 from stage2_student_distill.teacher_samples import TeacherBatch, iter_batches, sample_images
-from stage2_student_distill.tokens import token_centres
+from stage2_student_distill.method.tokens import token_centres
 
 
 @dataclass
@@ -186,7 +186,7 @@ def read_signals(path: str | Path) -> dict[str, Any]:
 def record_signals(output_dir: str | Path, iteration: int, signals: DecoderSignals,
                    context: Mapping[str, Any]) -> Path:
     """OUTPUT_DIR/decoder_signals.json, plus `decoder/<name>` records in metrics.json and TensorBoard."""
-    from detection.engine import MetricsLog  # the run's own log (lazy: TensorBoard is slow to import)
+    from detection.engine.trainer import MetricsLog  # the run's own log (lazy: TensorBoard is slow to import)
 
     log = MetricsLog(Path(output_dir), enabled=True)
     try:

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from cache_contract.geometry import batch_padded_shape
 from cache_contract.teacher import TeacherInit, init_from_teacher
-from detection import distributed as comm
-from detection.engine import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
-from detection.zoo import DetectorAdapter
-from stage2_student_distill.icd import ICDModule, build_icd_optimizer
+from detection import comm
+from detection.engine.trainer import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
+from detection.modeling.detector import DetectorAdapter
+from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
 from stage2_student_distill.online import OnlineTeacher
 
 

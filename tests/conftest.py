@@ -15,11 +15,11 @@ from cache_contract.identity import identity_attributes
 from cache_contract.teacher import fpn_and_head_weights, load_teacher, sample_features
 from cache_format import CacheWriter, LevelSpec, SampleMeta
 from cache_format.integrity import finish_cache
-from detection.augment import AugmentationPlan
+from detection.data.augment import AugmentationPlan
 from detection.config import CfgNode, get_cfg
-from detection.datasets import train_index
-from detection.synthetic import generate
-from detection.zoo import build_detector
+from detection.data.datasets import train_index
+from detection.data.synthetic import generate
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.samples import DumpDataset, enumerate_samples
 
 # The test machines are shared: keep torch to one thread everywhere.
@@ -192,7 +192,7 @@ def run_dump_cli(cfg: CfgNode, cache: str, *extra: str, env: dict | None = None)
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(cfg.dump())
     return subprocess.run(
-        [sys.executable, "-m", "detection.cli", "dump", "--config-file", str(config), "--cache", cache, *extra],
+        [sys.executable, "-m", "icd", "dump", "--config-file", str(config), "--cache", cache, *extra],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
         timeout=300,
     )

@@ -19,9 +19,9 @@ adet = pytest.importorskip("adet", reason="AdelaiDet is not importable (build it
 import adet.modeling  # noqa: E402,F401  (registers AdelaiDet's meta-architectures)
 from adet.config import get_cfg as adet_get_cfg  # noqa: E402
 
-from detection.checkpoint import load_weights  # noqa: E402
+from detection.engine.checkpoint import load_weights  # noqa: E402
 from detection.config import CfgNode  # noqa: E402
-from detection.zoo import build_detector  # noqa: E402
+from detection.modeling.detector import build_detector  # noqa: E402
 from test_d2_backend import build_detecting  # noqa: E402
 from test_d2_checkpoint import D2_OPTIONS  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""detection.augment: stage one and stage two must derive identical geometry and pixels from the plan."""
+"""detection.data.augment: stage one and stage two must derive identical geometry and pixels from the plan."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from detection.augment import (AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks,
+from detection.data.augment import (AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks,
                                apply_polygons, invert_boxes, resized_shape)
 from detection.config import get_cfg
 from detection.errors import UserError

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from conftest import masked_batch
 from torchvision.models.detection import FCOS
 
-from detection.condinst import DynamicMaskHead, fcos_matching, relative_coordinates
-from detection.mask_ops import upsample_corner_aligned
-from detection.zoo import build_detector
+from detection.modeling.meta_arch.condinst import DynamicMaskHead, fcos_matching, relative_coordinates
+from detection.modeling.meta_arch.mask_ops import upsample_corner_aligned
+from detection.modeling.detector import build_detector
 
 K = 4
 
@@ -113,7 +113,7 @@ def test_centred_geometry_is_adelaidets():
 def test_adelaidet_conventions_train_and_eval(cfg_tiny):
     """MODEL.CONVENTIONS detectron2 builds AdelaiDet's CondInst (centred anchors, per-level scales) that
     trains and infers; its ground truth is sampled on the centred grid."""
-    from detection.d2_arch import AdelaiCondInst
+    from detection.interop.d2_conventions import AdelaiCondInst
 
     cfg = cfg_tiny.clone()
     cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONVENTIONS": "detectron2",

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from detection.config import get_cfg, save_config, setup_cfg
-from detection.defaults import DEFAULTS
+from detection.config.defaults import DEFAULTS
 from detection.errors import UserError
-from detection.zoo import ARCHITECTURES, MASK_ARCHITECTURES
+from detection.modeling.detector import ARCHITECTURES, MASK_ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,10 @@ from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from cache_format import CacheReader  # noqa: E402
-from detection.checkpoint import load_weights  # noqa: E402
+from detection.engine.checkpoint import load_weights  # noqa: E402
 from detection.config import CfgNode  # noqa: E402
-from detection.datasets import load_dataset  # noqa: E402
-from detection.zoo import build_detector  # noqa: E402
+from detection.data.datasets import load_dataset  # noqa: E402
+from detection.modeling.detector import build_detector  # noqa: E402
 from stage1_teacher_dump.dump import run_dump  # noqa: E402
 from test_d2_checkpoint import D2_OPTIONS, FPN, K  # noqa: E402
 

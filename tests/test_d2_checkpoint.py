@@ -1,7 +1,7 @@
 """detectron2 / AdelaiDet checkpoints on the torchvision backend, without detectron2.
 
 The checkpoints are written here in detectron2's (and AdelaiDet's) key names and shapes, enumerated
-from detectron2's module structure independently of detection.d2_checkpoint's name map, at tiny
+from detectron2's module structure independently of detection.interop.d2_checkpoint's name map, at tiny
 scale (R-18, FPN 32, 3 classes).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.checkpoint import load_weights
+from detection.engine.checkpoint import load_weights
 from detection.config import CfgNode
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 
 K = 3  # foreground classes
 FPN = 32
@@ -244,7 +244,8 @@ def test_retinanet_head_computes_detectrons_class_layout(cfg_tiny, tmp_path):
         d2 = F.conv2d(tower, torch.from_numpy(state["head.cls_score.weight"]),
                       torch.from_numpy(state["head.cls_score.bias"]), padding=1)  # [1, A*K, H, W]
         d2 = d2.view(1, 9, K, 5, 6).permute(0, 3, 4, 1, 2).reshape(1, -1, K)  # detectron2's N, HWA, K
-    torch.testing.assert_close(ours[..., 1:], d2, rtol=0, atol=1e-6)
+    # two convolutions of different output widths: equal up to float32 rounding, scaled to the logits
+    torch.testing.assert_close(ours[..., 1:], d2, rtol=0, atol=1e-5 * float(d2.abs().max()))
     assert (torch.sigmoid(ours[..., 0]) == 0).all()
 
 

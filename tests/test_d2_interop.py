@@ -15,10 +15,10 @@ from cache_contract.teacher import load_teacher, sample_features
 from cache_format import CacheReader, check_compatibility
 from cache_format.errors import CacheError
 from detection.config import CfgNode, save_config
-from detection.d2_arch import D2AnchorGenerator, D2RoIPooler, d2_detector_postprocess
-from detection.datasets import load_dataset
+from detection.interop.d2_conventions import D2AnchorGenerator, D2RoIPooler, d2_detector_postprocess
+from detection.data.datasets import load_dataset
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump import cli as dump_cli
 from stage2_student_distill.cli import student_identity
 from test_d2_checkpoint import D2_OPTIONS, FPN, d2_state, write_pkl
@@ -157,8 +157,8 @@ def test_a_detectron2_retinanet_checkpoint_is_an_icd_dump_teacher(cfg_tiny, tmp_
     # what was written is what the converted teacher computes
     teacher = load_teacher(cfg, k, torch.device("cpu"))
     sample = reader.read_sample(0)
-    from detection.augment import AugmentationPlan, apply_image
-    from detection.datasets import read_image
+    from detection.data.augment import AugmentationPlan, apply_image
+    from detection.data.datasets import read_image
 
     image = next(im for im in load_dataset(cfg, "synth_train").images if im.id == sample.meta.image_id)
     p = AugmentationPlan.from_dict(reader.attributes["augmentation"]).params(image.id, sample.meta.variant,

@@ -1,4 +1,4 @@
-"""detection.datasets: catalog lookup, validation errors a user can hit, and what the Dataset returns."""
+"""detection.data.datasets: catalog lookup, validation errors a user can hit, and what the Dataset returns."""
 from __future__ import annotations
 
 import copy
@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.augment import AugmentationPlan, apply_boxes
-from detection.datasets import (CocoIndex, DetectionDataset, class_statistics, collate, load_coco_json,
+from detection.data.augment import AugmentationPlan, apply_boxes
+from detection.data.datasets import (CocoIndex, DetectionDataset, class_statistics, collate, load_coco_json,
                                 load_dataset, resolve_dataset)
 from detection.errors import UserError
-from detection.loader import InfiniteSampler
+from detection.data.loader import InfiniteSampler
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_degenerate_boxes_are_dropped_counted_and_warned_once(tmp_path, train_da
     data["annotations"][1]["bbox"][3] = -4  # negative height
     data["annotations"][2]["bbox"][:2] = [500, 500]  # entirely outside the image
     dropped_ids = {a["id"] for a in data["annotations"][:3]}
-    with caplog.at_level(logging.WARNING, logger="detection.datasets"):
+    with caplog.at_level(logging.WARNING, logger="detection.data.datasets"):
         index = load_coco_json(write_json(tmp_path, data), tmp_path)
     assert index.num_degenerate_dropped == 3
     kept = {a.id for im in index.images for a in im.annotations}

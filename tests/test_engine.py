@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from detection import checkpoint as ckpt
-from detection import distributed as comm
-from detection.engine import Trainer, build_trainer, warmup_multistep
+from detection.engine import checkpoint as ckpt
+from detection import comm
+from detection.engine.trainer import Trainer, build_trainer, warmup_multistep
 from detection.errors import UserError
-from detection.zoo import build_model
+from detection.modeling.detector import build_model
 
 
 def test_warmup_then_steps():

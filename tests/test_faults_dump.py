@@ -24,11 +24,11 @@ import torch
 from cache_format import CacheReader
 from cache_format.errors import CacheError, CorruptChunkError, IcdError
 from cache_format.verify import verify_cache
-from detection.checkpoint import save_checkpoint
+from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode
-from detection.datasets import load_dataset
+from detection.data.datasets import load_dataset
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.cli import format_summary
 from stage1_teacher_dump.dump import run_dump
 from conftest import make_cfg_tiny
@@ -175,7 +175,7 @@ def test_hole4_resume_repair_is_the_repair_procedure_in_one_command(env, tmp_pat
     data[len(data) // 2] ^= 0x01                      # same size: only reading it finds it
     shard.write_bytes(bytes(data))
     next((cache / "teacher_weights").glob("*/c")).rename(tmp_path / "lost_weight_chunks")  # a tensor's chunk gone
-    from detection.cli import main as icd
+    from icd.cli import main as icd
 
     config = tmp_path / "dump.yaml"
     config.write_text(_cfg(env, tmp_path).dump())
@@ -246,7 +246,7 @@ def test_hole9_an_image_size_says_which_is_height_and_width(env, tmp_path) -> No
 
 
 def test_hole9_train_finds_a_missing_image_file_before_training(env, tmp_path) -> None:
-    from detection.engine import build_trainer
+    from detection.engine.trainer import build_trainer
 
     images = Path(shutil.copytree(env.cfg.DATASETS.CATALOG["synth_train"][1], tmp_path / "images"))
     gone = sorted(images.iterdir())[5]
@@ -329,7 +329,7 @@ def test_hole5_a_corrupt_chunk_read_in_a_dataloader_worker_ends_distill_in_one_l
 
 # ----------------------------------------------------------------------- start-up paths (hole 6), real disks
 def _icd(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "detection.cli", *argv], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "icd", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -342,7 +342,7 @@ def _one_error_line(stderr: str, command: str) -> str:
 
 @pytest.mark.parametrize("where", ["plain file", "below a plain file"])
 def test_hole6_a_cache_path_that_cannot_be_a_directory_is_one_line_exit_2(env, tmp_path, capsys, where) -> None:
-    from detection.cli import main as icd
+    from icd.cli import main as icd
 
     plain = tmp_path / "plain"
     plain.write_text("not a cache")
@@ -375,7 +375,7 @@ def test_hole6_full_and_read_only_disks_are_one_line_exit_2_and_resumable(env, t
     mnt, out = tmp_path / "mnt", tmp_path / "results"
     mnt.mkdir()
     out.mkdir()
-    icd = f"{sys.executable} -m detection.cli"
+    icd = f"{sys.executable} -m icd"
     script = f"""
 cd {REPO}
 mount -t tmpfs -o size=8k tmpfs {mnt} || exit 90

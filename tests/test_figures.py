@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.checkpoint import save_checkpoint
+from detection.engine.checkpoint import save_checkpoint
 from detection.config import CfgNode
-from detection.datasets import class_statistics, load_dataset
+from detection.data.datasets import class_statistics, load_dataset
 from detection.errors import UserError
-from detection.zoo import build_detector
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.figures import plot_attention_maps, plot_decoder_signals, plot_loss_curves
-from stage2_student_distill.icd import ICDModule
+from stage2_student_distill.method.module import ICDModule
 
 
 def _metrics(path: Path, losses: dict[str, float]) -> Path:

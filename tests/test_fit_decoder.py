@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import make_distill_cfg
-from detection.checkpoint import load_checkpoint, save_checkpoint
+from detection.engine.checkpoint import load_checkpoint, save_checkpoint
 from detection.config import save_config
 from detection.errors import UserError
 from stage2_student_distill import fit_decoder
 from stage2_student_distill.cli import build_distill_trainer
 from stage2_student_distill.fit_decoder import FINAL
-from stage2_student_distill.icd import ICDModule
+from stage2_student_distill.method.module import ICDModule
 
 
 def fit_config(cfg_tiny, out: Path, **distill) -> str:

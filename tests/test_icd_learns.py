@@ -15,10 +15,10 @@ import torch
 
 from cache_format import CacheReader, CacheWriter, LevelSpec, SampleMeta
 from cache_format.synthetic import fpn_like_features
-from detection.defaults import DEFAULTS
+from detection.config.defaults import DEFAULTS
 from stage2_student_distill.fit_decoder import fitted_parts
-from stage2_student_distill.icd import ICDModule, build_icd_optimizer
-from stage2_student_distill.queries import estimate_priors
+from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
+from stage2_student_distill.method.queries import estimate_priors
 from stage2_student_distill.signals import measure
 from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, load_batches, split_by_image
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from stage2_student_distill.losses import (
+from stage2_student_distill.method.losses import (
     distillation_loss,
     distillation_mask,
     identification_loss,

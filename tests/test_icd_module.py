@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from detection.defaults import DEFAULTS
+from detection.config.defaults import DEFAULTS
 from detection.errors import UserError
-from stage2_student_distill.icd import ICDModule, build_icd_optimizer, cosine_with_warmup
+from stage2_student_distill.method.module import ICDModule, build_icd_optimizer, cosine_with_warmup
 
 torch.set_num_threads(1)
 C = 16

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detection.errors import UserError
-from stage2_student_distill.queries import (
+from stage2_student_distill.method.queries import (
     QueryBuilder,
     QueryEncoder,
     count_queries,

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from stage2_student_distill.decoder import DecoderOutput
-from stage2_student_distill.icd import DecodedBatch
-from stage2_student_distill.losses import binary_entropy, prior_entropy
-from stage2_student_distill.queries import InstanceQueries
+from stage2_student_distill.method.decoder import DecoderOutput
+from stage2_student_distill.method.module import DecodedBatch
+from stage2_student_distill.method.losses import binary_entropy, prior_entropy
+from stage2_student_distill.method.queries import InstanceQueries
 from stage2_student_distill.signals import _AttentionStats, _attention_stats, roc_auc
 
 

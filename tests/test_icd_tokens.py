@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from stage2_student_distill.tokens import (
+from stage2_student_distill.method.tokens import (
     flatten_levels,
     padding_mask,
     position_embedding,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cache_format import CacheReader
-from detection.cli import main as icd
+from icd.cli import main as icd
 from detection.config import CfgNode, save_config
-from detection.zoo import default_distill_levels
+from detection.modeling.detector import default_distill_levels
 
 
 def _config(cfg_tiny: CfgNode, arch: str, tmp_path: Path) -> str:

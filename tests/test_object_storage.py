@@ -22,9 +22,9 @@ from cache_format import CacheReader
 from cache_format import cli as cache_cli
 from cache_format.errors import CacheError
 from cache_format.store import usage
-from detection.checkpoint import save_checkpoint
-from detection.datasets import load_dataset
-from detection.zoo import build_detector
+from detection.engine.checkpoint import save_checkpoint
+from detection.data.datasets import load_dataset
+from detection.modeling.detector import build_detector
 from stage1_teacher_dump.dump import KILL_AFTER_ENV, run_dump
 from stage2_student_distill.cli import build_distill_trainer
 from stage2_student_distill.data import DistillDataset
@@ -198,14 +198,14 @@ def test_errors_are_one_clear_line(s3, tmp_path) -> None:
         with pytest.raises(CacheError, match=r"(?s)gs:// caches need the gcsfs package.*pip install -e '\.\[gcs\]'"):
             CacheReader("gs://bucket/cache")
     # A filesystem package that is missing: one line naming the extra, exit 2, no traceback.
-    hide = "import sys; sys.modules['s3fs'] = None; from detection.cli import main; sys.exit(main(sys.argv[1:]))"
+    hide = "import sys; sys.modules['s3fs'] = None; from icd.cli import main; sys.exit(main(sys.argv[1:]))"
     run = subprocess.run([sys.executable, "-c", hide, "cache", "inspect", f"s3://{BUCKET}/dump/cache"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith("icd cache inspect: error: s3:// caches need the s3fs package")
     assert "pip install -e '.[s3]'" in run.stderr
     # An unreachable endpoint is an access problem (exit 2), never "damage" or "not a cache".
-    dead = subprocess.run([sys.executable, "-m", "detection.cli", "cache", "verify", f"s3://{BUCKET}/dump/cache"],
+    dead = subprocess.run([sys.executable, "-m", "icd", "cache", "verify", f"s3://{BUCKET}/dump/cache"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"})
     assert dead.returncode == 2 and "Traceback" not in dead.stderr, dead.stderr

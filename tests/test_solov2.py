@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import masked_batch
 
-from detection.solov2 import boxes_of_masks, matrix_nms, point_nms, solo_targets
-from detection.zoo import build_detector
+from detection.modeling.meta_arch.solov2 import boxes_of_masks, matrix_nms, point_nms, solo_targets
+from detection.modeling.detector import build_detector
 
 K = 4
 

@@ -11,9 +11,9 @@ from cache_contract.geometry import batch_padded_shape, pad_levels
 from cache_contract.identity import recorded_plan
 from cache_format import CacheReader
 from cache_format.errors import CacheError
-from detection.datasets import train_index
-from detection.loader import build_train_loader
-from detection.zoo import build_model
+from detection.data.datasets import train_index
+from detection.data.loader import build_train_loader
+from detection.modeling.detector import build_model
 from stage1_teacher_dump.samples import DumpDataset, enumerate_samples
 from stage2_student_distill.data import DistillCollate, DistillDataset, SampleTable, check_geometry
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from detection.checkpoint import load_checkpoint
+from detection.engine.checkpoint import load_checkpoint
 from detection.config import save_config
 from stage2_student_distill import cli
 

@@ -11,10 +11,10 @@ import torch
 from cache_format import CacheReader
 from cache_format.errors import CacheError
 from cache_contract.geometry import batch_padded_shape
-from detection import zoo
-from detection.checkpoint import load_checkpoint
+from detection.modeling import detector as zoo
+from detection.engine.checkpoint import load_checkpoint
 from detection.config import save_config
-from detection.engine import images_and_targets
+from detection.engine.trainer import images_and_targets
 from detection.errors import UserError
 from stage2_student_distill import cli
 from stage2_student_distill.cli import build_distill_trainer

@@ -1,4 +1,4 @@
-"""detection.synthetic: deterministic bytes, valid COCO, annotations that match the pixels."""
+"""detection.data.synthetic: deterministic bytes, valid COCO, annotations that match the pixels."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detection.synthetic import generate, main
+from detection.data.synthetic import generate
+from detection.engine.synth_cli import main
 
 
 def all_files(root: Path) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cache_contract.teacher import init_from_teacher
-from detection.zoo import DetectorAdapter, build_detector
+from detection.modeling.detector import DetectorAdapter, build_detector
 from stage2_student_distill.cli import build_distill_trainer
 
 K = 4

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from detection import distributed as comm
-from detection import eval_cli, train_cli
-from detection.augment import AugmentationPlan
-from detection.datasets import DetectionDataset, load_dataset
-from detection.evaluation import coco_ground_truth, coco_metrics, detections_to_coco
-from detection.engine import build_trainer
+from detection import comm
+from detection.engine import eval_cli, train_cli
+from detection.data.augment import AugmentationPlan
+from detection.data.datasets import DetectionDataset, load_dataset
+from detection.engine.evaluation import coco_ground_truth, coco_metrics, detections_to_coco
+from detection.engine.launch import launch
+from detection.engine.trainer import build_trainer
 
 
 def _write_cfg(cfg, path: Path) -> str:
@@ -87,7 +88,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(cfg_tiny, tmp_path):
     cfg_tiny.merge_from_dict({"DATASETS": {"TEST": []},
                               "SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100}})
     report = tmp_path / "report.json"
-    comm.launch(_two_rank_worker, 2, (cfg_tiny, str(report)), device="cpu")
+    launch(_two_rank_worker, 2, (cfg_tiny, str(report)), device="cpu")
     result = json.loads(report.read_text())
     assert result == {"world": 2, "max_diff": 0.0, "iteration": 3}
 

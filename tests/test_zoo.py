@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detection.errors import UserError
-from detection.zoo import LEVEL_STRIDES, build_detector, default_distill_levels
+from detection.modeling.detector import LEVEL_STRIDES, build_detector, default_distill_levels
 
 ARCHS = ["RetinaNet", "FCOS", "FasterRCNN", "MaskRCNN"]
 K = 4  # foreground classes

@@ -9,7 +9,7 @@ checkpoints and evaluation. Set-up is explicit, as detectron2's: build the train
 Exact resume: the checkpoint holds the model, optimizer, scheduler, iteration, every rank's RNG state
 and the state of `checkpointables` (stage two: its ICD module, optimizer and schedule), and the data
 comes from `build_loader(start_iter)`, which must yield from the same position the uninterrupted run
-would be at (detection.loader's seeded stream does), so 3 + 3 resumed iterations equal 6 straight ones.
+would be at (detection.data.loader's seeded stream does), so 3 + 3 resumed iterations equal 6 straight ones.
 """
 from __future__ import annotations
 
@@ -25,17 +25,17 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detection import distributed as comm
-from detection.checkpoint import (
+from detection import comm
+from detection.engine.checkpoint import (
     capture_rng_state, last_checkpoint, load_weights, restore_rng_state, resume_from, save_checkpoint,
 )
-from detection.augment import AugmentationPlan
-from detection.commands import default_setup
-from detection.datasets import DetectionDataset, check_image_files
+from detection.data.augment import AugmentationPlan
+from detection.engine.commands import default_setup
+from detection.data.datasets import DetectionDataset, check_image_files
 from detection.errors import UserError
-from detection.evaluation import evaluate
-from detection.loader import Batch, LoaderFactory, build_train_loader
-from detection.zoo import build_model
+from detection.engine.evaluation import evaluate
+from detection.data.loader import Batch, LoaderFactory, build_train_loader
+from detection.modeling.detector import build_model
 
 # evaluate(model) -> {task: {metric: value}} (computed on all ranks, results on every rank or rank 0).
 EvaluateFn = Callable[[nn.Module], dict[str, dict[str, float]]]

@@ -1,4 +1,4 @@
-"""`icd synth`: a deterministic synthetic COCO-format detection dataset.
+"""A deterministic synthetic COCO-format detection dataset.
 
 Why hand-written: no weights or datasets can be downloaded, and tests and the demo need a dataset that a
 tiny detector can learn in minutes but not trivially: shapes (the class) of random colour and texture,
@@ -12,18 +12,15 @@ MAX_HIDDEN of their area are rejected at placement, so every drawn shape is anno
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import contourpy
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detection.commands import run_command
 from detection.errors import UserError
 
 CATEGORIES: list[dict[str, Any]] = [
@@ -270,29 +267,3 @@ def generate(out_dir: str | Path, train: int = 200, val: int = 50, size: int = 1
         paths[f"{split}_json"] = str(_write_split(root, split, count, size, seed))
         paths[f"{split}_images"] = str(root / split)
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="icd synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (annotations/ and train/, val/ images)")
-    parser.add_argument("--train", type=int, default=200, help="number of training images")
-    parser.add_argument("--val", type=int, default=50, help="number of validation images")
-    parser.add_argument("--size", type=int, default=128, help="image height; widths vary 0.75-1.25x")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    paths: dict[str, str] = {}
-
-    def body() -> None:
-        paths.update(generate(args.out, args.train, args.val, args.size, args.seed))
-
-    code = run_command("synth", body)
-    if code:
-        return code
-    print(f"wrote {args.train} train + {args.val} val images to {paths['root']}\n"
-          f"  register with: DATASETS.CATALOG.synth_train \"[{paths['train_json']}, {paths['train_images']}]\" "
-          f"DATASETS.CATALOG.synth_val \"[{paths['val_json']}, {paths['val_images']}]\"")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -60,7 +60,7 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection.condinst import CondInst, build_condinst
+from detection.modeling.meta_arch.condinst import CondInst, build_condinst
 
 from detection.errors import UserError
 
@@ -93,7 +93,7 @@ def top_block_input(cfg: Any, architecture: str) -> str:
     if value not in TOP_BLOCK_INPUTS:
         raise UserError(f"MODEL.FPN.TOP_BLOCK_IN '{value}' is not known.",
                         "use p5, res5, or \"\" (res5 for detectron2's RetinaNet, p5 otherwise).")
-    from detection.zoo import P2_P6  # here, not at the top: detection.zoo imports this module
+    from detection.modeling.detector import P2_P6  # here, not at the top: detection.modeling.detector imports this module
 
     if architecture in P2_P6:
         if value == "res5":

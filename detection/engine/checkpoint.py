@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detection import d2_checkpoint
+from detection.interop import d2_checkpoint
 from detection.errors import UserError
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -189,7 +189,7 @@ def _load_state(model: nn.Module, state: dict[str, Any], source: str, strict: bo
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load MODEL.WEIGHTS: our checkpoint ({'model': …}), a plain state dict (shapes must match), or a
-    detectron2 / AdelaiDet checkpoint (.pkl or .pth; converted all or nothing by detection.d2_checkpoint)."""
+    detectron2 / AdelaiDet checkpoint (.pkl or .pth; converted all or nothing by detection.interop.d2_checkpoint)."""
     if Path(path).suffix == ".pkl" and Path(path).is_file():
         state = d2_checkpoint.read_pickle(path)
     else:

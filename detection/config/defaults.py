@@ -14,7 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "CUDNN_BENCHMARK": False,
     "MODEL": {
         # RetinaNet | FCOS | FasterRCNN | MaskRCNN (torchvision.models.detection) | CondInst | SOLOv2
-        # (detection/condinst.py, detection/solov2.py; both need MASK_ON True)
+        # (detection/modeling/meta_arch/condinst.py, detection/modeling/meta_arch/solov2.py; both need MASK_ON True)
         "META_ARCHITECTURE": "RetinaNet",
         "DEVICE": "cpu",
         # Path to a checkpoint (ours, or a torchvision state dict). Empty: train from scratch.
@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "BACKEND": "torchvision",
         "D2_CONFIG": "",
         # torchvision | detectron2: compute detectron2's (AdelaiDet's for FCOS) function on the torchvision
-        # backend - anchors, RoI pooling, proposal selection, post-processing (detection.d2_arch).
+        # backend - anchors, RoI pooling, proposal selection, post-processing (detection.interop.d2_conventions).
         "CONVENTIONS": "torchvision",
         # Channel order the model normalises in (PIXEL_MEAN/STD are in this order): RGB | BGR.
         "INPUT_FORMAT": "RGB",
@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "SCORE_THRESH_TEST": 0.05,
         "NMS_THRESH_TEST": 0.5,
         "MASK_ON": False,
-        # CondInst (detection/condinst.py); AdelaiDet's MODEL.CONDINST defaults (Base-CondInst.yaml: 500 proposals).
+        # CondInst (detection/modeling/meta_arch/condinst.py); AdelaiDet's MODEL.CONDINST defaults (Base-CondInst.yaml: 500 proposals).
         "CONDINST": {
             "MASK_OUT_STRIDE": 4,
             # positive locations per batch whose dynamic masks are trained (random subset); -1: all
@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
             # P3-P5 -> stride-8 mask features; NORM: BN | GN | "" (none)
             "MASK_BRANCH": {"CHANNELS": 128, "OUT_CHANNELS": 8, "NUM_CONVS": 4, "NORM": "BN"},
         },
-        # SOLOv2 (detection/solov2.py); AdelaiDet's MODEL.SOLOV2 defaults. MODEL.SCORE_THRESH_TEST is its
+        # SOLOv2 (detection/modeling/meta_arch/solov2.py); AdelaiDet's MODEL.SOLOV2 defaults. MODEL.SCORE_THRESH_TEST is its
         # category score threshold (AdelaiDet: 0.1, set in Base-SOLOv2.yaml); NMS_THRESH_TEST is unused.
         "SOLOV2": {
             "NUM_GRIDS": [40, 36, 24, 16, 12],

@@ -10,9 +10,9 @@ import sys
 
 # subcommand -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("detection.synthetic", "generate the synthetic COCO-format dataset"),
-    "train": ("detection.train_cli", "train a baseline detector (teacher or student)"),
-    "eval": ("detection.eval_cli", "evaluate a detector with COCO AP"),
+    "synth": ("detection.engine.synth_cli", "generate the synthetic COCO-format dataset"),
+    "train": ("detection.engine.train_cli", "train a baseline detector (teacher or student)"),
+    "eval": ("detection.engine.eval_cli", "evaluate a detector with COCO AP"),
     "cache": ("cache_format.cli", "inspect / verify / plan / repack a teacher cache"),
     "dump": ("stage1_teacher_dump.cli", "stage one: dump the teacher's FPN features to a cache"),
     "fit-decoder": ("stage2_student_distill.fit_decoder", "fit ICD's decoder from a cache, once for all students"),

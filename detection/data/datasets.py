@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from detection.augment import AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks, apply_polygons
+from detection.data.augment import AugmentationPlan, AugParams, apply_boxes, apply_image, apply_masks, apply_polygons
 from detection.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache_format.errors import IcdError
-from detection import distributed as comm
-from detection.datasets import collate
+from detection import comm
+from detection.data.datasets import collate
 from detection.errors import UserError
 
 Batch = Any

@@ -23,13 +23,13 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
 
-from detection import distributed as comm
-from detection.augment import AugmentationPlan, AugParams, invert_boxes
-from detection.checkpoint import last_checkpoint, load_weights
-from detection.commands import default_setup
-from detection.datasets import CocoIndex, DetectionDataset, collate, load_dataset
+from detection import comm
+from detection.data.augment import AugmentationPlan, AugParams, invert_boxes
+from detection.engine.checkpoint import last_checkpoint, load_weights
+from detection.engine.commands import default_setup
+from detection.data.datasets import CocoIndex, DetectionDataset, collate, load_dataset
 from detection.errors import UserError
-from detection.zoo import BOX_ARCHITECTURES, build_model
+from detection.modeling.detector import BOX_ARCHITECTURES, build_model
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

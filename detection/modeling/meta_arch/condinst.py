@@ -45,7 +45,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detection.errors import UserError
-from detection.mask_ops import (
+from detection.modeling.meta_arch.mask_ops import (
     ForwardFromFeatures,
     dice_loss,
     group_norm,

@@ -15,7 +15,7 @@ else one UserError says what differs. The loader prints what was loaded as is, w
 (class layouts: detectron2 has no background class for sigmoid heads and puts it last for softmax
 ones; this project keeps torchvision's `num_classes = K + 1` with 0 = background) and what was skipped.
 The architecture options that make the torchvision model compute the same function live in
-detection.d2_arch; see docs/D2_INTEROP.md.
+detection.interop.d2_conventions; see docs/D2_INTEROP.md.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detection.condinst import SIZE_OF_INTEREST_PER_STRIDE
+from detection.modeling.meta_arch.condinst import SIZE_OF_INTEREST_PER_STRIDE
 from detection.errors import UserError
 
 # Logit of the background class added to sigmoid heads (RetinaNet, FCOS) that detectron2 trains without
@@ -320,7 +320,7 @@ def rule_for(key: str, family: str, lateral_base: int, num_anchors: int) -> Rule
         if key.startswith("roi_heads.mask_head.predictor."):
             return Rule("roi_heads.mask_predictor.mask_fcn_logits." + key.rsplit(".", 1)[1], "masks")
     if family == "CondInst" and key.startswith(("controller.", "mask_branch.")):
-        return Rule(key)  # detection/condinst.py keeps AdelaiDet's names for these
+        return Rule(key)  # detection/modeling/meta_arch/condinst.py keeps AdelaiDet's names for these
     if family in ("FCOS", "CondInst"):
         head = "proposal_generator.fcos_head."
         m = re.match(re.escape(head) + r"(cls|bbox)_tower\.(\d+)\.(weight|bias)$", key)
@@ -337,7 +337,7 @@ def rule_for(key: str, family: str, lateral_base: int, num_anchors: int) -> Rule
         if m:
             return Rule(f"head.regression_head.scales.{m.group(1)}")
     if family == "SOLOv2" and key.startswith(("ins_head.", "mask_head.")):
-        # detection/solov2.py keeps AdelaiDet's module tree (towers as flat conv-GN-ReLU Sequentials), so
+        # detection/modeling/meta_arch/solov2.py keeps AdelaiDet's module tree (towers as flat conv-GN-ReLU Sequentials), so
         # the names are the same; the category branch has K sigmoid classes in both (no background).
         return Rule(key, "classes" if key.startswith("ins_head.cate_pred.") else "")
     return None

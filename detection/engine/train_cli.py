@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from detection.commands import RESUME_FROM_CHECKPOINT, default_argument_parser, launch, run_command
+from detection.engine.commands import RESUME_FROM_CHECKPOINT, default_argument_parser, launch, run_command
 from detection.config import CfgNode, setup_cfg
-from detection.engine import build_trainer
-from detection.evaluation import evaluate_checkpoint
+from detection.engine.trainer import build_trainer
+from detection.engine.evaluation import evaluate_checkpoint
 
 
 def train_or_evaluate(cfg: CfgNode, resume: bool, eval_only: bool) -> dict[str, dict[str, float]]:

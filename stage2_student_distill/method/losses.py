@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stage2_student_distill.decoder import check_heads, predicted_distances, split_heads
+from stage2_student_distill.method.decoder import check_heads, predicted_distances, split_heads
 
 MASK_SUM_EPS = 1e-6  # the reference's clamp on the mask sum; only matters for all-zero masks
 

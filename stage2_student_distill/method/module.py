@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from cache_contract.geometry import level_size
 from detection.errors import UserError
-from stage2_student_distill.decoder import AuxiliaryPredictor, DecoderOutput, InstanceConditionalDecoder, check_heads
-from stage2_student_distill.losses import (
+from stage2_student_distill.method.decoder import AuxiliaryPredictor, DecoderOutput, InstanceConditionalDecoder, check_heads
+from stage2_student_distill.method.losses import (
     StudentValueProjection,
     distillation_loss,
     distillation_mask,
@@ -29,8 +29,8 @@ from stage2_student_distill.losses import (
     localisation_loss,
     prior_entropy,
 )
-from stage2_student_distill.queries import InstanceQueries, QueryBuilder, QueryEncoder
-from stage2_student_distill.tokens import (
+from stage2_student_distill.method.queries import InstanceQueries, QueryBuilder, QueryEncoder
+from stage2_student_distill.method.tokens import (
     SINE_TEMPERATURE,
     ImageSizes,
     Strides,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from detection.commands import default_argument_parser, launch, run_command
+from detection.engine.commands import default_argument_parser, launch, run_command
 from detection.config import setup_cfg
-from detection.evaluation import evaluate_checkpoint, weights_to_evaluate
+from detection.engine.evaluation import evaluate_checkpoint, weights_to_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

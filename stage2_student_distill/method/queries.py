@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import MLP
 
 from detection.errors import UserError
-from stage2_student_distill.tokens import SINE_FEATURES, SINE_TEMPERATURE, ImageSizes, sine_features
+from stage2_student_distill.method.tokens import SINE_FEATURES, SINE_TEMPERATURE, ImageSizes, sine_features
 
 SCALE_BINS = 5  # per axis; the indicator is 2 * SCALE_BINS = 10 features
 FAKE_CENTRE_RANGE = (0.03, 0.97)

@@ -6,7 +6,7 @@ COCO-Detection/retinanet_R_101_FPN_3x.yaml), `detectron2.modeling.build_model` b
 adapter gives stage one and stage two the same view as the torchvision backend's: training ->
 (loss dict, FPN features p2..p7, ImageList); eval -> (detections in the sample frame, features,
 ImageList); `preprocess` / `features` for stage one; FPN + head weights under the torchvision
-backend's names (detection.d2_checkpoint's map), so one cache serves students of either backend.
+backend's names (detection.interop.d2_checkpoint's map), so one cache serves students of either backend.
 Where detectron2 is missing, building raises one UserError saying how to install it.
 
 The project's config stays authoritative for what the rest of the pipeline reads (architecture, depth,
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from detection import d2_checkpoint
+from detection.interop import d2_checkpoint
 from detection.errors import UserError
 
 INSTALL = ("build detectron2 from source (it is not on PyPI): git clone https://github.com/facebookresearch/detectron2 "
@@ -87,7 +87,7 @@ def d2_config(cfg: Any, num_classes: int) -> Any:
                         "point MODEL.D2_CONFIG at a detectron2 config of this detectron2 version") from None
     k = num_classes - 1
     d2cfg.MODEL.DEVICE = str(cfg.MODEL.DEVICE)
-    d2cfg.MODEL.WEIGHTS = ""  # MODEL.WEIGHTS is loaded by the project (detection.checkpoint), reported there
+    d2cfg.MODEL.WEIGHTS = ""  # MODEL.WEIGHTS is loaded by the project (detection.engine.checkpoint), reported there
     d2cfg.MODEL.RETINANET.NUM_CLASSES = k
     d2cfg.MODEL.ROI_HEADS.NUM_CLASSES = k
     if arch == "FCOS":
@@ -291,7 +291,7 @@ class D2DetectorAdapter(nn.Module):
 
 def build_d2_detector(cfg: Any, num_classes: int) -> D2DetectorAdapter:
     """Build MODEL.D2_CONFIG with detectron2 for K = num_classes - 1 classes, randomly initialised."""
-    from detection.zoo import default_distill_levels
+    from detection.modeling.detector import default_distill_levels
 
     arch = cfg.MODEL.META_ARCHITECTURE
     d2cfg = d2_config(cfg, num_classes)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.ops import MLP
 
 from detection.errors import UserError
-from stage2_student_distill.tokens import SINE_FEATURES
+from stage2_student_distill.method.tokens import SINE_FEATURES
 
 
 # DISTILL.KEY_NORM: "" = the teacher tokens enter the keys as they are (the paper); "LN" = layer-normalised

@@ -43,7 +43,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
 
 from detection.errors import UserError
-from detection.mask_ops import ForwardFromFeatures, coordinate_channels, dice_loss, group_norm, mask_centroids, pad_masks
+from detection.modeling.meta_arch.mask_ops import ForwardFromFeatures, coordinate_channels, dice_loss, group_norm, mask_centroids, pad_masks
 
 # AdelaiDet's defaults (MODEL.SOLOV2.*); the grids and ranges are per instance level (P2..P6).
 NUM_GRIDS = (40, 36, 24, 16, 12)

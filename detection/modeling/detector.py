@@ -28,15 +28,15 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection import d2_arch
-from detection import distributed as comm
-from detection.condinst import build_condinst
+from detection.interop import d2_conventions as d2_arch
+from detection import comm
+from detection.modeling.meta_arch.condinst import build_condinst
 from detection.errors import UserError
-from detection.solov2 import build_solov2
+from detection.modeling.meta_arch.solov2 import build_solov2
 
 SINGLE_STAGE = ("RetinaNet", "FCOS")
 TWO_STAGE = ("FasterRCNN", "MaskRCNN")
-# Dense instance segmentation (detection/condinst.py, detection/solov2.py): their own heads on this FPN.
+# Dense instance segmentation (detection/modeling/meta_arch/condinst.py, detection/modeling/meta_arch/solov2.py): their own heads on this FPN.
 DENSE_INSTANCE = ("CondInst", "SOLOv2")
 ARCHITECTURES = SINGLE_STAGE + TWO_STAGE + DENSE_INSTANCE
 # Architectures on the P2-P6 FPN from res2-res5 (max-pooled P6); the others use P3-P7 from res3-res5.
@@ -222,7 +222,7 @@ class DetectorAdapter(nn.Module):
     """A torchvision detector that returns (outputs, FPN features, ImageList) with uniform level names.
 
     `self.model` is the torchvision model itself, so its state dict is torchvision's under a `model.`
-    prefix and torchvision checkpoints load with that prefix added (detection.checkpoint does this).
+    prefix and torchvision checkpoints load with that prefix added (detection.engine.checkpoint does this).
     """
 
     def __init__(self, model: nn.Module, architecture: str, mask_on: bool) -> None:
@@ -357,7 +357,7 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
         raise UserError("SOLOv2 already computes AdelaiDet's function: MODEL.CONVENTIONS detectron2 does not apply to it.",
                         "set MODEL.CONVENTIONS torchvision (AdelaiDet SOLOv2 checkpoints load as they are).")
     if backend == "detectron2":
-        from detection.d2_backend import build_d2_detector  # imports detectron2; only where asked for
+        from detection.interop.d2_backend import build_d2_detector  # imports detectron2; only where asked for
 
         return build_d2_detector(cfg, num_classes)  # type: ignore[return-value]  (same interface)
     return DetectorAdapter(_build_torchvision_model(cfg, num_classes), arch, mask_on)

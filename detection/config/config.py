@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from cache_format.errors import environment_error
-from detection.defaults import DEFAULTS
+from detection.config.defaults import DEFAULTS
 from detection.errors import UserError
 
 BASE_KEY = "_BASE_"
@@ -239,7 +239,7 @@ def _unknown_key(full_key: str, source: str) -> UserError:
         close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:3]
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return UserError(f"unknown config key '{full_key}' (from {source})",
-                     f"{hint}every valid key is listed in detection/defaults.py")
+                     f"{hint}every valid key is listed in detection/config/defaults.py")
 
 
 def _is_free_form(prefix: str) -> bool:

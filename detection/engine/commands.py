@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from cache_format.errors import IcdError, environment_error
-from detection import distributed as comm
+from detection import comm
 from detection.config import CfgNode, save_config
-from detection.datasets import CocoIndex, resolve_num_classes, train_index
-from detection.distributed import launch
+from detection.data.datasets import CocoIndex, resolve_num_classes, train_index
+from detection.engine.launch import launch
 
 __all__ = ["NUM_GPUS_HELP", "default_argument_parser", "default_setup", "launch", "run_command", "seed_all"]
 
@@ -75,7 +75,7 @@ def run_command(command: str, body: Callable[[], Any], interrupted: str = "") ->
 
     Every error the project raises for bad input derives from IcdError, whichever process raised it
     (spawned ranks re-raise it here, see detection.distributed.launch; DataLoader workers hand it to
-    the main process, see detection.loader). An OSError the machine caused (a full or read-only disk,
+    the main process, see detection.data.loader). An OSError the machine caused (a full or read-only disk,
     permissions, a file where a directory must be) is the user's to fix too and is reported the same
     way. Ctrl-C returns 130 with `interrupted` as the advice.
     """

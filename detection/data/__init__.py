@@ -1,0 +1,1 @@
+"""Datasets, the augmentation plan, the training loader and the synthetic dataset."""

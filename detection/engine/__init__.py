@@ -1,0 +1,1 @@
+"""Training and evaluation: the Trainer, checkpoints, COCO evaluation, process launch and the commands."""

@@ -1,0 +1,1 @@
+"""The `icd` command: one entry point (icd.cli) for every stage's subcommands."""
