@@ -240,7 +240,7 @@ def stage2_modes() -> list[tuple[str, str, bool]]:
 def build_stage2_trainer(kind: str, amp: bool, mode: str, work: Path, data: dict[str, Any], device: str,
                          batch: int, max_iter: int, cache: str) -> Any:
     from bench import stage2
-    from detection.engine import build_trainer
+    from detection.engine.trainer import build_trainer
     from stage2_student_distill.cli import build_distill_trainer
 
     config = stage2.STUDENT_CONFIG if kind == "student" else stage2.DISTILL_CONFIG

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cache_format import CacheReader
-from detection.cli import main as icd
+from icd.cli import main as icd
 from detection.config import CfgNode, save_config
 from stage1_teacher_dump.dump import run_dump
 from stage2_student_distill.cli import build_distill_trainer
@@ -157,8 +157,8 @@ def _free_port() -> int:
 NCCL_STEP = """
 import sys, torch, torch.distributed as dist
 from detection.config import setup_cfg
-from detection.datasets import train_index
-from detection.zoo import build_detector
+from detection.data.datasets import train_index
+from detection.modeling.detector import build_detector
 config, port = sys.argv[1], sys.argv[2]
 dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 torch.cuda.set_device(0)
