@@ -130,7 +130,8 @@ def test_resume_on_cuda_continues_with_the_uninterrupted_runs_next_step(cfg_tiny
     straight_cfg = make_distill_cfg(on_cuda(cfg_tiny, "RetinaNet", True, tmp_path / "straight"),
                                     SOLVER={"AMP": True, "MAX_ITER": 4, "CHECKPOINT_PERIOD": 2},
                                     DISTILL={"WARMUP_DETACH_ITERS": 1})
-    build_distill_trainer(straight_cfg, url, with_evaluation=False).train()
+    straight = build_distill_trainer(straight_cfg, url, with_evaluation=False)
+    straight.train()
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(tmp_path / "straight" / "model_0000002.pth", resumed_dir)
@@ -146,6 +147,8 @@ def test_resume_on_cuda_continues_with_the_uninterrupted_runs_next_step(cfg_tiny
     # up to CUDA's non-deterministic reductions (a wrong batch or state moves the losses by far more).
     for key in ("total_loss", "loss_distill", "loss_ident", "loss_loc"):
         assert resumed_rows[0][key] == pytest.approx(straight_rows[2][key], rel=1e-3, abs=1e-6), key
+    # the loss scale came back with the checkpoint: fp16 steps skipped or taken alike, the same scale after
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == straight.scaler.get_scale()
 
 
 def _free_port() -> int:
