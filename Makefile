@@ -11,7 +11,7 @@ OPTS   ?=
 # e.g. BENCH_OPTS=--quick, or --with-accuracy for the (up to an hour) accuracy reproduction
 BENCH_OPTS ?=
 
-.PHONY: install demo test test-all lint stage1 stage2 bench clean
+.PHONY: install demo test test-all lint test-compat gpu-check stage1 stage2 bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# The default suite at both ends of pyproject's torch range, each in its own venv under .compat/
+# (tools/test_compat.py; the first run downloads two torch builds). PYTEST_ARGS go to pytest.
+test-compat:
+	$(PYTHON) tools/test_compat.py $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
+
+# The CUDA and mixed-precision paths on one GPU in <= 8 minutes (bench/gpu_check.py): the cuda-marked
+# tests, stage one and two under AMP, an accuracy smoke run -> bench/results/gpu/. Exits 2 without CUDA.
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check
 
 demo: install
 	$(BIN)/python demo.py

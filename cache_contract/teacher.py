@@ -6,7 +6,6 @@ live with the same function, so a lossless cache and a live teacher give identic
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cache_contract.geometry import padded_shape, valid_region
+from detection.engine.amp import autocast as amp_autocast
 from detection.engine.checkpoint import load_weights
 from detection.errors import UserError
 from detection.modeling.architectures import ARCHITECTURES
@@ -35,19 +35,12 @@ def load_teacher(cfg: Any, num_classes: int, device: torch.device) -> DetectorAd
     return teacher.to(device)
 
 
-def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA when asked (SOLVER.AMP); a no-op elsewhere (CPU runs stay fp32 and exact)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def teacher_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str],
                      amp: bool = False) -> dict[str, Tensor]:
     """FPN features {level: [N, C, H, W]} float32 of images that share one padded shape."""
     device = next(teacher.parameters()).device
-    with autocast_for(device, amp):
+    with amp_autocast(device, amp):  # SOLVER.AMP: fp16 on CUDA, bf16 on CPU; features returned in fp32
         batched = teacher.preprocess([image.to(device, non_blocking=True) for image in images]).tensors
         features = teacher.features(batched)
     return {name: features[name].float() for name in levels}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from cache_contract.teacher import TeacherInit, init_from_teacher
 from detection import comm
+from detection.engine import amp
 from detection.engine.trainer import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
 from detection.modeling.detector import DetectorAdapter
 from stage2_student_distill.data import DistillBatch
@@ -103,20 +104,20 @@ class DistillTrainer(Trainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         self.icd_optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        # Several optimizers under one GradScaler (PyTorch's AMP recipe): unscale each, clip each, step
-        # each (a step is skipped on inf/nan gradients), then one update of the scale.
-        self.scaler.unscale_(self.optimizer)
-        self.scaler.unscale_(self.icd_optimizer)
-        clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)  # the student: SOLVER.CLIP_GRADIENTS
-        if self.icd_clip_norm > 0:  # ICD: total-norm clip (DISTILL.OPTIMIZER.CLIP_NORM)
-            nn.utils.clip_grad_norm_(self.icd.parameters(), self.icd_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.step(self.icd_optimizer)
-        self.scaler.update()
+        # Two optimizers under one GradScaler (PyTorch's AMP recipe): scale, backward, unscale each, clip
+        # each, step each (a step is skipped on inf/nan gradients), then one update of the scale.
+        amp.backward_and_step(self.scaler, total, [
+            (self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)),
+            (self.icd_optimizer, self.clip_icd_gradients),  # DISTILL.OPTIMIZER.CLIP_NORM
+        ])
         self.scheduler.step()
         self.icd_scheduler.step()
         return losses
+
+    def clip_icd_gradients(self) -> None:
+        """ICD's total-norm clip (DISTILL.OPTIMIZER.CLIP_NORM; 0: none) on its unscaled gradients."""
+        if self.icd_clip_norm > 0:
+            nn.utils.clip_grad_norm_(self.icd.parameters(), self.icd_clip_norm)
 
     def step_metrics(self) -> dict[str, Tensor]:
         """`ident_prior_entropy`: the loss_ident of always predicting this batch's real/fake ratio."""

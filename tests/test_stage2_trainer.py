@@ -189,7 +189,8 @@ def test_the_two_optimizers_own_disjoint_parameters(cfg_tiny, teacher_cache, dis
     # each is clipped its own way: the student by value (SOLVER.CLIP_GRADIENTS, 1.0), ICD by total norm (0.01)
     trainer.run_step(next(iter(trainer.build_loader(0))))  # gradients stay until the next step clears them
     icd_grads = [p.grad for p in trainer.icd.parameters() if p.grad is not None]
-    assert icd_grads and torch.nn.utils.get_total_norm(icd_grads) <= 0.01 * (1 + 1e-4)
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in icd_grads]))
+    assert icd_grads and total_norm <= 0.01 * (1 + 1e-4)  # (nn.utils.get_total_norm is torch >= 2.6 only)
     student_grads = [p.grad for p in trainer.module.parameters() if p.grad is not None]
     assert max(float(g.abs().max()) for g in student_grads) <= 1.0
 

@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from detection import comm
 from detection.data.augment import AugmentationPlan
 from detection.data.datasets import DetectionDataset, check_image_files
 from detection.data.loader import Batch, LoaderFactory, build_train_loader
+from detection.engine import amp
 from detection.engine.checkpoint import (
     capture_rng_state,
     last_checkpoint,
@@ -146,10 +147,11 @@ class Trainer:
         s = cfg.SOLVER
         lr_factor = warmup_multistep(int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), list(s.STEPS), float(s.GAMMA))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
-        self.amp = bool(s.AMP) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        # Saved with every checkpoint and restored on resume, next to model/optimizer/scheduler.
-        self.checkpointables: dict[str, Checkpointable] = {}
+        self.amp = bool(s.AMP)  # fp16 on CUDA, bf16 on CPU (detection.engine.amp)
+        self.scaler = amp.grad_scaler(self.device, self.amp)
+        # Saved with every checkpoint and restored on resume, next to model/optimizer/scheduler; under AMP
+        # the loss scale too, so a resumed run scales (and skips steps) as the uninterrupted one.
+        self.checkpointables: dict[str, Checkpointable] = {"grad_scaler": self.scaler} if self.amp else {}
         self.iteration = 0
         self._rng_to_restore: dict[str, Any] | None = None
         self.model.train()
@@ -198,17 +200,15 @@ class Trainer:
             losses, _features, _images = self.model(images, targets)
         total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)
-        self.scaler.step(self.optimizer)  # skipped on inf/nan gradients under mixed precision
-        self.scaler.update()
+        # scale, backward, unscale, clip (SOLVER.CLIP_GRADIENTS), step (skipped on inf/nan), update
+        amp.backward_and_step(self.scaler, total, [
+            (self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS))])
         self.scheduler.step()
         return losses
 
     def autocast(self) -> AbstractContextManager:
-        """Mixed precision (SOLVER.AMP) on CUDA; nothing elsewhere."""
-        return torch.autocast(self.device.type) if self.amp else nullcontext()
+        """Mixed precision under SOLVER.AMP (fp16 on CUDA, bf16 on CPU); nothing otherwise."""
+        return amp.autocast(self.device, self.amp)
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """The sum of the losses; a non-finite one stops training with the losses named."""
