@@ -66,7 +66,8 @@ class Difficulty:
             raise UserError(f"--classes {self.classes}: this dataset has 1 to {len(ALL_CATEGORIES)} shape classes",
                             f"e.g. --classes {len(ALL_CATEGORIES)}")
         if self.max_objects is not None and self.max_objects < 1:
-            raise UserError(f"--max-objects {self.max_objects}: need at least one object per image", "e.g. --max-objects 12")
+            raise UserError(f"--max-objects {self.max_objects}: need at least one object per image",
+                            "e.g. --max-objects 12")
         if not 0 < self.min_extent <= self.max_extent <= 1:
             raise UserError(f"--extent {self.min_extent} {self.max_extent}: need 0 < LO <= HI <= 1 (fractions of the "
                             "image's shorter side)", "e.g. --extent 0.08 0.3")
@@ -391,12 +392,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     hard = parser.add_argument_group("difficulty (defaults: the original dataset)")
     hard.add_argument("--classes", type=int, default=len(CATEGORIES),
                       help=f"shape classes, 1-{len(ALL_CATEGORIES)}: " + ", ".join(c["name"] for c in ALL_CATEGORIES))
-    hard.add_argument("--max-objects", type=int, default=None, help="shapes tried per image (default max(3, size // 24))")
+    hard.add_argument("--max-objects", type=int, default=None,
+                      help="shapes tried per image (default max(3, size // 24))")
     hard.add_argument("--extent", type=float, nargs=2, default=(0.18, 0.5), metavar=("LO", "HI"),
                       help="shape diameters, fractions of the shorter image side (default 0.18 0.5)")
     hard.add_argument("--max-hidden", type=float, default=MAX_HIDDEN,
                       help=f"largest hidden share of a shape: occlusion (default {MAX_HIDDEN})")
-    hard.add_argument("--clutter", type=int, default=0, help="unannotated distractor blobs per image, up to (default 0)")
+    hard.add_argument("--clutter", type=int, default=0,
+                      help="unannotated distractor blobs per image, up to this many (default 0)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     paths: dict[str, str] = {}
 

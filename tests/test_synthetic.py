@@ -110,7 +110,8 @@ def test_harder_task_has_more_classes_smaller_and_more_instances_and_records_its
                                           "max_hidden": 0.6, "clutter": 6}
     assert "difficulty" not in easy["info"]
     assert len(data["annotations"]) > 1.5 * len(easy["annotations"])
-    assert np.median([a["area"] for a in data["annotations"]]) < 0.5 * np.median([a["area"] for a in easy["annotations"]])
+    areas = {name: np.median([a["area"] for a in d["annotations"]]) for name, d in (("easy", easy), ("hard", data))}
+    assert areas["hard"] < 0.5 * areas["easy"]
     coco = COCO(hard_json)  # still valid COCO whose polygons rasterise back to the visible area
     for ann in coco.loadAnns(coco.getAnnIds()):
         assert abs(int(coco.annToMask(ann).sum()) - ann["area"]) <= 0.05 * ann["area"] + 2
