@@ -167,8 +167,10 @@ class Sizes:
         return {**out, "synth": dict(self.synth)} if self.synth else out
 
 
-def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None) -> tuple[str, ...]:
-    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(max_iter),
+def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None,
+              checkpoint: int | None = None) -> tuple[str, ...]:
+    checkpoint = checkpoint or max_iter  # a run that checkpoints before its end continues after an interruption
+    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(checkpoint),
             "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.LOG_PERIOD", str(log))
     return opts + (("DISTILL.WARMUP_DETACH_ITERS", str(detach)) if detach is not None else ())
 
@@ -190,11 +192,13 @@ def _powered(name: str, train: int, val: int, seeds: int, rows: tuple[str, ...],
              log: int) -> Sizes:
     """A powered size: the teacher trains 3x the student; LR step at 80%, warm-up 10% and detach 15% of the
     student's schedule (the full size's bench configs: 40 and 22 of 150). Every run also evaluates at each
-    quarter of its schedule (TEST.EVAL_PERIOD; its metrics.json holds the AP curve), in every mode alike."""
+    quarter of its schedule (TEST.EVAL_PERIOD; its metrics.json holds the AP curve), in every mode alike, and
+    checkpoints there, so an interrupted run continues from its last quarter (build_tasks adds --resume)."""
     s, t = student_iters, 3 * student_iters
     return Sizes(name, train_images=train, val_images=val, seeds=seeds, rows=rows, jobs=1,
-                 teacher_opts=_schedule(t, int(0.8 * t), 100, log) + ("TEST.EVAL_PERIOD", str(t // 4)) + POWERED_MODEL,
-                 student_opts=_schedule(s, int(0.8 * s), s // 10, log, detach=int(0.15 * s))
+                 teacher_opts=_schedule(t, int(0.8 * t), 100, log, checkpoint=t // 4)
+                 + ("TEST.EVAL_PERIOD", str(t // 4)) + POWERED_MODEL,
+                 student_opts=_schedule(s, int(0.8 * s), s // 10, log, detach=int(0.15 * s), checkpoint=s // 4)
                  + ("TEST.EVAL_PERIOD", str(s // 4)) + POWERED_MODEL,
                  synth=POWERED_SYNTH, modes=POWERED_MODES, power=Power())
 
@@ -474,6 +478,16 @@ def icd(*args: str) -> list[str]:
     return [sys.executable, "-m", "detection.cli", *args]
 
 
+def resumed(cmd: list[str], output_dir: Path) -> list[str]:
+    """`cmd` (an `icd train` / `icd distill`), with --resume where an earlier attempt left a checkpoint in
+    `output_dir` (sizes that checkpoint before the end): it continues exactly from there."""
+    from detection.checkpoint import LAST_CHECKPOINT
+
+    if not (output_dir / LAST_CHECKPOINT).is_file():
+        return cmd
+    return cmd[:4] + ["--resume"] + cmd[4:]  # [python, -m, detection.cli, <command>, --resume, ...]
+
+
 def dataset_opts(layout: Layout) -> list[str]:
     train = [str(layout.synth / "annotations" / "instances_train.json"), str(layout.synth / "train")]
     val = [str(layout.synth / "annotations" / "instances_val.json"), str(layout.synth / "val")]
@@ -533,9 +547,10 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
         teacher = row.teacher
         config = str(FAMILIES[teacher].teacher_config(teacher))
         weights = str(layout.teacher(teacher) / "model_final.pth")
-        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: icd(
+        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: resumed(icd(
             "train", "--config-file", config, "OUTPUT_DIR", str(layout.teacher(teacher)), *data, *device_opts,
-            *sizes.teacher_opts), done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
+            *sizes.teacher_opts), layout.teacher(teacher)),
+            done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
 
         def dump(kind: str, flags: Callable[[], list[str]], opts: list[str], teacher: str = teacher,
                  config: str = config, weights: str = weights) -> Callable[[], list[str]]:
@@ -571,7 +586,7 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
                     "cached_budget": (icd("distill", "--cache", budget_cache, *common), (f"dump_{teacher}_budget",)),
                     "online": (icd("distill", "--online", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
                 }[mode]
-                add(Task(task_name(row, mode, seed), lambda cmd=cmd: cmd, deps=deps,
+                add(Task(task_name(row, mode, seed), lambda cmd=cmd, out=out: resumed(cmd, out), deps=deps,
                          done=lambda out=out, row=row, mode=mode, seed=seed: finished_run(out)
                          or carried(row, mode, seed)))
     return tasks

@@ -232,6 +232,12 @@ def test_powered_size_plans_a_3x_teacher_the_no_init_mode_and_its_own_dataset(tm
                                                  [accuracy.ROWS["retinanet"]], (), [], budget=lambda family: 1)}
     assert not any("no_init" in name for name in full)
     assert "synth" not in accuracy.SIZES["full"].record() and sizes.record()["synth"]["classes"] == 12
+    # it checkpoints every quarter, and a run an interruption left with a checkpoint continues from it
+    assert int(opt(student, "SOLVER.CHECKPOINT_PERIOD")) == int(opt(student, "SOLVER.MAX_ITER")) // 4
+    assert "--resume" not in teacher
+    (tmp_path / "teachers" / "retinanet").mkdir(parents=True)
+    (tmp_path / "teachers" / "retinanet" / "last_checkpoint").write_text("model_0000750.pth")
+    assert tasks["teacher_retinanet"].command()[3:5] == ["train", "--resume"]
     gpu = accuracy.SIZES["powered_gpu"]  # the same recipe, scaled
     assert gpu.synth == sizes.synth and gpu.train_images > sizes.train_images and gpu.jobs == 1
 
