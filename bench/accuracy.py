@@ -44,6 +44,10 @@ students, 3 seeds): on 2 CPU cores about 25-40 minutes per family for the box fa
 mask families, so the whole table takes several hours. quick (64 / 16 images, 60 / 40 iterations, one
 seed, RetinaNet only unless --families): minutes, a smoke test, not results. gpu (1000 / 200 images,
 2000-iteration teachers, 600-iteration students, 3 seeds, one run at a time): for a GPU machine.
+powered (issue 21: a regime with the power to tell ICD from teacher-init only; bench/README.md): a harder
+synthetic task, 2000 / 500 images, 3000-iteration teachers, 1000-iteration students, 3 seeds, RetinaNet and
+Faster R-CNN, modes baseline / init_only / cached_fp32 / no_init, AP curves, resumable runs; its table adds
+the power check (headroom, paired-delta std and interval). powered_gpu: the same recipe scaled for a GPU.
 """
 from __future__ import annotations
 
