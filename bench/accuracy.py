@@ -907,7 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same-family rows' modes (default: the size's; powered: " + " ".join(POWERED_MODES)
                         + "; else " + " ".join(SAME_FAMILY_MODES) + ")")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the size's, 3 for full)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json", help="JSON result")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON result (default: bench/results/accuracy.json for the full size, "
+                        "accuracy_<size>.json for the others, so no size overwrites another's table)")
     parser.add_argument("--work", type=Path, default=REPO / "output" / "bench_accuracy",
                         help="work dir for the dataset, teachers, caches and runs (a subfolder per size)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -938,6 +940,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = SIZES["quick" if args.quick else args.size]
     if args.modes is not None:
         sizes = dataclasses.replace(sizes, modes=tuple(args.modes))
+    if args.out is None:
+        name = "accuracy.json" if sizes.name == "full" else f"accuracy_{sizes.name}.json"
+        args.out = REPO / "bench" / "results" / name
     n_seeds = args.seeds if args.seeds is not None else sizes.seeds
     if n_seeds < 1:
         parser.error("--seeds must be at least 1")
