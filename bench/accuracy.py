@@ -44,10 +44,15 @@ students, 3 seeds): on 2 CPU cores about 25-40 minutes per family for the box fa
 mask families, so the whole table takes several hours. quick (64 / 16 images, 60 / 40 iterations, one
 seed, RetinaNet only unless --families): minutes, a smoke test, not results. gpu (1000 / 200 images,
 2000-iteration teachers, 600-iteration students, 3 seeds, one run at a time): for a GPU machine.
+powered (issue 21: a regime with the power to tell ICD from teacher-init only; bench/README.md): a harder
+synthetic task, 2000 / 500 images, 3000-iteration teachers, 1000-iteration students, 3 seeds, RetinaNet and
+Faster R-CNN, modes baseline / init_only / cached_fp32 / no_init, AP curves, resumable runs; its table adds
+the power check (headroom, paired-delta std and interval). powered_gpu: the same recipe scaled for a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -99,6 +104,9 @@ ABLATIONS = {
 }
 # the rows where the ICD loss costs AP over teacher-init only: the cross-family row and CondInst
 DEFAULT_ABLATE = ("fcos_from_retinanet", "condinst")
+# Modes a size may run for its same-family rows (Sizes.modes) beyond SAME_FAMILY_MODES: cached fp32 ICD
+# without the teacher initialisation, which separates what the loss does from what the initialisation does.
+EXTRA_MODES = {"no_init": ("DISTILL.INIT_FROM_TEACHER", "False")}
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,17 @@ NEIGHBOUR_SHARE = 0.8
 
 
 @dataclass(frozen=True)
+class Power:
+    """What a size built to answer "does the ICD loss beat teacher-init only?" must show (issue 21); the
+    table checks each criterion against its measured value."""
+
+    min_headroom: float = 5.0     # teacher AP - init_only AP: what ICD could win at most
+    max_delta_std: float = 0.5    # sample std over seeds of (cached fp32 - init_only), paired by seed
+    min_seeds: int = 3
+    min_val_images: int = 500
+
+
+@dataclass(frozen=True)
 class Sizes:
     """How big the benchmark is: data, schedules (None: the bench config's), seeds, default rows."""
 
@@ -144,17 +163,51 @@ class Sizes:
     teacher_opts: tuple[str, ...] = ()
     student_opts: tuple[str, ...] = ()
     jobs: int | None = None  # None: min(2, usable cores) on CPU
+    synth: tuple[tuple[str, Any], ...] = ()  # detection.data.synthetic.Difficulty fields; () the default task
+    modes: tuple[str, ...] | None = None     # same-family rows' modes (None: SAME_FAMILY_MODES)
+    power: Power | None = None               # the criteria its table checks
 
     def record(self) -> dict[str, Any]:
         """What a results file records of its size; a file is carried only into the same record."""
-        return {"name": self.name, "train_images": self.train_images, "val_images": self.val_images,
-                "teacher_opts": list(self.teacher_opts), "student_opts": list(self.student_opts)}
+        out = {"name": self.name, "train_images": self.train_images, "val_images": self.val_images,
+               "teacher_opts": list(self.teacher_opts), "student_opts": list(self.student_opts)}
+        return {**out, "synth": dict(self.synth)} if self.synth else out
 
 
-def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None) -> tuple[str, ...]:
-    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(max_iter),
+def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None,
+              checkpoint: int | None = None) -> tuple[str, ...]:
+    checkpoint = checkpoint or max_iter  # a run that checkpoints before its end continues after an interruption
+    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(checkpoint),
             "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.LOG_PERIOD", str(log))
     return opts + (("DISTILL.WARMUP_DETACH_ITERS", str(detach)) if detach is not None else ())
+
+
+# The powered regime (issue 21; design and pilot in bench/README.md): a harder task where capacity
+# matters - 12 classes, up to 12 instances per image of 8-40 px, more occlusion, unannotated clutter -
+# anchors a half of the demo's for the smaller instances, a teacher trained 3x the student's schedule
+# (the paper's 3x vs 1x), 500 val images, one run at a time. POWERED_GPU is the same recipe scaled.
+POWERED_SYNTH = (("classes", 12), ("max_objects", 12), ("min_extent", 0.08), ("max_extent", 0.3),
+                 ("max_hidden", 0.6), ("clutter", 6))
+POWERED_MODEL = ("MODEL.ANCHOR_GENERATOR.SIZES", "[8, 16, 32, 64, 128]")
+POWERED_STUDENT_ITERS = 1000
+# The question's modes; cached_budget (the cache's lossy encodings) is left to --modes: the full size shows
+# it within the seed spread of fp32 in every family.
+POWERED_MODES = ("baseline", "init_only", "cached_fp32", "no_init")
+
+
+def _powered(name: str, train: int, val: int, seeds: int, rows: tuple[str, ...], student_iters: int,
+             log: int) -> Sizes:
+    """A powered size: the teacher trains 3x the student; LR step at 80%, warm-up 10% and detach 15% of the
+    student's schedule (the full size's bench configs: 40 and 22 of 150). Every run also evaluates at each
+    quarter of its schedule (TEST.EVAL_PERIOD; its metrics.json holds the AP curve), in every mode alike, and
+    checkpoints there, so an interrupted run continues from its last quarter (build_tasks adds --resume)."""
+    s, t = student_iters, 3 * student_iters
+    return Sizes(name, train_images=train, val_images=val, seeds=seeds, rows=rows, jobs=1,
+                 teacher_opts=_schedule(t, int(0.8 * t), 100, log, checkpoint=t // 4)
+                 + ("TEST.EVAL_PERIOD", str(t // 4)) + POWERED_MODEL,
+                 student_opts=_schedule(s, int(0.8 * s), s // 10, log, detach=int(0.15 * s), checkpoint=s // 4)
+                 + ("TEST.EVAL_PERIOD", str(s // 4)) + POWERED_MODEL,
+                 synth=POWERED_SYNTH, modes=POWERED_MODES, power=Power())
 
 
 SIZES = {
@@ -163,6 +216,10 @@ SIZES = {
                    teacher_opts=_schedule(60, 48, 15, 20), student_opts=_schedule(40, 32, 10, 10, detach=6)),
     "gpu": Sizes("gpu", train_images=1000, val_images=200, seeds=3, rows=tuple(ROWS), jobs=1,
                  teacher_opts=_schedule(2000, 1600, 100, 50), student_opts=_schedule(600, 480, 100, 50, detach=90)),
+    "powered": _powered("powered", 2000, 500, 3, ("retinanet", "faster_rcnn"), student_iters=POWERED_STUDENT_ITERS,
+                        log=50),
+    "powered_gpu": _powered("powered_gpu", 8000, 2000, 5, tuple(r for r in ROWS if r != "fcos_from_retinanet"),
+                            student_iters=4 * POWERED_STUDENT_ITERS, log=100),
 }
 
 
@@ -428,6 +485,16 @@ def icd(*args: str) -> list[str]:
     return [sys.executable, "-m", "icd", *args]
 
 
+def resumed(cmd: list[str], output_dir: Path) -> list[str]:
+    """`cmd` (an `icd train` / `icd distill`), with --resume where an earlier attempt left a checkpoint in
+    `output_dir` (sizes that checkpoint before the end): it continues exactly from there."""
+    from detection.checkpoint import LAST_CHECKPOINT
+
+    if not (output_dir / LAST_CHECKPOINT).is_file():
+        return cmd
+    return cmd[:4] + ["--resume"] + cmd[4:]  # [python, -m, detection.cli, <command>, --resume, ...]
+
+
 def dataset_opts(layout: Layout) -> list[str]:
     train = [str(layout.synth / "annotations" / "instances_train.json"), str(layout.synth / "train")]
     val = [str(layout.synth / "annotations" / "instances_val.json"), str(layout.synth / "val")]
@@ -454,13 +521,16 @@ def budget_for(layout: Layout, family: str, fraction: float, explicit: str | Non
 
 
 def every_mode(row: Row) -> tuple[str, ...]:
-    """Every mode any invocation may have run for the row (online and ablation included)."""
-    return modes_of(row, online=FAMILIES, ablate=ROWS)
+    """Every mode any invocation may have run for the row (online, extra modes and ablation included)."""
+    return row.modes + (tuple(EXTRA_MODES) if row.student == row.teacher else ()) + tuple(ABLATIONS)
 
 
-def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = ()) -> tuple[str, ...]:
-    """The row's modes: online only for the --online-families, the ablation for the --ablate rows."""
-    modes = tuple(m for m in row.modes if m != "online" or row.student in online)
+def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = (),
+             same_family: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The row's modes (a same-family row's: `same_family` where a size sets them): online only for the
+    --online-families, the ablation for the --ablate rows."""
+    base = tuple(same_family) if same_family is not None and row.student == row.teacher else row.modes
+    modes = tuple(m for m in base if m != "online" or row.student in online)
     return modes + (tuple(ABLATIONS) if row.name in ablate else ())
 
 
@@ -484,9 +554,10 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
         teacher = row.teacher
         config = str(FAMILIES[teacher].teacher_config(teacher))
         weights = str(layout.teacher(teacher) / "model_final.pth")
-        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: icd(
+        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: resumed(icd(
             "train", "--config-file", config, "OUTPUT_DIR", str(layout.teacher(teacher)), *data, *device_opts,
-            *sizes.teacher_opts), done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
+            *sizes.teacher_opts), layout.teacher(teacher)),
+            done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
 
         def dump(kind: str, flags: Callable[[], list[str]], opts: list[str], teacher: str = teacher,
                  config: str = config, weights: str = weights) -> Callable[[], list[str]]:
@@ -498,7 +569,7 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
 
         add(Task(f"dump_{teacher}_fp32", dump("fp32", lambda: [], ["CACHE.ENCODING", "fp32"]),
                  deps=(f"teacher_{teacher}",), done=lambda t=teacher: complete_cache(layout.cache(t, "fp32"))))
-        modes = modes_of(row, online, ablate)
+        modes = modes_of(row, online, ablate, sizes.modes)
         if "cached_budget" in modes:
             # the budget is a fraction of the fp32 cache's measured size, hence built when the task starts
             add(Task(f"dump_{teacher}_budget",
@@ -514,7 +585,7 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
                           *device_opts, *sizes.student_opts]
                 cmd, deps = {
                     **{name: (icd("distill", "--cache", fp32, *common, *opts), (f"dump_{teacher}_fp32",))
-                       for name, opts in ABLATIONS.items()},
+                       for name, opts in {**ABLATIONS, **EXTRA_MODES}.items()},
                     "baseline": (icd("train", *common), ()),
                     "init_only": (icd("distill", "--cache", fp32, *common, "DISTILL.LAMBDA", "0"),
                                   (f"dump_{teacher}_fp32",)),
@@ -522,7 +593,7 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
                     "cached_budget": (icd("distill", "--cache", budget_cache, *common), (f"dump_{teacher}_budget",)),
                     "online": (icd("distill", "--online", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
                 }[mode]
-                add(Task(task_name(row, mode, seed), lambda cmd=cmd: cmd, deps=deps,
+                add(Task(task_name(row, mode, seed), lambda cmd=cmd, out=out: resumed(cmd, out), deps=deps,
                          done=lambda out=out, row=row, mode=mode, seed=seed: finished_run(out)
                          or carried(row, mode, seed)))
     return tasks
@@ -624,6 +695,71 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     return cells
 
 
+# Student's t, two-sided 95% (0.975 quantile) by degrees of freedom; a table because the project has no scipy.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (the nearest tabulated df below; 1.96
+    past 30)."""
+    if df < 1:
+        return math.nan
+    return 1.96 if df > 30 else T_975[max(k for k in T_975 if k <= df)]
+
+
+def power_summary(result: dict[str, Any], power: Power) -> dict[str, Any]:
+    """Per same-family row and metric: headroom (teacher - init_only), the paired delta cached fp32 -
+    init_only with its std and 95% t interval, and which of `power`'s criteria the measurements meet."""
+    val_images = int(result["sizes"]["val_images"])
+    out: dict[str, Any] = {"criteria": {"min_headroom": power.min_headroom, "max_delta_std": power.max_delta_std,
+                                        "min_seeds": power.min_seeds, "min_val_images": power.min_val_images},
+                           "val_images": val_images, "rows": {}}
+    for name, cells in result["cells"].items():
+        row = ROWS[name]
+        if row.student != row.teacher or "init_only" not in cells:
+            continue
+        teacher = result.get("row_teachers", {}).get(name) or result["teachers"].get(row.teacher, {})
+        per_metric = {}
+        for metric in FAMILIES[row.student].metrics:
+            key = f"{metric}_AP"
+            init = cells["init_only"].get(f"{key}_mean", math.nan)
+            headroom = teacher.get(key, math.nan) - init
+            delta = (cells.get("cached_fp32") or {}).get(f"{key}_vs_init_only") or {}
+            mean, std, n = delta.get("mean", math.nan), delta.get("std", math.nan), int(delta.get("n", 0))
+            half = t_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+            per_metric[key] = {
+                "teacher": teacher.get(key, math.nan), "init_only": init, "headroom": headroom,
+                "baseline": (cells.get("baseline") or {}).get(f"{key}_mean", math.nan),
+                "delta_mean": mean, "delta_std": std, "n": n, "interval_95": [mean - half, mean + half],
+                "meets": {"headroom": headroom >= power.min_headroom,
+                          "delta_std": n > 1 and std <= power.max_delta_std,
+                          "seeds": n >= power.min_seeds, "val_images": val_images >= power.min_val_images}}
+        out["rows"][name] = per_metric
+    return out
+
+
+def power_markdown(power: dict[str, Any]) -> str:
+    c = power["criteria"]
+    lines = [f"Power (the design criteria: headroom = teacher - teacher-init only >= {c['min_headroom']:g} AP; the "
+             f"paired delta ICD cached fp32 - teacher-init only with std <= {c['max_delta_std']:g} AP over >= "
+             f"{c['min_seeds']} seeds; >= {c['min_val_images']} val images, here {power['val_images']}). The "
+             f"interval is the paired delta's 95% t interval.", "",
+             "| student <- teacher | AP | teacher | teacher-init only | headroom | Δ ICD fp32 vs init only | "
+             "std | n | 95% interval | criteria |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, metrics in power["rows"].items():
+        for key, m in metrics.items():
+            unmet = [k for k, ok in m["meets"].items() if not ok]
+            lo, hi = m["interval_95"]
+            interval = "n/a" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+            lines.append(f"| {ROWS[name].label} | {key.split('_')[0]} | {m['teacher']:.2f} | {m['init_only']:.2f} "
+                         f"| {m['headroom']:+.2f} | {m['delta_mean']:+.2f} "
+                         f"| {m['delta_std']:.2f} | {m['n']} | {interval} | "
+                         + ("met" if not unmet else "not met: " + ", ".join(unmet)) + " |")
+    return "\n".join(lines)
+
+
 def json_safe(value: Any) -> Any:
     """NaN (a cell with no finished run) -> null, so the JSON is strict; keys -> str."""
     if isinstance(value, float) and math.isnan(value):
@@ -644,7 +780,8 @@ def _pm(mean: float, std: float, sign: bool = False) -> str:
 MODE_LABELS = {"baseline": "baseline (icd train)", "init_only": "teacher-init only (LAMBDA 0)",
                "cached_fp32": "ICD cached fp32", "cached_budget": "ICD cached, budget", "online": "ICD online",
                "lambda_2": "ablation: ICD cached fp32, LAMBDA 2", "detach_75": "ablation: ICD, student detached 75 it",
-               "paper_decoder": "ablation: ICD, paper's decoder (no prior, raw keys)"}
+               "paper_decoder": "ablation: ICD, paper's decoder (no prior, raw keys)",
+               "no_init": "ICD cached fp32, no teacher init"}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -699,6 +836,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                   + ", ".join(budgets) + "."]
     if result["failed"]:
         lines += ["", "FAILED steps: " + ", ".join(result["failed"]) + " (cells with fewer seeds or missing)."]
+    if result.get("power"):
+        lines += ["", power_markdown(result["power"])]
     return "\n".join(lines)
 
 
@@ -767,8 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablate", nargs="*", choices=list(ROWS), default=list(DEFAULT_ABLATE),
                         help="rows that also run the ablation (" + ", ".join(ABLATIONS) + "): default "
                         "fcos_from_retinanet and condinst, the rows where the ICD loss costs AP")
+    parser.add_argument("--modes", nargs="+", choices=list(SAME_FAMILY_MODES) + list(EXTRA_MODES), default=None,
+                        help="same-family rows' modes (default: the size's; powered: " + " ".join(POWERED_MODES)
+                        + "; else " + " ".join(SAME_FAMILY_MODES) + ")")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the size's, 3 for full)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json", help="JSON result")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON result (default: bench/results/accuracy.json for the full size, "
+                        "accuracy_<size>.json for the others, so no size overwrites another's table)")
     parser.add_argument("--work", type=Path, default=REPO / "output" / "bench_accuracy",
                         help="work dir for the dataset, teachers, caches and runs (a subfolder per size)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -797,6 +941,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     sizes = SIZES["quick" if args.quick else args.size]
+    if args.modes is not None:
+        sizes = dataclasses.replace(sizes, modes=tuple(args.modes))
+    if args.out is None:
+        name = "accuracy.json" if sizes.name == "full" else f"accuracy_{sizes.name}.json"
+        args.out = REPO / "bench" / "results" / name
     n_seeds = args.seeds if args.seeds is not None else sizes.seeds
     if n_seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -816,7 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from bench.run_all import machine_info, now_iso
-    from detection.data.synthetic import generate
+    from detection.data.synthetic import Difficulty, generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -831,7 +980,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"accuracy benchmark ({sizes.name}): rows {', '.join(r.name for r in rows)}, seeds {seeds}, device "
           f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
     if not args.report_only and not (layout.synth / "annotations" / "instances_val.json").is_file():
-        generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0)
+        generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0,
+                 difficulty=Difficulty(**dict(sizes.synth)))
     dataset_sha256 = dataset_digest(layout)
     carry_from = None if args.no_carry or args.fresh else (args.carry or args.out)
     carried, said = load_carried(carry_from, sizes, dataset_sha256)
@@ -888,6 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failed": failed,
         "seconds": time.perf_counter() - start,
     }
+    if sizes.power is not None:
+        result["power"] = power_summary(result, sizes.power)
     result["markdown"] = markdown_table(result)
     print(result["markdown"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -208,3 +208,59 @@ def test_caches_merge_per_kind_the_work_dir_first() -> None:
     here = {"retinanet": {"fp32": {"samples": 2}}}
     assert accuracy.merge_caches(recorded, here) == {
         "retinanet": {"fp32": {"samples": 2}, "budget": {"encoding": "int8"}}, "fcos": {"fp32": {}}}
+
+
+# --- the powered size (issue 21): a harder task, 3x teachers, the criteria the table checks ------------------
+def test_powered_size_plans_a_3x_teacher_the_no_init_mode_and_its_own_dataset(tmp_path: Path) -> None:
+    sizes = accuracy.SIZES["powered"]
+    tasks = {t.name: t for t in accuracy.build_tasks(
+        accuracy.Layout(tmp_path), sizes, [0, 1, 2], [accuracy.ROWS[r] for r in sizes.rows], (),
+        ["MODEL.DEVICE", "cpu"], budget=lambda family: 1)}
+
+    def opt(cmd: list[str], key: str) -> str:
+        return cmd[len(cmd) - 1 - cmd[::-1].index(key) + 1]  # the last occurrence wins, as in the config
+
+    teacher, student = tasks["teacher_retinanet"].command(), tasks["retinanet_baseline_seed0"].command()
+    assert int(opt(teacher, "SOLVER.MAX_ITER")) == 3 * int(opt(student, "SOLVER.MAX_ITER"))
+    assert opt(teacher, "MODEL.ANCHOR_GENERATOR.SIZES") == opt(student, "MODEL.ANCHOR_GENERATOR.SIZES")
+    no_init = tasks["faster_rcnn_no_init_seed2"].command()
+    assert opt(no_init, "DISTILL.INIT_FROM_TEACHER") == "False" and "DISTILL.LAMBDA" not in no_init
+    assert {"retinanet_online_seed0", "retinanet_lambda_2_seed0"}.isdisjoint(tasks)  # not asked for
+    assert sizes.val_images >= sizes.power.min_val_images and sizes.seeds >= sizes.power.min_seeds
+    # the full size is as it was: no extra mode, a record without the task's options (older files carry)
+    full = {t.name for t in accuracy.build_tasks(accuracy.Layout(tmp_path), accuracy.SIZES["full"], [0],
+                                                 [accuracy.ROWS["retinanet"]], (), [], budget=lambda family: 1)}
+    assert not any("no_init" in name for name in full)
+    assert "synth" not in accuracy.SIZES["full"].record() and sizes.record()["synth"]["classes"] == 12
+    # it checkpoints every quarter, and a run an interruption left with a checkpoint continues from it
+    assert int(opt(student, "SOLVER.CHECKPOINT_PERIOD")) == int(opt(student, "SOLVER.MAX_ITER")) // 4
+    assert "--resume" not in teacher
+    (tmp_path / "teachers" / "retinanet").mkdir(parents=True)
+    (tmp_path / "teachers" / "retinanet" / "last_checkpoint").write_text("model_0000750.pth")
+    assert tasks["teacher_retinanet"].command()[3:5] == ["train", "--resume"]
+    gpu = accuracy.SIZES["powered_gpu"]  # the same recipe, scaled
+    assert gpu.synth == sizes.synth and gpu.train_images > sizes.train_images and gpu.jobs == 1
+
+
+def test_power_summary_reports_headroom_and_the_paired_delta_with_its_interval() -> None:
+    runs = [run("retinanet", mode, seed, box_AP=ap) for mode, aps in
+            (("baseline", (5.0, 6.0, 7.0)), ("init_only", (10.0, 11.0, 12.0)), ("cached_fp32", (10.5, 11.0, 12.7)))
+            for seed, ap in enumerate(aps)]
+    result = {"sizes": {"val_images": 500}, "cells": accuracy.aggregate(runs), "failed": [], "caches": {},
+              "budget_fraction": 0.35, "teachers": {"retinanet": {"box_AP": 17.5}}}
+    power = accuracy.power_summary(result, accuracy.Power())
+    m = power["rows"]["retinanet"]["box_AP"]
+    assert m["headroom"] == pytest.approx(6.5) and m["n"] == 3
+    assert m["delta_mean"] == pytest.approx(0.4) and m["delta_std"] == pytest.approx(math.sqrt(0.13))
+    half = 4.303 * math.sqrt(0.13) / math.sqrt(3)
+    assert m["interval_95"] == [pytest.approx(0.4 - half), pytest.approx(0.4 + half)]
+    assert all(m["meets"].values())
+
+    def line(power: dict) -> str:
+        table = accuracy.markdown_table({**result, "power": power})
+        return next(row for row in table.splitlines() if row.startswith("| RetinaNet") and "+6.50" in row)
+
+    assert "| +0.40 | 0.36 | 3 | [-0.50, +1.30] | met |" in line(power)
+    strict = accuracy.power_summary(result, accuracy.Power(max_delta_std=0.3, min_val_images=1000))
+    assert line(strict).endswith("| not met: delta_std, val_images |")
+    assert accuracy.t_975(2) == 4.303 and accuracy.t_975(40) == 1.96

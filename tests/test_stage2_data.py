@@ -159,3 +159,27 @@ def test_sample_table_maps_images_and_variants_to_committed_samples(teacher_cach
     assert table.sample_index(first, 0) == 0
     with pytest.raises(KeyError):
         table.sample_index(first, 1)
+
+
+def test_every_mode_trains_on_the_same_batches_of_the_same_images_and_variants(cfg_tiny, teacher_cache):
+    """What pairing modes by seed relies on (bench/accuracy.py): `icd train` (the baseline) and `icd distill`
+    on a full cache draw the same (image, variant) batches for one SEED, epoch after epoch."""
+    from detection.augment import AugmentationPlan
+    from detection.datasets import DetectionDataset
+    from detection.loader import InfiniteSampler, batch_stream
+
+    url, _ = teacher_cache(variants=2, min_sizes=MIN_SIZES)
+    cfg_tiny.INPUT.MIN_SIZE_TRAIN = list(MIN_SIZES)
+    cfg_tiny.CACHE.NUM_VARIANTS = 2
+    plan = AugmentationPlan.for_training(cfg_tiny)
+    baseline = DetectionDataset(train_index(cfg_tiny), plan, training=True, variant_sampler=plan.sample_variant)
+    cached = cached_dataset(cfg_tiny, url, read_features=False)
+    assert len(baseline) == len(cached)
+
+    def batches(dataset, seed: int) -> list[list[tuple[int, int]]]:
+        stream = batch_stream(dataset, InfiniteSampler(len(dataset), seed=seed, yield_epoch=True, rank=0,
+                                                       world_size=1), batch_size=3, group_by_aspect=True)
+        return [[(im.id, v) for im, v in map(dataset.locate, next(stream))] for _ in range(4 * len(dataset) // 3)]
+
+    assert batches(baseline, seed=5) == batches(cached, seed=5)
+    assert batches(baseline, seed=5) != batches(baseline, seed=6)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detection.data.synthetic import generate
+from detection.data.synthetic import Difficulty, generate, render_image
 from detection.engine.synth_cli import main
 
 
@@ -87,3 +87,53 @@ def test_cli_writes_the_dataset_and_rejects_bad_sizes(tmp_path, capsys):
 def test_cli_rejects_bad_counts(tmp_path, capsys, train, val):
     assert main(["--out", str(tmp_path), "--train", str(train), "--val", str(val)]) == 2
     assert "icd synth: error:" in capsys.readouterr().err
+
+
+def test_default_difficulty_draws_the_original_dataset(tmp_path):
+    """The annotations of the dataset as it was before Difficulty existed (sha256 taken from that code):
+    the demo and the benchmark's full size depend on it."""
+    import hashlib
+
+    paths = generate(tmp_path, train=4, val=2, size=64, seed=3, difficulty=Difficulty())
+    digest = hashlib.sha256(Path(paths["train_json"]).read_bytes() + Path(paths["val_json"]).read_bytes())
+    assert digest.hexdigest() == "47eb32c9443518f6d7219106e4a0dc03fe76bf1be9e5bb1f5cb3729dd45f7d8d"
+
+
+def test_harder_task_has_more_classes_smaller_and_more_instances_and_records_its_options(tmp_path):
+    hard = Difficulty(classes=12, max_objects=12, min_extent=0.08, max_extent=0.3, max_hidden=0.6, clutter=6)
+    easy_json = generate(tmp_path / "easy", train=24, val=0, size=96, seed=0)["train_json"]
+    hard_json = generate(tmp_path / "hard", train=24, val=0, size=96, seed=0, difficulty=hard)["train_json"]
+    easy, data = json.loads(Path(easy_json).read_text()), json.loads(Path(hard_json).read_text())
+    assert [c["id"] for c in data["categories"]] == list(range(1, 13))
+    assert data["categories"][:4] == easy["categories"]  # the original classes keep their ids
+    assert len({a["category_id"] for a in data["annotations"]}) >= 10
+    assert data["info"]["difficulty"] == {"classes": 12, "max_objects": 12, "min_extent": 0.08, "max_extent": 0.3,
+                                          "max_hidden": 0.6, "clutter": 6}
+    assert "difficulty" not in easy["info"]
+    assert len(data["annotations"]) > 1.5 * len(easy["annotations"])
+    areas = {name: np.median([a["area"] for a in d["annotations"]]) for name, d in (("easy", easy), ("hard", data))}
+    assert areas["hard"] < 0.5 * areas["easy"]
+    coco = COCO(hard_json)  # still valid COCO whose polygons rasterise back to the visible area
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert abs(int(coco.annToMask(ann).sum()) - ann["area"]) <= 0.05 * ann["area"] + 2
+
+
+def test_clutter_changes_pixels_but_not_the_draws_of_the_shapes_before_it(tmp_path):
+    """Clutter has its own random stream: the shapes draw from theirs as without it (the first class drawn is
+    the same; later draws depend on the colours under each shape)."""
+    changed = []
+    for index in range(6):
+        a, anns_a = render_image(0, "train", index, 96, Difficulty(classes=12, max_objects=8))
+        b, anns_b = render_image(0, "train", index, 96, Difficulty(classes=12, max_objects=8, clutter=8))
+        changed.append((a != b).any(axis=-1).mean())
+        assert [x["category_id"] for x in anns_b][:1] == [x["category_id"] for x in anns_a][:1]
+    assert np.mean(changed) > 0.05 and min(changed) == 0.0  # up to 8 blobs: some images draw none
+
+
+@pytest.mark.parametrize("flag, value", [("--classes", ["13"]), ("--classes", ["0"]), ("--extent", ["0.5", "0.2"]),
+                                         ("--max-hidden", ["1.0"]), ("--clutter", ["-1"]), ("--max-objects", ["0"])])
+def test_cli_rejects_bad_difficulty(tmp_path, capsys, flag, value):
+    assert main(["--out", str(tmp_path / "d"), "--train", "1", "--val", "0", flag, *value]) == 2
+    err = capsys.readouterr().err
+    assert f"icd synth: error: {flag}" in err and "Traceback" not in err
+    assert not (tmp_path / "d" / "annotations").exists()

@@ -9,11 +9,18 @@ do not change when more are requested, and the same arguments give the same byte
 settings, JSON with sorted keys). Annotations describe the *visible* part of each shape: bbox, area and
 polygons come from the visible mask (contours via contourpy); shapes hidden or cut off by more than
 MAX_HIDDEN of their area are rejected at placement, so every drawn shape is annotated.
+
+`Difficulty` (the CLI's --classes, --max-objects, --extent, --max-hidden, --clutter) makes the task
+harder where a detector's capacity matters: more classes (shapes that differ in a few vertices), more and
+smaller instances, more occlusion, unannotated clutter shapes in the background. Its defaults draw exactly
+the dataset of the defaults before it existed: the clutter has its own random stream, and every other
+option only changes the values of draws that the defaults make too.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +36,51 @@ CATEGORIES: list[dict[str, Any]] = [
     {"id": 3, "name": "triangle", "supercategory": "shape"},
     {"id": 4, "name": "cross", "supercategory": "shape"},
 ]
+# More classes for a harder task (--classes): appended, so the first four keep their ids.
+EXTRA_SHAPES = ("pentagon", "hexagon", "star", "arrow", "semicircle", "l_shape", "t_shape", "trapezoid")
+ALL_CATEGORIES: list[dict[str, Any]] = CATEGORIES + [
+    {"id": len(CATEGORIES) + 1 + i, "name": name, "supercategory": "shape"} for i, name in enumerate(EXTRA_SHAPES)]
 SPLITS = {"train": 0, "val": 1}
 MAX_HIDDEN = 0.4  # a shape may lose at most this fraction of its area to occluders and the image border
 MIN_VISIBLE_PIXELS = 12
 PNG_SETTINGS = {"format": "PNG", "compress_level": 6, "optimize": False}
+_CLUTTER_STREAM = 1  # the clutter's generator: default_rng([seed, split, index, _CLUTTER_STREAM])
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the task is; the defaults are the original dataset, byte for byte."""
+
+    classes: int = len(CATEGORIES)     # the first `classes` of ALL_CATEGORIES
+    max_objects: int | None = None     # shapes tried per image, 1..max_objects (None: max(3, size // 24))
+    min_extent: float = 0.18           # a shape's diameter, as a fraction of the image's shorter side
+    max_extent: float = 0.5
+    max_hidden: float = MAX_HIDDEN     # the largest share of a shape hidden by occluders and the border
+    clutter: int = 0                   # unannotated distractor blobs per image, up to this many
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.classes <= len(ALL_CATEGORIES):
+            raise UserError(f"--classes {self.classes}: this dataset has 1 to {len(ALL_CATEGORIES)} shape classes",
+                            f"e.g. --classes {len(ALL_CATEGORIES)}")
+        if self.max_objects is not None and self.max_objects < 1:
+            raise UserError(f"--max-objects {self.max_objects}: need at least one object per image",
+                            "e.g. --max-objects 12")
+        if not 0 < self.min_extent <= self.max_extent <= 1:
+            raise UserError(f"--extent {self.min_extent} {self.max_extent}: need 0 < LO <= HI <= 1 (fractions of the "
+                            "image's shorter side)", "e.g. --extent 0.08 0.3")
+        if not 0 <= self.max_hidden < 1:
+            raise UserError(f"--max-hidden {self.max_hidden}: need a fraction in [0, 1)", "e.g. --max-hidden 0.6")
+        if self.clutter < 0:
+            raise UserError(f"--clutter {self.clutter}: need a non-negative count", "e.g. --clutter 6")
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        return ALL_CATEGORIES[: self.classes]
+
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from the defaults (what the annotation files record)."""
+        default = asdict(Difficulty())
+        return {k: v for k, v in asdict(self).items() if v != default[k]}
 
 
 # -- shapes -----------------------------------------------------------------------------------------
@@ -65,6 +113,41 @@ def _shape_polygon(rng: np.random.Generator, name: str, extent: float) -> np.nda
         pts = np.array([[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r],
                         [-a, a], [-r, a], [-r, -a], [-a, -a]])
         angle = rng.uniform(0, math.pi / 2)
+    elif name in ("pentagon", "hexagon"):
+        k = 5 if name == "pentagon" else 6
+        t = np.arange(k) * 2 * math.pi / k
+        pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        angle = rng.uniform(0, 2 * math.pi / k)
+    elif name == "star":
+        inner = rng.uniform(0.38, 0.5)
+        t = np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * inner)
+        pts = np.stack([radii * np.cos(t), radii * np.sin(t)], 1)
+        angle = rng.uniform(0, 2 * math.pi / 5)
+    elif name == "arrow":
+        a, head = r * rng.uniform(0.18, 0.28), r * rng.uniform(0.45, 0.6)  # half shaft width, head length
+        tip = r - head
+        pts = np.array([[-r, -a], [tip, -a], [tip, -2.2 * a], [r, 0.0], [tip, 2.2 * a], [tip, a], [-r, a]])
+        angle = rng.uniform(0, 2 * math.pi)
+    elif name == "semicircle":
+        t = np.linspace(0, math.pi, 24)
+        pts = np.stack([r * np.cos(t), r * np.sin(t) - r / 2], 1)
+        angle = rng.uniform(0, 2 * math.pi)
+    elif name == "l_shape":
+        a = r * rng.uniform(0.35, 0.5)  # arm thickness
+        pts = np.array([[-r, -r], [-r + a, -r], [-r + a, r - a], [r, r - a], [r, r], [-r, r]])
+        angle = rng.uniform(0, 2 * math.pi)
+    elif name == "t_shape":
+        a = r * rng.uniform(0.18, 0.26)  # half stem width
+        bar = r * rng.uniform(0.35, 0.5)  # bar thickness
+        pts = np.array([[-r, -r], [r, -r], [r, -r + bar], [a, -r + bar], [a, r], [-a, r], [-a, -r + bar],
+                        [-r, -r + bar]])
+        angle = rng.uniform(0, 2 * math.pi)
+    elif name == "trapezoid":
+        top = rng.uniform(0.3, 0.55)
+        h = r * rng.uniform(0.55, 0.8)
+        pts = np.array([[-r, h], [r, h], [r * top, -h], [-r * top, -h]])
+        angle = rng.uniform(-0.45, 0.45)
     else:
         raise ValueError(f"unknown shape {name}")
     return _rotate(pts, angle)
@@ -130,6 +213,21 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float64)
 
 
+def _draw_clutter(rng: np.random.Generator, image: np.ndarray, count: int, difficulty: Difficulty) -> None:
+    """Up to `count` unannotated blobs (irregular star-convex polygons, textured) painted into the
+    background, sized like the objects: a detector must learn what is not an object. Objects are drawn
+    over them, so they never hide an annotated shape."""
+    h, w = image.shape[:2]
+    for _ in range(int(rng.integers(0, count + 1))):
+        extent = rng.uniform(difficulty.min_extent, difficulty.max_extent) * min(h, w)
+        k = int(rng.integers(7, 13))
+        t = np.sort(rng.uniform(0, 2 * math.pi, k))
+        radii = extent / 2 * rng.uniform(0.35, 1.0, k)
+        pts = np.stack([radii * np.cos(t), radii * np.sin(t)], 1) + rng.uniform((0, 0), (w, h))
+        mask = _rasterise(pts, h, w)
+        image[mask] = _texture(rng, h, w, _colour(rng))[mask]
+
+
 # -- polygons of visible masks --------------------------------------------------------------------------
 def _mask_polygons(mask: np.ndarray) -> list[list[float]]:
     """COCO polygons (flat x, y lists) tracing a binary mask's regions along pixel edges."""
@@ -154,20 +252,26 @@ def _drop_collinear(pts: np.ndarray) -> np.ndarray:
 
 
 # -- one image --------------------------------------------------------------------------------------------
-def render_image(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_image(seed: int, split: str, index: int, size: int,
+                 difficulty: Difficulty = Difficulty()) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Pixels (h, w, 3) uint8 and annotations (category_id, bbox, area, segmentation) of one image."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     h = size
     w = int(round(size * rng.uniform(0.75, 1.25)))
     image = _background(rng, h, w)
+    if difficulty.clutter:
+        _draw_clutter(np.random.default_rng([seed, SPLITS[split], index, _CLUTTER_STREAM]), image,
+                      difficulty.clutter, difficulty)
+    categories_drawn = difficulty.categories
+    max_hidden = difficulty.max_hidden
     owner = np.full((h, w), -1, dtype=np.int32)
     full_area: list[float] = []
     categories: list[int] = []
     fills: list[tuple[np.ndarray, np.ndarray]] = []
-    max_objects = max(3, size // 24)
+    max_objects = difficulty.max_objects or max(3, size // 24)
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        extent = rng.uniform(0.18, 0.5) * min(h, w)
+        cat = categories_drawn[int(rng.integers(len(categories_drawn)))]
+        extent = rng.uniform(difficulty.min_extent, difficulty.max_extent) * min(h, w)
         poly = _shape_polygon(rng, cat["name"], extent)
         area = _polygon_area(poly)
         lo, hi = poly.min(0), poly.max(0)
@@ -176,11 +280,11 @@ def render_image(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
             cx = rng.uniform(-lo[0] - margin, w - hi[0] + margin)
             cy = rng.uniform(-lo[1] - margin, h - hi[1] + margin)
             mask = _rasterise(poly + (cx, cy), h, w)
-            if mask.sum() < max(MIN_VISIBLE_PIXELS, (1 - MAX_HIDDEN) * area):
+            if mask.sum() < max(MIN_VISIBLE_PIXELS, (1 - max_hidden) * area):
                 continue  # too much of it falls outside the image
             trial = np.where(mask, len(full_area), owner)
             counts = np.bincount(trial[trial >= 0], minlength=len(full_area) + 1)
-            if all(counts[j] >= max(MIN_VISIBLE_PIXELS, (1 - MAX_HIDDEN) * full_area[j])
+            if all(counts[j] >= max(MIN_VISIBLE_PIXELS, (1 - max_hidden) * full_area[j])
                    for j in range(len(full_area))):
                 break
         else:
@@ -218,14 +322,15 @@ def render_image(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
 
 
 # -- whole dataset ---------------------------------------------------------------------------------------
-def _write_split(root: Path, split: str, count: int, size: int, seed: int) -> Path:
+def _write_split(root: Path, split: str, count: int, size: int, seed: int,
+                 difficulty: Difficulty = Difficulty()) -> Path:
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     names = set()
     for i in range(count):
         image_id = i + 1
-        pixels, anns = render_image(seed, split, i, size)
+        pixels, anns = render_image(seed, split, i, size, difficulty)
         name = f"{image_id:06d}.png"
         names.add(name)
         Image.fromarray(pixels).save(image_dir / name, **PNG_SETTINGS)
@@ -236,10 +341,13 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int) -> Pa
     for stale in image_dir.glob("*.png"):  # images of an earlier, larger run would be unannotated
         if stale.name not in names:
             stale.unlink()
+    info: dict[str, Any] = {"description": f"icd synthetic shapes ({split}, size {size}, seed {seed})", "version": "1"}
+    if difficulty.changed():
+        info["difficulty"] = difficulty.changed()
     data = {
-        "info": {"description": f"icd synthetic shapes ({split}, size {size}, seed {seed})", "version": "1"},
+        "info": info,
         "licenses": [],
-        "categories": CATEGORIES,
+        "categories": difficulty.categories,
         "images": images,
         "annotations": annotations,
     }
@@ -249,8 +357,10 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int) -> Pa
     return json_path
 
 
-def generate(out_dir: str | Path, train: int = 200, val: int = 50, size: int = 128, seed: int = 0) -> dict[str, str]:
+def generate(out_dir: str | Path, train: int = 200, val: int = 50, size: int = 128, seed: int = 0,
+             difficulty: Difficulty | None = None) -> dict[str, str]:
     """Write the dataset; returns {root, train_json, train_images, val_json, val_images} as strings."""
+    difficulty = difficulty or Difficulty()
     if train < 0 or val < 0 or train + val == 0:
         raise UserError(f"--train {train} --val {val}: need a non-negative number of images, not both zero",
                         "e.g. --train 200 --val 50")
@@ -264,6 +374,6 @@ def generate(out_dir: str | Path, train: int = 200, val: int = 50, size: int = 1
                         "choose a writable --out directory") from None
     paths = {"root": str(root)}
     for split, count in (("train", train), ("val", val)):
-        paths[f"{split}_json"] = str(_write_split(root, split, count, size, seed))
+        paths[f"{split}_json"] = str(_write_split(root, split, count, size, seed, difficulty))
         paths[f"{split}_images"] = str(root / split)
     return paths

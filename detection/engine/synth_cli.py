@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from detection.data.synthetic import generate
+from detection.data.synthetic import ALL_CATEGORIES, CATEGORIES, MAX_HIDDEN, Difficulty, generate
 from detection.engine.commands import run_command
 
 
@@ -16,11 +16,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=50, help="number of validation images")
     parser.add_argument("--size", type=int, default=128, help="image height; widths vary 0.75-1.25x")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    hard = parser.add_argument_group("difficulty (defaults: the original dataset)")
+    hard.add_argument("--classes", type=int, default=len(CATEGORIES),
+                      help=f"shape classes, 1-{len(ALL_CATEGORIES)}: " + ", ".join(c["name"] for c in ALL_CATEGORIES))
+    hard.add_argument("--max-objects", type=int, default=None,
+                      help="shapes tried per image (default max(3, size // 24))")
+    hard.add_argument("--extent", type=float, nargs=2, default=(0.18, 0.5), metavar=("LO", "HI"),
+                      help="shape diameters, fractions of the shorter image side (default 0.18 0.5)")
+    hard.add_argument("--max-hidden", type=float, default=MAX_HIDDEN,
+                      help=f"largest hidden share of a shape: occlusion (default {MAX_HIDDEN})")
+    hard.add_argument("--clutter", type=int, default=0,
+                      help="unannotated distractor blobs per image, up to this many (default 0)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     paths: dict[str, str] = {}
 
     def body() -> None:
-        paths.update(generate(args.out, args.train, args.val, args.size, args.seed))
+        difficulty = Difficulty(args.classes, args.max_objects, args.extent[0], args.extent[1], args.max_hidden,
+                                args.clutter)
+        paths.update(generate(args.out, args.train, args.val, args.size, args.seed, difficulty))
 
     code = run_command("synth", body)
     if code:
