@@ -492,7 +492,7 @@ def resumed(cmd: list[str], output_dir: Path) -> list[str]:
 
     if not (output_dir / LAST_CHECKPOINT).is_file():
         return cmd
-    return cmd[:4] + ["--resume"] + cmd[4:]  # [python, -m, detection.cli, <command>, --resume, ...]
+    return cmd[:4] + ["--resume"] + cmd[4:]  # [python, -m, icd, <command>, --resume, ...]
 
 
 def dataset_opts(layout: Layout) -> list[str]:

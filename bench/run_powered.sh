@@ -28,7 +28,7 @@ case "${1:-}" in
     RESUME=()
     [ -f "$OUT/last_checkpoint" ] && RESUME=(--resume)
     mkdir -p "$W/pilot"
-    nohup nice -n 15 "$PY" -m detection.cli train "${RESUME[@]}" --config-file configs/bench/accuracy_retinanet_r18.yaml \
+    nohup nice -n 15 "$PY" -m icd train "${RESUME[@]}" --config-file configs/bench/accuracy_retinanet_r18.yaml \
       OUTPUT_DIR "$OUT" SEED 0 MODEL.DEVICE cpu \
       DATASETS.CATALOG.synth_train "[\"$S/annotations/instances_train.json\", \"$S/train\"]" \
       DATASETS.CATALOG.synth_val "[\"$S/annotations/instances_val.json\", \"$S/val\"]" \
