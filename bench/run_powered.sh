@@ -8,8 +8,9 @@
 #   bench/run_powered.sh table   # RetinaNet and Faster R-CNN side by side, one torch thread each, nice 15
 #   bench/run_powered.sh pilot   # the RetinaNet baseline's AP curve to 3x the student schedule (seed 0)
 set -euo pipefail
-W=${W:-/work/bench_work_powered}
-PY=${PY:-/work/main/.venv/bin/python}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+W=${W:-$REPO/output/bench_powered}   # the work dir; set W to one outside the checkout to outlive it
+PY=${PY:-$REPO/.venv/bin/python}      # the checkout's venv (make install)
 cd "$W/code"
 export PYTHONPATH=$W/code OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 case "${1:-}" in
