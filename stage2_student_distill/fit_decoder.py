@@ -140,8 +140,9 @@ class DecoderFitter(Trainer):
         self.identity = fit_identity(cfg, self.reader, self.levels, index.num_classes)
         self.fit_samples, self.held_samples = split_by_image(self.reader, float(fit.HELD_OUT_FRACTION), int(cfg.SEED))
         prior, size_mean, size_std = class_statistics(index)
-        self.icd = ICDModule.from_config(cfg, index.num_classes, self.identity["channels"], class_prior=prior,
-                                         size_prior_mean=size_mean, size_prior_std=size_std)
+        self.icd = ICDModule.from_config(cfg, index.num_classes, self.identity["channels"], levels=self.levels,
+                                         strides=self.strides, class_prior=prior, size_prior_mean=size_mean,
+                                         size_prior_std=size_std)
         dataset = TeacherSampleDataset(self.reader.url, self.fit_samples, self.levels)
         loader = build_train_loader(cfg, dataset, TeacherCollate(self.levels, self.strides),
                                     ims_per_batch=batch_size, group_by_aspect=False)
@@ -169,7 +170,7 @@ class DecoderFitter(Trainer):
     def run_step(self, batch: TeacherBatch) -> dict[str, Tensor]:
         """One iteration of the auxiliary task: decode the cached teacher features, loss, AdamW step."""
         batch = batch.to(self.device)
-        decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets, self.levels, self.strides,
+        decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets,
                                   query_generator(int(self.cfg.SEED), 0, self.iteration))  # one process: rank 0
         losses = self.icd.auxiliary_losses(decoded)
         total = self.total_loss(losses)
@@ -199,8 +200,8 @@ class DecoderFitter(Trainer):
         """Signals on (up to MEASURED_SAMPLES of) the held-out images; the fitting images if none is held out."""
         samples = evaluation_samples(self.reader, MEASURED_SAMPLES, int(self.cfg.SEED),
                                      self.held_samples if len(self.held_samples) else self.fit_samples)
-        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels), self.levels,
-                       self.strides, seed=int(self.cfg.SEED))
+        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels),
+                       seed=int(self.cfg.SEED))
 
 
 def load_fitted_decoder(icd: ICDModule, path: str | Path, cfg: Any, levels: Sequence[str],
