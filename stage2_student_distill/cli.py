@@ -114,8 +114,8 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
     if reader is not None:
         check_cache_serves(reader, cfg, index, student, levels, features=not online)
     prior, size_mean, size_std = class_statistics(index)
-    icd = ICDModule.from_config(cfg, num_classes, student.out_channels, class_prior=prior,
-                                size_prior_mean=size_mean, size_prior_std=size_std)
+    icd = ICDModule.from_config(cfg, num_classes, student.out_channels, levels=levels, strides=student.strides,
+                                class_prior=prior, size_prior_mean=size_mean, size_prior_std=size_std)
     if cfg.DISTILL.DECODER_WEIGHTS:  # a decoder fitted from the cache (`icd fit-decoder`), trained on jointly
         load_fitted_decoder(icd, cfg.DISTILL.DECODER_WEIGHTS, cfg, levels,
                             teacher=reader.attributes.get("teacher") if reader is not None and not online else None)
@@ -156,7 +156,7 @@ def build_distill_trainer(cfg: CfgNode, cache: str | None, online: bool = False,
         print(f"icd distill: {student.architecture} student, levels {', '.join(levels)}, {len(dataset)} training "
               f"images; teacher features from {source}", flush=True)
     features = teacher or CachedTeacherFeatures(levels, comm.device_for_process(cfg.MODEL.DEVICE))
-    trainer = DistillTrainer(cfg, student, loader, icd, levels, features, teacher_weights=teacher_weights,
+    trainer = DistillTrainer(cfg, student, loader, icd, features, teacher_weights=teacher_weights,
                              teacher_architecture=teacher_architecture,
                              evaluate=(lambda model: evaluate(cfg, model)) if with_evaluation else None)
     trainer.resume_or_load(resume)
@@ -171,8 +171,7 @@ def distill(cfg: CfgNode, cache: str | None, online: bool, resume: bool, eval_on
     trainer = build_distill_trainer(cfg, cache, online=online, resume=resume)
     results = trainer.train()
     if cache and not online and comm.is_main_process():  # what the decoder learnt, from the cached features
-        report_distill_signals(trainer.icd, cache, trainer.levels, trainer.strides, trainer.output_dir,
-                               trainer.iteration, int(trainer.cfg.SEED))
+        report_distill_signals(trainer.icd, cache, trainer.output_dir, trainer.iteration, int(trainer.cfg.SEED))
     return results
 
 

@@ -11,7 +11,7 @@ finest distilled level, overlaid on the replayed image.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,12 @@ def plot_decoder_signals(runs: Mapping[str, str | Path], out: str | Path) -> Pat
     return _save_figure(fig, out)
 
 
-def load_icd_module(cfg: Any, checkpoint: str | Path, channels: int) -> ICDModule:
-    """The ICD module of a finished `icd distill` run (its checkpoint's extra state), in eval mode."""
+def load_icd_module(cfg: Any, checkpoint: str | Path, channels: int, levels: Sequence[str],
+                    strides: Mapping[str, int]) -> ICDModule:
+    """The ICD module of a finished `icd distill` run (its checkpoint's extra state) on `levels`, in eval mode."""
     index = train_index(cfg)
     prior, size_mean, size_std = class_statistics(index)
-    icd = ICDModule.from_config(cfg, index.num_classes, channels, class_prior=prior,
+    icd = ICDModule.from_config(cfg, index.num_classes, channels, levels=levels, strides=strides, class_prior=prior,
                                 size_prior_mean=size_mean, size_prior_std=size_std)
     state = load_checkpoint(checkpoint).get("extra", {}) or {}
     if "icd" not in state:
@@ -128,9 +129,9 @@ def plot_attention_maps(cfg: Any, cache: str, checkpoint: str | Path, out: str |
     reader = CacheReader(cache)
     index = train_index(cfg)
     plan = recorded_plan(reader.attributes, reader.url)
-    icd = load_icd_module(cfg, checkpoint, reader.levels[0].channels)
     levels = reader.level_names
     strides = {lv.name: lv.stride for lv in reader.levels}
+    icd = load_icd_module(cfg, checkpoint, reader.levels[0].channels, levels, strides)
     finest = levels[0]
     committed = np.flatnonzero(reader.committed())
     chosen = []
@@ -152,7 +153,7 @@ def plot_attention_maps(cfg: Any, cache: str, checkpoint: str | Path, out: str |
         features = {name: torch.from_numpy(sample.features[name])[None] for name in levels}
         targets = [{"boxes": torch.from_numpy(sample.boxes), "labels": torch.from_numpy(sample.classes) + 1}]
         size = (meta.resized_h, meta.resized_w)
-        maps = icd.attention_masks(features, [size], targets, levels, strides)[0][finest]  # [n, heads, h, w]
+        maps = icd.attention_masks(features, [size], targets)[0][finest]  # [n, heads, h, w]
         row[0].imshow(pixels)
         row[0].set_title(f"image {meta.image_id} v{meta.variant}", fontsize=8)
         for box in sample.boxes:

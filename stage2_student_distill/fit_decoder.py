@@ -23,31 +23,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from cache_contract.identity import dataset_mismatch
 from cache_format import CacheReader
 from cache_format.state import check_apart
 from detection.config import CfgNode, setup_cfg
 from detection.data.datasets import class_statistics
-from detection.engine.checkpoint import (
-    capture_rng_state,
-    last_checkpoint,
-    load_checkpoint,
-    resume_from,
-    save_checkpoint,
-)
+from detection.data.loader import build_train_loader
+from detection.engine.checkpoint import last_checkpoint, load_checkpoint
 from detection.engine.commands import default_argument_parser, default_setup, run_command
-from detection.engine.trainer import MetricsLog
+from detection.engine.trainer import Trainer
 from detection.errors import UserError
 from stage2_student_distill.method.losses import prior_entropy
 from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
@@ -60,7 +51,13 @@ from stage2_student_distill.signals import (
     measure,
     record_signals,
 )
-from stage2_student_distill.teacher_samples import TeacherCollate, TeacherSampleDataset, iter_batches, split_by_image
+from stage2_student_distill.teacher_samples import (
+    TeacherBatch,
+    TeacherCollate,
+    TeacherSampleDataset,
+    iter_batches,
+    split_by_image,
+)
 
 FINAL = "decoder_final.pth"
 # Held-out samples measured at the end (a seeded choice): enough for stable signals, bounded at COCO scale.
@@ -99,121 +96,108 @@ def fit_identity(cfg: Any, reader: CacheReader, levels: Sequence[str], num_class
     }
 
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, start_iter: int, max_iter: int) -> Iterator[list[int]]:
-    """Item indices of iterations start_iter.. max_iter-1: seeded shuffles of all items, epoch after epoch.
+class FitIdentity:
+    """The checkpoint's 'fit' entry: what the weights were fitted for (read back by `load_fitted_decoder`).
 
-    A function of (seed, iteration) only, so a resumed run reads exactly the batches it would have read.
+    Restoring it refuses a checkpoint fitted with another config or cache.
     """
-    permutations: dict[int, np.ndarray] = {}
-    for iteration in range(start_iter, max_iter):
-        batch = []
-        for position in range(iteration * batch_size, (iteration + 1) * batch_size):
-            epoch = position // num_items
-            if epoch not in permutations:
-                permutations = {epoch: np.random.default_rng([seed, epoch]).permutation(num_items)}
-            batch.append(int(permutations[epoch][position % num_items]))
-        yield batch
+
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = identity
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.identity
+
+    def load_state_dict(self, state: Any, checkpoint: str | Path = "the checkpoint") -> None:
+        if state != self.identity:
+            raise UserError(f"{checkpoint} was not fitted by `icd fit-decoder` with this config and cache",
+                            "resume with the config and cache the fit was started with, or use a new OUTPUT_DIR")
 
 
-class DecoderFitter:
-    """Fits the decoder parts of an ICDModule on one cache; owns the checkpoints of OUTPUT_DIR."""
+class DecoderFitter(Trainer):
+    """The engine's Trainer fitting the decoder parts of an ICDModule on one cache; `run_step` is one
+    auxiliary-task iteration. Its model is `fitted_parts(icd)`, optimised by the ICD module's AdamW
+    over DISTILL.FIT.MAX_ITER; batches come from the engine's seeded, resumable loader over the
+    fitting images (DISTILL.FIT.IMS_PER_BATCH each); checkpoints are decoder_*.pth in OUTPUT_DIR.
+    """
 
-    def __init__(self, cfg: CfgNode, cache: str, resume: bool = False) -> None:
+    checkpoint_prefix = "decoder"
+    progress_label = "fit-decoder"
+
+    def __init__(self, cfg: CfgNode, cache: str) -> None:
         fit = cfg.DISTILL.FIT
-        self.max_iter, self.batch_size = int(fit.MAX_ITER), int(fit.IMS_PER_BATCH)
-        self.period = int(fit.CHECKPOINT_PERIOD)
-        if self.max_iter < 1 or self.batch_size < 1 or self.period < 1:
-            raise UserError(f"invalid DISTILL.FIT: MAX_ITER={self.max_iter}, IMS_PER_BATCH={self.batch_size}, "
-                            f"CHECKPOINT_PERIOD={self.period}", "use positive values (e.g. 2000, 8, 500)")
+        max_iter, batch_size, period = int(fit.MAX_ITER), int(fit.IMS_PER_BATCH), int(fit.CHECKPOINT_PERIOD)
+        if max_iter < 1 or batch_size < 1 or period < 1:
+            raise UserError(f"invalid DISTILL.FIT: MAX_ITER={max_iter}, IMS_PER_BATCH={batch_size}, "
+                            f"CHECKPOINT_PERIOD={period}", "use positive values (e.g. 2000, 8, 500)")
         # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
         check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": cache},
                     "set OUTPUT_DIR to a directory outside the cache (e.g. output/decoder_<cache name>)",
                     allow=("contains",))
         self.reader = CacheReader(cache)
         cfg, index = default_setup(cfg, need_train_index=True)  # seeds, resolves K, saves config.yaml
-        self.cfg, self.output_dir = cfg, Path(cfg.OUTPUT_DIR)
         mismatch = dataset_mismatch(self.reader.attributes, self.reader.url, index)
         if mismatch:
             raise UserError(mismatch, "fit the decoder with the dataset the cache was made from")
+        self.batch_size = batch_size
         self.levels = fit_levels(cfg, self.reader)
         self.strides = {lv.name: lv.stride for lv in self.reader.levels if lv.name in self.levels}
         self.identity = fit_identity(cfg, self.reader, self.levels, index.num_classes)
         self.fit_samples, self.held_samples = split_by_image(self.reader, float(fit.HELD_OUT_FRACTION), int(cfg.SEED))
         prior, size_mean, size_std = class_statistics(index)
-        self.icd = ICDModule.from_config(cfg, index.num_classes, self.identity["channels"], class_prior=prior,
-                                         size_prior_mean=size_mean, size_prior_std=size_std)
-        self.parts = fitted_parts(self.icd)
-        self.optimizer, self.scheduler = build_icd_optimizer(self.parts, cfg, max_iter=self.max_iter)
-        self.clip_norm = float(cfg.DISTILL.OPTIMIZER.CLIP_NORM)
-        self.iteration = 0
-        checkpoint = last_checkpoint(self.output_dir) if resume else None
-        if checkpoint is not None:
-            # checked before loading: OUTPUT_DIR may hold another command's checkpoints
-            if (load_checkpoint(checkpoint).get("extra", {}) or {}).get("fit") != self.identity:
-                raise UserError(f"the checkpoint {checkpoint} was not fitted by `icd fit-decoder` with this config "
-                                "and cache", "resume with the config and cache the fit was started with, or use a "
-                                "new OUTPUT_DIR")
-            # the batches and queries are functions of (SEED, iteration): no RNG state to restore
-            self.iteration, _extra, _rng = resume_from(checkpoint, self.parts, self.optimizer, self.scheduler)
-            print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
-        elif resume:  # as `icd train` / `icd distill` (and detectron2): a fresh start, said in one line
-            print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
-                  "file); starting a new fit at iteration 0", flush=True)
-
-    def loader(self) -> DataLoader:
+        self.icd = ICDModule.from_config(cfg, index.num_classes, self.identity["channels"], levels=self.levels,
+                                         strides=self.strides, class_prior=prior, size_prior_mean=size_mean,
+                                         size_prior_std=size_std)
         dataset = TeacherSampleDataset(self.reader.url, self.fit_samples, self.levels)
-        batches = list(epoch_batches(len(dataset), self.batch_size, int(self.cfg.SEED), self.iteration, self.max_iter))
-        workers = int(self.cfg.DATALOADER.NUM_WORKERS)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                          collate_fn=TeacherCollate(self.levels, self.strides),
-                          prefetch_factor=2 if workers else None)
+        loader = build_train_loader(cfg, dataset, TeacherCollate(self.levels, self.strides),
+                                    ims_per_batch=batch_size, group_by_aspect=False)
+        super().__init__(cfg, fitted_parts(self.icd), loader, max_iter=max_iter, checkpoint_period=period)
+        self.icd.to(self.device).train()
+        self.clip_norm = float(cfg.DISTILL.OPTIMIZER.CLIP_NORM)
+        self.checkpointables["fit"] = FitIdentity(self.identity)
+        self.last_metrics: dict[str, Tensor] = {}
 
-    def save(self, name: str) -> Path:
-        return save_checkpoint(self.output_dir / name, self.parts, self.optimizer, self.scheduler,
-                               self.iteration, extra={"fit": self.identity}, rng_per_rank=[capture_rng_state()])
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The ICD module's AdamW + warm-up/cosine (as in `icd distill`), over DISTILL.FIT.MAX_ITER."""
+        return build_icd_optimizer(self.module, self.cfg, max_iter=self.max_iter)
+
+    def resume_or_load(self, resume: bool) -> bool:
+        """With `resume`: continue OUTPUT_DIR's last fit exactly. A new fit starts from the module's own
+        initialisation (MODEL.WEIGHTS names the student's weights, not the decoder's)."""
+        checkpoint = last_checkpoint(self.output_dir) if resume else None
+        if checkpoint is None:
+            if resume:  # as `icd train` / `icd distill` (and detectron2): a fresh start, said in one line
+                print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an "
+                      "existing file); starting a new fit at iteration 0", flush=True)
+            return False
+        # checked before the engine loads it: OUTPUT_DIR may hold another command's or config's checkpoints
+        extra = load_checkpoint(checkpoint).get("extra", {}) or {}
+        self.checkpointables["fit"].load_state_dict(extra.get("fit"), checkpoint)
+        return super().resume_or_load(True)
+
+    def run_step(self, batch: TeacherBatch) -> dict[str, Tensor]:
+        """One iteration of the auxiliary task: decode the cached teacher features, loss, AdamW step."""
+        batch = batch.to(self.device)
+        decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets,
+                                  query_generator(int(self.cfg.SEED), 0, self.iteration))  # one process: rank 0
+        losses = self.icd.auxiliary_losses(decoded)
+        total = self.total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.clip_norm > 0:  # DISTILL.OPTIMIZER.CLIP_NORM, as in `icd distill`
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.last_metrics = {"ident_prior_entropy": prior_entropy(decoded.queries.is_real, decoded.queries.padding)}
+        return losses
+
+    def step_metrics(self) -> dict[str, Tensor]:
+        """`ident_prior_entropy`: the loss_ident of always predicting this batch's real/fake ratio."""
+        return self.last_metrics
 
     def run(self) -> DecoderSignals:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        device = torch.device(self.cfg.MODEL.DEVICE)
-        self.icd.to(device).train()
-        log = MetricsLog(self.output_dir, enabled=True)
-        log_period = int(self.cfg.SOLVER.LOG_PERIOD)
-        sums: dict[str, float] = {}
-        bar = tqdm(total=self.max_iter, initial=self.iteration, desc="fit-decoder", unit="it", dynamic_ncols=True,
-                   mininterval=1.0)
-        try:
-            for batch in self.loader():
-                start = time.perf_counter()
-                batch = batch.to(device)
-                decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets, self.levels, self.strides,
-                                          query_generator(int(self.cfg.SEED), 0, self.iteration))
-                losses = self.icd.auxiliary_losses(decoded)
-                sum(losses.values()).backward()
-                if self.clip_norm > 0:  # DISTILL.OPTIMIZER.CLIP_NORM, as in `icd distill`
-                    nn.utils.clip_grad_norm_(self.parts.parameters(), self.clip_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.iteration += 1
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                values["ident_prior_entropy"] = float(prior_entropy(decoded.queries.is_real, decoded.queries.padding))
-                values["time"] = time.perf_counter() - start
-                for key, value in values.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                sums["count"] = sums.get("count", 0.0) + 1
-                bar.update(1)
-                if self.iteration % log_period == 0 or self.iteration == self.max_iter:
-                    count = sums.pop("count")
-                    log.write(self.iteration, {**{k: v / count for k, v in sums.items()},
-                                               "lr": self.optimizer.param_groups[0]["lr"]})
-                    bar.set_postfix(loss_ident=f"{sums['loss_ident'] / count:.3f}", refresh=False)
-                    sums = {}
-                if self.iteration % self.period == 0 and self.iteration < self.max_iter:
-                    self.save(f"decoder_{self.iteration:07d}.pth")
-        finally:
-            bar.close()
-            log.close()
-        self.save(FINAL)
+        """Fit to DISTILL.FIT.MAX_ITER (decoder_final.pth), then measure and record the decoder's signals."""
+        self.train()
         signals = self.measure()
         record_signals(self.output_dir, self.iteration, signals,
                        {"split": "held-out images" if len(self.held_samples) else "fitting images",
@@ -224,8 +208,8 @@ class DecoderFitter:
         """Signals on (up to MEASURED_SAMPLES of) the held-out images; the fitting images if none is held out."""
         samples = evaluation_samples(self.reader, MEASURED_SAMPLES, int(self.cfg.SEED),
                                      self.held_samples if len(self.held_samples) else self.fit_samples)
-        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels), self.levels,
-                       self.strides, seed=int(self.cfg.SEED))
+        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels),
+                       seed=int(self.cfg.SEED))
 
 
 def load_fitted_decoder(icd: ICDModule, path: str | Path, cfg: Any, levels: Sequence[str],
@@ -273,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = setup_cfg(args.config_file, args.opts)
-        signals = DecoderFitter(cfg, args.cache, resume=args.resume).run()
+        fitter = DecoderFitter(cfg, args.cache)
+        fitter.resume_or_load(args.resume)
+        signals = fitter.run()
         print(format_signals(signals, f"decoder fitted; held-out signals ({Path(cfg.OUTPUT_DIR) / SIGNALS_FILE})"))
 
     return run_command("fit-decoder", body, interrupted="continue with --resume from the last checkpoint")

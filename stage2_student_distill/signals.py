@@ -108,9 +108,8 @@ def _attention_stats(batch: DecodedBatch, image_sizes: Sequence[Sequence[int]], 
 
 
 @torch.no_grad()
-def measure(icd: ICDModule, batches: Iterable[TeacherBatch], levels: Sequence[str], strides: Mapping[str, int],
-            seed: int = 0) -> DecoderSignals:
-    """The decoder's signals over `batches` (restores the module's train/eval mode afterwards)."""
+def measure(icd: ICDModule, batches: Iterable[TeacherBatch], seed: int = 0) -> DecoderSignals:
+    """The decoder's signals over `batches` of the module's levels (restores its train/eval mode afterwards)."""
     was_training = icd.training
     icd.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -120,7 +119,7 @@ def measure(icd: ICDModule, batches: Iterable[TeacherBatch], levels: Sequence[st
     try:
         for batch in batches:
             batch = batch.to(device)
-            decoded = icd.decode(batch.features, batch.image_sizes, batch.targets, levels, strides, generator)
+            decoded = icd.decode(batch.features, batch.image_sizes, batch.targets, generator)
             valid = ~decoded.queries.padding
             logit = decoded.aux[..., 0].float()
             real = decoded.queries.is_real
@@ -203,8 +202,7 @@ def evaluation_samples(reader: CacheReader, count: int, seed: int, samples: np.n
     return samples[np.sort(chosen)]
 
 
-def report_distill_signals(icd: ICDModule, cache: str, levels: Sequence[str], strides: Mapping[str, int],
-                           output_dir: str | Path, iteration: int, seed: int, count: int = 64,
+def report_distill_signals(icd: ICDModule, cache: str, output_dir: str | Path, iteration: int, seed: int, count: int = 64,
                            batch_size: int = 8) -> DecoderSignals:
     """At the end of `icd distill`: the decoder's signals on cached samples, recorded and printed.
 
@@ -213,8 +211,7 @@ def report_distill_signals(icd: ICDModule, cache: str, levels: Sequence[str], st
     """
     reader = CacheReader(cache)
     samples = evaluation_samples(reader, count, seed)
-    signals = measure(icd, iter_batches(reader, samples, batch_size, levels), levels, dict(strides),
-                      seed=seed + 1_000_003)
+    signals = measure(icd, iter_batches(reader, samples, batch_size, icd.levels), seed=seed + 1_000_003)
     path = record_signals(output_dir, iteration, signals,
                           {"split": "training images of the cache, fresh fake queries", "cache": reader.url})
     print(format_signals(signals, f"decoder signals ({path})"), flush=True)

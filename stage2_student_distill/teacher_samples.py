@@ -90,8 +90,12 @@ class TeacherSampleDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        sample = self.reader.read_sample(self.indices[item], self.levels)
+    def locate(self, item: int | tuple[int, int]) -> tuple[int, int]:
+        """(cached sample index, variant 0) of an item index or an (epoch, index) of InfiniteSampler."""
+        return self.indices[item[1] if isinstance(item, tuple) else item], 0
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        sample = self.reader.read_sample(self.locate(item)[0], self.levels)
         return {
             "features": {name: torch.from_numpy(sample.features[name]) for name in self.levels},  # [C, h, w]
             "size": (int(sample.meta.resized_h), int(sample.meta.resized_w)),

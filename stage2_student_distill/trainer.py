@@ -14,7 +14,7 @@ by (SEED, rank, iteration), so a resumed run draws exactly what the uninterrupte
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from cache_contract.teacher import TeacherInit, init_from_teacher
 from detection import comm
 from detection.engine import amp
 from detection.engine.trainer import EvaluateFn, LoaderFactory, Trainer, clip_gradients, images_and_targets, wrap_ddp
+from detection.errors import UserError
 from detection.modeling.detector import DetectorAdapter
 from stage2_student_distill.data import DistillBatch
 from stage2_student_distill.method.module import ICDModule, build_icd_optimizer
@@ -35,7 +36,9 @@ TeacherFeatures = Callable[[DistillBatch, list[Tensor]], dict[str, Tensor]]
 
 
 class DistillTrainer(Trainer):
-    """Trainer for a student distilled with ICD from cached (default) or live (`teacher=`) teacher features."""
+    """Trainer for a student distilled with ICD from cached (default) or live (`teacher=`) teacher features.
+
+    The distilled levels are the ICD module's (bound when it was built, with the student's strides)."""
 
     def __init__(
         self,
@@ -43,7 +46,6 @@ class DistillTrainer(Trainer):
         student: DetectorAdapter,
         build_loader: LoaderFactory,
         icd: ICDModule,
-        levels: Sequence[str],
         teacher_features: TeacherFeatures,
         *,
         teacher_weights: Callable[[], Mapping[str, Any]] | None = None,
@@ -54,8 +56,12 @@ class DistillTrainer(Trainer):
         (`CachedTeacherFeatures` from the cache, `OnlineTeacher` live); `teacher_weights`: returns the teacher's FPN + head state (DISTILL.INIT_FROM_TEACHER), or None;
         `teacher_architecture` (its MODEL.META_ARCHITECTURE, "" if unknown) decides whether the head is shared."""
         super().__init__(cfg, student, build_loader, evaluate=evaluate)
-        self.levels = list(levels)
-        self.strides = {name: int(student.strides[name]) for name in self.levels}
+        self.levels, self.strides = list(icd.levels), dict(icd.strides)  # bound into the ICD module when built
+        wrong = {name: (stride, student.strides.get(name)) for name, stride in self.strides.items()
+                 if student.strides.get(name) != stride}
+        if wrong:
+            raise UserError(f"the ICD module's levels and strides {wrong} (module, student) are not the student's",
+                            f"build the ICD module with the student's strides (choose levels from {student.levels})")
         self.size_divisibility = int(student.size_divisibility)
         self.teacher_features = teacher_features
         self.teacher_weights = teacher_weights
@@ -96,7 +102,7 @@ class DistillTrainer(Trainer):
             teacher_features = self.teacher_features(batch, images)  # {level: [N, C, H, W]}, padded as the batch
             icd_losses = self.icd_model(
                 teacher_features, {name: student_features[name] for name in self.levels}, sizes, targets,
-                self.levels, self.strides, self.query_generator(),
+                self.query_generator(),
                 detach_student=self.iteration < self.warmup_detach_iters,
             )
         losses = {**detection_losses, **icd_losses}

@@ -45,8 +45,8 @@ def test_attention_maps_from_cache_and_icd_checkpoint(cfg_tiny: CfgNode, tmp_pat
                          "CACHE.ENCODING", "fp16", "DISTILL.HIDDEN_DIM", "32"])
     run_dump(cfg, str(tmp_path / "cache"))
     prior, mean, std = class_statistics(index)
-    icd = ICDModule.from_config(cfg, index.num_classes, 32, class_prior=prior, size_prior_mean=mean,
-                                size_prior_std=std)
+    icd = ICDModule.from_config(cfg, index.num_classes, 32, levels=["p3"], strides={"p3": 8}, class_prior=prior,
+                                size_prior_mean=mean, size_prior_std=std)
     checkpoint = save_checkpoint(tmp_path / "student" / "model_final.pth", teacher, extra={"icd": icd.state_dict()})
     out = plot_attention_maps(cfg, str(tmp_path / "cache"), checkpoint, tmp_path / "attention.png", num_samples=2)
     with Image.open(out) as image:

@@ -24,6 +24,13 @@ def fit_config(cfg_tiny, out: Path, **distill) -> str:
     return str(save_config(cfg, out.parent / f"{out.name}_cfg"))
 
 
+def loss_records(out: Path) -> list[dict[str, float]]:
+    """Per logged iteration of metrics.json: its losses and the prior's entropy (not its times)."""
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k == "iteration" or k.startswith("loss") or k == "ident_prior_entropy"}
+            for r in records if "loss_ident" in r]
+
+
 def test_fit_writes_the_decoder_its_signals_and_its_log(cfg_tiny, teacher_cache, tmp_path, capsys):
     url, _ = teacher_cache("fp16")
     out = tmp_path / "fit"
@@ -62,6 +69,10 @@ def test_an_interrupted_fit_resumes_to_the_same_decoder(cfg_tiny, teacher_cache,
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # each step after the resume is the uninterrupted run's step: the same batch, queries and losses
+    straight_steps, resumed_steps = (loss_records(tmp_path / name) for name in ("straight", "resumed"))
+    assert [r["iteration"] for r in resumed_steps] == [1, 2, 3, 4]  # interrupted in 3, resumed from 2
+    assert resumed_steps == straight_steps
     # another config's fit (or another command's checkpoint) in OUTPUT_DIR is not resumed
     assert fit_decoder.main(["--config-file", config, "--cache", url, "--resume", "DISTILL.FFN_DIM", "16"]) == 2
 

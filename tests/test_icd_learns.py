@@ -66,23 +66,22 @@ def fit_and_measure(url: str, iterations: int, **settings) -> tuple[object, obje
     boxes = torch.cat([item["target"]["boxes"] for item in items])
     labels = torch.cat([item["target"]["labels"] for item in items]) - 1
     prior, mean, std = estimate_priors(labels, (boxes[:, 2:] - boxes[:, :2]) / SIZE, NUM_CLASSES)
-    icd = ICDModule(NUM_CLASSES, C, num_heads=4, hidden_dim=C, ffn_dim=64, class_prior=prior, size_prior_mean=mean,
+    icd = ICDModule(NUM_CLASSES, C, levels=NAMES, strides=STRIDES, num_heads=4, hidden_dim=C, ffn_dim=64, class_prior=prior, size_prior_mean=mean,
                     size_prior_std=std, **settings)
     cfg = {"DISTILL": {"OPTIMIZER": {**DEFAULTS["DISTILL"]["OPTIMIZER"], "BASE_LR": 1e-3}}, "SOLVER": {"MAX_ITER": 1}}
     optimizer, scheduler = build_icd_optimizer(fitted_parts(icd), cfg, max_iter=iterations)
     held_batches = list(iter_batches(reader, held, 12))
-    before = measure(icd, held_batches, NAMES, STRIDES)
+    before = measure(icd, held_batches)
     collate, order = TeacherCollate(NAMES, STRIDES), np.random.default_rng(0)
     for it in range(iterations):
         batch = collate([items[i] for i in order.choice(len(items), 8, replace=False)])
-        decoded = icd.decode(batch.features, batch.image_sizes, batch.targets, NAMES, STRIDES,
-                             torch.Generator().manual_seed(it))
+        decoded = icd.decode(batch.features, batch.image_sizes, batch.targets, torch.Generator().manual_seed(it))
         sum(icd.auxiliary_losses(decoded).values()).backward()
         torch.nn.utils.clip_grad_norm_(fitted_parts(icd).parameters(), cfg["DISTILL"]["OPTIMIZER"]["CLIP_NORM"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return before, measure(icd, held_batches, NAMES, STRIDES)
+    return before, measure(icd, held_batches)
 
 
 def test_auxiliary_task_beats_the_prior_with_spatial_prior_and_normalised_keys(signal_cache: str) -> None:

@@ -19,7 +19,7 @@ SIZES = [(60, 75), (33, 50)]  # padded batch 64 x 80
 
 def small_module(**kw):
     torch.manual_seed(0)
-    args = dict(num_heads=4, hidden_dim=C, ffn_dim=32, max_queries=20)
+    args = dict(levels=LEVELS, strides=STRIDES, num_heads=4, hidden_dim=C, ffn_dim=32, max_queries=20)
     args.update(kw)
     return ICDModule(3, C, **args)
 
@@ -37,7 +37,7 @@ TARGETS = [
 
 
 def run(module, teacher, student, detach=False, seed=0, targets=TARGETS):
-    return module(teacher, student, SIZES, targets, LEVELS, STRIDES, torch.Generator().manual_seed(seed), detach)
+    return module(teacher, student, SIZES, targets, torch.Generator().manual_seed(seed), detach)
 
 
 @pytest.mark.parametrize("detach", [False, True])
@@ -99,7 +99,7 @@ def test_batch_without_ground_truth_gives_finite_losses_with_graph():
 
 def test_attention_masks_per_real_query_cropped_to_the_image():
     module = small_module()
-    masks = module.attention_masks(features(9), SIZES, TARGETS, LEVELS, STRIDES)
+    masks = module.attention_masks(features(9), SIZES, TARGETS)
     assert masks[0]["p3"].shape == (2, 4, 8, 10) and masks[0]["p4"].shape == (2, 4, 4, 5)
     assert masks[1]["p3"].shape == (1, 4, 5, 7) and masks[1]["p4"].shape == (1, 4, 3, 4)
     for per_image in masks:
@@ -123,20 +123,34 @@ def test_bad_inputs_are_user_errors():
     with pytest.raises(UserError, match="inverted"):
         run(module, teacher, features(11), targets=inverted)
     with pytest.raises(UserError, match="p5"):  # a level the features lack is named
-        module(teacher, features(11), SIZES, TARGETS, ["p3", "p5"], {"p3": 8, "p5": 32}, torch.Generator(), False)
-    with pytest.raises(UserError, match="p4"):  # so is a level without a stride
-        module(teacher, features(11), SIZES, TARGETS, LEVELS, {"p3": 8}, torch.Generator(), False)
+        small_module(levels=["p3", "p5"], strides={"p3": 8, "p5": 32})(
+            teacher, features(11), SIZES, TARGETS, torch.Generator(), False)
     with pytest.raises(UserError, match="needs 9x10 positions"):  # features too small for the image
-        module(teacher, features(11), [(72, 75), SIZES[1]], TARGETS, LEVELS, STRIDES, torch.Generator(), False)
+        module(teacher, features(11), [(72, 75), SIZES[1]], TARGETS, torch.Generator(), False)
     with pytest.raises(UserError, match="Generator"):
-        module(teacher, features(11), SIZES, TARGETS, LEVELS, STRIDES, None, False)
+        module(teacher, features(11), SIZES, TARGETS, None, False)
     with pytest.raises(UserError, match="HIDDEN_DIM"):
-        ICDModule(3, 256, hidden_dim=128)
+        ICDModule(3, 256, levels=LEVELS, strides=STRIDES, hidden_dim=128)
+
+
+def test_levels_and_strides_are_checked_once_when_the_module_is_built():
+    with pytest.raises(UserError, match="p4"):  # a level without a stride is named
+        small_module(strides={"p3": 8})
+    with pytest.raises(UserError, match="no stride given"):
+        small_module(strides=[8])
+    with pytest.raises(UserError, match="positive"):
+        small_module(strides={"p3": 8, "p4": 0})
+    with pytest.raises(UserError, match="no feature levels"):
+        small_module(levels=[])
+    module = small_module(strides=[8, 16])  # one stride per level, as a list, is the same binding
+    assert module.levels == LEVELS and module.strides == STRIDES and module.stride_list == [8, 16]
+    # bound, not saved: a module's checkpoint does not depend on its levels
+    assert small_module(levels=["p3"], strides={"p3": 8}).state_dict().keys() == module.state_dict().keys()
 
 
 def test_from_config_uses_the_distill_node():
     cfg = copy.deepcopy(DEFAULTS)
-    module = ICDModule.from_config(cfg, num_classes=5, channels=256)
+    module = ICDModule.from_config(cfg, num_classes=5, channels=256, levels=LEVELS, strides=STRIDES)
     assert module.decoder.num_heads == 8 and module.decoder.ffn[0].out_features == 1024
     assert module.loss_weight == 8.0 and module.temperature == 1.0
     assert module.query_builder.max_queries == 300 and module.query_builder.neg_ratio == 5

@@ -162,7 +162,7 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
         trainer.icd.zero_grad(set_to_none=True)
         _, student, _ = trainer.model(images, targets)
         return icd(batch.teacher_features, {level: student[level] for level in trainer.levels}, sizes, targets,
-                   trainer.levels, trainer.strides, trainer.query_generator(), detach_student=detach)
+                   trainer.query_generator(), detach_student=detach)
 
     for detach in (True, False):
         icd_losses(detach)["loss_distill"].backward()

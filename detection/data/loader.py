@@ -187,24 +187,27 @@ class _Batches:
 
 
 def build_train_loader(cfg: Any, dataset: LocatableDataset,
-                       collate_fn: Callable[[list[Any]], Batch] = collate) -> LoaderFactory:
+                       collate_fn: Callable[[list[Any]], Batch] = collate, *,
+                       ims_per_batch: int | None = None, group_by_aspect: bool | None = None) -> LoaderFactory:
     """A factory start_iter -> DataLoader yielding the batches the uninterrupted run would see from there.
 
-    SOLVER.IMS_PER_BATCH is the total over processes; each rank draws its share from its own slice of
-    the seeded sampler (DATALOADER.NUM_WORKERS workers, aspect grouping per DATALOADER.ASPECT_RATIO_GROUPING).
+    SOLVER.IMS_PER_BATCH (or `ims_per_batch`) is the total over processes; each rank draws its share from
+    its own slice of the seeded sampler (DATALOADER.NUM_WORKERS workers, aspect grouping per
+    DATALOADER.ASPECT_RATIO_GROUPING, or `group_by_aspect`).
     """
     world = comm.get_world_size()
-    total = int(cfg.SOLVER.IMS_PER_BATCH)
+    total = int(cfg.SOLVER.IMS_PER_BATCH if ims_per_batch is None else ims_per_batch)
     if total < world or total % world:
         raise UserError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
                         f"use a multiple of {world} (images per batch are split evenly across processes).")
+    grouped = bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING if group_by_aspect is None else group_by_aspect)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     pin = str(cfg.MODEL.DEVICE).startswith("cuda")
 
     def build(start_iter: int) -> _Batches:
         sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
         batches = BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
-                               group_by_aspect=bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING), skip_batches=start_iter)
+                               group_by_aspect=grouped, skip_batches=start_iter)
         return _Batches(DataLoader(_CatchUserErrors(dataset), batch_sampler=batches, num_workers=workers,
                                    collate_fn=_CollateOrError(collate_fn), pin_memory=pin, persistent_workers=False,
                                    prefetch_factor=2 if workers else None))

@@ -130,24 +130,31 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class Trainer:
-    """Owns the optimisation of one detector. Rank 0 writes checkpoints, logs and the progress bar."""
+    """Owns the optimisation of one model. Rank 0 writes checkpoints, logs and the progress bar.
+
+    A subclass with another step replaces `run_step` (and `build_optimizer` when its model has its own
+    optimizer); `max_iter` and `checkpoint_period` default to SOLVER.MAX_ITER and SOLVER.CHECKPOINT_PERIOD.
+    """
+
+    # Checkpoints are f"{checkpoint_prefix}_{iteration:07d}.pth" and f"{checkpoint_prefix}_final.pth".
+    checkpoint_prefix = "model"
+    progress_label = "train"
 
     def __init__(self, cfg: Any, model: nn.Module, build_loader: LoaderFactory,
-                 evaluate: EvaluateFn | None = None) -> None:
+                 evaluate: EvaluateFn | None = None, *, max_iter: int | None = None,
+                 checkpoint_period: int | None = None) -> None:
         _check_solver(cfg)
         self.cfg = cfg
         self.output_dir = Path(cfg.OUTPUT_DIR)
         self.device = comm.device_for_process(cfg.MODEL.DEVICE)
-        self.max_iter = int(cfg.SOLVER.MAX_ITER)
+        self.max_iter = int(cfg.SOLVER.MAX_ITER if max_iter is None else max_iter)
+        self.checkpoint_period = int(cfg.SOLVER.CHECKPOINT_PERIOD if checkpoint_period is None else checkpoint_period)
         self.build_loader = build_loader
         self.evaluate_fn = evaluate
         self.module = model.to(self.device)  # the bare model: checkpoints, evaluation
         self.model = wrap_ddp(self.module, self.device)  # what the step calls
-        self.optimizer = build_sgd(self.module, cfg.SOLVER)
-        s = cfg.SOLVER
-        lr_factor = warmup_multistep(int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), list(s.STEPS), float(s.GAMMA))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
-        self.amp = bool(s.AMP)  # fp16 on CUDA, bf16 on CPU (detection.engine.amp)
+        self.optimizer, self.scheduler = self.build_optimizer()
+        self.amp = bool(cfg.SOLVER.AMP)  # fp16 on CUDA, bf16 on CPU (detection.engine.amp)
         self.scaler = amp.grad_scaler(self.device, self.amp)
         # Saved with every checkpoint and restored on resume, next to model/optimizer/scheduler; under AMP
         # the loss scale too, so a resumed run scales (and skips steps) as the uninterrupted one.
@@ -191,6 +198,13 @@ class Trainer:
         if comm.is_main_process():
             print(f"Resuming from {checkpoint} at iteration {self.iteration}.", flush=True)
         return True
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """SGD on `self.module` (build_sgd) with SOLVER's warm-up + multi-step schedule."""
+        s = self.cfg.SOLVER
+        optimizer = build_sgd(self.module, s)
+        lr_factor = warmup_multistep(int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), list(s.STEPS), float(s.GAMMA))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     # --- one iteration ----------------------------------------------------------------------------
     def run_step(self, batch: Batch) -> dict[str, Tensor]:
@@ -237,10 +251,10 @@ class Trainer:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         log = MetricsLog(self.output_dir, enabled=main)
-        bar = tqdm(total=self.max_iter, initial=self.iteration, desc="train", unit="it", disable=not main,
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=self.max_iter, initial=self.iteration, desc=self.progress_label, unit="it",
+                   disable=not main, dynamic_ncols=True, mininterval=1.0)
         window = _Window()
-        period_log, period_ckpt = int(cfg.SOLVER.LOG_PERIOD), int(cfg.SOLVER.CHECKPOINT_PERIOD)
+        period_log, period_ckpt = int(cfg.SOLVER.LOG_PERIOD), self.checkpoint_period
         period_eval = int(cfg.TEST.EVAL_PERIOD)
         try:
             while self.iteration < self.max_iter:
@@ -261,13 +275,13 @@ class Trainer:
                     log.write(self.iteration, metrics)
                     bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", lr=f"{lr:.2g}", refresh=False)
                 if self.iteration % period_ckpt == 0 and not last:
-                    self.save(f"model_{self.iteration:07d}.pth")
+                    self.save(f"{self.checkpoint_prefix}_{self.iteration:07d}.pth")
                 if period_eval > 0 and self.iteration % period_eval == 0 and not last:
                     log.write_eval(self.iteration, self.run_evaluation())
         finally:
             bar.close()
         self._sync_buffers()
-        self.save("model_final.pth")
+        self.save(f"{self.checkpoint_prefix}_final.pth")
         results = self.run_evaluation()
         log.write_eval(self.iteration, results)
         log.close()

@@ -6,8 +6,9 @@ returns the distillation loss (reaches the student unless `detach_student`) and 
 losses (train the encoder and decoder). Teacher features never receive gradients. It knows nothing
 of caches or detectors.
 
-Its inputs are checked once per call, at the entry (`check_inputs`, user errors naming the problem);
-the functions it calls state their shape contracts as asserts.
+The distilled levels and their strides, fixed for a run, are bound when the module is built and
+checked there once; each call checks only its batch (`check_batch`, user errors naming the problem),
+and the functions it calls state their shape contracts as asserts.
 """
 from __future__ import annotations
 
@@ -55,6 +56,22 @@ def icd_targets(targets: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tenso
     return [{"boxes": target["boxes"], "labels": torch.as_tensor(target["labels"]).long() - 1} for target in targets]
 
 
+def check_levels(levels: Sequence[str], strides: Strides) -> tuple[list[str], dict[str, int]]:
+    """(levels, {level: stride}) of a run, refused with the fix when a level is missing or a stride is not
+    positive; `strides` is a {level: stride} (a detector's `strides`, covering the levels) or one per level."""
+    levels = [str(name) for name in levels]
+    if not levels:
+        raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
+    missing = [lvl for lvl in levels if lvl not in strides] if isinstance(strides, Mapping) else []
+    if missing or (not isinstance(strides, Mapping) and len(strides) != len(levels)):
+        raise UserError(f"no stride given for level(s) {missing or levels}",
+                        "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level")
+    stride_list = [int(s) for s in strides_for(levels, strides)]
+    if any(s <= 0 for s in stride_list):
+        raise UserError(f"strides must be positive, got {stride_list}", "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
+    return levels, dict(zip(levels, stride_list))
+
+
 @dataclass
 class DecodedBatch:
     """The decoder's view of one batch: its queries, what it computed, and the token layout."""
@@ -75,6 +92,8 @@ class ICDModule(nn.Module):
         num_classes: int,
         channels: int = 256,
         *,
+        levels: Sequence[str],
+        strides: Strides,
         num_heads: int = 8,
         hidden_dim: int = 256,
         ffn_dim: int = 1024,
@@ -99,6 +118,8 @@ class ICDModule(nn.Module):
                 "queries and tokens share one width",
             )
         check_heads(channels, num_heads)
+        self.levels, self.strides = check_levels(levels, strides)
+        self.stride_list = [self.strides[name] for name in self.levels]
         if not loss_weight >= 0:
             raise UserError(f"DISTILL.LAMBDA={loss_weight} must be >= 0",
                             "use 8 (single-stage detectors) or 3 (R-CNNs); 0 trains the decoder but distils nothing "
@@ -125,12 +146,12 @@ class ICDModule(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], num_classes: int, channels: int, *,
-                    class_prior: Tensor | Sequence[float] | None = None,
+                    levels: Sequence[str], strides: Strides, class_prior: Tensor | Sequence[float] | None = None,
                     size_prior_mean: Tensor | None = None, size_prior_std: Tensor | None = None) -> ICDModule:
         """Build from the config's DISTILL node (LAMBDA, NUM_HEADS, HIDDEN_DIM, FFN_DIM, NEG_RATIO, ...)."""
         d = cfg["DISTILL"]
         return cls(
-            num_classes, channels,
+            num_classes, channels, levels=levels, strides=strides,
             num_heads=int(d["NUM_HEADS"]), hidden_dim=int(d["HIDDEN_DIM"]), ffn_dim=int(d["FFN_DIM"]),
             neg_ratio=float(d["NEG_RATIO"]), max_queries=int(d["MAX_QUERIES"]),
             temperature=float(d["TEMPERATURE"]), ref_jitter=float(d["REF_JITTER"]),
@@ -141,12 +162,11 @@ class ICDModule(nn.Module):
         )
 
     # -- the entry check ----------------------------------------------------------------------------
-    def check_inputs(self, teacher_features: Mapping[str, Tensor], student_features: Mapping[str, Tensor] | None,
-                     image_sizes: ImageSizes, targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str],
-                     strides: Strides, generator: torch.Generator) -> None:
-        """Refuse inputs the ICD computation cannot use, naming the problem (once per call)."""
-        if not levels:
-            raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
+    def check_batch(self, teacher_features: Mapping[str, Tensor], student_features: Mapping[str, Tensor] | None,
+                    image_sizes: ImageSizes, targets: Sequence[Mapping[str, Tensor]],
+                    generator: torch.Generator) -> None:
+        """Refuse a batch the ICD computation cannot use, naming the problem (once per call)."""
+        levels, stride_list = self.levels, self.stride_list
         if not image_sizes or len(targets) != len(image_sizes):
             raise UserError(f"{len(targets)} targets for {len(image_sizes)} image sizes",
                             "pass one target and one resized (h, w) per image of a non-empty batch")
@@ -154,14 +174,6 @@ class ICDModule(nn.Module):
             raise UserError("instance queries need an explicit CPU torch.Generator",
                             "pass torch.Generator().manual_seed(seed) (a CPU generator keeps runs identical on any "
                             "device)")
-        missing = [lvl for lvl in levels if lvl not in strides] if isinstance(strides, Mapping) else []
-        if missing or (not isinstance(strides, Mapping) and len(strides) != len(levels)):
-            raise UserError(f"no stride given for level(s) {missing or list(levels)}",
-                            "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level")
-        stride_list = strides_for(levels, strides)
-        if any(s <= 0 for s in stride_list):
-            raise UserError(f"strides must be positive, got {stride_list}",
-                            "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
         for i, size in enumerate(image_sizes):
             if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
                 raise UserError(f"image size {tuple(size)} of image {i} is not a positive (h, w)",
@@ -221,10 +233,9 @@ class ICDModule(nn.Module):
                     )
 
     def _decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
-                targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str], strides: Strides,
-                generator: torch.Generator):
+                targets: Sequence[Mapping[str, Tensor]], generator: torch.Generator):
+        levels, stride_list = self.levels, self.stride_list
         shapes = level_shapes(teacher_features, levels)
-        stride_list = strides_for(levels, strides)
         device = teacher_features[levels[0]].device
         dtype = self.decoder.k_proj.weight.dtype
         key_padding = padding_mask(image_sizes, shapes, stride_list, device)  # [N, S], True at padding
@@ -238,11 +249,10 @@ class ICDModule(nn.Module):
         return queries, decoded, key_padding, shapes, stride_list
 
     def decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
-               targets: Sequence[Mapping[str, Tensor]], levels: Sequence[str], strides: Strides,
-               generator: torch.Generator) -> DecodedBatch:
+               targets: Sequence[Mapping[str, Tensor]], generator: torch.Generator) -> DecodedBatch:
         """Queries + decoder + auxiliary predictor on teacher features alone (no student needed)."""
-        queries, decoded, key_padding, shapes, stride_list = self._decode(
-            teacher_features, image_sizes, targets, levels, strides, generator)
+        queries, decoded, key_padding, shapes, stride_list = self._decode(teacher_features, image_sizes, targets,
+                                                                          generator)
         return DecodedBatch(queries, decoded, self.aux_predictor(decoded.queries), key_padding, shapes, stride_list)
 
     @staticmethod
@@ -259,23 +269,20 @@ class ICDModule(nn.Module):
         student_features: Mapping[str, Tensor],
         image_sizes: ImageSizes,
         targets: Sequence[Mapping[str, Tensor]],
-        levels: Sequence[str],
-        strides: Strides,
         generator: torch.Generator,
         detach_student: bool,
     ) -> dict[str, Tensor]:
         """Losses of one batch: {'loss_distill', 'loss_ident', 'loss_loc'}.
 
-        teacher_features / student_features: {level: [N, C, H, W]} padded to the same batch shape;
-        image_sizes: resized (h, w) per image before padding; targets: detection targets (boxes xyxy
-        in the resized pixel frame, labels 1..K); strides: {level: stride} or one per level;
-        generator: CPU generator for the fake queries and jitter; detach_student: the distillation
+        teacher_features / student_features: {level: [N, C, H, W]} padded to the same batch shape (at
+        least the module's levels); image_sizes: resized (h, w) per image before padding; targets:
+        detection targets (boxes xyxy in the resized pixel frame, labels 1..K); generator: CPU generator for the fake queries and jitter; detach_student: the distillation
         loss trains only the student-side projection, not the student (first iterations).
         """
-        self.check_inputs(teacher_features, student_features, image_sizes, targets, levels, strides, generator)
-        batch = self.decode(teacher_features, image_sizes, targets, levels, strides, generator)
+        self.check_batch(teacher_features, student_features, image_sizes, targets, generator)
+        batch = self.decode(teacher_features, image_sizes, targets, generator)
         decoded = batch.decoded
-        student_tokens = flatten_levels(student_features, levels)  # [N, S, C]
+        student_tokens = flatten_levels(student_features, self.levels)  # [N, S, C]
         if detach_student:
             student_tokens = student_tokens.detach()
         mask = distillation_mask(decoded.logits, batch.queries.is_real, self.temperature)  # [N, heads, S]
@@ -293,23 +300,20 @@ class ICDModule(nn.Module):
         teacher_features: Mapping[str, Tensor],
         image_sizes: ImageSizes,
         targets: Sequence[Mapping[str, Tensor]],
-        levels: Sequence[str],
-        strides: Strides,
         generator: torch.Generator | None = None,
     ) -> list[dict[str, Tensor]]:
         """Per image, {level: [n_real, heads, h_l, w_l]}: softmax_s(A / T) of each real query, cropped to
         the image's valid region (ceil(h / s) x ceil(w / s)); summing over queries gives the loss mask W.
         """
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.check_inputs(teacher_features, None, image_sizes, targets, levels, strides, generator)
-        queries, decoded, _, shapes, stride_list = self._decode(
-            teacher_features, image_sizes, targets, levels, strides, generator)
+        self.check_batch(teacher_features, None, image_sizes, targets, generator)
+        queries, decoded, _, shapes, stride_list = self._decode(teacher_features, image_sizes, targets, generator)
         weights = (decoded.logits.float() / self.temperature).softmax(dim=-1)  # [N, h, K, S]
         out = []
         for i, (n_real, (h, w)) in enumerate(zip(queries.num_real, image_sizes)):
             per_level = unflatten_levels(weights[i, :, :n_real].transpose(0, 1), shapes)  # [n, heads, H, W] each
             out.append({level: maps[..., :level_size(h, w, stride)[0], :level_size(h, w, stride)[1]]
-                        for level, maps, stride in zip(levels, per_level, stride_list)})
+                        for level, maps, stride in zip(self.levels, per_level, stride_list)})
         return out
 
 

@@ -189,7 +189,7 @@ class QueryBuilder:
     ) -> InstanceQueries:
         """Queries for a batch: targets' boxes are xyxy pixels of the resized image, labels 0..K-1.
 
-        Inputs as ICDModule.check_inputs accepts them; `generator` is a CPU torch.Generator, so cached
+        Inputs as ICDModule.check_batch accepts them; `generator` is a CPU torch.Generator, so cached
         and online training with one seed build identical queries on any device.
         """
         assert len(targets) == len(image_sizes) and targets, f"{len(targets)} targets for {len(image_sizes)} sizes"

@@ -6,8 +6,8 @@ padding. docs/METHOD.md, section 1: a level of stride s is valid for rows < ceil
 cols < ceil(w / s), with (h, w) the resized image size before batch padding (cache_contract's
 `level_size`, the same rule stage one cuts the cached regions with).
 
-The inputs were checked once at the entry of the ICD module (ICDModule.check_inputs); the shape
-contracts here are asserts.
+The ICD module checked its levels and strides when it was built and each batch at its entry
+(ICDModule.check_batch); the shape contracts here are asserts.
 
 Written by hand (not torchvision/timm): the DETR sine embedding is a few lines and no installed library
 exposes it for an arbitrary validity mask.
