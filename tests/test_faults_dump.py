@@ -537,6 +537,7 @@ def test_resume_without_a_checkpoint_says_it_starts_a_new_run(cfg_tiny, teacher_
     assert "--resume" not in capsys.readouterr().out
     from stage2_student_distill.fit_decoder import DecoderFitter
 
-    fitter = DecoderFitter(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "fit")), url, resume=True)
+    fitter = DecoderFitter(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "fit")), url)
+    assert not fitter.resume_or_load(True)
     assert fitter.iteration == 0 and f"--resume: no checkpoint to resume in {tmp_path / 'fit'}" in \
         capsys.readouterr().out
