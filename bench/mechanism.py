@@ -71,9 +71,9 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
     """Feature distances (inside / outside instances) and gradient ratios per level, over `batches` batches."""
     import torch
 
-    from detection.checkpoint import load_checkpoint
     from detection.config import get_cfg
-    from detection.engine import images_and_targets
+    from detection.engine.checkpoint import load_checkpoint
+    from detection.engine.trainer import images_and_targets
     from stage2_student_distill.cli import build_distill_trainer
 
     weights = run_dir / "model_final.pth"
@@ -97,10 +97,10 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
         trainer.model.train()
         for _ in range(batches):
             batch = next(data)
-            images, targets = images_and_targets(batch["samples"], trainer.device)
+            images, targets = images_and_targets(batch.samples, trainer.device)
             sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
             detection_losses, features, _ = trainer.model(images, targets)
-            teacher = {name: batch["teacher_features"][name].to(trainer.device) for name in levels}
+            teacher = trainer.teacher_features(batch, images)  # {level: [N, C, H, W]}, padded as the batch
             student = {name: features[name] for name in levels}
             for name in levels:
                 inside, outside = _level_masks(targets, sizes, tuple(student[name].shape[-2:]), strides[name])
@@ -112,7 +112,7 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
                 sums[name]["out_t"] += float(energy[outside].sum())
             if icd_state is None:
                 continue
-            icd_losses = trainer.icd_model(teacher, student, sizes, targets, levels, strides, trainer.query_generator(),
+            icd_losses = trainer.icd_model(teacher, student, sizes, targets, trainer.query_generator(),
                                            detach_student=False)
             tensors = [student[name] for name in levels]
             g_det = torch.autograd.grad(sum(detection_losses.values()), tensors, retain_graph=True, allow_unused=True)
