@@ -12,6 +12,7 @@ Every step is the command a user would type (subprocesses), so the demo exercise
 Makefile exactly as documented. A step whose output already exists is reused, so re-running the demo
 after an interruption continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,11 @@ def run(cmd: Sequence[str], what: str) -> None:
     print(f"\n=== {what}\n$ {' '.join(cmd)}", flush=True)
     result = subprocess.run(list(cmd), cwd=REPO)
     if result.returncode != 0:
-        print(f"demo: step '{what}' failed (exit {result.returncode}); fix the error above and rerun `make demo`"
-              " (finished steps are reused)", file=sys.stderr)
+        print(
+            f"demo: step '{what}' failed (exit {result.returncode}); fix the error above and rerun `make demo`"
+            " (finished steps are reused)",
+            file=sys.stderr,
+        )
         raise SystemExit(result.returncode)
 
 
@@ -98,9 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     weights = f"MODEL.WEIGHTS={teacher_dir / 'model_final.pth'}"
     if not (CACHE / "zarr.json").is_file() or not _cache_complete():
         resume = "--resume" if (CACHE / "zarr.json").is_file() else ""
-        run(["make", "--no-print-directory", "stage1", f"CONFIG={TEACHER}", f"CACHE={CACHE}", f"BUDGET={BUDGET}",
-             f"OPTS={resume} {weights.replace('=', ' ', 1)} CACHE.ENCODING auto".strip()],
-            f"stage one: dump the teacher once into a cache within {BUDGET}")
+        run(
+            [
+                "make",
+                "--no-print-directory",
+                "stage1",
+                f"CONFIG={TEACHER}",
+                f"CACHE={CACHE}",
+                f"BUDGET={BUDGET}",
+                f"OPTS={resume} {weights.replace('=', ' ', 1)} CACHE.ENCODING auto".strip(),
+            ],
+            f"stage one: dump the teacher once into a cache within {BUDGET}",
+        )
     run(icd("cache", "verify", str(CACHE)), "verify the cache")
     run(icd("cache", "inspect", str(CACHE)), "inspect the cache")
 
@@ -110,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "inference" / "metrics.json").is_file() and (out / "decoder_signals.json").is_file():
             print(f"\n=== stage two: {name}: reusing {out.relative_to(REPO)}", flush=True)
         else:
-            run(["make", "--no-print-directory", "stage2", f"CONFIG={distill_config}", f"CACHE={CACHE}"],
-                f"stage two: distil {name} from the same cache")
+            run(
+                ["make", "--no-print-directory", "stage2", f"CONFIG={distill_config}", f"CACHE={CACHE}"],
+                f"stage two: distil {name} from the same cache",
+            )
         distilled[name] = out
 
     init_only = {}
@@ -122,8 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # The distill run without the ICD loss: the student starts from the teacher's FPN (and head, same
             # family) exactly as in stage two, the decoder still trains, but nothing reaches the student.
-            run(icd("distill", "--config-file", distill_config, "--cache", str(CACHE), "DISTILL.LAMBDA", "0",
-                    "OUTPUT_DIR", str(out)), f"teacher-init only (DISTILL.LAMBDA 0): {name}")
+            run(
+                icd(
+                    "distill",
+                    "--config-file",
+                    distill_config,
+                    "--cache",
+                    str(CACHE),
+                    "DISTILL.LAMBDA",
+                    "0",
+                    "OUTPUT_DIR",
+                    str(out),
+                ),
+                f"teacher-init only (DISTILL.LAMBDA 0): {name}",
+            )
         init_only[name] = out
 
     figures = make_figures(baselines, distilled)
@@ -150,8 +177,9 @@ def init_only_dir(distill_config: str) -> Path:
     return out.parent / f"init_only_{out.name}"
 
 
-def results_table(teacher_dir: Path, baselines: dict[str, Path], init_only: dict[str, Path],
-                  distilled: dict[str, Path]) -> str:
+def results_table(
+    teacher_dir: Path, baselines: dict[str, Path], init_only: dict[str, Path], distilled: dict[str, Path]
+) -> str:
     """The paper-style table: baseline, teacher-init only and + ICD (cached) AP with the deltas, plus the
     cache and timing. The ICD loss's own effect is the last delta (vs teacher-init only)."""
     from cache_format import CacheReader
@@ -173,8 +201,10 @@ def results_table(teacher_dir: Path, baselines: dict[str, Path], init_only: dict
     for name in baselines:
         base, init, dist = bbox_ap(baselines[name]), bbox_ap(init_only[name]), bbox_ap(distilled[name])
         t_base, t_dist = seconds_per_iter(baselines[name]), seconds_per_iter(distilled[name])
-        lines.append(f"| {name} | {base:.1f} | {init:.1f} | {dist:.1f} | {dist - base:+.1f} | {dist - init:+.1f} "
-                     f"| {t_base:.3f} | {t_dist:.3f} | {t_dist / t_base:.2f}x |")
+        lines.append(
+            f"| {name} | {base:.1f} | {init:.1f} | {dist:.1f} | {dist - base:+.1f} | {dist - init:+.1f} "
+            f"| {t_base:.3f} | {t_dist:.3f} | {t_dist / t_base:.2f}x |"
+        )
     lines += [
         "",
         f"Cache: {int(reader.committed().sum())} samples, encoding {reader.encoding} ({reader.compressor}), "
@@ -191,8 +221,7 @@ def decoder_table(distilled: dict[str, Path]) -> str:
         "",
         "## What the ICD decoder learnt (end of stage two, cached samples with fresh fake queries)",
         "",
-        "A decoder that learnt nothing: loss_ident = the prior's entropy, AUC 0.5, instances' maps alike "
-        "(cosine ~1),",
+        "A decoder that learnt nothing: loss_ident = the prior's entropy, AUC 0.5, instances' maps alike (cosine ~1),",
         "in-box mass = a uniform map's.",
         "",
         "| student | loss_ident | prior's entropy | real-vs-fake AUC | map cosine | in-box mass | uniform |",
@@ -200,8 +229,10 @@ def decoder_table(distilled: dict[str, Path]) -> str:
     ]
     for name, out in distilled.items():
         s = read_signals(out / "decoder_signals.json")
-        lines.append(f"| {name} | {s['loss_ident']:.3f} | {s['prior_entropy']:.3f} | {_num(s['auc'])} "
-                     f"| {_num(s['map_cosine'])} | {_num(s['inbox_mass'])} | {_num(s['inbox_uniform'])} |")
+        lines.append(
+            f"| {name} | {s['loss_ident']:.3f} | {s['prior_entropy']:.3f} | {_num(s['auc'])} "
+            f"| {_num(s['map_cosine'])} | {_num(s['inbox_mass'])} | {_num(s['inbox_uniform'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -217,15 +248,24 @@ def make_figures(baselines: dict[str, Path], distilled: dict[str, Path]) -> list
     figures = []
     for name in baselines:
         slug = name.lower().replace(" ", "_").replace("-", "")
-        runs = {f"{name} baseline": baselines[name] / "metrics.json",
-                f"{name} + ICD (cached)": distilled[name] / "metrics.json"}
+        runs = {
+            f"{name} baseline": baselines[name] / "metrics.json",
+            f"{name} + ICD (cached)": distilled[name] / "metrics.json",
+        }
         figures.append(plot_loss_curves(runs, OUT / "figures" / f"losses_{slug}.png"))
-    figures.append(plot_decoder_signals({name: out / "decoder_signals.json" for name, out in distilled.items()},
-                                        OUT / "figures" / "decoder_signals.png"))
+    figures.append(
+        plot_decoder_signals(
+            {name: out / "decoder_signals.json" for name, out in distilled.items()},
+            OUT / "figures" / "decoder_signals.png",
+        )
+    )
     name, _, distill_config = STUDENTS[0]
     cfg = setup_cfg(distill_config)
-    figures.append(plot_attention_maps(cfg, str(CACHE), distilled[name] / "model_final.pth",
-                                       OUT / "figures" / "attention_maps.png"))
+    figures.append(
+        plot_attention_maps(
+            cfg, str(CACHE), distilled[name] / "model_final.pth", OUT / "figures" / "attention_maps.png"
+        )
+    )
     return figures
 
 

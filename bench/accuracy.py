@@ -49,6 +49,7 @@ synthetic task, 2000 / 500 images, 3000-iteration teachers, 1000-iteration stude
 Faster R-CNN, modes baseline / init_only / cached_fp32 / no_init, AP curves, resumable runs; its table adds
 the power check (headroom, paired-delta std and interval). powered_gpu: the same recipe scaled for a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,8 @@ SAME_FAMILY_MODES = ("baseline", "init_only", "cached_fp32", "cached_budget", "o
 CROSS_MODES = ("baseline", "init_only", "cached_fp32")
 # The ablation of a row (--ablate): cached fp32 ICD with one setting changed, to explain a delta.
 ABLATIONS = {
-    "lambda_2": ("DISTILL.LAMBDA", "2.0"),                  # a quarter of the loss weight
-    "detach_75": ("DISTILL.WARMUP_DETACH_ITERS", "75"),     # the student moves only in the second half
+    "lambda_2": ("DISTILL.LAMBDA", "2.0"),  # a quarter of the loss weight
+    "detach_75": ("DISTILL.WARMUP_DETACH_ITERS", "75"),  # the student moves only in the second half
     "paper_decoder": ("DISTILL.SPATIAL_PRIOR", "", "DISTILL.KEY_NORM", ""),  # the decoder that does not learn
 }
 # the rows where the ICD loss costs AP over teacher-init only: the cross-family row and CondInst
@@ -127,8 +128,10 @@ class Row:
         return SAME_FAMILY_MODES if self.student == self.teacher else CROSS_MODES
 
 
-ROWS = {**{name: Row(name, name, name) for name in FAMILIES},
-        "fcos_from_retinanet": Row("fcos_from_retinanet", "fcos", "retinanet")}
+ROWS = {
+    **{name: Row(name, name, name) for name in FAMILIES},
+    "fcos_from_retinanet": Row("fcos_from_retinanet", "fcos", "retinanet"),
+}
 DEFAULT_BUDGET_FRACTION = 0.35
 DEFAULT_ONLINE = ("retinanet",)
 LOG_TAIL_LINES = 30
@@ -145,8 +148,8 @@ class Power:
     """What a size built to answer "does the ICD loss beat teacher-init only?" must show (issue 21); the
     table checks each criterion against its measured value."""
 
-    min_headroom: float = 5.0     # teacher AP - init_only AP: what ICD could win at most
-    max_delta_std: float = 0.5    # sample std over seeds of (cached fp32 - init_only), paired by seed
+    min_headroom: float = 5.0  # teacher AP - init_only AP: what ICD could win at most
+    max_delta_std: float = 0.5  # sample std over seeds of (cached fp32 - init_only), paired by seed
     min_seeds: int = 3
     min_val_images: int = 500
 
@@ -164,21 +167,37 @@ class Sizes:
     student_opts: tuple[str, ...] = ()
     jobs: int | None = None  # None: min(2, usable cores) on CPU
     synth: tuple[tuple[str, Any], ...] = ()  # detection.data.synthetic.Difficulty fields; () the default task
-    modes: tuple[str, ...] | None = None     # same-family rows' modes (None: SAME_FAMILY_MODES)
-    power: Power | None = None               # the criteria its table checks
+    modes: tuple[str, ...] | None = None  # same-family rows' modes (None: SAME_FAMILY_MODES)
+    power: Power | None = None  # the criteria its table checks
 
     def record(self) -> dict[str, Any]:
         """What a results file records of its size; a file is carried only into the same record."""
-        out = {"name": self.name, "train_images": self.train_images, "val_images": self.val_images,
-               "teacher_opts": list(self.teacher_opts), "student_opts": list(self.student_opts)}
+        out = {
+            "name": self.name,
+            "train_images": self.train_images,
+            "val_images": self.val_images,
+            "teacher_opts": list(self.teacher_opts),
+            "student_opts": list(self.student_opts),
+        }
         return {**out, "synth": dict(self.synth)} if self.synth else out
 
 
-def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | None = None,
-              checkpoint: int | None = None) -> tuple[str, ...]:
+def _schedule(
+    max_iter: int, step: int, warmup: int, log: int, detach: int | None = None, checkpoint: int | None = None
+) -> tuple[str, ...]:
     checkpoint = checkpoint or max_iter  # a run that checkpoints before its end continues after an interruption
-    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", f"[{step}]", "SOLVER.CHECKPOINT_PERIOD", str(checkpoint),
-            "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.LOG_PERIOD", str(log))
+    opts = (
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.STEPS",
+        f"[{step}]",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(checkpoint),
+        "SOLVER.WARMUP_ITERS",
+        str(warmup),
+        "SOLVER.LOG_PERIOD",
+        str(log),
+    )
     return opts + (("DISTILL.WARMUP_DETACH_ITERS", str(detach)) if detach is not None else ())
 
 
@@ -186,8 +205,14 @@ def _schedule(max_iter: int, step: int, warmup: int, log: int, detach: int | Non
 # matters - 12 classes, up to 12 instances per image of 8-40 px, more occlusion, unannotated clutter -
 # anchors a half of the demo's for the smaller instances, a teacher trained 3x the student's schedule
 # (the paper's 3x vs 1x), 500 val images, one run at a time. POWERED_GPU is the same recipe scaled.
-POWERED_SYNTH = (("classes", 12), ("max_objects", 12), ("min_extent", 0.08), ("max_extent", 0.3),
-                 ("max_hidden", 0.6), ("clutter", 6))
+POWERED_SYNTH = (
+    ("classes", 12),
+    ("max_objects", 12),
+    ("min_extent", 0.08),
+    ("max_extent", 0.3),
+    ("max_hidden", 0.6),
+    ("clutter", 6),
+)
 POWERED_MODEL = ("MODEL.ANCHOR_GENERATOR.SIZES", "[8, 16, 32, 64, 128]")
 POWERED_STUDENT_ITERS = 1000
 # The question's modes; cached_budget (the cache's lossy encodings) is left to --modes: the full size shows
@@ -195,31 +220,64 @@ POWERED_STUDENT_ITERS = 1000
 POWERED_MODES = ("baseline", "init_only", "cached_fp32", "no_init")
 
 
-def _powered(name: str, train: int, val: int, seeds: int, rows: tuple[str, ...], student_iters: int,
-             log: int) -> Sizes:
+def _powered(name: str, train: int, val: int, seeds: int, rows: tuple[str, ...], student_iters: int, log: int) -> Sizes:
     """A powered size: the teacher trains 3x the student; LR step at 80%, warm-up 10% and detach 15% of the
     student's schedule (the full size's bench configs: 40 and 22 of 150). Every run also evaluates at each
     quarter of its schedule (TEST.EVAL_PERIOD; its metrics.json holds the AP curve), in every mode alike, and
     checkpoints there, so an interrupted run continues from its last quarter (build_tasks adds --resume)."""
     s, t = student_iters, 3 * student_iters
-    return Sizes(name, train_images=train, val_images=val, seeds=seeds, rows=rows, jobs=1,
-                 teacher_opts=_schedule(t, int(0.8 * t), 100, log, checkpoint=t // 4)
-                 + ("TEST.EVAL_PERIOD", str(t // 4)) + POWERED_MODEL,
-                 student_opts=_schedule(s, int(0.8 * s), s // 10, log, detach=int(0.15 * s), checkpoint=s // 4)
-                 + ("TEST.EVAL_PERIOD", str(s // 4)) + POWERED_MODEL,
-                 synth=POWERED_SYNTH, modes=POWERED_MODES, power=Power())
+    return Sizes(
+        name,
+        train_images=train,
+        val_images=val,
+        seeds=seeds,
+        rows=rows,
+        jobs=1,
+        teacher_opts=_schedule(t, int(0.8 * t), 100, log, checkpoint=t // 4)
+        + ("TEST.EVAL_PERIOD", str(t // 4))
+        + POWERED_MODEL,
+        student_opts=_schedule(s, int(0.8 * s), s // 10, log, detach=int(0.15 * s), checkpoint=s // 4)
+        + ("TEST.EVAL_PERIOD", str(s // 4))
+        + POWERED_MODEL,
+        synth=POWERED_SYNTH,
+        modes=POWERED_MODES,
+        power=Power(),
+    )
 
 
 SIZES = {
     "full": Sizes("full", train_images=200, val_images=50, seeds=3, rows=tuple(ROWS)),
-    "quick": Sizes("quick", train_images=64, val_images=16, seeds=1, rows=("retinanet",),
-                   teacher_opts=_schedule(60, 48, 15, 20), student_opts=_schedule(40, 32, 10, 10, detach=6)),
-    "gpu": Sizes("gpu", train_images=1000, val_images=200, seeds=3, rows=tuple(ROWS), jobs=1,
-                 teacher_opts=_schedule(2000, 1600, 100, 50), student_opts=_schedule(600, 480, 100, 50, detach=90)),
-    "powered": _powered("powered", 2000, 500, 3, ("retinanet", "faster_rcnn"), student_iters=POWERED_STUDENT_ITERS,
-                        log=50),
-    "powered_gpu": _powered("powered_gpu", 8000, 2000, 5, tuple(r for r in ROWS if r != "fcos_from_retinanet"),
-                            student_iters=4 * POWERED_STUDENT_ITERS, log=100),
+    "quick": Sizes(
+        "quick",
+        train_images=64,
+        val_images=16,
+        seeds=1,
+        rows=("retinanet",),
+        teacher_opts=_schedule(60, 48, 15, 20),
+        student_opts=_schedule(40, 32, 10, 10, detach=6),
+    ),
+    "gpu": Sizes(
+        "gpu",
+        train_images=1000,
+        val_images=200,
+        seeds=3,
+        rows=tuple(ROWS),
+        jobs=1,
+        teacher_opts=_schedule(2000, 1600, 100, 50),
+        student_opts=_schedule(600, 480, 100, 50, detach=90),
+    ),
+    "powered": _powered(
+        "powered", 2000, 500, 3, ("retinanet", "faster_rcnn"), student_iters=POWERED_STUDENT_ITERS, log=50
+    ),
+    "powered_gpu": _powered(
+        "powered_gpu",
+        8000,
+        2000,
+        5,
+        tuple(r for r in ROWS if r != "fcos_from_retinanet"),
+        student_iters=4 * POWERED_STUDENT_ITERS,
+        log=100,
+    ),
 }
 
 
@@ -231,8 +289,8 @@ class Task:
     name: str
     command: Callable[[], list[str]]
     deps: tuple[str, ...] = ()
-    done: Callable[[], bool] = lambda: False   # already finished (reused with --resume)
-    status: str = "pending"                    # pending | running | ok | reused | failed | skipped
+    done: Callable[[], bool] = lambda: False  # already finished (reused with --resume)
+    status: str = "pending"  # pending | running | ok | reused | failed | skipped
     seconds: float = 0.0
     error: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -306,8 +364,12 @@ def run_tasks(tasks: list[Task], jobs: int, logs: Path, env: dict[str, str], res
                     print(f"[{_stamp()}] done  {task.name} in {task.seconds:.0f} s ({finished}/{total})", flush=True)
                 else:
                     task.status, task.error = "failed", f"exit status {code}; log {logs / (task.name + '.log')}"
-                    print(f"[{_stamp()}] FAILED {task.name} (exit {code}); last lines of its log:\n"
-                          + _tail(logs / f"{task.name}.log"), file=sys.stderr, flush=True)
+                    print(
+                        f"[{_stamp()}] FAILED {task.name} (exit {code}); last lines of its log:\n"
+                        + _tail(logs / f"{task.name}.log"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         for task in running:  # interrupted: stop the runs this benchmark started
             if task.proc is not None and task.proc.poll() is None:
@@ -319,8 +381,11 @@ def overlap_share(task: Task, tasks: Sequence[Task]) -> float:
     """Share of `task`'s wall time during which at least one other task of this benchmark was running."""
     if task.ended <= task.started:
         return 0.0
-    spans = sorted((max(t.started, task.started), min(t.ended, task.ended)) for t in tasks
-                   if t is not task and t.ended > t.started and t.started < task.ended and t.ended > task.started)
+    spans = sorted(
+        (max(t.started, task.started), min(t.ended, task.ended))
+        for t in tasks
+        if t is not task and t.ended > t.started and t.started < task.ended and t.ended > task.started
+    )
     covered, reach = 0.0, task.started
     for lo, hi in spans:  # the union of the other tasks' intervals, clipped to this task's
         lo = max(lo, reach)
@@ -351,8 +416,11 @@ def decoder_signals(output_dir: Path) -> dict[str, float]:
     from stage2_student_distill.signals import read_signals
 
     data = read_signals(path)
-    return {k: data[k] for k in ("loss_ident", "prior_entropy", "auc", "map_cosine", "inbox_mass", "inbox_uniform")
-            if isinstance(data.get(k), (int, float))}
+    return {
+        k: data[k]
+        for k in ("loss_ident", "prior_entropy", "auc", "map_cosine", "inbox_mass", "inbox_uniform")
+        if isinstance(data.get(k), (int, float))
+    }
 
 
 def step_times(output_dir: Path) -> dict[str, float]:
@@ -360,8 +428,10 @@ def step_times(output_dir: Path) -> dict[str, float]:
     records = [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines() if line.strip()]
     windows = [r for r in records if "time" in r]
     windows = windows[1:] or windows
-    return {"step_s": statistics.median(r["time"] for r in windows),
-            "data_s": statistics.median(r.get("data_time", 0.0) for r in windows)}
+    return {
+        "step_s": statistics.median(r["time"] for r in windows),
+        "data_s": statistics.median(r.get("data_time", 0.0) for r in windows),
+    }
 
 
 def finished_run(output_dir: Path) -> bool:
@@ -413,10 +483,18 @@ def load_carried(path: Path | None, sizes: Sizes, dataset_sha256: str) -> tuple[
         return Carried(), f"carry: {path} holds another size than {sizes.name}; nothing carried"
     if data.get("dataset_sha256") and dataset_sha256 and data["dataset_sha256"] != dataset_sha256:
         return Carried(), f"carry: {path} was measured on another synthetic dataset; nothing carried"
-    runs = {(r["row"], r["mode"], int(r["seed"])): r for r in data.get("runs", [])
-            if r.get("row") in ROWS and r.get("status") in FINISHED and any(k.endswith("_AP") for k in r)}
-    carried = Carried(f"{path.name} ({data.get('date', 'undated')})", runs, dict(data.get("teachers") or {}),
-                      dict(data.get("caches") or {}), str((data.get("machine") or {}).get("cpu", "")))
+    runs = {
+        (r["row"], r["mode"], int(r["seed"])): r
+        for r in data.get("runs", [])
+        if r.get("row") in ROWS and r.get("status") in FINISHED and any(k.endswith("_AP") for k in r)
+    }
+    carried = Carried(
+        f"{path.name} ({data.get('date', 'undated')})",
+        runs,
+        dict(data.get("teachers") or {}),
+        dict(data.get("caches") or {}),
+        str((data.get("machine") or {}).get("cpu", "")),
+    )
     return carried, f"carry: {len(runs)} finished run(s) from {carried.source}"
 
 
@@ -429,8 +507,9 @@ def dataset_digest(layout: Layout) -> str:
     return ":".join(file_sha256(str(f)) for f in files) if all(f.is_file() for f in files) else ""
 
 
-def carried_run(carried: Carried, row: Row, mode: str, seed: int, teacher: dict[str, Any] | None,
-                strict: bool) -> dict[str, Any] | None:
+def carried_run(
+    carried: Carried, row: Row, mode: str, seed: int, teacher: dict[str, Any] | None, strict: bool
+) -> dict[str, Any] | None:
     """The carried record of (row, mode, seed) if it may stand for a run with the work dir's `teacher`.
 
     A baseline has no teacher: always. A distill run: when it distilled from `teacher` (same_teacher), or,
@@ -525,8 +604,9 @@ def every_mode(row: Row) -> tuple[str, ...]:
     return row.modes + (tuple(EXTRA_MODES) if row.student == row.teacher else ()) + tuple(ABLATIONS)
 
 
-def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = (),
-             same_family: Sequence[str] | None = None) -> tuple[str, ...]:
+def modes_of(
+    row: Row, online: Sequence[str], ablate: Sequence[str] = (), same_family: Sequence[str] | None = None
+) -> tuple[str, ...]:
     """The row's modes (a same-family row's: `same_family` where a size sets them): online only for the
     --online-families, the ablation for the --ablate rows."""
     base = tuple(same_family) if same_family is not None and row.student == row.teacher else row.modes
@@ -534,9 +614,17 @@ def modes_of(row: Row, online: Sequence[str], ablate: Sequence[str] = (),
     return modes + (tuple(ABLATIONS) if row.name in ablate else ())
 
 
-def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequence[Row], online: Sequence[str],
-                device_opts: list[str], budget: Callable[[str], int], ablate: Sequence[str] = (),
-                carried: Callable[[Row, str, int], bool] = lambda row, mode, seed: False) -> list[Task]:
+def build_tasks(
+    layout: Layout,
+    sizes: Sizes,
+    seeds: Sequence[int],
+    rows: Sequence[Row],
+    online: Sequence[str],
+    device_opts: list[str],
+    budget: Callable[[str], int],
+    ablate: Sequence[str] = (),
+    carried: Callable[[Row, str, int], bool] = lambda row, mode, seed: False,
+) -> list[Task]:
     """Every step of the selected rows, in priority order: row by row, each teacher before its students.
 
     A student run is done when its output dir holds a finished run or `carried(row, mode, seed)` says an
@@ -554,53 +642,121 @@ def build_tasks(layout: Layout, sizes: Sizes, seeds: Sequence[int], rows: Sequen
         teacher = row.teacher
         config = str(FAMILIES[teacher].teacher_config(teacher))
         weights = str(layout.teacher(teacher) / "model_final.pth")
-        add(Task(f"teacher_{teacher}", lambda config=config, teacher=teacher: resumed(icd(
-            "train", "--config-file", config, "OUTPUT_DIR", str(layout.teacher(teacher)), *data, *device_opts,
-            *sizes.teacher_opts), layout.teacher(teacher)),
-            done=lambda teacher=teacher: finished_run(layout.teacher(teacher))))
+        add(
+            Task(
+                f"teacher_{teacher}",
+                lambda config=config, teacher=teacher: resumed(
+                    icd(
+                        "train",
+                        "--config-file",
+                        config,
+                        "OUTPUT_DIR",
+                        str(layout.teacher(teacher)),
+                        *data,
+                        *device_opts,
+                        *sizes.teacher_opts,
+                    ),
+                    layout.teacher(teacher),
+                ),
+                done=lambda teacher=teacher: finished_run(layout.teacher(teacher)),
+            )
+        )
 
-        def dump(kind: str, flags: Callable[[], list[str]], opts: list[str], teacher: str = teacher,
-                 config: str = config, weights: str = weights) -> Callable[[], list[str]]:
+        def dump(
+            kind: str,
+            flags: Callable[[], list[str]],
+            opts: list[str],
+            teacher: str = teacher,
+            config: str = config,
+            weights: str = weights,
+        ) -> Callable[[], list[str]]:
             # an interrupted dump continues (--resume); the cache's manifest says when it is finished
-            return lambda: icd("dump", "--config-file", config, "--cache", str(layout.cache(teacher, kind)), *flags(),
-                               *(["--resume"] if (layout.cache(teacher, kind) / "zarr.json").is_file() else []),
-                               "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(layout.root / "dumps" / f"{teacher}_{kind}"),
-                               *data, *device_opts, *opts)
+            return lambda: icd(
+                "dump",
+                "--config-file",
+                config,
+                "--cache",
+                str(layout.cache(teacher, kind)),
+                *flags(),
+                *(["--resume"] if (layout.cache(teacher, kind) / "zarr.json").is_file() else []),
+                "MODEL.WEIGHTS",
+                weights,
+                "OUTPUT_DIR",
+                str(layout.root / "dumps" / f"{teacher}_{kind}"),
+                *data,
+                *device_opts,
+                *opts,
+            )
 
-        add(Task(f"dump_{teacher}_fp32", dump("fp32", lambda: [], ["CACHE.ENCODING", "fp32"]),
-                 deps=(f"teacher_{teacher}",), done=lambda t=teacher: complete_cache(layout.cache(t, "fp32"))))
+        add(
+            Task(
+                f"dump_{teacher}_fp32",
+                dump("fp32", lambda: [], ["CACHE.ENCODING", "fp32"]),
+                deps=(f"teacher_{teacher}",),
+                done=lambda t=teacher: complete_cache(layout.cache(t, "fp32")),
+            )
+        )
         modes = modes_of(row, online, ablate, sizes.modes)
         if "cached_budget" in modes:
             # the budget is a fraction of the fp32 cache's measured size, hence built when the task starts
-            add(Task(f"dump_{teacher}_budget",
-                     dump("budget", lambda t=teacher: ["--budget", str(budget(t))], ["CACHE.ENCODING", "auto"]),
-                     deps=(f"teacher_{teacher}", f"dump_{teacher}_fp32"),
-                     done=lambda t=teacher: complete_cache(layout.cache(t, "budget"))))
+            add(
+                Task(
+                    f"dump_{teacher}_budget",
+                    dump("budget", lambda t=teacher: ["--budget", str(budget(t))], ["CACHE.ENCODING", "auto"]),
+                    deps=(f"teacher_{teacher}", f"dump_{teacher}_fp32"),
+                    done=lambda t=teacher: complete_cache(layout.cache(t, "budget")),
+                )
+            )
         student_config = str(FAMILIES[row.student].student_config(row.student))
         fp32, budget_cache = str(layout.cache(teacher, "fp32")), str(layout.cache(teacher, "budget"))
         for seed in seeds:
             for mode in modes:
                 out = layout.run_dir(row, mode, seed)
-                common = ["--config-file", student_config, "OUTPUT_DIR", str(out), "SEED", str(seed), *data,
-                          *device_opts, *sizes.student_opts]
+                common = [
+                    "--config-file",
+                    student_config,
+                    "OUTPUT_DIR",
+                    str(out),
+                    "SEED",
+                    str(seed),
+                    *data,
+                    *device_opts,
+                    *sizes.student_opts,
+                ]
                 cmd, deps = {
-                    **{name: (icd("distill", "--cache", fp32, *common, *opts), (f"dump_{teacher}_fp32",))
-                       for name, opts in {**ABLATIONS, **EXTRA_MODES}.items()},
+                    **{
+                        name: (icd("distill", "--cache", fp32, *common, *opts), (f"dump_{teacher}_fp32",))
+                        for name, opts in {**ABLATIONS, **EXTRA_MODES}.items()
+                    },
                     "baseline": (icd("train", *common), ()),
-                    "init_only": (icd("distill", "--cache", fp32, *common, "DISTILL.LAMBDA", "0"),
-                                  (f"dump_{teacher}_fp32",)),
+                    "init_only": (
+                        icd("distill", "--cache", fp32, *common, "DISTILL.LAMBDA", "0"),
+                        (f"dump_{teacher}_fp32",),
+                    ),
                     "cached_fp32": (icd("distill", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
                     "cached_budget": (icd("distill", "--cache", budget_cache, *common), (f"dump_{teacher}_budget",)),
                     "online": (icd("distill", "--online", "--cache", fp32, *common), (f"dump_{teacher}_fp32",)),
                 }[mode]
-                add(Task(task_name(row, mode, seed), lambda cmd=cmd, out=out: resumed(cmd, out), deps=deps,
-                         done=lambda out=out, row=row, mode=mode, seed=seed: finished_run(out)
-                         or carried(row, mode, seed)))
+                add(
+                    Task(
+                        task_name(row, mode, seed),
+                        lambda cmd=cmd, out=out: resumed(cmd, out),
+                        deps=deps,
+                        done=lambda out=out, row=row, mode=mode, seed=seed: (
+                            finished_run(out) or carried(row, mode, seed)
+                        ),
+                    )
+                )
     return tasks
 
 
-def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task], carried: Carried | None = None,
-            teachers: dict[str, dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def collect(
+    layout: Layout,
+    seeds: Sequence[int],
+    tasks: dict[str, Task],
+    carried: Carried | None = None,
+    teachers: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every run of every row, finished (by this invocation, an earlier one, or carried) or not, and per row
     the teacher its distill runs used.
 
@@ -614,8 +770,12 @@ def collect(layout: Layout, seeds: Sequence[int], tasks: dict[str, Task], carrie
     row_teachers: dict[str, Any] = {}
     for row in ROWS.values():
         here = teachers.get(row.teacher)
-        worked = any(finished_run(layout.run_dir(row, mode, seed)) for mode in every_mode(row)
-                     if mode != "baseline" for seed in all_seeds)
+        worked = any(
+            finished_run(layout.run_dir(row, mode, seed))
+            for mode in every_mode(row)
+            if mode != "baseline"
+            for seed in all_seeds
+        )
         from_carry = False
         for mode in every_mode(row):
             for seed in all_seeds:
@@ -696,8 +856,26 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 
 # Student's t, two-sided 95% (0.975 quantile) by degrees of freedom; a table because the project has no scipy.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
 
 
 def t_975(df: int) -> float:
@@ -712,9 +890,16 @@ def power_summary(result: dict[str, Any], power: Power) -> dict[str, Any]:
     """Per same-family row and metric: headroom (teacher - init_only), the paired delta cached fp32 -
     init_only with its std and 95% t interval, and which of `power`'s criteria the measurements meet."""
     val_images = int(result["sizes"]["val_images"])
-    out: dict[str, Any] = {"criteria": {"min_headroom": power.min_headroom, "max_delta_std": power.max_delta_std,
-                                        "min_seeds": power.min_seeds, "min_val_images": power.min_val_images},
-                           "val_images": val_images, "rows": {}}
+    out: dict[str, Any] = {
+        "criteria": {
+            "min_headroom": power.min_headroom,
+            "max_delta_std": power.max_delta_std,
+            "min_seeds": power.min_seeds,
+            "min_val_images": power.min_val_images,
+        },
+        "val_images": val_images,
+        "rows": {},
+    }
     for name, cells in result["cells"].items():
         row = ROWS[name]
         if row.student != row.teacher or "init_only" not in cells:
@@ -729,34 +914,49 @@ def power_summary(result: dict[str, Any], power: Power) -> dict[str, Any]:
             mean, std, n = delta.get("mean", math.nan), delta.get("std", math.nan), int(delta.get("n", 0))
             half = t_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
             per_metric[key] = {
-                "teacher": teacher.get(key, math.nan), "init_only": init, "headroom": headroom,
+                "teacher": teacher.get(key, math.nan),
+                "init_only": init,
+                "headroom": headroom,
                 "baseline": (cells.get("baseline") or {}).get(f"{key}_mean", math.nan),
-                "delta_mean": mean, "delta_std": std, "n": n, "interval_95": [mean - half, mean + half],
-                "meets": {"headroom": headroom >= power.min_headroom,
-                          "delta_std": n > 1 and std <= power.max_delta_std,
-                          "seeds": n >= power.min_seeds, "val_images": val_images >= power.min_val_images}}
+                "delta_mean": mean,
+                "delta_std": std,
+                "n": n,
+                "interval_95": [mean - half, mean + half],
+                "meets": {
+                    "headroom": headroom >= power.min_headroom,
+                    "delta_std": n > 1 and std <= power.max_delta_std,
+                    "seeds": n >= power.min_seeds,
+                    "val_images": val_images >= power.min_val_images,
+                },
+            }
         out["rows"][name] = per_metric
     return out
 
 
 def power_markdown(power: dict[str, Any]) -> str:
     c = power["criteria"]
-    lines = [f"Power (the design criteria: headroom = teacher - teacher-init only >= {c['min_headroom']:g} AP; the "
-             f"paired delta ICD cached fp32 - teacher-init only with std <= {c['max_delta_std']:g} AP over >= "
-             f"{c['min_seeds']} seeds; >= {c['min_val_images']} val images, here {power['val_images']}). The "
-             f"interval is the paired delta's 95% t interval.", "",
-             "| student <- teacher | AP | teacher | teacher-init only | headroom | Δ ICD fp32 vs init only | "
-             "std | n | 95% interval | criteria |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"Power (the design criteria: headroom = teacher - teacher-init only >= {c['min_headroom']:g} AP; the "
+        f"paired delta ICD cached fp32 - teacher-init only with std <= {c['max_delta_std']:g} AP over >= "
+        f"{c['min_seeds']} seeds; >= {c['min_val_images']} val images, here {power['val_images']}). The "
+        f"interval is the paired delta's 95% t interval.",
+        "",
+        "| student <- teacher | AP | teacher | teacher-init only | headroom | Δ ICD fp32 vs init only | "
+        "std | n | 95% interval | criteria |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for name, metrics in power["rows"].items():
         for key, m in metrics.items():
             unmet = [k for k, ok in m["meets"].items() if not ok]
             lo, hi = m["interval_95"]
             interval = "n/a" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
-            lines.append(f"| {ROWS[name].label} | {key.split('_')[0]} | {m['teacher']:.2f} | {m['init_only']:.2f} "
-                         f"| {m['headroom']:+.2f} | {m['delta_mean']:+.2f} "
-                         f"| {m['delta_std']:.2f} | {m['n']} | {interval} | "
-                         + ("met" if not unmet else "not met: " + ", ".join(unmet)) + " |")
+            lines.append(
+                f"| {ROWS[name].label} | {key.split('_')[0]} | {m['teacher']:.2f} | {m['init_only']:.2f} "
+                f"| {m['headroom']:+.2f} | {m['delta_mean']:+.2f} "
+                f"| {m['delta_std']:.2f} | {m['n']} | {interval} | "
+                + ("met" if not unmet else "not met: " + ", ".join(unmet))
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -777,11 +977,17 @@ def _pm(mean: float, std: float, sign: bool = False) -> str:
     return (f"{mean:+.2f}" if sign else f"{mean:.2f}") + f" ± {std:.2f}"
 
 
-MODE_LABELS = {"baseline": "baseline (icd train)", "init_only": "teacher-init only (LAMBDA 0)",
-               "cached_fp32": "ICD cached fp32", "cached_budget": "ICD cached, budget", "online": "ICD online",
-               "lambda_2": "ablation: ICD cached fp32, LAMBDA 2", "detach_75": "ablation: ICD, student detached 75 it",
-               "paper_decoder": "ablation: ICD, paper's decoder (no prior, raw keys)",
-               "no_init": "ICD cached fp32, no teacher init"}
+MODE_LABELS = {
+    "baseline": "baseline (icd train)",
+    "init_only": "teacher-init only (LAMBDA 0)",
+    "cached_fp32": "ICD cached fp32",
+    "cached_budget": "ICD cached, budget",
+    "online": "ICD online",
+    "lambda_2": "ablation: ICD cached fp32, LAMBDA 2",
+    "detach_75": "ablation: ICD, student detached 75 it",
+    "paper_decoder": "ablation: ICD, paper's decoder (no prior, raw keys)",
+    "no_init": "ICD cached fp32, no teacher init",
+}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -807,17 +1013,33 @@ def markdown_table(result: dict[str, Any]) -> str:
                 return " / ".join(part(f"{m}_AP") for m in metrics)
 
             ap = join(lambda k: _pm(cell.get(f"{k}_mean", math.nan), cell.get(f"{k}_std", math.nan)))
-            vs = {ref: join(lambda k: _pm(cell[f"{k}_vs_{ref}"]["mean"], cell[f"{k}_vs_{ref}"]["std"], sign=True)
-                            if f"{k}_vs_{ref}" in cell else "") for ref in ("baseline", "init_only")}
+            vs = {
+                ref: join(
+                    lambda k: (
+                        _pm(cell[f"{k}_vs_{ref}"]["mean"], cell[f"{k}_vs_{ref}"]["std"], sign=True)
+                        if f"{k}_vs_{ref}" in cell
+                        else ""
+                    )
+                )
+                for ref in ("baseline", "init_only")
+            }
             decoder = cell.get("decoder") or {}
-            signal = (f"{decoder['loss_ident']:.3f} / {decoder['prior_entropy']:.3f}, AUC {decoder['auc']:.2f}"
-                      if {"loss_ident", "prior_entropy", "auc"} <= set(decoder) and decoder["auc"] is not None
-                      and not math.isnan(decoder["auc"]) else "")
-            lines.append(f"| {row.label} | {MODE_LABELS[mode]} | {cell['n']} | {ap} | {vs['baseline'].strip(' /')} "
-                         f"| {vs['init_only'].strip(' /')} | {signal} |")
-    teachers = ", ".join(f"{FAMILIES[f].label} " + " / ".join(f"{t[f'{m}_AP']:.1f}" for m in FAMILIES[f].metrics
-                                                                  if f"{m}_AP" in t)
-                         for f, t in result["teachers"].items() if any(k.endswith("_AP") for k in t))
+            signal = (
+                f"{decoder['loss_ident']:.3f} / {decoder['prior_entropy']:.3f}, AUC {decoder['auc']:.2f}"
+                if {"loss_ident", "prior_entropy", "auc"} <= set(decoder)
+                and decoder["auc"] is not None
+                and not math.isnan(decoder["auc"])
+                else ""
+            )
+            lines.append(
+                f"| {row.label} | {MODE_LABELS[mode]} | {cell['n']} | {ap} | {vs['baseline'].strip(' /')} "
+                f"| {vs['init_only'].strip(' /')} | {signal} |"
+            )
+    teachers = ", ".join(
+        f"{FAMILIES[f].label} " + " / ".join(f"{t[f'{m}_AP']:.1f}" for m in FAMILIES[f].metrics if f"{m}_AP" in t)
+        for f, t in result["teachers"].items()
+        if any(k.endswith("_AP") for k in t)
+    )
     if teachers:
         lines += ["", f"Teachers (R-34, AP): {teachers}."]
     for name, teacher in result.get("row_teachers", {}).items():
@@ -825,15 +1047,26 @@ def markdown_table(result: dict[str, Any]) -> str:
         listed = result["teachers"].get(family)
         if listed is not None and not same_teacher(teacher, listed):
             ap = " / ".join(f"{teacher[f'{m}_AP']:.1f}" for m in FAMILIES[family].metrics if f"{m}_AP" in teacher)
-            where = (f"recorded in {teacher['carried_from']}" if "carried_from" in teacher
-                     else "trained in this work dir")
-            lines += ["", f"{ROWS[name].label}: distilled from another {FAMILIES[family].label} R-34 teacher than "
-                      f"the one listed (AP {ap}, {where})."]
-    budgets = [f"{FAMILIES[f].label} {c['budget']['encoding']}" for f, c in result["caches"].items()
-               if "encoding" in c.get("budget", {})]
+            where = (
+                f"recorded in {teacher['carried_from']}" if "carried_from" in teacher else "trained in this work dir"
+            )
+            lines += [
+                "",
+                f"{ROWS[name].label}: distilled from another {FAMILIES[family].label} R-34 teacher than "
+                f"the one listed (AP {ap}, {where}).",
+            ]
+    budgets = [
+        f"{FAMILIES[f].label} {c['budget']['encoding']}"
+        for f, c in result["caches"].items()
+        if "encoding" in c.get("budget", {})
+    ]
     if budgets:
-        lines += ["", f"Budget caches ({result['budget_fraction']} x fp32 feature bytes), the planner's choice: "
-                  + ", ".join(budgets) + "."]
+        lines += [
+            "",
+            f"Budget caches ({result['budget_fraction']} x fp32 feature bytes), the planner's choice: "
+            + ", ".join(budgets)
+            + ".",
+        ]
     if result["failed"]:
         lines += ["", "FAILED steps: " + ", ".join(result["failed"]) + " (cells with fewer seeds or missing)."]
     if result.get("power"):
@@ -859,8 +1092,9 @@ def describe_teachers(layout: Layout, known: dict[str, dict[str, Any]] | None = 
     return dict(known)
 
 
-def listed_teachers(carried: Carried, here: dict[str, dict[str, Any]],
-                    row_teachers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def listed_teachers(
+    carried: Carried, here: dict[str, dict[str, Any]], row_teachers: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """The teacher the table lists per family: its same-family row's, else the work dir's, else the carried one."""
     listed = {f: t for f, t in carried.teachers.items() if f in FAMILIES}
     listed.update(here)
@@ -884,8 +1118,12 @@ def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
             url = layout.cache(family, kind)
             if complete_cache(url):
                 reader = CacheReader(str(url))
-                info[kind] = {"encoding": reader.encoding, "compressor": reader.compressor,
-                              "samples": reader.num_samples, **cache_bytes(str(url), reader.num_samples)}
+                info[kind] = {
+                    "encoding": reader.encoding,
+                    "compressor": reader.compressor,
+                    "samples": reader.num_samples,
+                    **cache_bytes(str(url), reader.num_samples),
+                }
         if family in budgets and "budget" in info:
             info["budget"]["budget_bytes"] = budgets[family]
         if info:
@@ -895,45 +1133,103 @@ def describe_caches(layout: Layout, budgets: dict[str, int]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full (CPU, the reported table), quick (a smoke test in minutes), gpu (larger, 1 job)")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="full",
+        help="full (CPU, the reported table), quick (a smoke test in minutes), gpu (larger, 1 job)",
+    )
     parser.add_argument("--quick", action="store_true", help="the same as --size quick")
-    parser.add_argument("--families", nargs="+", choices=list(ROWS), default=None,
-                        help="rows to run, in this order (default: every row of the size); finished runs of "
-                        "other rows still enter the table")
-    parser.add_argument("--online-families", nargs="*", choices=list(FAMILIES), default=list(DEFAULT_ONLINE),
-                        help="families that also run ICD online (a live teacher): default retinanet")
-    parser.add_argument("--ablate", nargs="*", choices=list(ROWS), default=list(DEFAULT_ABLATE),
-                        help="rows that also run the ablation (" + ", ".join(ABLATIONS) + "): default "
-                        "fcos_from_retinanet and condinst, the rows where the ICD loss costs AP")
-    parser.add_argument("--modes", nargs="+", choices=list(SAME_FAMILY_MODES) + list(EXTRA_MODES), default=None,
-                        help="same-family rows' modes (default: the size's; powered: " + " ".join(POWERED_MODES)
-                        + "; else " + " ".join(SAME_FAMILY_MODES) + ")")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=list(ROWS),
+        default=None,
+        help="rows to run, in this order (default: every row of the size); finished runs of "
+        "other rows still enter the table",
+    )
+    parser.add_argument(
+        "--online-families",
+        nargs="*",
+        choices=list(FAMILIES),
+        default=list(DEFAULT_ONLINE),
+        help="families that also run ICD online (a live teacher): default retinanet",
+    )
+    parser.add_argument(
+        "--ablate",
+        nargs="*",
+        choices=list(ROWS),
+        default=list(DEFAULT_ABLATE),
+        help="rows that also run the ablation (" + ", ".join(ABLATIONS) + "): default "
+        "fcos_from_retinanet and condinst, the rows where the ICD loss costs AP",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(SAME_FAMILY_MODES) + list(EXTRA_MODES),
+        default=None,
+        help="same-family rows' modes (default: the size's; powered: "
+        + " ".join(POWERED_MODES)
+        + "; else "
+        + " ".join(SAME_FAMILY_MODES)
+        + ")",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the size's, 3 for full)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON result (default: bench/results/accuracy.json for the full size, "
-                        "accuracy_<size>.json for the others, so no size overwrites another's table)")
-    parser.add_argument("--work", type=Path, default=REPO / "output" / "bench_accuracy",
-                        help="work dir for the dataset, teachers, caches and runs (a subfolder per size)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs side by side (default: the size's; full/quick: min(2, usable cores) on CPU)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run (default: usable cores / jobs); set it when another "
-                        "invocation shares the cores")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON result (default: bench/results/accuracy.json for the full size, "
+        "accuracy_<size>.json for the others, so no size overwrites another's table)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "output" / "bench_accuracy",
+        help="work dir for the dataset, teachers, caches and runs (a subfolder per size)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs side by side (default: the size's; full/quick: min(2, usable cores) on CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: usable cores / jobs); set it when another invocation shares the cores",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--budget", default=None, metavar="SIZE", help="explicit --budget of every budget cache")
-    group.add_argument("--budget-fraction", type=float, default=DEFAULT_BUDGET_FRACTION, metavar="F",
-                       help=f"budget = F x the fp32 cache's feature bytes (default {DEFAULT_BUDGET_FRACTION}: below "
-                       "fp16's 0.5, so the planner must choose a lossy encoding)")
-    parser.add_argument("--carry", type=Path, default=None, metavar="JSON",
-                        help="an earlier results file whose finished runs enter the table where the work dir has "
-                        "none (default: the --out file, when it is of this size)")
+    group.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=DEFAULT_BUDGET_FRACTION,
+        metavar="F",
+        help=f"budget = F x the fp32 cache's feature bytes (default {DEFAULT_BUDGET_FRACTION}: below "
+        "fp16's 0.5, so the planner must choose a lossy encoding)",
+    )
+    parser.add_argument(
+        "--carry",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="an earlier results file whose finished runs enter the table where the work dir has "
+        "none (default: the --out file, when it is of this size)",
+    )
     parser.add_argument("--no-carry", action="store_true", help="use the work dir's runs only")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: rebuild the table and the JSON from the finished runs in the work dir")
-    parser.add_argument("--fresh", action="store_true", help="delete this size's work dir first (default: reuse "
-                        "every finished step)")
-    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # accepted: finished steps are always reused
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild the table and the JSON from the finished runs in the work dir",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete this size's work dir first (default: reuse every finished step)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help=argparse.SUPPRESS
+    )  # accepted: finished steps are always reused
     return parser
 
 
@@ -957,8 +1253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--budget-fraction must be between 0 and 1 (a fraction of the fp32 cache's size)")
     seeds = list(range(n_seeds))
     rows = [ROWS[name] for name in (args.families or sizes.rows)]
-    missing = [str(p.relative_to(REPO)) for row in rows for p in (FAMILIES[row.teacher].teacher_config(row.teacher),
-               FAMILIES[row.student].student_config(row.student)) if not p.is_file()]
+    missing = [
+        str(p.relative_to(REPO))
+        for row in rows
+        for p in (FAMILIES[row.teacher].teacher_config(row.teacher), FAMILIES[row.student].student_config(row.student))
+        if not p.is_file()
+    ]
     if missing:
         parser.error(f"missing bench config(s) {', '.join(sorted(set(missing)))}")
 
@@ -977,11 +1277,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    print(f"accuracy benchmark ({sizes.name}): rows {', '.join(r.name for r in rows)}, seeds {seeds}, device "
-          f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}", flush=True)
+    print(
+        f"accuracy benchmark ({sizes.name}): rows {', '.join(r.name for r in rows)}, seeds {seeds}, device "
+        f"{device}, {jobs} job(s) x {threads} thread(s); work dir {layout.root}",
+        flush=True,
+    )
     if not args.report_only and not (layout.synth / "annotations" / "instances_val.json").is_file():
-        generate(layout.synth, train=sizes.train_images, val=sizes.val_images, size=128, seed=0,
-                 difficulty=Difficulty(**dict(sizes.synth)))
+        generate(
+            layout.synth,
+            train=sizes.train_images,
+            val=sizes.val_images,
+            size=128,
+            seed=0,
+            difficulty=Difficulty(**dict(sizes.synth)),
+        )
     dataset_sha256 = dataset_digest(layout)
     carry_from = None if args.no_carry or args.fresh else (args.carry or args.out)
     carried, said = load_carried(carry_from, sizes, dataset_sha256)
@@ -1000,8 +1309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets[family] = budget_for(layout, family, args.budget_fraction, args.budget)
         return budgets[family]
 
-    tasks = build_tasks(layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget,
-                        args.ablate, carried_done)
+    tasks = build_tasks(
+        layout, sizes, seeds, rows, args.online_families, ["MODEL.DEVICE", device], budget, args.ablate, carried_done
+    )
     if args.report_only:
         tasks = []
     run_tasks(tasks, jobs, layout.logs, env, resume=True)
@@ -1020,8 +1330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads_per_job": threads,
         "work": str(layout.root),
         "sizes": sizes.record(),
-        "configs": {f: {"teacher": str(fam.teacher_config(f).relative_to(REPO)),
-                        "student": str(fam.student_config(f).relative_to(REPO))} for f, fam in FAMILIES.items()},
+        "configs": {
+            f: {
+                "teacher": str(fam.teacher_config(f).relative_to(REPO)),
+                "student": str(fam.student_config(f).relative_to(REPO)),
+            }
+            for f, fam in FAMILIES.items()
+        },
         "seeds": seeds,
         "rows_run": [r.name for r in rows],
         "online_families": list(args.online_families),
@@ -1046,8 +1361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     print(f"wrote {args.out} ({result['seconds'] / 60:.1f} min)")
     if failed:
-        print(f"bench.accuracy: {len(failed)} step(s) failed or were skipped: {', '.join(failed)} "
-              f"(logs in {layout.logs})", file=sys.stderr)
+        print(
+            f"bench.accuracy: {len(failed)} step(s) failed or were skipped: {', '.join(failed)} "
+            f"(logs in {layout.logs})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -28,6 +28,7 @@ written in AdelaiDet's names and shapes). SOLOv2 predicts no boxes (AdelaiDet's 
 detections are matched by mask IoU instead.
 Without detectron2 the benchmark writes a JSON saying it was skipped and exits 0 (so `make bench` runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", "configs/Teachers/retinanet_R_101_FPN_3x.yaml"),
     "faster_rcnn": ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml"),
-    "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
-                  "configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml"),
+    "mask_rcnn": (
+        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+        "configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
+    ),
 }
 # AdelaiDet models: (config under the AdelaiDet checkout's configs/, the project's teacher config).
 ADELAIDET_MODELS = {
@@ -100,8 +103,16 @@ def randomise(model: torch.nn.Module, seed: int, calibration: list[torch.Tensor]
                 # SOLOv2 computes a full-image mask for every (grid cell, class) above its threshold before
                 # any top-k: a prior this low keeps that to a few hundred of its 3872 x 80 candidates
                 tensor.copy_(0.5 * torch.randn(tensor.shape, generator=gen) - 4.0)
-            elif name.endswith(("cls_score.weight", "bbox_pred.weight", "anchor_deltas.weight",
-                                "objectness_logits.weight", "cls_logits.weight", "cate_pred.weight")):
+            elif name.endswith(
+                (
+                    "cls_score.weight",
+                    "bbox_pred.weight",
+                    "anchor_deltas.weight",
+                    "objectness_logits.weight",
+                    "cls_logits.weight",
+                    "cate_pred.weight",
+                )
+            ):
                 tensor.copy_(0.05 * torch.randn(tensor.shape, generator=gen))
 
         def calibrate(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -150,9 +161,13 @@ def reference_cfg(name: str, config: str) -> Any:
 
 def level_stats(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     diff = (ours - ref).abs()
-    return {"shape": list(ref.shape), "max_abs": float(diff.max()), "max_ref": float(ref.abs().max()),
-            "max_rel": float(diff.max() / ref.abs().max().clamp_min(1e-12)),
-            "rel_l2": float((ours - ref).norm() / ref.norm().clamp_min(1e-12))}
+    return {
+        "shape": list(ref.shape),
+        "max_abs": float(diff.max()),
+        "max_ref": float(ref.abs().max()),
+        "max_rel": float(diff.max() / ref.abs().max().clamp_min(1e-12)),
+        "rel_l2": float((ours - ref).norm() / ref.norm().clamp_min(1e-12)),
+    }
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -175,15 +190,21 @@ def compare_detections(ours: dict[str, torch.Tensor], ref: Any, by_masks: bool =
     ref_boxes, ref_scores, ref_labels = ref.pred_boxes.tensor, ref.scores, ref.pred_classes + 1
     k = min(TOP_K, len(ref_scores))
     if by_masks:
-        ious = (mask_iou_matrix(ref.pred_masks[:k].bool(), ours["masks"][:, 0] >= 0.5) if k and len(ours["scores"])
-                else torch.zeros(k, len(ours["scores"])))
+        ious = (
+            mask_iou_matrix(ref.pred_masks[:k].bool(), ours["masks"][:, 0] >= 0.5)
+            if k and len(ours["scores"])
+            else torch.zeros(k, len(ours["scores"]))
+        )
     else:
         ious = box_iou(ref_boxes[:k], ours["boxes"])
     used: set[int] = set()
     matched, score_diff, box_diff, mask_iou = 0, 0.0, 0.0, []
     for i in range(k):
-        candidates = [j for j in torch.argsort(ious[i], descending=True).tolist()
-                      if j not in used and int(ours["labels"][j]) == int(ref_labels[i]) and ious[i, j] >= 0.99]
+        candidates = [
+            j
+            for j in torch.argsort(ious[i], descending=True).tolist()
+            if j not in used and int(ours["labels"][j]) == int(ref_labels[i]) and ious[i, j] >= 0.99
+        ]
         if not candidates:
             continue
         j = candidates[0]
@@ -196,19 +217,29 @@ def compare_detections(ours: dict[str, torch.Tensor], ref: Any, by_masks: bool =
             a, b = ours["masks"][j, 0] >= 0.5, ref.pred_masks[i].bool()
             union = (a | b).sum().item()
             mask_iou.append((a & b).sum().item() / union if union else 1.0)
-    same_order = bool(len(ours["scores"]) >= k and torch.equal(ours["labels"][:k], ref_labels[:k])
-                      and (by_masks or torch.allclose(ours["boxes"][:k], ref_boxes[:k], atol=1e-2)))
-    out = {"detectron2": len(ref_scores), "project": len(ours["scores"]), "top_k": k, "top_k_matched": matched,
-           "top_k_same_order": same_order, "max_score_diff": score_diff,
-           "max_box_diff": None if by_masks else box_diff}
+    same_order = bool(
+        len(ours["scores"]) >= k
+        and torch.equal(ours["labels"][:k], ref_labels[:k])
+        and (by_masks or torch.allclose(ours["boxes"][:k], ref_boxes[:k], atol=1e-2))
+    )
+    out = {
+        "detectron2": len(ref_scores),
+        "project": len(ours["scores"]),
+        "top_k": k,
+        "top_k_matched": matched,
+        "top_k_same_order": same_order,
+        "max_score_diff": score_diff,
+        "max_box_diff": None if by_masks else box_diff,
+    }
     if mask_iou:
         out["min_mask_iou"] = min(mask_iou)
         out["mean_mask_iou"] = sum(mask_iou) / len(mask_iou)
     return out
 
 
-def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: list[tuple[int, int]],
-              work: Path) -> dict[str, Any]:
+def run_model(
+    name: str, d2_config: str, teacher_config: str, seed: int, sizes: list[tuple[int, int]], work: Path
+) -> dict[str, Any]:
     from detectron2.modeling import build_model
 
     from detection.config import setup_cfg
@@ -217,7 +248,9 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
 
     d2cfg = reference_cfg(name, d2_config)
     if d2cfg is None:
-        return {"skipped": f"AdelaiDet is importable but its configs/{d2_config} is not beside it (use a source checkout)"}
+        return {
+            "skipped": f"AdelaiDet is importable but its configs/{d2_config} is not beside it (use a source checkout)"
+        }
     torch.manual_seed(seed)
     d2_model = build_model(d2cfg).eval()
     rgb = images(seed, sizes)
@@ -225,11 +258,17 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
     randomise(d2_model, seed, images(seed + 100, sizes))
     pkl = work / f"{name}_d2.pkl"
     with open(pkl, "wb") as handle:
-        pickle.dump({"model": {k: v.detach().cpu().numpy() for k, v in d2_model.state_dict().items()},
-                     "__author__": "bench.d2_parity"}, handle)
+        pickle.dump(
+            {
+                "model": {k: v.detach().cpu().numpy() for k, v in d2_model.state_dict().items()},
+                "__author__": "bench.d2_parity",
+            },
+            handle,
+        )
 
-    cfg = setup_cfg(str(REPO / teacher_config), ["MODEL.BACKBONE.DEPTH", "50", "MODEL.WEIGHTS", str(pkl),
-                                                  "MODEL.DEVICE", "cpu"])
+    cfg = setup_cfg(
+        str(REPO / teacher_config), ["MODEL.BACKBONE.DEPTH", "50", "MODEL.WEIGHTS", str(pkl), "MODEL.DEVICE", "cpu"]
+    )
     ours = build_detector(cfg, NUM_CLASSES + 1).eval()
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -253,8 +292,9 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
         our_seconds = time.perf_counter() - start
     result["input"] = level_stats(our_in.tensors, d2_in.tensor)
     result["levels"] = {lvl: level_stats(our_feats[lvl], d2_feats[lvl]) for lvl in ours.levels}
-    result["detections"] = [compare_detections(o, r["instances"], by_masks=name == "solov2")
-                            for o, r in zip(our_out, d2_out)]
+    result["detections"] = [
+        compare_detections(o, r["instances"], by_masks=name == "solov2") for o, r in zip(our_out, d2_out)
+    ]
     result["seconds"] = {"detectron2": round(d2_seconds, 2), "project": round(our_seconds, 2)}
     result["ablations"] = ablations(name, ours, cfg, rgb, d2_feats, d2_out)
     result["worst_level_max_rel"] = max(s["max_rel"] for s in result["levels"].values())
@@ -263,8 +303,14 @@ def run_model(name: str, d2_config: str, teacher_config: str, seed: int, sizes: 
     return result
 
 
-def ablations(name: str, ours: torch.nn.Module, cfg: Any, rgb: list[torch.Tensor], d2_feats: dict[str, torch.Tensor],
-              d2_out: list[dict[str, Any]]) -> dict[str, Any]:
+def ablations(
+    name: str,
+    ours: torch.nn.Module,
+    cfg: Any,
+    rgb: list[torch.Tensor],
+    d2_feats: dict[str, torch.Tensor],
+    d2_out: list[dict[str, Any]],
+) -> dict[str, Any]:
     """What two of the options buy, measured by switching them off on the same converted weights.
 
     - "torchvision FrozenBN arithmetic": the backbone's D2FrozenBatchNorm2d replaced by torchvision's
@@ -295,7 +341,8 @@ def ablations(name: str, ours: torch.nn.Module, cfg: Any, rgb: list[torch.Tensor
     with torch.no_grad():
         feats = plain.features(plain.preprocess(rgb).tensors)
     out["torchvision FrozenBN arithmetic"] = {
-        "worst_level_max_rel": max(level_stats(feats[lvl], d2_feats[lvl])["max_rel"] for lvl in plain.levels)}
+        "worst_level_max_rel": max(level_stats(feats[lvl], d2_feats[lvl])["max_rel"] for lvl in plain.levels)
+    }
     if name not in MODELS:  # AdelaiDet's FCOS needs its scales, SOLOv2 has no conventions to switch
         return out
     tv_cfg = cfg.clone()
@@ -305,48 +352,70 @@ def ablations(name: str, ours: torch.nn.Module, cfg: Any, rgb: list[torch.Tensor
     with torch.no_grad():
         tv_out, _, _ = tv(rgb)
     dets = [compare_detections(o, r["instances"]) for o, r in zip(tv_out, d2_out)]
-    out["torchvision conventions"] = {"top_k_matched": [d["top_k_matched"] for d in dets],
-                                      "top_k": [d["top_k"] for d in dets]}
+    out["torchvision conventions"] = {
+        "top_k_matched": [d["top_k_matched"] for d in dets],
+        "top_k": [d["top_k"] for d in dets],
+    }
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     if result.get("skipped"):
         return f"skipped: {result['skipped']}"
-    lines = [f"Images: {result['sizes']} (one batch), seed {result['seed']}, R-50 FPN, {NUM_CLASSES} classes, "
-             "random init (FrozenBN redrawn and calibrated, prediction layers redrawn). Relative = max |project - "
-             "detectron2| / max |detectron2| per level (goal 1e-4).", "",
-             "| model | input max abs | " + " | ".join(f"{lvl} max rel" for lvl in ("p2", "p3", "p4", "p5", "p6", "p7"))
-             + " | worst rel L2 | detections (d2 / ours per image) | top-k matched | max score diff | max box diff |",
-             "|---|---:|" + "---:|" * 6 + "---:|---|---|---:|---:|"]
+    lines = [
+        f"Images: {result['sizes']} (one batch), seed {result['seed']}, R-50 FPN, {NUM_CLASSES} classes, "
+        "random init (FrozenBN redrawn and calibrated, prediction layers redrawn). Relative = max |project - "
+        "detectron2| / max |detectron2| per level (goal 1e-4).",
+        "",
+        "| model | input max abs | "
+        + " | ".join(f"{lvl} max rel" for lvl in ("p2", "p3", "p4", "p5", "p6", "p7"))
+        + " | worst rel L2 | detections (d2 / ours per image) | top-k matched | max score diff | max box diff |",
+        "|---|---:|" + "---:|" * 6 + "---:|---|---|---:|---:|",
+    ]
     for name, r in result["models"].items():
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * 11)
             continue
-        levels = [f"{r['levels'][lvl]['max_rel']:.1e}" if lvl in r["levels"] else "-"
-                  for lvl in ("p2", "p3", "p4", "p5", "p6", "p7")]
+        levels = [
+            f"{r['levels'][lvl]['max_rel']:.1e}" if lvl in r["levels"] else "-"
+            for lvl in ("p2", "p3", "p4", "p5", "p6", "p7")
+        ]
         dets = r["detections"]
         counts = ", ".join(f"{d['detectron2']}/{d['project']}" for d in dets)
         matched = ", ".join(f"{d['top_k_matched']}/{d['top_k']}" for d in dets)
         lines.append(
-            f"| {name} | {r['input']['max_abs']:.1e} | " + " | ".join(levels)
+            f"| {name} | {r['input']['max_abs']:.1e} | "
+            + " | ".join(levels)
             + f" | {max(s['rel_l2'] for s in r['levels'].values()):.1e}"
             + f" | {counts} | {matched}"
             + f" | {max(d['max_score_diff'] for d in dets):.1e} | "
-            + (f"{max(d['max_box_diff'] for d in dets):.1e} |" if dets[0]["max_box_diff"] is not None else "- (no boxes) |"))
+            + (
+                f"{max(d['max_box_diff'] for d in dets):.1e} |"
+                if dets[0]["max_box_diff"] is not None
+                else "- (no boxes) |"
+            )
+        )
         if any("min_mask_iou" in d for d in dets):
-            lines.append(f"| {name} masks: min IoU of matched masks "
-                         f"{min(d.get('min_mask_iou', 1.0) for d in dets):.4f} |" + " |" * 11)
-    lines += ["", "Ablations on the same converted weights (what the options buy):", "",
-              "| model | torchvision FrozenBN arithmetic: worst level max rel | torchvision conventions: top-k matched |",
-              "|---|---:|---|"]
+            lines.append(
+                f"| {name} masks: min IoU of matched masks "
+                f"{min(d.get('min_mask_iou', 1.0) for d in dets):.4f} |" + " |" * 11
+            )
+    lines += [
+        "",
+        "Ablations on the same converted weights (what the options buy):",
+        "",
+        "| model | torchvision FrozenBN arithmetic: worst level max rel | torchvision conventions: top-k matched |",
+        "|---|---:|---|",
+    ]
     for name, r in result["models"].items():
         if "ablations" in r:
             a = r["ablations"]
             tv = a.get("torchvision conventions")
-            lines.append(f"| {name} | {a['torchvision FrozenBN arithmetic']['worst_level_max_rel']:.1e} | "
-                         + (", ".join(f"{m}/{k}" for m, k in zip(tv["top_k_matched"], tv["top_k"])) if tv else "-")
-                         + " |")
+            lines.append(
+                f"| {name} | {a['torchvision FrozenBN arithmetic']['worst_level_max_rel']:.1e} | "
+                + (", ".join(f"{m}/{k}" for m, k in zip(tv["top_k_matched"], tv["top_k"])) if tv else "-")
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -354,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.d2_parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "d2_parity.json")
     parser.add_argument("--quick", action="store_true", help="smaller images")
-    parser.add_argument("--models", nargs="+", choices=sorted({**MODELS, **ADELAIDET_MODELS}),
-                        default=[*MODELS, *ADELAIDET_MODELS])
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted({**MODELS, **ADELAIDET_MODELS}), default=[*MODELS, *ADELAIDET_MODELS]
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [(256, 320), (224, 288)] if args.quick else [(480, 640), (512, 384)]
@@ -367,14 +437,19 @@ def main(argv: list[str] | None = None) -> int:
         result["skipped"] = f"detectron2 is not importable ({exc}); build it from source (docs/D2_INTEROP.md)"
         print(f"bench.d2_parity: {result['skipped']}", file=sys.stderr)
     else:
-        result["detectron2"] = {"version": getattr(detectron2, "__version__", "?"), "path": str(Path(detectron2.__file__).parent)}
+        result["detectron2"] = {
+            "version": getattr(detectron2, "__version__", "?"),
+            "path": str(Path(detectron2.__file__).parent),
+        }
         torch.set_num_threads(max(1, torch.get_num_threads()))
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.models:
                 d2_config, teacher_config = {**MODELS, **ADELAIDET_MODELS}[name]
                 if name in ADELAIDET_MODELS and importlib.util.find_spec("adet") is None:
-                    result["models"][name] = {"skipped": "needs AdelaiDet (build it from a source checkout, put it "
-                                                         "on PYTHONPATH); conversion tested in tests/test_d2_checkpoint.py"}
+                    result["models"][name] = {
+                        "skipped": "needs AdelaiDet (build it from a source checkout, put it "
+                        "on PYTHONPATH); conversion tested in tests/test_d2_checkpoint.py"
+                    }
                     continue
                 print(f"[d2_parity] {name} ...", flush=True)
                 result["models"][name] = run_model(name, d2_config, teacher_config, args.seed, sizes, Path(tmp))

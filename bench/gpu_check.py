@@ -22,6 +22,7 @@ OUT/<part>.json for each part plus OUT/summary.json and OUT/SUMMARY.md:
 The synthetic data and demo-sized models make every part short: the numbers show that the paths run and
 how their costs compare on this GPU, not COCO-scale throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,10 +78,24 @@ class Sizes:
     memory_steps: int
 
 
-GPU = Sizes(stage1_images=64, stage1_rounds=2, stage2_images=32, stage2_batch=8, stage2_rounds=3,
-            stage2_steps_per_turn=4, memory_steps=3)
-TINY = Sizes(stage1_images=2, stage1_rounds=1, stage2_images=2, stage2_batch=2, stage2_rounds=1,
-             stage2_steps_per_turn=1, memory_steps=1)
+GPU = Sizes(
+    stage1_images=64,
+    stage1_rounds=2,
+    stage2_images=32,
+    stage2_batch=8,
+    stage2_rounds=3,
+    stage2_steps_per_turn=4,
+    memory_steps=3,
+)
+TINY = Sizes(
+    stage1_images=2,
+    stage1_rounds=1,
+    stage2_images=2,
+    stage2_batch=2,
+    stage2_rounds=1,
+    stage2_steps_per_turn=1,
+    memory_steps=1,
+)
 
 
 # --- the refusal -----------------------------------------------------------------------------------
@@ -93,21 +108,39 @@ def cuda_refusal() -> str | None:
     build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     shown = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
-    return (f"gpu-check: no CUDA device is visible to torch {torch.__version__} ({build}{shown}); "
-            "run `make gpu-check` on a machine with an NVIDIA GPU")
+    return (
+        f"gpu-check: no CUDA device is visible to torch {torch.__version__} ({build}{shown}); "
+        "run `make gpu-check` on a machine with an NVIDIA GPU"
+    )
 
 
 # --- budgets and the part runner ---------------------------------------------------------------------
 def budget_lines(parts: Sequence[Part]) -> list[str]:
-    lines = [f"gpu-check: {TOTAL_BUDGET_S} s in all: " + ", ".join(f"{p.name} {p.budget_s} s" for p in parts)
-             + f", start-up and summary {TOTAL_BUDGET_S - sum(p.budget_s for p in parts)} s"]
+    lines = [
+        f"gpu-check: {TOTAL_BUDGET_S} s in all: "
+        + ", ".join(f"{p.name} {p.budget_s} s" for p in parts)
+        + f", start-up and summary {TOTAL_BUDGET_S - sum(p.budget_s for p in parts)} s"
+    ]
     lines += [f"  {p.name:<9} {p.budget_s:>4} s  {p.what}" for p in parts]
     return lines
 
 
 def part_command(part: Part, out: Path, work: Path, device: str, sizes: str) -> list[str]:
-    return [sys.executable, "-m", "bench.gpu_check", "--part", part.name, "--out", str(out), "--work",
-            str(work / part.name), "--device", device, "--sizes", sizes]
+    return [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--part",
+        part.name,
+        "--out",
+        str(out),
+        "--work",
+        str(work / part.name),
+        "--device",
+        device,
+        "--sizes",
+        sizes,
+    ]
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -138,8 +171,13 @@ def run_part(part: Part, cmd: Sequence[str], out: Path, log: Path) -> dict[str, 
             code = None
     seconds = time.perf_counter() - start
     status = "over budget" if code is None else ("ok" if code == 0 else f"failed (exit {code})")
-    entry: dict[str, Any] = {"part": part.name, "budget_s": part.budget_s, "seconds": round(seconds, 1),
-                             "status": status, "log": str(log)}
+    entry: dict[str, Any] = {
+        "part": part.name,
+        "budget_s": part.budget_s,
+        "seconds": round(seconds, 1),
+        "status": status,
+        "log": str(log),
+    }
     if result_file.is_file():
         entry["result"] = json.loads(result_file.read_text())
     if status != "ok":
@@ -171,11 +209,14 @@ def part_tests(work: Path, device: str, sizes: Sizes) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     xml = work / "cuda_tests.xml"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", f"--junitxml={xml}"],
-                          cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", f"--junitxml={xml}"], cwd=REPO)
     counts = junit_counts(xml) if xml.is_file() else {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
-    return {"exit_code": proc.returncode, "seconds": time.perf_counter() - start, **counts,
-            "ok": proc.returncode == 0 and counts["failed"] == 0 and counts["passed"] > 0}
+    return {
+        "exit_code": proc.returncode,
+        "seconds": time.perf_counter() - start,
+        **counts,
+        "ok": proc.returncode == 0 and counts["failed"] == 0 and counts["passed"] > 0,
+    }
 
 
 # --- part 2: stage one ---------------------------------------------------------------------------------
@@ -211,7 +252,7 @@ def part_stage1(work: Path, device: str, sizes: Sizes) -> dict[str, Any]:
     peaks: dict[str, float | None] = {}
     names = list(modes)
     for r in range(sizes.stage1_rounds):
-        for mode in names[r % len(names):] + names[: r % len(names)]:
+        for mode in names[r % len(names) :] + names[: r % len(names)]:
             peak = gpu_memory(device)
             measured = modes[mode](r)
             peaks[mode] = max(peaks.get(mode) or 0.0, peak() or 0.0) if device.startswith("cuda") else None
@@ -238,8 +279,17 @@ def stage2_modes() -> list[tuple[str, str, bool]]:
     return [(f"{kind}_{'amp' if amp else 'fp32'}", kind, amp) for kind in STAGE2_KINDS for amp in (True, False)]
 
 
-def build_stage2_trainer(kind: str, amp: bool, mode: str, work: Path, data: dict[str, Any], device: str,
-                         batch: int, max_iter: int, cache: str) -> Any:
+def build_stage2_trainer(
+    kind: str,
+    amp: bool,
+    mode: str,
+    work: Path,
+    data: dict[str, Any],
+    device: str,
+    batch: int,
+    max_iter: int,
+    cache: str,
+) -> Any:
     from bench import stage2
     from detection.engine.trainer import build_trainer
     from stage2_student_distill.cli import build_distill_trainer
@@ -269,22 +319,30 @@ def part_stage2(work: Path, device: str, sizes: Sizes) -> dict[str, Any]:
 
     from bench import stage2
 
-    s2 = stage2.Sizes(images=sizes.stage2_images, batch=sizes.stage2_batch, rounds=sizes.stage2_rounds,
-                      steps_per_turn=sizes.stage2_steps_per_turn, rss_steps=sizes.memory_steps)
+    s2 = stage2.Sizes(
+        images=sizes.stage2_images,
+        batch=sizes.stage2_batch,
+        rounds=sizes.stage2_rounds,
+        steps_per_turn=sizes.stage2_steps_per_turn,
+        rss_steps=sizes.memory_steps,
+    )
     data = stage2.dataset_overrides(work, "gpu_check", s2.images)
     tcfg = stage2.teacher_config(work, data, device)
     cache = stage2.dump(tcfg, work / "cache_fp16.zarr", "fp16")
     max_iter = s2.steps_per_turn * (s2.rounds + 1) + 1
-    trainers = {mode: build_stage2_trainer(kind, amp, mode, work / "timed", data, device, s2.batch, max_iter, cache)
-                for mode, kind, amp in stage2_modes()}
+    trainers = {
+        mode: build_stage2_trainer(kind, amp, mode, work / "timed", data, device, s2.batch, max_iter, cache)
+        for mode, kind, amp in stage2_modes()
+    }
     workers = int(trainers["student_amp"].cfg.DATALOADER.NUM_WORKERS)
     logs = stage2.interleaved(trainers, s2.steps_per_turn)
     del trainers
     steps = {mode: stage2.summarise(log, s2, prefetched=2 * workers) for mode, log in logs.items()}
     for entry in steps.values():
         entry["data_wait_share"] = entry["data_wait_s"] / entry["step_s"]
-    same_batches = all(log.image_ids[:max_iter - 1] == logs["student_amp"].image_ids[:max_iter - 1]
-                       for log in logs.values())
+    same_batches = all(
+        log.image_ids[: max_iter - 1] == logs["student_amp"].image_ids[: max_iter - 1] for log in logs.values()
+    )
 
     # Peak GPU memory per mode, each alone (interleaved modes share one process's allocator).
     peaks: dict[str, float | None] = {mode: None for mode, _, _ in stage2_modes()}
@@ -298,25 +356,58 @@ def part_stage2(work: Path, device: str, sizes: Sizes) -> dict[str, Any]:
             trainer.train()
         peaks[mode] = peak()
         del trainer
-    return {"sizes": s2.__dict__, "dataloader_workers": workers, "same_batches": same_batches, "steps": steps,
-            "ratios": stage2_ratios(steps), "peak_gpu_mb": peaks}
+    return {
+        "sizes": s2.__dict__,
+        "dataloader_workers": workers,
+        "same_batches": same_batches,
+        "steps": steps,
+        "ratios": stage2_ratios(steps),
+        "peak_gpu_mb": peaks,
+    }
 
 
 # --- part 4: the accuracy smoke run ----------------------------------------------------------------------
 def part_accuracy(work: Path, device: str, sizes: Sizes) -> dict[str, Any]:
     out = work / "accuracy_quick.json"
-    cmd = [sys.executable, "-m", "bench.accuracy", "--size", "quick", "--families", "retinanet", "--seeds", "1",
-           "--online-families", "--ablate", "--no-carry", "--fresh", "--work", str(work), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.accuracy",
+        "--size",
+        "quick",
+        "--families",
+        "retinanet",
+        "--seeds",
+        "1",
+        "--online-families",
+        "--ablate",
+        "--no-carry",
+        "--fresh",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+    ]
     start = time.perf_counter()
     code = subprocess.run(cmd, cwd=REPO).returncode
     result = json.loads(out.read_text()) if out.is_file() else {}
     box_ap = {run["mode"]: run.get("box_AP") for run in result.get("runs", []) if run.get("row") == "retinanet"}
-    return {"exit_code": code, "seconds": time.perf_counter() - start, "failed_steps": result.get("failed"),
-            "box_ap_smoke": box_ap, "markdown": result.get("markdown", ""), "note": "a smoke run: not a result"}
+    return {
+        "exit_code": code,
+        "seconds": time.perf_counter() - start,
+        "failed_steps": result.get("failed"),
+        "box_ap_smoke": box_ap,
+        "markdown": result.get("markdown", ""),
+        "note": "a smoke run: not a result",
+    }
 
 
 PART_FUNCTIONS: dict[str, Callable[[Path, str, Sizes], dict[str, Any]]] = {
-    "tests": part_tests, "stage1": part_stage1, "stage2": part_stage2, "accuracy": part_accuracy}
+    "tests": part_tests,
+    "stage1": part_stage1,
+    "stage2": part_stage2,
+    "accuracy": part_accuracy,
+}
 
 
 def run_one_part(name: str, out: Path, work: Path, device: str, sizes: Sizes) -> int:
@@ -329,8 +420,14 @@ def run_one_part(name: str, out: Path, work: Path, device: str, sizes: Sizes) ->
         torch.set_num_threads(1)
     start = time.perf_counter()
     result = PART_FUNCTIONS[name](work, device, sizes)
-    result = {"part": name, "date": now_iso(), "device": device, "machine": machine_info(), **result,
-              "part_seconds": time.perf_counter() - start}
+    result = {
+        "part": name,
+        "date": now_iso(),
+        "device": device,
+        "machine": machine_info(),
+        **result,
+        "part_seconds": time.perf_counter() - start,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     return 0 if result.get("ok", True) and result.get("exit_code", 0) == 0 else 1
@@ -342,36 +439,67 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def summary_markdown(machine: dict[str, Any], entries: Sequence[dict[str, Any]], total_s: float) -> str:
-    lines = [f"# gpu-check: {machine.get('gpu')} (torch {machine.get('torch')}, CUDA {machine.get('cuda')})", "",
-             f"{total_s:.0f} s of the {TOTAL_BUDGET_S} s budget.", "",
-             "| part | budget s | used s | status |", "|---|---:|---:|---|"]
+    lines = [
+        f"# gpu-check: {machine.get('gpu')} (torch {machine.get('torch')}, CUDA {machine.get('cuda')})",
+        "",
+        f"{total_s:.0f} s of the {TOTAL_BUDGET_S} s budget.",
+        "",
+        "| part | budget s | used s | status |",
+        "|---|---:|---:|---|",
+    ]
     lines += [f"| {e['part']} | {e['budget_s']} | {e['seconds']:.0f} | {e['status']} |" for e in entries]
     by_part = {e["part"]: e.get("result") or {} for e in entries}
     tests = by_part.get("tests")
     if tests:
-        lines += ["", f"**cuda tests**: {tests.get('passed')} passed, {tests.get('failed')} failed, "
-                  f"{tests.get('skipped')} skipped"]
+        lines += [
+            "",
+            f"**cuda tests**: {tests.get('passed')} passed, {tests.get('failed')} failed, "
+            f"{tests.get('skipped')} skipped",
+        ]
         lines += [f"- FAILED {f['test']}: {' '.join(f['message'])}" for f in tests.get("failures", [])]
     s1 = by_part.get("stage1")
     if s1:
-        lines += ["", "**stage one** (images/s, median of rounds; peak GPU MB)", "",
-                  "| mode | img/s | peak GPU MB |", "|---|---:|---:|"]
-        lines += [f"| {m} | {v['median']:.1f} | {_fmt(s1['peak_gpu_mb'].get(m), 0)} |"
-                  for m, v in s1["images_per_s"].items()]
-        lines += ["", f"dump fp16 (AMP) / inference (AMP): {s1['ratio_dump_over_inference_amp']['median']:.2f}; "
-                  f"inference AMP / fp32: {s1['amp_speedup_inference']['median']:.2f}x"]
+        lines += [
+            "",
+            "**stage one** (images/s, median of rounds; peak GPU MB)",
+            "",
+            "| mode | img/s | peak GPU MB |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {m} | {v['median']:.1f} | {_fmt(s1['peak_gpu_mb'].get(m), 0)} |" for m, v in s1["images_per_s"].items()
+        ]
+        lines += [
+            "",
+            f"dump fp16 (AMP) / inference (AMP): {s1['ratio_dump_over_inference_amp']['median']:.2f}; "
+            f"inference AMP / fp32: {s1['amp_speedup_inference']['median']:.2f}x",
+        ]
     s2 = by_part.get("stage2")
     if s2:
-        lines += ["", "**stage two** (s/step = median compute + mean data wait)", "",
-                  "| mode | s/step | data wait share | peak GPU MB |", "|---|---:|---:|---:|"]
-        lines += [f"| {m} | {v['step_s']:.4f} | {v['data_wait_share']:.1%} | {_fmt(s2['peak_gpu_mb'].get(m), 0)} |"
-                  for m, v in s2["steps"].items()]
-        lines += ["", "ratios: " + "; ".join(f"{k} {v:.2f}" for k, v in s2["ratios"].items())
-                  + f"; same batches in every mode: {s2['same_batches']}"]
+        lines += [
+            "",
+            "**stage two** (s/step = median compute + mean data wait)",
+            "",
+            "| mode | s/step | data wait share | peak GPU MB |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {m} | {v['step_s']:.4f} | {v['data_wait_share']:.1%} | {_fmt(s2['peak_gpu_mb'].get(m), 0)} |"
+            for m, v in s2["steps"].items()
+        ]
+        lines += [
+            "",
+            "ratios: "
+            + "; ".join(f"{k} {v:.2f}" for k, v in s2["ratios"].items())
+            + f"; same batches in every mode: {s2['same_batches']}",
+        ]
     acc = by_part.get("accuracy")
     if acc:
-        lines += ["", "**accuracy smoke run** (not a result): box AP " + ", ".join(
-            f"{m} {_fmt(ap, 1)}" for m, ap in acc.get("box_ap_smoke", {}).items())]
+        lines += [
+            "",
+            "**accuracy smoke run** (not a result): box AP "
+            + ", ".join(f"{m} {_fmt(ap, 1)}" for m, ap in acc.get("box_ap_smoke", {}).items()),
+        ]
     for e in entries:
         if e["status"] != "ok":
             lines += ["", f"**{e['part']}: {e['status']}** (log {e['log']}):", "```", e.get("log_tail", ""), "```"]
@@ -381,8 +509,12 @@ def summary_markdown(machine: dict[str, Any], entries: Sequence[dict[str, Any]],
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results/gpu)")
-    parser.add_argument("--work", type=Path, default=REPO / "output" / "gpu_check",
-                        help="scratch directory: data, caches, runs, part logs (default output/gpu_check)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "output" / "gpu_check",
+        help="scratch directory: data, caches, runs, part logs (default output/gpu_check)",
+    )
     parser.add_argument("--parts", nargs="+", choices=[p.name for p in PARTS], default=[p.name for p in PARTS])
     parser.add_argument("--part", choices=list(PART_FUNCTIONS), help=argparse.SUPPRESS)  # one part, in its process
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: this module's own tests
@@ -406,22 +538,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     entries = []
     for part in parts:
         print(f"gpu-check: {part.name} (budget {part.budget_s} s) ...", flush=True)
-        entry = run_part(part, part_command(part, args.out, args.work, args.device, args.sizes), args.out,
-                         args.work / "logs" / f"{part.name}.log")
+        entry = run_part(
+            part,
+            part_command(part, args.out, args.work, args.device, args.sizes),
+            args.out,
+            args.work / "logs" / f"{part.name}.log",
+        )
         print(f"gpu-check: {part.name}: {entry['status']} in {entry['seconds']:.0f} s of {part.budget_s} s", flush=True)
         if entry["status"] != "ok":
             print(entry.get("log_tail", ""), flush=True)
         entries.append(entry)
     total = time.perf_counter() - start
     machine = machine_info()
-    summary = {"date": now_iso(), "machine": machine, "total_budget_s": TOTAL_BUDGET_S, "seconds": round(total, 1),
-               "parts": [{k: v for k, v in e.items() if k != "result"} for e in entries]}
+    summary = {
+        "date": now_iso(),
+        "machine": machine,
+        "total_budget_s": TOTAL_BUDGET_S,
+        "seconds": round(total, 1),
+        "parts": [{k: v for k, v in e.items() if k != "result"} for e in entries],
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     markdown = summary_markdown(machine, entries, total)
     (args.out / "SUMMARY.md").write_text(markdown)
     print(markdown)
-    print(f"gpu-check: wrote {args.out}/{{{','.join(p.name for p in parts)},summary}}.json and SUMMARY.md "
-          f"({total:.0f} s)")
+    print(
+        f"gpu-check: wrote {args.out}/{{{','.join(p.name for p in parts)},summary}}.json and SUMMARY.md ({total:.0f} s)"
+    )
     return 0 if all(e["status"] == "ok" for e in entries) else 1
 
 

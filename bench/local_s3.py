@@ -19,6 +19,7 @@ request chunk, so each request pays the delay once before the server sees it - a
 per-request first-byte latency of a remote object store (tens of ms for S3 across a region), not of
 its bandwidth. Uploads of big objects pay it per 64 KiB chunk, so write through the direct endpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,14 @@ class _Child:
         self.port = 0
 
     def start(self) -> _Child:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.local_s3", *self.args], cwd=REPO,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.local_s3", *self.args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         line = _read_line(self.proc, _START_TIMEOUT_S)
         if not line:
             self.stop()
@@ -149,9 +155,13 @@ class LocalS3(_ServerInChild):
         """A fresh (uncached) synchronous s3fs filesystem talking to this server."""
         import s3fs
 
-        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=ACCESS_KEY, secret=SECRET_KEY,
-                                 skip_instance_cache=True,
-                                 use_listings_cache=False)
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint,
+            key=ACCESS_KEY,
+            secret=SECRET_KEY,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
     def make_bucket(self, name: str) -> str:
         fs = self.filesystem()
@@ -214,7 +224,7 @@ async def _serve_proxy(upstream_port: int, latency_ms: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.local_s3", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    sub.add_parser("moto", help="serve moto's S3 on 127.0.0.1:<free port>; prints {\"port\": N}")
+    sub.add_parser("moto", help='serve moto\'s S3 on 127.0.0.1:<free port>; prints {"port": N}')
     p = sub.add_parser("proxy", help="relay 127.0.0.1:<free port> -> upstream, delaying each request")
     p.add_argument("--upstream-port", type=int, required=True)
     p.add_argument("--latency-ms", type=float, default=0.0)

@@ -21,6 +21,7 @@ weights on the first --batches batches the run trained on (epoch 0, its SEED: th
 
 Nothing is written into RUN_DIR: the set-up's own files go to a temporary dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,18 +41,29 @@ def curves(run_dir: Path) -> dict[str, Any]:
         if not line.strip():
             continue
         record = json.loads(line)
-        aps = {f"{k.split('/')[0].replace('bbox', 'box').replace('segm', 'mask')}_AP": float(v)  # COCO AP, %
-               for k, v in record.items() if k in ("bbox/AP", "segm/AP") and v is not None}
+        aps = {
+            f"{k.split('/')[0].replace('bbox', 'box').replace('segm', 'mask')}_AP": float(v)  # COCO AP, %
+            for k, v in record.items()
+            if k in ("bbox/AP", "segm/AP") and v is not None
+        }
         if aps:
             evals.append({"iteration": int(record["iteration"]), **aps})
         elif "total_loss" in record:
-            train.append({k: v for k, v in record.items() if k == "iteration" or k.startswith("loss")
-                          or k in ("total_loss", "lr", "classification", "bbox_regression")})
+            train.append(
+                {
+                    k: v
+                    for k, v in record.items()
+                    if k == "iteration"
+                    or k.startswith("loss")
+                    or k in ("total_loss", "lr", "classification", "bbox_regression")
+                }
+            )
     return {"train": train, "eval": evals}
 
 
-def _level_masks(targets: Sequence[dict[str, Any]], sizes: Sequence[tuple[int, int]], shape: tuple[int, int],
-                 stride: int) -> tuple[Any, Any]:
+def _level_masks(
+    targets: Sequence[dict[str, Any]], sizes: Sequence[tuple[int, int]], shape: tuple[int, int], stride: int
+) -> tuple[Any, Any]:
     """Boolean [N, H, W] masks at one level: inside any instance box, and valid (the unpadded image)."""
     import torch
 
@@ -81,8 +93,22 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
     cfg.merge_from_file(str(run_dir / "config.yaml"))
     with tempfile.TemporaryDirectory(prefix="icd_mechanism_") as scratch:
         # the run's final weights, not the teacher's FPN; nothing written into the run's dir
-        cfg.merge_from_list(["OUTPUT_DIR", scratch, "MODEL.WEIGHTS", str(weights), "DISTILL.INIT_FROM_TEACHER", "False",
-                             "DISTILL.DECODER_WEIGHTS", "", "DATALOADER.NUM_WORKERS", "0", "DISTILL.ENABLED", "True"])
+        cfg.merge_from_list(
+            [
+                "OUTPUT_DIR",
+                scratch,
+                "MODEL.WEIGHTS",
+                str(weights),
+                "DISTILL.INIT_FROM_TEACHER",
+                "False",
+                "DISTILL.DECODER_WEIGHTS",
+                "",
+                "DATALOADER.NUM_WORKERS",
+                "0",
+                "DISTILL.ENABLED",
+                "True",
+            ]
+        )
         trainer = build_distill_trainer(cfg, cache, resume=False, with_evaluation=False)
         icd_state = (load_checkpoint(weights).get("extra") or {}).get("icd")
         if icd_state is not None:
@@ -91,8 +117,9 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
         if lam == 0:  # teacher-init only: the gradient the loss would have, per unit of LAMBDA
             trainer.icd.loss_weight = 1.0
         levels, strides = trainer.levels, trainer.strides
-        sums = {name: {"in_d": 0.0, "in_t": 0.0, "out_d": 0.0, "out_t": 0.0, "g_det": 0.0, "g_dis": 0.0}
-                for name in levels}
+        sums = {
+            name: {"in_d": 0.0, "in_t": 0.0, "out_d": 0.0, "out_t": 0.0, "g_det": 0.0, "g_dis": 0.0} for name in levels
+        }
         data = iter(trainer.build_loader(0))
         trainer.model.train()
         for _ in range(batches):
@@ -112,8 +139,9 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
                 sums[name]["out_t"] += float(energy[outside].sum())
             if icd_state is None:
                 continue
-            icd_losses = trainer.icd_model(teacher, student, sizes, targets, trainer.query_generator(),
-                                           detach_student=False)
+            icd_losses = trainer.icd_model(
+                teacher, student, sizes, targets, trainer.query_generator(), detach_student=False
+            )
             tensors = [student[name] for name in levels]
             g_det = torch.autograd.grad(sum(detection_losses.values()), tensors, retain_graph=True, allow_unused=True)
             g_dis = torch.autograd.grad(icd_losses["loss_distill"], tensors, allow_unused=True)
@@ -122,8 +150,10 @@ def measure(run_dir: Path, cache: str, batches: int) -> dict[str, Any]:
                 sums[name]["g_dis"] += 0.0 if gs is None else float(gs.pow(2).sum())
     out: dict[str, Any] = {"lambda": lam, "batches": batches, "decoder": icd_state is not None, "levels": {}}
     for name, s in sums.items():
-        level = {"distance_inside": s["in_d"] / s["in_t"] if s["in_t"] else math.nan,
-                 "distance_outside": s["out_d"] / s["out_t"] if s["out_t"] else math.nan}
+        level = {
+            "distance_inside": s["in_d"] / s["in_t"] if s["in_t"] else math.nan,
+            "distance_outside": s["out_d"] / s["out_t"] if s["out_t"] else math.nan,
+        }
         if icd_state is not None:  # the distillation loss is linear in LAMBDA
             ratio = math.sqrt(s["g_dis"] / s["g_det"]) if s["g_det"] else math.nan
             level["grad_ratio"] = 0.0 if lam == 0 else ratio
@@ -137,8 +167,11 @@ def markdown(run_dir: Path, result: dict[str, Any]) -> str:
     evals = result["curves"]["eval"]
     if evals:
         keys = [k for k in evals[-1] if k != "iteration"]
-        lines += ["AP curve: " + "; ".join(f"{e['iteration']}: " + " / ".join(f"{e[k]:.2f}" for k in keys if k in e)
-                                           for e in evals), ""]
+        lines += [
+            "AP curve: "
+            + "; ".join(f"{e['iteration']}: " + " / ".join(f"{e[k]:.2f}" for k in keys if k in e) for e in evals),
+            "",
+        ]
     train = [r for r in result["curves"]["train"] if "loss_distill" in r]
     if train:
         picks = train[:: max(1, len(train) // 8)]
@@ -146,17 +179,21 @@ def markdown(run_dir: Path, result: dict[str, Any]) -> str:
         lines += ["loss_distill: " + "; ".join(f"{r['iteration']}: {r['loss_distill']:.4f}" for r in picks), ""]
     levels = (result.get("measured") or {}).get("levels")
     if levels:
-        lines += [f"DISTILL.LAMBDA {result['measured']['lambda']:g}, {result['measured']['batches']} batch(es)", "",
-                  "| level | ‖s-t‖²/‖t‖² inside instances | outside | grad ratio distill / detection "
-                  "| per unit LAMBDA |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"DISTILL.LAMBDA {result['measured']['lambda']:g}, {result['measured']['batches']} batch(es)",
+            "",
+            "| level | ‖s-t‖²/‖t‖² inside instances | outside | grad ratio distill / detection | per unit LAMBDA |",
+            "|---|---:|---:|---:|---:|",
+        ]
 
         def shown(value: float | None) -> str:
             return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
         for name, m in levels.items():
-            lines.append(f"| {name} | {m['distance_inside']:.3f} | {m['distance_outside']:.3f} | "
-                         f"{shown(m.get('grad_ratio'))} | {shown(m.get('grad_ratio_per_lambda'))} |")
+            lines.append(
+                f"| {name} | {m['distance_inside']:.3f} | {m['distance_outside']:.3f} | "
+                f"{shown(m.get('grad_ratio'))} | {shown(m.get('grad_ratio_per_lambda'))} |"
+            )
     return "\n".join(lines)
 
 
@@ -171,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "model_final.pth").is_file():
-        print(f"bench.mechanism: error: {run_dir} is not a finished run (no metrics.json / model_final.pth); "
-              "pass an icd train or icd distill OUTPUT_DIR", file=sys.stderr)
+        print(
+            f"bench.mechanism: error: {run_dir} is not a finished run (no metrics.json / model_final.pth); "
+            "pass an icd train or icd distill OUTPUT_DIR",
+            file=sys.stderr,
+        )
         return 2
     if args.batches < 1:
         parser.error("--batches must be at least 1")

@@ -11,6 +11,7 @@ that fails (non-zero exit, or no JSON) is reported as failed with the tail of it
 exits 1. The accuracy benchmark trains ~100 detectors (hours on 2 CPU cores), so it runs only
 with --with-accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def bench_parser(name: str, doc: str, quick_help: str) -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / f"{name}.json", help="JSON result")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch directory (default: a temporary one, deleted at the end)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch directory (default: a temporary one, deleted at the end)"
+    )
     return parser
 
 
@@ -125,22 +127,26 @@ def run_benchmark(name: str, results_dir: Path, quick: bool, extra_args: Sequenc
         return BenchResult(name, False, 0.0, None, error=f"bench/{name}.py does not exist")
     out.unlink(missing_ok=True)  # never report a stale result as this run's
     cmd = [sys.executable, "-m", f"bench.{name}", "--out", str(out), *(["--quick"] if quick else []), *extra_args]
-    print(f"[bench] {name}: {' '.join(cmd[1:])}  (log: {log.relative_to(REPO) if log.is_relative_to(REPO) else log})",
-          flush=True)
+    print(
+        f"[bench] {name}: {' '.join(cmd[1:])}  (log: {log.relative_to(REPO) if log.is_relative_to(REPO) else log})",
+        flush=True,
+    )
     start = time.perf_counter()
     with open(log, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.run(cmd, cwd=REPO, stdout=stdout, stderr=stderr, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        return BenchResult(name, False, seconds, proc.returncode, error=f"exited with status {proc.returncode}",
-                           stderr_tail=_tail(err))
+        return BenchResult(
+            name, False, seconds, proc.returncode, error=f"exited with status {proc.returncode}", stderr_tail=_tail(err)
+        )
     try:
         data = json.loads(out.read_text())
     except FileNotFoundError:
         return BenchResult(name, False, seconds, 0, error=f"exited 0 but wrote no {out.name}", stderr_tail=_tail(err))
     except json.JSONDecodeError as exc:
-        return BenchResult(name, False, seconds, 0, error=f"{out.name} is not valid JSON: {exc}",
-                           stderr_tail=_tail(err))
+        return BenchResult(
+            name, False, seconds, 0, error=f"{out.name} is not valid JSON: {exc}", stderr_tail=_tail(err)
+        )
     return BenchResult(name, True, seconds, 0, data=data)
 
 
@@ -179,15 +185,16 @@ def _render(key: str, value: Any, depth: int = 0) -> list[str]:
     if isinstance(value, dict) and value and depth == 0:
         scalars = {k: v for k, v in value.items() if _is_scalar(v)}
         lines = [f"**{key}**", "", _key_value_table(scalars), ""] if scalars else []
-        return lines + [line for sub, v in value.items() if not _is_scalar(v)
-                        for line in _render(f"{key} / {sub}", v, depth + 1)]
+        return lines + [
+            line for sub, v in value.items() if not _is_scalar(v) for line in _render(f"{key} / {sub}", v, depth + 1)
+        ]
     return []
 
 
 def generic_markdown(data: dict[str, Any]) -> str:
     """A readable rendering of a benchmark JSON that brings no "markdown" of its own."""
     scalars = {k: v for k, v in data.items() if _is_scalar(v) and k != "markdown"}
-    lines = ([_key_value_table(scalars), ""] if scalars else [])
+    lines = [_key_value_table(scalars), ""] if scalars else []
     for key, value in data.items():
         if key not in ("markdown", "machine") and not _is_scalar(value):
             lines += _render(key, value)
@@ -198,8 +205,13 @@ def benchmark_section(result: BenchResult) -> str:
     """The markdown section of one benchmark in SUMMARY.md."""
     head = f"## {result.name}"
     if not result.ok:
-        lines = [f"{head} - FAILED", "", f"`python -m bench.{result.name}` {result.error}"
-                 + (f" after {result.seconds:.0f} s" if result.seconds else "") + "."]
+        lines = [
+            f"{head} - FAILED",
+            "",
+            f"`python -m bench.{result.name}` {result.error}"
+            + (f" after {result.seconds:.0f} s" if result.seconds else "")
+            + ".",
+        ]
         if result.stderr_tail:
             lines += ["", "stderr (tail):", "", "```", result.stderr_tail, "```"]
         return "\n".join(lines)
@@ -215,31 +227,43 @@ def benchmark_section(result: BenchResult) -> str:
 
 def machine_section(machine: dict[str, Any], date: str) -> str:
     gpu = machine.get("gpu") or "none"
-    return "\n".join([
-        f"Date: {date}",
-        "",
-        "| machine | |",
-        "|---|---|",
-        f"| CPU | {machine.get('cpu')} |",
-        f"| cores | {machine.get('cpu_cores')} ({machine.get('usable_cores')} usable, "
-        f"torch default threads {machine.get('torch_threads')}) |",
-        f"| GPU | {gpu}" + (f" (CUDA {machine['cuda']})" if machine.get("cuda") else "") + " |",
-        f"| torch | {machine.get('torch')} |",
-        f"| python | {machine.get('python')} on {machine.get('platform')} |",
-    ])
+    return "\n".join(
+        [
+            f"Date: {date}",
+            "",
+            "| machine | |",
+            "|---|---|",
+            f"| CPU | {machine.get('cpu')} |",
+            f"| cores | {machine.get('cpu_cores')} ({machine.get('usable_cores')} usable, "
+            f"torch default threads {machine.get('torch_threads')}) |",
+            f"| GPU | {gpu}" + (f" (CUDA {machine['cuda']})" if machine.get("cuda") else "") + " |",
+            f"| torch | {machine.get('torch')} |",
+            f"| python | {machine.get('python')} on {machine.get('platform')} |",
+        ]
+    )
 
 
-def write_summary(results: Sequence[BenchResult], machine: dict[str, Any], path: Path,
-                  date: str | None = None, skipped: Sequence[str] = ()) -> Path:
+def write_summary(
+    results: Sequence[BenchResult],
+    machine: dict[str, Any],
+    path: Path,
+    date: str | None = None,
+    skipped: Sequence[str] = (),
+) -> Path:
     """Write SUMMARY.md: the machine and date, then one section per benchmark (failed ones included)."""
     failed = [r.name for r in results if not r.ok]
     status = f"{len(results) - len(failed)}/{len(results)} benchmarks ok" + (
-        f"; FAILED: {', '.join(failed)}" if failed else "")
+        f"; FAILED: {', '.join(failed)}" if failed else ""
+    )
     parts = ["# Benchmark summary", "", status + ".", "", machine_section(machine, date or now_iso())]
     if skipped:
-        parts += ["", "Not run: " + ", ".join(f"`{name}`" for name in skipped)
-                  + (" (pass --with-accuracy; it takes hours on 2 CPU cores)"
-                     if set(skipped) & set(SLOW_BENCHMARKS) else "") + "."]
+        parts += [
+            "",
+            "Not run: "
+            + ", ".join(f"`{name}`" for name in skipped)
+            + (" (pass --with-accuracy; it takes hours on 2 CPU cores)" if set(skipped) & set(SLOW_BENCHMARKS) else "")
+            + ".",
+        ]
     for result in results:
         parts += ["", benchmark_section(result)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,13 +274,25 @@ def write_summary(results: Sequence[BenchResult], machine: dict[str, Any], path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (minutes, not hours)")
-    parser.add_argument("--with-accuracy", action="store_true",
-                        help="also run bench/accuracy.py (trains ~100 detectors: hours on 2 CPU cores, "
-                        "~8 minutes with --quick)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARKS,
-                        help=f"run only these benchmarks (of {', '.join(BENCHMARKS)})")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="DIR",
-                        help="where the JSON results, logs and SUMMARY.md go (default bench/results)")
+    parser.add_argument(
+        "--with-accuracy",
+        action="store_true",
+        help="also run bench/accuracy.py (trains ~100 detectors: hours on 2 CPU cores, ~8 minutes with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=BENCHMARKS,
+        help=f"run only these benchmarks (of {', '.join(BENCHMARKS)})",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        metavar="DIR",
+        help="where the JSON results, logs and SUMMARY.md go (default bench/results)",
+    )
     return parser
 
 
@@ -276,8 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in to_run:
         result = run_benchmark(name, results_dir, args.quick)
-        print(f"[bench] {name}: " + (f"ok in {result.seconds:.0f} s" if result.ok else f"FAILED ({result.error})"),
-              flush=True)
+        print(
+            f"[bench] {name}: " + (f"ok in {result.seconds:.0f} s" if result.ok else f"FAILED ({result.error})"),
+            flush=True,
+        )
         results.append(result)
     summary = write_summary(results, machine_info(), results_dir / "SUMMARY.md", skipped=skipped)
     print(f"[bench] summary: {summary}")

@@ -28,6 +28,7 @@ detection.engine.checkpoint.save_checkpoint. That is faithful for throughput; fo
 since trained features are smoother/sparser and compress differently. MODEL.DEVICE is cuda when torch
 sees a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,10 @@ TARGET_RATIO = 0.9
 COCO_FRAME = (800, 1333)  # the resized frame of a landscape COCO image at the 1x test scale
 COCO_TRAIN_IMAGES = 118287  # train2017, images without annotations included (stage one dumps them too)
 COCO_CLASSES = 80
-WEIGHTS_NOTE = ("randomly initialised teacher (seeded, not trained): throughput is representative; bytes are "
-                "indicative only, trained features compress differently")
+WEIGHTS_NOTE = (
+    "randomly initialised teacher (seeded, not trained): throughput is representative; bytes are "
+    "indicative only, trained features compress differently"
+)
 
 
 @dataclass
@@ -94,13 +97,21 @@ def demo_config(work: Path, train_images: int, device: str) -> CfgNode:
     """The demo teacher's config on a freshly generated synthetic set, with a random-init checkpoint."""
     data = generate(work / "synth", train=train_images, val=1, size=128, seed=0)
     cfg = setup_cfg(str(DEMO_TEACHER), [])
-    cfg.merge_from_dict({
-        "OUTPUT_DIR": str(work / "teacher"),
-        "MODEL": {"DEVICE": device},
-        "DATASETS": {"TRAIN": ["bench_synth_train"], "TEST": ["bench_synth_val"],
-                     "CATALOG": {"bench_synth_train": [data["train_json"], data["train_images"]],
-                                 "bench_synth_val": [data["val_json"], data["val_images"]]}},
-    }, source="bench/stage1.py")
+    cfg.merge_from_dict(
+        {
+            "OUTPUT_DIR": str(work / "teacher"),
+            "MODEL": {"DEVICE": device},
+            "DATASETS": {
+                "TRAIN": ["bench_synth_train"],
+                "TEST": ["bench_synth_val"],
+                "CATALOG": {
+                    "bench_synth_train": [data["train_json"], data["train_images"]],
+                    "bench_synth_val": [data["val_json"], data["val_images"]],
+                },
+            },
+        },
+        source="bench/stage1.py",
+    )
     index = train_index(cfg)
     torch.manual_seed(0)
     teacher = build_detector(cfg, index.num_classes + 1)
@@ -142,11 +153,19 @@ def inference_pass(cfg: CfgNode) -> Pass:
     teacher = load_teacher(cfg, index.num_classes, device)
     names = [lv.name for lv in cache_levels(cfg, teacher, samples)]
     todo = list(range(len(samples)))
-    shapes = {i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo}
+    shapes = {
+        i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo
+    }
     batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
     workers = int(cfg.DATALOADER.NUM_WORKERS)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_records,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_records,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
     seen, first_forward = 0, None
     for records in loader:
         first_forward = first_forward or time.perf_counter()
@@ -164,9 +183,11 @@ def cache_bytes(cache: str, samples: int) -> dict[str, float]:
     _, weights = usage(cache, "teacher_weights")
     _, features = usage(cache, "features")
     metadata = sum(p.stat().st_size for p in Path(cache).rglob("zarr.json"))
-    return {"bytes_per_image": (total - weights - metadata) / samples,
-            "feature_bytes_per_image": features / samples,
-            "fixed_bytes": weights + metadata}
+    return {
+        "bytes_per_image": (total - weights - metadata) / samples,
+        "feature_bytes_per_image": features / samples,
+        "fixed_bytes": weights + metadata,
+    }
 
 
 @contextlib.contextmanager
@@ -205,8 +226,10 @@ def dump_pass(cfg: CfgNode, cache: Path) -> tuple[Pass, dict[str, float]]:
 def peak_rss_mb() -> dict[str, float]:
     """Peak resident set size so far: this process, and the largest finished child (DataLoader worker)."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale,
+    }
 
 
 def throughput_rounds(cfg: CfgNode, work: Path, rounds: int) -> dict[str, Any]:
@@ -222,7 +245,7 @@ def throughput_rounds(cfg: CfgNode, work: Path, rounds: int) -> dict[str, Any]:
     rss_inference = peak_rss_mb()
     dump_pass(with_encoding(cfg, default), work / "warmup.zarr")
     for r in range(rounds):
-        order = modes[r % len(modes):] + modes[: r % len(modes)]
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
         for mode in order:
             cpu_start = cpu_seconds()
             if mode == "inference":
@@ -233,9 +256,11 @@ def throughput_rounds(cfg: CfgNode, work: Path, rounds: int) -> dict[str, Any]:
                 raise RuntimeError(f"{mode} processed {measured.samples} samples, expected {samples}")
             passes[mode].append(measured)
             cpu_per_image[mode].append((cpu_seconds() - cpu_start) / samples)
-            print(f"  round {r + 1}/{rounds} {mode:>9}: {samples / measured.loop_seconds:7.2f} img/s in the loop, "
-                  f"{samples / measured.seconds:7.2f} end to end, {1000 * cpu_per_image[mode][-1]:6.1f} CPU ms/img",
-                  flush=True)
+            print(
+                f"  round {r + 1}/{rounds} {mode:>9}: {samples / measured.loop_seconds:7.2f} img/s in the loop, "
+                f"{samples / measured.seconds:7.2f} end to end, {1000 * cpu_per_image[mode][-1]:6.1f} CPU ms/img",
+                flush=True,
+            )
 
     def rates(mode: str, loop: bool) -> list[float]:
         return [p.samples / (p.loop_seconds if loop else p.seconds) for p in passes[mode]]
@@ -248,9 +273,17 @@ def throughput_rounds(cfg: CfgNode, work: Path, rounds: int) -> dict[str, Any]:
         "samples_per_pass": samples,
         "default_encoding": default,
         "images_per_s": {
-            kind: {mode: {"median": statistics.median(rates(mode, loop)), "min": min(rates(mode, loop)),
-                          "max": max(rates(mode, loop)), "runs": rates(mode, loop)} for mode in modes}
-            for kind, loop in (("loop", True), ("end_to_end", False))},
+            kind: {
+                mode: {
+                    "median": statistics.median(rates(mode, loop)),
+                    "min": min(rates(mode, loop)),
+                    "max": max(rates(mode, loop)),
+                    "runs": rates(mode, loop),
+                }
+                for mode in modes
+            }
+            for kind, loop in (("loop", True), ("end_to_end", False))
+        },
         "ratio_dump_over_inference": {"loop": paired_ratios(True), "end_to_end": paired_ratios(False)},
         "setup_seconds": {mode: statistics.median(p.seconds - p.loop_seconds for p in passes[mode]) for mode in modes},
         "cpu_ms_per_image": {mode: 1000 * statistics.median(v) for mode, v in cpu_per_image.items()},
@@ -266,8 +299,10 @@ def coco_bytes(samples: int, device: str) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher = build_detector(cfg, COCO_CLASSES + 1).eval().requires_grad_(False).to(device)
     h, w = COCO_FRAME
-    levels = [LevelSpec(name, teacher.strides[name], teacher.out_channels, *level_size(h, w, teacher.strides[name]))
-              for name in teacher.levels]
+    levels = [
+        LevelSpec(name, teacher.strides[name], teacher.out_channels, *level_size(h, w, teacher.strides[name]))
+        for name in teacher.levels
+    ]
     calibration = []
     for i in range(samples):
         # Synthetic shapes rendered at COCO height and stretched to the 800x1333 frame: image-like
@@ -277,17 +312,33 @@ def coco_bytes(samples: int, device: str) -> dict[str, Any]:
         image = torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)[0]
         (features,) = sample_features(teacher, [image.clamp(0, 255)], [lv.name for lv in levels])
         calibration.append({name: to_numpy(feature) for name, feature in features.items()})
-    result = plan_budget(calibration, num_samples=COCO_TRAIN_IMAGES, budget_bytes=2**62, levels=levels,
-                         compressor=str(cfg.CACHE.COMPRESSOR), shard_samples=int(cfg.CACHE.SHARD_SAMPLES),
-                         tile=int(cfg.CACHE.TILE))
+    result = plan_budget(
+        calibration,
+        num_samples=COCO_TRAIN_IMAGES,
+        budget_bytes=2**62,
+        levels=levels,
+        compressor=str(cfg.CACHE.COMPRESSOR),
+        shard_samples=int(cfg.CACHE.SHARD_SAMPLES),
+        tile=int(cfg.CACHE.TILE),
+    )
     values = sum(lv_values.size for lv_values in calibration[0].values())
     return {
-        "frame": list(COCO_FRAME), "teacher": "RetinaNet R-50 FPN (random init)", "levels": teacher.levels,
-        "channels": teacher.out_channels, "values_per_image": values, "samples_measured": samples,
+        "frame": list(COCO_FRAME),
+        "teacher": "RetinaNet R-50 FPN (random init)",
+        "levels": teacher.levels,
+        "channels": teacher.out_channels,
+        "values_per_image": values,
+        "samples_measured": samples,
         "projected_for_train2017_images": COCO_TRAIN_IMAGES,
-        "encodings": {c.label: {"bytes_per_image": c.bytes_per_sample, "bytes_per_value": c.bytes_per_value,
-                                "projected_train2017_bytes": c.projected_bytes,
-                                "worst_rel_rmse": c.worst_rel_rmse} for c in result.candidates},
+        "encodings": {
+            c.label: {
+                "bytes_per_image": c.bytes_per_sample,
+                "bytes_per_value": c.bytes_per_value,
+                "projected_train2017_bytes": c.projected_bytes,
+                "worst_rel_rmse": c.worst_rel_rmse,
+            }
+            for c in result.candidates
+        },
     }
 
 
@@ -316,28 +367,43 @@ def markdown_tables(result: dict[str, Any]) -> str:
             label = f"dump {mode}" + (" (default)" if mode == default else "")
             r_loop, r_e2e = f"{r:.3f}", f"{ratio['end_to_end'][mode]:.3f}"
             target = f">= {TARGET_RATIO} ({'met' if r >= TARGET_RATIO else 'MISSED'})" if mode == default else ""
-        lines.append(f"| {label} | {ips['loop'][mode]['median']:.2f} | {r_loop} | {target} | "
-                     f"{ips['end_to_end'][mode]['median']:.2f} | {r_e2e} | {tp['setup_seconds'][mode]:.2f} | "
-                     f"{tp['cpu_ms_per_image'][mode]:.1f} |")
-    lines += ["", "| bytes/image | " + " | ".join(tp["demo_bytes"]) + " |",
-              "|---|" + "---|" * len(tp["demo_bytes"]),
-              "| demo (128 px, P3-P7 x {} ch) | ".format(result["demo_channels"])
-              + " | ".join(format_size(v["bytes_per_image"]) for v in tp["demo_bytes"].values()) + " |"]
+        lines.append(
+            f"| {label} | {ips['loop'][mode]['median']:.2f} | {r_loop} | {target} | "
+            f"{ips['end_to_end'][mode]['median']:.2f} | {r_e2e} | {tp['setup_seconds'][mode]:.2f} | "
+            f"{tp['cpu_ms_per_image'][mode]:.1f} |"
+        )
+    lines += [
+        "",
+        "| bytes/image | " + " | ".join(tp["demo_bytes"]) + " |",
+        "|---|" + "---|" * len(tp["demo_bytes"]),
+        "| demo (128 px, P3-P7 x {} ch) | ".format(result["demo_channels"])
+        + " | ".join(format_size(v["bytes_per_image"]) for v in tp["demo_bytes"].values())
+        + " |",
+    ]
     coco = result["coco"]
     encs = coco["encodings"]
-    lines += ["", f"COCO resolution ({coco['frame'][0]}x{coco['frame'][1]}, {coco['teacher']}, "
-              f"P3-P7 x {coco['channels']} ch = {coco['values_per_image']:,} values/image; "
-              f"measured on {coco['samples_measured']} images):", "",
-              "| encoding | bytes/image | bytes/value | rel. RMSE | projected, train2017 x 1 variant |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"COCO resolution ({coco['frame'][0]}x{coco['frame'][1]}, {coco['teacher']}, "
+        f"P3-P7 x {coco['channels']} ch = {coco['values_per_image']:,} values/image; "
+        f"measured on {coco['samples_measured']} images):",
+        "",
+        "| encoding | bytes/image | bytes/value | rel. RMSE | projected, train2017 x 1 variant |",
+        "|---|---|---|---|---|",
+    ]
     for label, e in encs.items():
-        lines.append(f"| {label} | {format_size(e['bytes_per_image'])} | {e['bytes_per_value']:.3f} | "
-                     f"{e['worst_rel_rmse']:.2e} | {format_size(e['projected_train2017_bytes'])} |")
+        lines.append(
+            f"| {label} | {format_size(e['bytes_per_image'])} | {e['bytes_per_value']:.3f} | "
+            f"{e['worst_rel_rmse']:.2e} | {format_size(e['projected_train2017_bytes'])} |"
+        )
     rss = tp["peak_rss_mb"]
-    lines += ["", f"Peak RSS: {rss['after_inference_only']['self']:.0f} MB after inference only, "
-              f"{rss['after_all_dumps']['self']:.0f} MB after all dumps (this process); DataLoader worker "
-              f"{rss['after_all_dumps']['children']:.0f} MB; {result['peak_rss_mb_total']['self']:.0f} MB "
-              "at the end (COCO-size forward included)."]
+    lines += [
+        "",
+        f"Peak RSS: {rss['after_inference_only']['self']:.0f} MB after inference only, "
+        f"{rss['after_all_dumps']['self']:.0f} MB after all dumps (this process); DataLoader worker "
+        f"{rss['after_all_dumps']['children']:.0f} MB; {result['peak_rss_mb_total']['self']:.0f} MB "
+        "at the end (COCO-size forward included).",
+    ]
     return "\n".join(lines)
 
 
@@ -345,8 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("stage1", __doc__, "fewer images and rounds (about 2 minutes on 2 cores)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3 quick, 5 full)")
     parser.add_argument("--images", type=int, default=None, help="synthetic training images (default 16 / 96)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (default 1, stable on a shared machine; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (default 1, stable on a shared machine; 0: torch's default)",
+    )
     return parser
 
 
@@ -359,8 +429,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cfg = demo_config(work, images, device)
-    print(f"stage1 benchmark on {device}: {images} images x {cfg.CACHE.NUM_VARIANTS} variants, {rounds} rounds",
-          flush=True)
+    print(
+        f"stage1 benchmark on {device}: {images} images x {cfg.CACHE.NUM_VARIANTS} variants, {rounds} rounds",
+        flush=True,
+    )
     throughput = throughput_rounds(cfg, work, rounds)
     print("COCO-resolution bytes/image ...", flush=True)
     coco = coco_bytes(sizes.coco_samples, device)
@@ -379,8 +451,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "target_ratio_default_encoding": TARGET_RATIO,
         "throughput": throughput,
-        "ratios": {f"dump_{mode}/inference ({kind})": r for kind, per_mode in throughput["ratio_dump_over_inference"].items()
-                   for mode, r in per_mode.items()},
+        "ratios": {
+            f"dump_{mode}/inference ({kind})": r
+            for kind, per_mode in throughput["ratio_dump_over_inference"].items()
+            for mode, r in per_mode.items()
+        },
         "meets_target": throughput["ratio_dump_over_inference"]["loop"][throughput["default_encoding"]] >= TARGET_RATIO,
         "coco": coco,
         "peak_rss_mb_total": peak_rss_mb(),

@@ -22,6 +22,7 @@ Caches are written by the real stage one (`run_dump`) from the demo's teacher (R
 initialised and seeded: throughput does not depend on training) for the demo's RetinaNet R-18 student
 (configs/demo). Distillation runs with no detach warm-up so every measured step is the full ICD step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,15 +86,21 @@ FULL = Sizes(images=64, batch=8, rounds=8, steps_per_turn=4, rss_steps=8)
 # --- set-up ----------------------------------------------------------------------------------------
 def dataset_overrides(work: Path, name: str, images: int) -> dict[str, Any]:
     data = generate(work / name, train=images, val=1, size=128, seed=0)
-    return {"DATASETS": {"TRAIN": [f"{name}_train"], "TEST": [],
-                         "CATALOG": {f"{name}_train": [data["train_json"], data["train_images"]]}}}
+    return {
+        "DATASETS": {
+            "TRAIN": [f"{name}_train"],
+            "TEST": [],
+            "CATALOG": {f"{name}_train": [data["train_json"], data["train_images"]]},
+        }
+    }
 
 
 def teacher_config(work: Path, data: dict[str, Any], device: str) -> CfgNode:
     """The demo teacher on the benchmark's data, randomly initialised (seeded) and saved as its weights."""
     cfg = setup_cfg(str(TEACHER_CONFIG), [])
-    cfg.merge_from_dict({"OUTPUT_DIR": str(work / "teacher"), "MODEL": {"DEVICE": device}, **data},
-                        source="bench/stage2.py")
+    cfg.merge_from_dict(
+        {"OUTPUT_DIR": str(work / "teacher"), "MODEL": {"DEVICE": device}, **data}, source="bench/stage2.py"
+    )
     torch.manual_seed(0)
     teacher = build_detector(cfg, train_index(cfg).num_classes + 1)
     cfg.MODEL.WEIGHTS = str(save_checkpoint(work / "teacher" / "model_final.pth", teacher))
@@ -119,14 +126,20 @@ def caches_per_encoding(tcfg: CfgNode, work: Path) -> dict[str, str]:
     return out
 
 
-def student_config(path: Path, work: Path, mode: str, data: dict[str, Any], device: str, batch: int,
-                   max_iter: int) -> CfgNode:
+def student_config(
+    path: Path, work: Path, mode: str, data: dict[str, Any], device: str, batch: int, max_iter: int
+) -> CfgNode:
     cfg = setup_cfg(str(path), [])
-    cfg.merge_from_dict({
-        "OUTPUT_DIR": str(work / "runs" / mode), "MODEL": {"DEVICE": device}, **data,
-        "SOLVER": {"IMS_PER_BATCH": batch, "MAX_ITER": max_iter, "CHECKPOINT_PERIOD": 10**9, "LOG_PERIOD": 10**9},
-        "DISTILL": {"WARMUP_DETACH_ITERS": 0},
-    }, source="bench/stage2.py")
+    cfg.merge_from_dict(
+        {
+            "OUTPUT_DIR": str(work / "runs" / mode),
+            "MODEL": {"DEVICE": device},
+            **data,
+            "SOLVER": {"IMS_PER_BATCH": batch, "MAX_ITER": max_iter, "CHECKPOINT_PERIOD": 10**9, "LOG_PERIOD": 10**9},
+            "DISTILL": {"WARMUP_DETACH_ITERS": 0},
+        },
+        source="bench/stage2.py",
+    )
     return cfg
 
 
@@ -182,8 +195,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_loader(factory: Callable[[int], Any], mode: str, turns: Turns, log: ModeLog,
-                 device: torch.device) -> Callable[[int], Iterator[Any]]:
+def timed_loader(
+    factory: Callable[[int], Any], mode: str, turns: Turns, log: ModeLog, device: torch.device
+) -> Callable[[int], Iterator[Any]]:
     """The trainer's loader factory, timing each `next` and waiting for the mode's turn before it."""
 
     def build(start_iter: int) -> Iterator[Any]:
@@ -263,9 +277,11 @@ def summarise(log: ModeLog, sizes: Sizes, prefetched: int) -> dict[str, Any]:
         "data_wait_all_s": statistics.fmean(log.data[i] for i in measured),
     }
     out["step_s"] = out["compute_s"] + out["data_wait_s"]
-    out["compute_per_round_s"] = [statistics.median(log.compute[r * k:(r + 1) * k]) for r in range(1, sizes.rounds + 1)]
+    out["compute_per_round_s"] = [
+        statistics.median(log.compute[r * k : (r + 1) * k]) for r in range(1, sizes.rounds + 1)
+    ]
     if log.teacher:
-        out["teacher_forward_s"] = statistics.median(log.teacher[k:k * (sizes.rounds + 1)] or log.teacher)
+        out["teacher_forward_s"] = statistics.median(log.teacher[k : k * (sizes.rounds + 1)] or log.teacher)
     return out
 
 
@@ -306,8 +322,13 @@ def measure_rss(runs: dict[str, tuple[CfgNode, str]], work: Path) -> dict[str, d
     procs = {}
     for name, (cfg, cache) in runs.items():
         config = save_config(cfg, work / "rss" / name)
-        procs[name] = subprocess.Popen([sys.executable, "-m", "bench.stage2", "--rss-probe", str(config), cache],
-                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "bench.stage2", "--rss-probe", str(config), cache],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     out = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate()
@@ -337,8 +358,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tcfg = teacher_config(work, data, device)
     caches = caches_per_encoding(tcfg, work)
     phases["caches"], clock = time.perf_counter() - clock, time.perf_counter()
-    print(f"stage2 benchmark on {device}: {sizes.images} images x {tcfg.CACHE.NUM_VARIANTS} variants, batch "
-          f"{sizes.batch}, {sizes.rounds} rounds of {sizes.steps_per_turn} steps per mode", flush=True)
+    print(
+        f"stage2 benchmark on {device}: {sizes.images} images x {tcfg.CACHE.NUM_VARIANTS} variants, batch "
+        f"{sizes.batch}, {sizes.rounds} rounds of {sizes.steps_per_turn} steps per mode",
+        flush=True,
+    )
 
     max_iter = sizes.steps_per_turn * (sizes.rounds + 1) + 1
     modes = ["student", "online", *[f"cached_{enc}" for enc in ENCODINGS]]
@@ -349,8 +373,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     trainers: dict[str, Trainer] = {}
     for mode in modes:
         if mode == "student":
-            trainers[mode] = build_trainer(student_config(STUDENT_CONFIG, work, mode, data, device, sizes.batch,
-                                                          max_iter))
+            trainers[mode] = build_trainer(
+                student_config(STUDENT_CONFIG, work, mode, data, device, sizes.batch, max_iter)
+            )
         else:
             cfg = student_config(DISTILL_CONFIG, work, mode, data, device, sizes.batch, max_iter)
             cache = caches["fp32"] if mode == "online" else caches[mode.removeprefix("cached_")]
@@ -365,7 +390,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if s3 is not None:
             s3["stop"]()
     phases["interleaved_steps"], clock = time.perf_counter() - clock, time.perf_counter()
-    same_batches = all(logs[m].image_ids[:max_iter - 1] == logs["student"].image_ids[:max_iter - 1] for m in modes)
+    same_batches = all(logs[m].image_ids[: max_iter - 1] == logs["student"].image_ids[: max_iter - 1] for m in modes)
     steps = {mode: summarise(logs[mode], sizes, prefetched=2 * workers) for mode in modes}
     a, b = steps["student"]["step_s"], steps["online"]["step_s"]
     ratios: dict[str, float] = {}
@@ -378,8 +403,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # The same ratios of compute time round by round (each round runs every mode once, close in time):
     # their spread shows how much load from other processes moved the numbers.
     per_round = {mode: steps[mode]["compute_per_round_s"] for mode in modes}
-    spread = {f"cached_{enc}/student": [c / s for c, s in zip(per_round[f"cached_{enc}"], per_round["student"])]
-              for enc in ENCODINGS}
+    spread = {
+        f"cached_{enc}/student": [c / s for c, s in zip(per_round[f"cached_{enc}"], per_round["student"])]
+        for enc in ENCODINGS
+    }
     spread["online/cached_fp16"] = [o / c for o, c in zip(per_round["online"], per_round["cached_fp16"])]
     del trainers
 
@@ -389,10 +416,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     big_cache = dump(big_tcfg, work / "cache_big_fp16.zarr", "fp16")
     small_cache = caches["fp16"]
     phases["big_cache"], clock = time.perf_counter() - clock, time.perf_counter()
-    probes = {name: (student_config(DISTILL_CONFIG, work, f"rss_{name}", d, device, sizes.batch, sizes.rss_steps),
-                     cache) for name, cache, d in (("small", small_cache, data), ("10x", big_cache, big))}
-    rss = {name: {"cache_samples": cache_samples(probes[name][1]), **peak}
-           for name, peak in measure_rss(probes, work).items()}
+    probes = {
+        name: (student_config(DISTILL_CONFIG, work, f"rss_{name}", d, device, sizes.batch, sizes.rss_steps), cache)
+        for name, cache, d in (("small", small_cache, data), ("10x", big_cache, big))
+    }
+    rss = {
+        name: {"cache_samples": cache_samples(probes[name][1]), **peak}
+        for name, peak in measure_rss(probes, work).items()
+    }
     phases["rss"] = time.perf_counter() - clock
 
     c16 = steps["cached_fp16"]["step_s"]
@@ -402,8 +433,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "date": now_iso(),
         "machine": machine_info(),
         "device": device,
-        "configs": {"teacher": str(TEACHER_CONFIG.relative_to(REPO)), "student": str(STUDENT_CONFIG.relative_to(REPO)),
-                    "distill": str(DISTILL_CONFIG.relative_to(REPO))},
+        "configs": {
+            "teacher": str(TEACHER_CONFIG.relative_to(REPO)),
+            "student": str(STUDENT_CONFIG.relative_to(REPO)),
+            "distill": str(DISTILL_CONFIG.relative_to(REPO)),
+        },
         "sizes": sizes.__dict__,
         "dataloader_workers": workers,
         "same_batches": same_batches,
@@ -415,7 +449,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "online/cached_fp16 >= 1 + teacher/cached_fp16": b / c16 >= 1 + teacher_s / c16,
             "peak RSS does not grow with a 10x cache (<= +5%)": (
                 rss["10x"]["self"] <= 1.05 * rss["small"]["self"]
-                and rss["10x"]["children"] <= 1.05 * rss["small"]["children"]),
+                and rss["10x"]["children"] <= 1.05 * rss["small"]["children"]
+            ),
         },
         "peak_rss_mb": rss,
         "object_storage": object_storage_result(steps, s3, endpoint_cpu, args.s3_latency_ms, workers, sizes),
@@ -425,7 +460,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     if s3 is not None:
         result["targets"][f"{S3_MODE}: data wait < {TARGET_S3_DATA_WAIT:.0%} of the step"] = (
-            result["object_storage"]["data_wait_share"] < TARGET_S3_DATA_WAIT)
+            result["object_storage"]["data_wait_share"] < TARGET_S3_DATA_WAIT
+        )
     result["markdown"] = markdown(result)
     return result
 
@@ -456,24 +492,32 @@ def start_object_store(fp16_cache: str, latency_ms: float) -> dict[str, Any] | N
             proxy.stop()
         server.stop()
 
-    return {"url": "s3://icd-bench/cache_fp16", "endpoint": (proxy or server).endpoint, "stop": stop,
-            "cpu_seconds": lambda: server.cpu_seconds() + (proxy.cpu_seconds() if proxy else 0.0)}
+    return {
+        "url": "s3://icd-bench/cache_fp16",
+        "endpoint": (proxy or server).endpoint,
+        "stop": stop,
+        "cpu_seconds": lambda: server.cpu_seconds() + (proxy.cpu_seconds() if proxy else 0.0),
+    }
 
 
-def object_storage_result(steps: dict[str, Any], s3: dict[str, Any] | None, endpoint_cpu: float,
-                          latency_ms: float, workers: int, sizes: Sizes) -> dict[str, Any]:
+def object_storage_result(
+    steps: dict[str, Any], s3: dict[str, Any] | None, endpoint_cpu: float, latency_ms: float, workers: int, sizes: Sizes
+) -> dict[str, Any]:
     """The S3 mode's data wait against its step and against the same cache on local disk."""
     if s3 is None:
         return {"skipped": "--no-s3 or s3fs/moto[server] not installed"}
     remote, local = steps[S3_MODE], steps["cached_fp16"]
     s3_steps = sizes.steps_per_turn * (sizes.rounds + 1)  # the endpoint serves only this mode's turns
     return {
-        "latency_ms_per_request": latency_ms, "dataloader_workers": workers,
-        "data_wait_s": remote["data_wait_s"], "step_s": remote["step_s"],
+        "latency_ms_per_request": latency_ms,
+        "dataloader_workers": workers,
+        "data_wait_s": remote["data_wait_s"],
+        "step_s": remote["step_s"],
         "data_wait_share": remote["data_wait_s"] / remote["step_s"],
         "local_fp16_data_wait_s": local["data_wait_s"],
         "step_vs_local_fp16": remote["step_s"] / local["step_s"],
-        "endpoint_cpu_s": endpoint_cpu, "endpoint_cpu_s_per_s3_step": endpoint_cpu / max(1, s3_steps),
+        "endpoint_cpu_s": endpoint_cpu,
+        "endpoint_cpu_s_per_s3_step": endpoint_cpu / max(1, s3_steps),
     }
 
 
@@ -490,36 +534,55 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for mode, st in steps.items():
-        lines.append(f"| {mode} | {st['step_s']:.3f} | {st['compute_s']:.3f} | {st['data_wait_s']:.4f} | "
-                     f"{st['step_s'] / a:.3f} |")
+        lines.append(
+            f"| {mode} | {st['step_s']:.3f} | {st['compute_s']:.3f} | {st['data_wait_s']:.4f} | "
+            f"{st['step_s'] / a:.3f} |"
+        )
     teacher = steps["online"]["teacher_forward_s"]
-    lines += ["", f"Live teacher forward: {teacher:.3f} s/step ({ratios['teacher_share_of_online']:.0%} of the "
-              "online step).", "", "| ratio | value | target |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Live teacher forward: {teacher:.3f} s/step ({ratios['teacher_share_of_online']:.0%} of the online step).",
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+    ]
     for enc in ENCODINGS:
         c = steps[f"cached_{enc}"]["step_s"]
-        lines.append(f"| c/a cached {enc} / student | {ratios[f'cached_{enc}/student']:.3f} | "
-                     f"<= {TARGET_CACHED_OVER_STUDENT} |")
-        lines.append(f"| b/c online / cached {enc} | {ratios[f'online/cached_{enc}']:.3f} | "
-                     f">= {1 + teacher / c:.3f} (1 + teacher / c) |")
+        lines.append(
+            f"| c/a cached {enc} / student | {ratios[f'cached_{enc}/student']:.3f} | <= {TARGET_CACHED_OVER_STUDENT} |"
+        )
+        lines.append(
+            f"| b/c online / cached {enc} | {ratios[f'online/cached_{enc}']:.3f} | "
+            f">= {1 + teacher / c:.3f} (1 + teacher / c) |"
+        )
     rss = result["peak_rss_mb"]
-    lines += ["", "Compute-time ratios round by round (min - max): " + "; ".join(
-        f"{k} {min(v):.2f} - {max(v):.2f}" for k, v in result["compute_ratios_per_round"].items()) + "."]
+    lines += [
+        "",
+        "Compute-time ratios round by round (min - max): "
+        + "; ".join(f"{k} {min(v):.2f} - {max(v):.2f}" for k, v in result["compute_ratios_per_round"].items())
+        + ".",
+    ]
     lines += ["", "| peak RSS (MB) | cache samples | training process | DataLoader worker |", "|---|---|---|---|"]
     for name, r in rss.items():
         lines.append(f"| {name} cache | {r['cache_samples']} | {r['self']:.0f} | {r['children']:.0f} |")
     s3 = result.get("object_storage", {})
     if "data_wait_share" in s3:
-        lines += ["", f"Object storage ({S3_MODE}): the fp16 cache on a local S3 endpoint (moto) read through a proxy "
-                  f"adding {s3['latency_ms_per_request']:g} ms per request, {s3['dataloader_workers']} DataLoader "
-                  f"worker(s): data wait {s3['data_wait_s']:.4f} s of a {s3['step_s']:.3f} s step "
-                  f"({s3['data_wait_share']:.1%}; local disk fp16: {s3['local_fp16_data_wait_s']:.4f} s); step "
-                  f"{s3['step_vs_local_fp16']:.3f}x the local fp16 step: the endpoint (moto + proxy, Python, on "
-                  f"the same cores as the training) used {s3['endpoint_cpu_s']:.1f} CPU-s, "
-                  f"{s3['endpoint_cpu_s_per_s3_step']:.2f} s per step of this mode, and the worker's S3 client "
-                  "costs more CPU per sample than a local read (bench/cache_io); a real endpoint's CPU is not "
-                  "the trainer's."]
-    lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items())
-              + "."]
+        lines += [
+            "",
+            f"Object storage ({S3_MODE}): the fp16 cache on a local S3 endpoint (moto) read through a proxy "
+            f"adding {s3['latency_ms_per_request']:g} ms per request, {s3['dataloader_workers']} DataLoader "
+            f"worker(s): data wait {s3['data_wait_s']:.4f} s of a {s3['step_s']:.3f} s step "
+            f"({s3['data_wait_share']:.1%}; local disk fp16: {s3['local_fp16_data_wait_s']:.4f} s); step "
+            f"{s3['step_vs_local_fp16']:.3f}x the local fp16 step: the endpoint (moto + proxy, Python, on "
+            f"the same cores as the training) used {s3['endpoint_cpu_s']:.1f} CPU-s, "
+            f"{s3['endpoint_cpu_s_per_s3_step']:.2f} s per step of this mode, and the worker's S3 client "
+            "costs more CPU per sample than a local read (bench/cache_io); a real endpoint's CPU is not "
+            "the trainer's.",
+        ]
+    lines += [
+        "",
+        "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items()) + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -528,8 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None, help="measured turns per mode (default 3 quick, 6 full)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-s3", action="store_true", help="skip the object-storage mode (local S3 endpoint)")
-    parser.add_argument("--s3-latency-ms", type=float, default=S3_LATENCY_MS,
-                        help="latency the proxy adds to every S3 request (default %(default)s; 0: moto directly)")
+    parser.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        default=S3_LATENCY_MS,
+        help="latency the proxy adds to every S3 request (default %(default)s; 0: moto directly)",
+    )
     parser.add_argument("--rss-probe", nargs=2, metavar=("CONFIG", "CACHE"), help=argparse.SUPPRESS)
     return parser
 

@@ -4,6 +4,7 @@ Stage one stores each sample's levels cut to its valid region; stage two (cached
 zero-pads them to the student's batch shape. Both follow these functions, so a cached and a live
 teacher give the student the same tensors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,8 +34,12 @@ def valid_region(feature: Tensor, stride: int, resized_h: int, resized_w: int) -
     return feature[:, :h, :w]
 
 
-def pad_levels(per_sample: Sequence[Mapping[str, Tensor]], padded_hw: tuple[int, int], levels: Sequence[str],
-               strides: Mapping[str, int]) -> dict[str, Tensor]:
+def pad_levels(
+    per_sample: Sequence[Mapping[str, Tensor]],
+    padded_hw: tuple[int, int],
+    levels: Sequence[str],
+    strides: Mapping[str, int],
+) -> dict[str, Tensor]:
     """Stack per-sample valid regions [C, h, w] into zero-padded [N, C, ceil(H / s), ceil(W / s)] per level."""
     out: dict[str, Tensor] = {}
     for name in levels:

@@ -4,6 +4,7 @@ A cache is only reusable if every one of these matches; stage one writes them (`
 and compares them on `--resume`; stage two compares preprocessing, dataset and levels before training
 a student and replays the recorded augmentation plan (`recorded_plan`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,9 +59,14 @@ def teacher_identity(cfg: Any) -> dict[str, Any]:
 
 # teacher identity field -> config key, for rebuilding a recorded teacher (stage two's --online)
 TEACHER_MODEL_KEYS = {
-    "backend": "MODEL.BACKEND", "d2_config": "MODEL.D2_CONFIG", "conventions": "MODEL.CONVENTIONS",
-    "input_format": "MODEL.INPUT_FORMAT", "pixel_mean": "MODEL.PIXEL_MEAN", "pixel_std": "MODEL.PIXEL_STD",
-    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1", "top_block_in": "MODEL.FPN.TOP_BLOCK_IN",
+    "backend": "MODEL.BACKEND",
+    "d2_config": "MODEL.D2_CONFIG",
+    "conventions": "MODEL.CONVENTIONS",
+    "input_format": "MODEL.INPUT_FORMAT",
+    "pixel_mean": "MODEL.PIXEL_MEAN",
+    "pixel_std": "MODEL.PIXEL_STD",
+    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
+    "top_block_in": "MODEL.FPN.TOP_BLOCK_IN",
 }
 
 
@@ -142,8 +148,10 @@ def identity_attributes(cfg: Any, index: CocoIndex, plan: AugmentationPlan) -> d
 def recorded_plan(attributes: Mapping[str, Any], url: str) -> AugmentationPlan:
     """The augmentation plan a cache was dumped with, which stage two replays."""
     if "augmentation" not in attributes:
-        raise CacheError(f"cache {url} records no augmentation plan ('augmentation' attribute)",
-                         "re-create the cache with `icd dump`, which stores the plan it used")
+        raise CacheError(
+            f"cache {url} records no augmentation plan ('augmentation' attribute)",
+            "re-create the cache with `icd dump`, which stores the plan it used",
+        )
     return AugmentationPlan.from_dict(attributes["augmentation"], source=f"cache {url}")
 
 
@@ -153,6 +161,8 @@ def dataset_mismatch(attributes: Mapping[str, Any], url: str, index: CocoIndex) 
     sha = recorded.get("annotation_sha256", "")
     if not sha or sha == index.json_sha256:
         return None
-    return (f"the cache {url} was dumped from annotation file {recorded.get('annotation_file', '?')}, "
-            f"but DATASETS.TRAIN is {index.json_path}, whose content differs (sha256 {index.json_sha256[:12]}... "
-            f"vs {sha[:12]}...)")
+    return (
+        f"the cache {url} was dumped from annotation file {recorded.get('annotation_file', '?')}, "
+        f"but DATASETS.TRAIN is {index.json_path}, whose content differs (sha256 {index.json_sha256[:12]}... "
+        f"vs {sha[:12]}...)"
+    )

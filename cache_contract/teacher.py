@@ -4,6 +4,7 @@ Stage one dumps what `sample_features` returns; stage two's --online mode produc
 live with the same function, so a lossless cache and a live teacher give identical inputs to ICD.
 `init_from_teacher` decides which of the teacher's stored FPN + head weights a student takes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -36,8 +37,9 @@ def load_teacher(cfg: Any, num_classes: int, device: torch.device) -> DetectorAd
 
 
 @torch.no_grad()
-def teacher_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str],
-                     amp: bool = False) -> dict[str, Tensor]:
+def teacher_features(
+    teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str], amp: bool = False
+) -> dict[str, Tensor]:
     """FPN features {level: [N, C, H, W]} float32 of images that share one padded shape."""
     device = next(teacher.parameters()).device
     with amp_autocast(device, amp):  # SOLVER.AMP: fp16 on CUDA, bf16 on CPU; features returned in fp32
@@ -46,8 +48,9 @@ def teacher_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels:
     return {name: features[name].float() for name in levels}
 
 
-def sample_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str],
-                    amp: bool = False) -> list[dict[str, Tensor]]:
+def sample_features(
+    teacher: DetectorAdapter, images: Sequence[Tensor], levels: Sequence[str], amp: bool = False
+) -> list[dict[str, Tensor]]:
     """Per image, each level cut to its valid region [C, ceil(h / s), ceil(w / s)]: what a cache sample holds.
 
     The images must share one padded shape: a sample's features then depend on the sample alone (padding
@@ -56,8 +59,13 @@ def sample_features(teacher: DetectorAdapter, images: Sequence[Tensor], levels: 
     shapes = {padded_shape(image.shape[-2], image.shape[-1], teacher.size_divisibility) for image in images}
     assert len(shapes) == 1, f"images of several padded shapes {sorted(shapes)} in one teacher batch"
     features = teacher_features(teacher, images, levels, amp)
-    return [{name: valid_region(features[name][row], teacher.strides[name], image.shape[-2], image.shape[-1])
-             for name in levels} for row, image in enumerate(images)]
+    return [
+        {
+            name: valid_region(features[name][row], teacher.strides[name], image.shape[-2], image.shape[-1])
+            for name in levels
+        }
+        for row, image in enumerate(images)
+    ]
 
 
 def fpn_and_head_weights(teacher: DetectorAdapter) -> dict[str, np.ndarray]:
@@ -92,13 +100,19 @@ class TeacherInit:
             loaded += f" + head ({len(self.head)} tensors)"
         notes = []
         if self.skipped_head:
-            notes.append(f"the {self.teacher_architecture} head ({len(self.skipped_head)} tensors: not the "
-                         f"{self.student_architecture} family)")
+            notes.append(
+                f"the {self.teacher_architecture} head ({len(self.skipped_head)} tensors: not the "
+                f"{self.student_architecture} family)"
+            )
         if self.skipped_mismatch:
-            notes.append(f"{len(self.skipped_mismatch)} without a same-shaped counterpart ("
-                         + ", ".join(self.skipped_mismatch) + ")")
-        return (f"initialised from the {self.teacher_architecture} teacher: {loaded}; skipped: "
-                + ("; ".join(notes) if notes else "nothing"))
+            notes.append(
+                f"{len(self.skipped_mismatch)} without a same-shaped counterpart ("
+                + ", ".join(self.skipped_mismatch)
+                + ")"
+            )
+        return f"initialised from the {self.teacher_architecture} teacher: {loaded}; skipped: " + (
+            "; ".join(notes) if notes else "nothing"
+        )
 
 
 def translate_fpn_key(key: str, teacher_architecture: str, student_architecture: str) -> str | None:
@@ -107,11 +121,14 @@ def translate_fpn_key(key: str, teacher_architecture: str, student_architecture:
     torchvision numbers the FPN's lateral (`inner_blocks.i`) and output (`layer_blocks.i`) convs from
     its first level, P3 or P2; the extra levels are named (`extra_blocks.p6`, `.p7`).
     """
-    parts = key[len(FPN_PREFIX):].split(".")
+    parts = key[len(FPN_PREFIX) :].split(".")
     if parts[0] not in ("inner_blocks", "layer_blocks") or teacher_architecture not in ARCHITECTURES:
         return key
-    index = (int(parts[1]) + ARCHITECTURES.get(teacher_architecture).first_level
-             - ARCHITECTURES.get(student_architecture).first_level)
+    index = (
+        int(parts[1])
+        + ARCHITECTURES.get(teacher_architecture).first_level
+        - ARCHITECTURES.get(student_architecture).first_level
+    )
     if index < 0:
         return None
     return FPN_PREFIX + ".".join([parts[0], str(index), *parts[2:]])
@@ -128,14 +145,14 @@ def init_from_teacher(student: DetectorAdapter, state: Mapping[str, Any], teache
     """
     student_architecture = student.architecture
     same_family = teacher_architecture in ARCHITECTURES and (
-        ARCHITECTURES.get(teacher_architecture).head_family == ARCHITECTURES.get(student_architecture).head_family)
+        ARCHITECTURES.get(teacher_architecture).head_family == ARCHITECTURES.get(student_architecture).head_family
+    )
     report = TeacherInit(teacher_architecture or "unknown", student_architecture, same_family)
     offered: dict[str, Tensor] = {}  # student key -> teacher tensor
     source: dict[str, str] = {}  # student key -> teacher key
     for key, value in sorted(state.items()):
         if key.startswith(FPN_PREFIX):
-            target = translate_fpn_key(key, teacher_architecture, student_architecture) if teacher_architecture \
-                else key
+            target = translate_fpn_key(key, teacher_architecture, student_architecture) if teacher_architecture else key
         elif same_family:
             target = key
         else:

@@ -3,6 +3,7 @@
 Depends on numpy, zarr, numcodecs, dask and fsspec only - never on torch or a detector - so that
 inspecting or verifying a cache is cheap and stage one / stage two share one definition of the format.
 """
+
 from cache_format.compat import check_compatibility
 from cache_format.errors import CacheError, CorruptChunkError
 from cache_format.reader import CacheReader
@@ -10,6 +11,13 @@ from cache_format.schema import FORMAT_VERSION, CachedSample, LevelSpec, SampleM
 from cache_format.writer import CacheWriter
 
 __all__ = [
-    "FORMAT_VERSION", "CacheError", "CacheReader", "CacheWriter", "CachedSample", "CorruptChunkError",
-    "LevelSpec", "SampleMeta", "check_compatibility",
+    "FORMAT_VERSION",
+    "CacheError",
+    "CacheReader",
+    "CacheWriter",
+    "CachedSample",
+    "CorruptChunkError",
+    "LevelSpec",
+    "SampleMeta",
+    "check_compatibility",
 ]

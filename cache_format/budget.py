@@ -5,6 +5,7 @@ real into an in-memory cache with the target's layout (same levels, shard size, 
 bytes include compression, shard indexes and per-sample records. Fidelity is the relative RMSE
 (||decoded - x|| / ||x||) and the max abs error per level over all calibration samples.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,29 @@ from cache_format.writer import CacheWriter
 DEFAULT_CANDIDATES = ("fp32", "fp16", "fp16+bitround7", "bf16", "fp16+bitround5", "int8")
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "p": 10**15, "pb": 10**15,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "p": 10**15,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
 }
 _SIZE = re.compile(r"^\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-zA-Z]*)\s*$")
-SIZE_HELP = ("a number with an optional unit: B, K/KB, M/MB, G/GB, T/TB, P/PB (powers of 1000) or "
-             "KiB, MiB, GiB, TiB, PiB (powers of 1024), e.g. '200GB', '1.5TiB', '500M'")
+SIZE_HELP = (
+    "a number with an optional unit: B, K/KB, M/MB, G/GB, T/TB, P/PB (powers of 1000) or "
+    "KiB, MiB, GiB, TiB, PiB (powers of 1024), e.g. '200GB', '1.5TiB', '500M'"
+)
 
 
 def parse_size(text: str | int) -> int:
@@ -47,7 +63,9 @@ def parse_size(text: str | int) -> int:
         value, unit = float(m.group(1)), m.group(2).lower()
     size = int(value * _UNITS[unit])
     if size <= 0:
-        raise CacheError(f"size {text!r} is not positive: a budget is a number of bytes above zero", f"write {SIZE_HELP}")
+        raise CacheError(
+            f"size {text!r} is not positive: a budget is a number of bytes above zero", f"write {SIZE_HELP}"
+        )
     return size
 
 
@@ -118,18 +136,26 @@ class Plan:
 
     def table(self) -> str:
         levels = list(self.candidates[0].rel_rmse) if self.candidates else []
-        head = (f"{'candidate':<28}{'bytes/sample':>14}{'projected':>12}{'bytes/value':>12}"
-                + "".join(f"{'rRMSE ' + n:>12}" for n in levels)
-                + "".join(f"{'maxabs ' + n:>12}" for n in levels) + "  fits")
-        lines = [f"plan: {self.num_samples} samples, budget {format_size(self.budget_bytes)}, "
-                 f"measured on {self.calibration_samples} calibration samples", head]
+        head = (
+            f"{'candidate':<28}{'bytes/sample':>14}{'projected':>12}{'bytes/value':>12}"
+            + "".join(f"{'rRMSE ' + n:>12}" for n in levels)
+            + "".join(f"{'maxabs ' + n:>12}" for n in levels)
+            + "  fits"
+        )
+        lines = [
+            f"plan: {self.num_samples} samples, budget {format_size(self.budget_bytes)}, "
+            f"measured on {self.calibration_samples} calibration samples",
+            head,
+        ]
         for c in self.candidates:
             mark = " <- chosen" if c is self.choice else ""
-            lines.append(f"{c.label:<28}{format_size(c.bytes_per_sample):>14}{format_size(c.projected_bytes):>12}"
-                         f"{c.bytes_per_value:>12.3f}"
-                         + "".join(f"{c.rel_rmse[n]:>12.2e}" for n in levels)
-                         + "".join(f"{c.max_abs[n]:>12.2e}" for n in levels)
-                         + f"  {'yes' if c.fits else 'no'}{mark}")
+            lines.append(
+                f"{c.label:<28}{format_size(c.bytes_per_sample):>14}{format_size(c.projected_bytes):>12}"
+                f"{c.bytes_per_value:>12.3f}"
+                + "".join(f"{c.rel_rmse[n]:>12.2e}" for n in levels)
+                + "".join(f"{c.max_abs[n]:>12.2e}" for n in levels)
+                + f"  {'yes' if c.fits else 'no'}{mark}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -137,13 +163,23 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "num_samples": self.num_samples, "budget_bytes": self.budget_bytes,
+            "num_samples": self.num_samples,
+            "budget_bytes": self.budget_bytes,
             "calibration_samples": self.calibration_samples,
             "choice": self.choice.label if self.choice else None,
-            "candidates": [{"encoding": c.encoding, "compressor": c.compressor,
-                            "bytes_per_sample": c.bytes_per_sample, "projected_bytes": c.projected_bytes,
-                            "bytes_per_value": c.bytes_per_value, "rel_rmse": c.rel_rmse,
-                            "max_abs": c.max_abs, "fits": c.fits} for c in self.candidates],
+            "candidates": [
+                {
+                    "encoding": c.encoding,
+                    "compressor": c.compressor,
+                    "bytes_per_sample": c.bytes_per_sample,
+                    "projected_bytes": c.projected_bytes,
+                    "bytes_per_value": c.bytes_per_value,
+                    "rel_rmse": c.rel_rmse,
+                    "max_abs": c.max_abs,
+                    "fits": c.fits,
+                }
+                for c in self.candidates
+            ],
         }
 
 
@@ -163,27 +199,47 @@ def infer_meta(sample: Mapping[str, np.ndarray], levels: Sequence[LevelSpec], im
             n = int(np.asarray(sample[lv.name]).shape[axis])
             lo, hi = max(lo, (n - 1) * lv.stride + 1), min(hi, n * lv.stride)
         if lo > hi:
-            raise CacheError(f"calibration sample {image_id}: level sizes "
-                             f"{ {lv.name: np.asarray(sample[lv.name]).shape[1:] for lv in levels} } are not "
-                             "those of one image at the levels' strides",
-                             "pass metas=[SampleMeta(...)] or crop each level to ceil(resized size / stride)")
+            raise CacheError(
+                f"calibration sample {image_id}: level sizes "
+                f"{ {lv.name: np.asarray(sample[lv.name]).shape[1:] for lv in levels} } are not "
+                "those of one image at the levels' strides",
+                "pass metas=[SampleMeta(...)] or crop each level to ceil(resized size / stride)",
+            )
         bounds.append(hi)
     return SampleMeta(image_id, 0, 1.0, False, bounds[0], bounds[1])
 
 
-def measure(calibration: Sequence[Mapping[str, np.ndarray]], levels: Sequence[LevelSpec], encoding: str,
-            compressor: str, metas: Sequence[SampleMeta], shard_samples: int, tile: int) -> Candidate:
+def measure(
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    levels: Sequence[LevelSpec],
+    encoding: str,
+    compressor: str,
+    metas: Sequence[SampleMeta],
+    shard_samples: int,
+    tile: int,
+) -> Candidate:
     """Encode the calibration samples into an in-memory cache; measure bytes and fidelity."""
     url = f"memory://icd-plan-{uuid.uuid4().hex}"
     try:
-        writer = CacheWriter.create(url, num_samples=len(calibration), levels=list(levels), encoding=encoding,
-                                    compressor=compressor, attributes={}, shard_samples=shard_samples, tile=tile)
+        writer = CacheWriter.create(
+            url,
+            num_samples=len(calibration),
+            levels=list(levels),
+            encoding=encoding,
+            compressor=compressor,
+            attributes={},
+            shard_samples=shard_samples,
+            tile=tile,
+        )
         for i, (sample, meta) in enumerate(zip(calibration, metas)):
             writer.write_sample(i, {lv.name: sample[lv.name] for lv in levels}, meta)
         writer.close()
         files, total = usage(url)
-        fixed = sum(len(fsspec.filesystem("memory").cat_file(p)) for p in fsspec.filesystem("memory").find(url)
-                    if p.endswith("zarr.json"))
+        fixed = sum(
+            len(fsspec.filesystem("memory").cat_file(p))
+            for p in fsspec.filesystem("memory").find(url)
+            if p.endswith("zarr.json")
+        )
         reader = CacheReader(url)
         err2 = {lv.name: 0.0 for lv in levels}
         ref2 = {lv.name: 0.0 for lv in levels}
@@ -202,14 +258,24 @@ def measure(calibration: Sequence[Mapping[str, np.ndarray]], levels: Sequence[Le
             fs.rm(url, recursive=True)
     values = sum(np.asarray(s[lv.name]).size for s in calibration for lv in levels) / len(calibration)
     rel = {n: (math.sqrt(err2[n] / ref2[n]) if ref2[n] > 0 else math.sqrt(err2[n])) for n in err2}
-    return Candidate(writer.encoding.name, writer.compressor, (total - fixed) / len(calibration), fixed,
-                     values, rel, maxabs)
+    return Candidate(
+        writer.encoding.name, writer.compressor, (total - fixed) / len(calibration), fixed, values, rel, maxabs
+    )
 
 
-def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budget_bytes: int | str,
-         candidates: Sequence[str | tuple[str, str]] | None = None, *, levels: Sequence[LevelSpec],
-         metas: Sequence[SampleMeta] | None = None, compressor: str = DEFAULT_COMPRESSOR,
-         shard_samples: int = 16, tile: int = 64, reserved_bytes: int = 0) -> Plan:
+def plan(
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    num_samples: int,
+    budget_bytes: int | str,
+    candidates: Sequence[str | tuple[str, str]] | None = None,
+    *,
+    levels: Sequence[LevelSpec],
+    metas: Sequence[SampleMeta] | None = None,
+    compressor: str = DEFAULT_COMPRESSOR,
+    shard_samples: int = 16,
+    tile: int = 64,
+    reserved_bytes: int = 0,
+) -> Plan:
     """Measure each candidate ('fp16', 'int8@blosc-lz4', ...) on the calibration samples (dicts level ->
     float32 [C, h, w]) and choose the most faithful (lowest worst-level relative RMSE, then smallest)
     whose projected size for `num_samples` fits `budget_bytes`. Raises CacheError, with the measured
@@ -223,7 +289,7 @@ def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budg
     levels = list(levels)
     metas = list(metas) if metas is not None else [infer_meta(s, levels, i) for i, s in enumerate(calibration)]
     result = Plan(int(num_samples), budget, len(calibration))
-    for spec in (candidates or DEFAULT_CANDIDATES):
+    for spec in candidates or DEFAULT_CANDIDATES:
         enc, comp = _split_candidate(spec, compressor)
         c = measure(calibration, levels, enc, comp, metas, min(shard_samples, len(calibration)), tile)
         c.projected_bytes = int(math.ceil(c.fixed_bytes + c.bytes_per_sample * num_samples))
@@ -241,6 +307,7 @@ def plan(calibration: Sequence[Mapping[str, np.ndarray]], num_samples: int, budg
             f"all{extra})\n{result.table()}",
             f"raise the budget to a total of at least {format_size(total, round_up=True)} (for {smallest.label}), cache "
             "fewer samples "
-            "(fewer images or augmentation variants), or add a smaller candidate encoding")
+            "(fewer images or augmentation variants), or add a smaller candidate encoding",
+        )
     result.choice = min(fitting, key=lambda c: (c.worst_rel_rmse, c.projected_bytes))
     return result

@@ -3,6 +3,7 @@
 zarr's Crc32cCodec already guards every chunk's bytes; these guard what a chunk checksum cannot see:
 a shard object that is missing or replaced reads back as fill values without any chunk error.
 """
+
 from __future__ import annotations
 
 import crc32c

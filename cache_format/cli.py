@@ -3,6 +3,7 @@
 Exit codes: 0 success; 1 `verify` found damage or an unfinished cache; 2 bad input (not a cache, newer version,
 truncated store, bad budget, budget too small, ...), with a message naming the problem and the fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,24 +25,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="cache path or URL (file://, memory://, s3://...)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    s = sub.add_parser("verify", help="check the cache is whole (its manifest) and read every committed chunk "
-                       "in parallel; name each damaged object")
+    s = sub.add_parser(
+        "verify",
+        help="check the cache is whole (its manifest) and read every committed chunk "
+        "in parallel; name each damaged object",
+    )
     s.add_argument("path")
-    s.add_argument("--workers", type=int, default=None,
-                   help="dask threads (default: one per core; 16 for an object store)")
-    s.add_argument("--no-manifest", action="store_true",
-                   help="accept a cache without a manifest (an unfinished dump, or written before format 1.1) and "
-                   "check only its committed samples")
+    s.add_argument(
+        "--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)"
+    )
+    s.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="accept a cache without a manifest (an unfinished dump, or written before format 1.1) and "
+        "check only its committed samples",
+    )
 
     s = sub.add_parser("plan", help="measure candidate encodings on calibration samples against a budget")
     s.add_argument("--calib", required=True, help="an existing cache whose first committed samples calibrate")
     s.add_argument("--samples", type=int, required=True, help="number of samples the new cache will hold")
     s.add_argument("--budget", required=True, help=f"disk budget: {SIZE_HELP}")
     s.add_argument("--calib-samples", type=int, default=16, help="how many calibration samples to use (16)")
-    s.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
-                   help="comma-separated encodings, each optionally '@compressor' (default: %(default)s)")
-    s.add_argument("--compressor", default=None, help="compressor for candidates without '@' (default: the "
-                   "calibration cache's)")
+    s.add_argument(
+        "--candidates",
+        default=",".join(DEFAULT_CANDIDATES),
+        help="comma-separated encodings, each optionally '@compressor' (default: %(default)s)",
+    )
+    s.add_argument(
+        "--compressor", default=None, help="compressor for candidates without '@' (default: the calibration cache's)"
+    )
     s.add_argument("--json", action="store_true", help="also print the plan as JSON")
 
     s = sub.add_parser("repack", help="re-encode a cache (e.g. fp16 -> int8), preserving identity and samples")
@@ -49,13 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--encoding", required=True, help=ENCODING_HELP)
     s.add_argument("--compressor", default=None, help=f"{COMPRESSOR_HELP} (default: the source's)")
-    s.add_argument("--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)")
+    s.add_argument(
+        "--workers", type=int, default=None, help="dask threads (default: one per core; 16 for an object store)"
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return p
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from cache_format.summary import format_summary, summarize
+
     info = summarize(args.path)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_summary(info))
     return 0
@@ -63,6 +78,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from cache_format.verify import verify_cache
+
     if args.workers is not None and args.workers < 1:
         raise CacheError(f"--workers {args.workers} must be >= 1", "pass a positive thread count")
     report = verify_cache(args.path, workers=args.workers, require_manifest=not args.no_manifest)
@@ -72,6 +88,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from cache_format.reader import CacheReader
+
     budget = parse_size(args.budget)
     if args.samples < 1:
         raise CacheError(f"--samples {args.samples} must be >= 1", "pass the number of samples to cache")
@@ -80,20 +97,34 @@ def _plan(args: argparse.Namespace) -> int:
     reader = CacheReader(args.calib)
     indices = [int(i) for i in reader.committed().nonzero()[0][: args.calib_samples]]
     if not indices:
-        raise CacheError(f"calibration cache {args.calib} has no committed samples",
-                         "calibrate from a cache with at least one written sample")
+        raise CacheError(
+            f"calibration cache {args.calib} has no committed samples",
+            "calibrate from a cache with at least one written sample",
+        )
     samples = [reader.read_sample(i) for i in indices]
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    result = plan([s.features for s in samples], args.samples, budget, candidates, levels=reader.levels,
-                  metas=[s.meta for s in samples], compressor=args.compressor or reader.compressor,
-                  shard_samples=reader.layout.shard_samples, tile=reader.layout.tile)
+    result = plan(
+        [s.features for s in samples],
+        args.samples,
+        budget,
+        candidates,
+        levels=reader.levels,
+        metas=[s.meta for s in samples],
+        compressor=args.compressor or reader.compressor,
+        shard_samples=reader.layout.shard_samples,
+        tile=reader.layout.tile,
+    )
     print(result.table())
     if reader.encoding != "fp32":
-        print(f"note: the calibration cache is {reader.encoding}: its values are already rounded, so encodings "
-              f"at least as precise measure as lossless (an fp32 calibration cache gives true fidelities)")
+        print(
+            f"note: the calibration cache is {reader.encoding}: its values are already rounded, so encodings "
+            f"at least as precise measure as lossless (an fp32 calibration cache gives true fidelities)"
+        )
     assert result.choice is not None
-    print(f"choice: {result.choice.label} - {format_size(result.choice.projected_bytes)} for {args.samples} "
-          f"samples, worst-level relative RMSE {result.choice.worst_rel_rmse:.2e}")
+    print(
+        f"choice: {result.choice.label} - {format_size(result.choice.projected_bytes)} for {args.samples} "
+        f"samples, worst-level relative RMSE {result.choice.worst_rel_rmse:.2e}"
+    )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     return 0
@@ -101,9 +132,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _repack(args: argparse.Namespace) -> int:
     from cache_format.repack import repack
+
     res = repack(args.src, args.dst, args.encoding, args.compressor, workers=args.workers, overwrite=args.overwrite)
-    print(f"repacked {res.samples} committed samples {res.src} -> {res.dst} as {res.encoding}@{res.compressor} "
-          f"({format_size(res.bytes_written)} of sample data written)")
+    print(
+        f"repacked {res.samples} committed samples {res.src} -> {res.dst} as {res.encoding}@{res.compressor} "
+        f"({format_size(res.bytes_written)} of sample data written)"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """The student-side compatibility check: may this student distil from this cache?"""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,19 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-DEFAULT_FIX = ("train the student with the teacher's preprocessing and levels (or add adapters for channel "
-               "differences), or dump a cache for this configuration")
+DEFAULT_FIX = (
+    "train the student with the teacher's preprocessing and levels (or add adapters for channel "
+    "differences), or dump a cache for this configuration"
+)
 # Normalisation is each model's own business: teacher and student read the same raw pixels and each
 # normalises them itself, so a BGR detectron2 teacher serves an RGB torchvision student. Caches written
 # before this rule carry these keys under "preprocessing"; they are not compared.
 PER_MODEL_KEYS = ("pixel_mean", "pixel_std", "input_format")
 
 
-def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[str, Any], *,
-                        source: str = "cache", fix: str = DEFAULT_FIX) -> None:
+def check_compatibility(
+    cache_attributes: Mapping[str, Any], student: Mapping[str, Any], *, source: str = "cache", fix: str = DEFAULT_FIX
+) -> None:
     """Raise CacheError naming every differing field (with the cache's and the student's value).
 
     `student` = {"levels": [(name, stride, channels), ...], "preprocessing": {...}}. Every student
@@ -35,8 +39,9 @@ def check_compatibility(cache_attributes: Mapping[str, Any], student: Mapping[st
     diffs: list[str] = []
     cache_levels = {d["name"]: d for d in cache_attributes.get("levels", [])}
     for entry in student.get("levels", []):
-        name, stride, channels = (entry["name"], entry["stride"], entry["channels"]) if isinstance(entry, Mapping) \
-            else tuple(entry)
+        name, stride, channels = (
+            (entry["name"], entry["stride"], entry["channels"]) if isinstance(entry, Mapping) else tuple(entry)
+        )
         have = cache_levels.get(name)
         if have is None:
             diffs.append(f"level {name}: the student needs it, the {source} has only {sorted(cache_levels)}")

@@ -5,6 +5,7 @@ under 1% smaller and up to 5x slower); ``blosc-CNAME[-SHUFFLE][:LEVEL]`` with CN
 zstd, zlib, blosclz, SHUFFLE in shuffle, bitshuffle, noshuffle (default: byte shuffle for 2/4-byte
 values, bitshuffle for 1-byte values) and LEVEL 0-9 (default 5).
 """
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from cache_format.errors import CacheError
 
 DEFAULT_COMPRESSOR = "zstd"
-COMPRESSOR_HELP = ("none, zstd, zstd:LEVEL, blosc-CNAME[-SHUFFLE][:LEVEL] with CNAME lz4|lz4hc|zstd|zlib|blosclz "
-                   "and SHUFFLE shuffle|bitshuffle|noshuffle, e.g. 'blosc-lz4-bitshuffle'")
+COMPRESSOR_HELP = (
+    "none, zstd, zstd:LEVEL, blosc-CNAME[-SHUFFLE][:LEVEL] with CNAME lz4|lz4hc|zstd|zlib|blosclz "
+    "and SHUFFLE shuffle|bitshuffle|noshuffle, e.g. 'blosc-lz4-bitshuffle'"
+)
 _ZSTD = re.compile(r"^zstd(?::(-?\d+))?$")
 _BLOSC = re.compile(r"^blosc-(lz4|lz4hc|zstd|zlib|blosclz)(?:-(shuffle|bitshuffle|noshuffle))?(?::(\d+))?$")
 

@@ -5,6 +5,7 @@ bit-rounding suffix ``+bitroundK`` (K mantissa bits kept, numcodecs.BitRound) th
 more compressible. Decoding never needs more than the stored array and, for int8, the per-channel
 (scale, offset) pair. The error bounds below are the ones SPEC.md documents and the tests assert.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,12 +17,14 @@ import numpy as np
 from cache_format.errors import CacheError
 
 _BASES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8}
-_MAX_KEEPBITS = {"fp32": 22, "fp16": 9, "bf16": 6}   # below the type's own mantissa width
+_MAX_KEEPBITS = {"fp32": 22, "fp16": 9, "bf16": 6}  # below the type's own mantissa width
 _PATTERN = re.compile(r"^(fp32|fp16|bf16|int8)(?:\+bitround(\d+))?$")
 FP16_MAX = float(np.finfo(np.float16).max)
 
-ENCODING_HELP = ("fp32, fp16, bf16, int8, or fp32/fp16/bf16 with '+bitroundK' "
-                 "(K mantissa bits kept: fp32 1-22, fp16 1-9, bf16 1-6), e.g. 'fp16+bitround7'")
+ENCODING_HELP = (
+    "fp32, fp16, bf16, int8, or fp32/fp16/bf16 with '+bitroundK' "
+    "(K mantissa bits kept: fp32 1-22, fp16 1-9, bf16 1-6), e.g. 'fp16+bitround7'"
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,10 @@ class Encoding:
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
-            raise CacheError("teacher features contain NaN or inf",
-                             "check the teacher's weights and inputs; a cache must hold finite values")
+            raise CacheError(
+                "teacher features contain NaN or inf",
+                "check the teacher's weights and inputs; a cache must hold finite values",
+            )
         if self.base == "int8":
             return _int8_encode(x)
         if self.base == "fp32":
@@ -58,8 +63,10 @@ class Encoding:
         elif self.base == "fp16":
             peak = float(np.abs(x).max()) if x.size else 0.0
             if peak > FP16_MAX:
-                raise CacheError(f"teacher features reach {peak:.4g}, beyond fp16's range ({FP16_MAX:g})",
-                                 "use encoding 'bf16' or 'fp32' for this teacher")
+                raise CacheError(
+                    f"teacher features reach {peak:.4g}, beyond fp16's range ({FP16_MAX:g})",
+                    "use encoding 'bf16' or 'fp32' for this teacher",
+                )
             out = x.astype(np.float16)
             if self.keepbits is not None:
                 out = _bitround(out, self.keepbits)
@@ -72,8 +79,10 @@ class Encoding:
         """Stored array [C, h, w] (+ quant [2, C] for int8) -> float32 [C, h, w]."""
         if self.base == "int8":
             if quant is None:
-                raise CacheError("int8 features decoded without their scale/offset",
-                                 "read samples through CacheReader, which loads samples/quant")
+                raise CacheError(
+                    "int8 features decoded without their scale/offset",
+                    "read samples through CacheReader, which loads samples/quant",
+                )
             out = stored.astype(np.float32)
             out *= quant[0][:, None, None]
             out += quant[1][:, None, None]
@@ -88,15 +97,14 @@ class Encoding:
         if self.base == "int8":
             assert quant is not None
             scale = quant[0].astype(np.float64)[:, None, None]
-            peak = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1).max(axis=1)[:, None, None] \
-                if x.size else 0.0
-            return np.broadcast_to(scale / 2 + 2.0 ** -21 * peak, x.shape)
+            peak = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1).max(axis=1)[:, None, None] if x.size else 0.0
+            return np.broadcast_to(scale / 2 + 2.0**-21 * peak, x.shape)
         k = self.keepbits
         if self.base == "fp32":
-            return np.zeros_like(ax) if k is None else 2.0 ** -(k + 1) * ax + 2.0 ** -126
+            return np.zeros_like(ax) if k is None else 2.0 ** -(k + 1) * ax + 2.0**-126
         if self.base == "fp16":
-            return 2.0 ** -11 * ax + 2.0 ** -25 if k is None else 2.0 ** -k * ax + 2.0 ** -(14 + k)
-        return 2.0 ** -(8 if k is None else k + 1) * ax + 2.0 ** -126
+            return 2.0**-11 * ax + 2.0**-25 if k is None else 2.0**-k * ax + 2.0 ** -(14 + k)
+        return 2.0 ** -(8 if k is None else k + 1) * ax + 2.0**-126
 
 
 def parse_encoding(name: str) -> Encoding:
@@ -111,8 +119,10 @@ def parse_encoding(name: str) -> Encoding:
         raise CacheError(f"encoding {name!r}: int8 has no mantissa to bit-round", "use plain 'int8'")
     keep = int(bits)
     if not 1 <= keep <= _MAX_KEEPBITS[base]:
-        raise CacheError(f"encoding {name!r}: keepbits {keep} out of range for {base}",
-                         f"use {base}+bitroundK with 1 <= K <= {_MAX_KEEPBITS[base]}")
+        raise CacheError(
+            f"encoding {name!r}: keepbits {keep} out of range for {base}",
+            f"use {base}+bitroundK with 1 <= K <= {_MAX_KEEPBITS[base]}",
+        )
     return Encoding(f"{base}+bitround{keep}", base, keep)
 
 
@@ -120,8 +130,9 @@ def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
     # numcodecs.BitRound rounds the mantissa to nearest (ties to even) and returns the integer view.
     out = numcodecs.BitRound(keepbits).encode(x).view(x.dtype)
     if not np.isfinite(out).all():
-        raise CacheError("bit-rounding pushed a feature value past the float range",
-                         "use more keepbits or encoding 'fp32'")
+        raise CacheError(
+            "bit-rounding pushed a feature value past the float range", "use more keepbits or encoding 'fp32'"
+        )
     return out
 
 

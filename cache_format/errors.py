@@ -9,6 +9,7 @@ project; `detection.errors.UserError` derives from it, so every command catches 
     |                               (`.key`) the object or metadata document at fault
     +-- detection.errors.UserError  config, data, weights, command-line input
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,7 +47,7 @@ class CorruptChunkError(CacheError):
 # permissions, a path whose components are files where directories are needed (or the reverse).
 _ENVIRONMENT_FIXES = {
     errno.ENOSPC: "free space on that disk (or choose another location), then rerun; `--resume` continues "
-                  "an interrupted dump or training run",
+    "an interrupted dump or training run",
     errno.EDQUOT: "free space within your quota (or choose another location), then rerun with `--resume`",
     errno.EROFS: "choose a location on a writable filesystem (OUTPUT_DIR, --cache, the destination)",
     errno.EACCES: "choose a location you may write to, or fix its permissions",

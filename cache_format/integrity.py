@@ -9,6 +9,7 @@ is what the root's encoding and compressor specify, the teacher weights pass the
 the records' per-level checksums, as a training run would. Each finding names the object at fault,
 relative to the cache root, and says whether rewriting its shard repairs it.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,15 +58,15 @@ from cache_format.schema import (
 from cache_format.weights import COMPLETE, INCOMPLETE, UNCHECKED, read_weights, weights_digest, weights_state
 
 # Damage kinds: what repairs it.
-SHARD = "shard"                      # rewrite the shard (stage one recomputes its samples)
+SHARD = "shard"  # rewrite the shard (stage one recomputes its samples)
 TEACHER_WEIGHTS = "teacher_weights"  # store the teacher weights again
-METADATA = "metadata"                # a zarr.json that disagrees: restore it from a copy, or re-create the cache
-MANIFEST = "manifest"                # the manifest itself: a finishing dump writes a new one
+METADATA = "metadata"  # a zarr.json that disagrees: restore it from a copy, or re-create the cache
+MANIFEST = "manifest"  # the manifest itself: a finishing dump writes a new one
 
 
 @dataclass(frozen=True)
 class Damage:
-    key: str                # the object or metadata document, relative to the cache root
+    key: str  # the object or metadata document, relative to the cache root
     message: str
     kind: str
     shard: int | None = None
@@ -76,11 +77,11 @@ class IntegrityReport:
     url: str
     format_version: str
     num_samples: int
-    committed: np.ndarray            # bool [num_samples]
+    committed: np.ndarray  # bool [num_samples]
     manifest: dict[str, Any] | None
-    weights: str                     # weights.ABSENT / INCOMPLETE / UNCHECKED / COMPLETE
+    weights: str  # weights.ABSENT / INCOMPLETE / UNCHECKED / COMPLETE
     damage: list[Damage] = field(default_factory=list)
-    checked_levels: int = 0          # sample-levels read by the deep check
+    checked_levels: int = 0  # sample-levels read by the deep check
     layout: Layout | None = None
 
     def committed_shards(self) -> list[int]:
@@ -128,7 +129,7 @@ def _read_records(arrays: CacheArrays, layout: Layout, url: str) -> tuple[np.nda
     for s in range(layout.num_shards):
         rng = layout.shard_range(s)
         try:
-            out[rng.start:rng.stop] = arrays.records[rng.start:rng.stop]
+            out[rng.start : rng.stop] = arrays.records[rng.start : rng.stop]
         except Exception:
             bad.append(s)
     return out, bad
@@ -141,8 +142,15 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     levels = levels_from_attributes(attrs)
     layout = layout_from_attributes(attrs)
     encoding = parse_encoding(attrs["encoding"])
-    report = IntegrityReport(str(url), str(attrs["format_version"]), layout.num_samples,
-                             np.zeros(layout.num_samples, bool), None, weights_state(root), layout=layout)
+    report = IntegrityReport(
+        str(url),
+        str(attrs["format_version"]),
+        layout.num_samples,
+        np.zeros(layout.num_samples, bool),
+        None,
+        weights_state(root),
+        layout=layout,
+    )
     damage = report.damage
     try:
         report.manifest = load_manifest(root, url)
@@ -159,16 +167,23 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
     except CorruptChunkError as exc:
         damage.append(Damage(exc.key or "zarr.json", exc.problem.split(": ", 1)[-1], METADATA))
         return report
-    for key, message in layout_problems(arrays, levels, layout) or codec_problems(arrays, levels, layout, encoding,
-                                                                                  str(attrs["compressor"])):
+    for key, message in layout_problems(arrays, levels, layout) or codec_problems(
+        arrays, levels, layout, encoding, str(attrs["compressor"])
+    ):
         damage.append(Damage(key, message, METADATA))
     by_path = shard_arrays(arrays)
     if manifest is not None:
         for path, arr in by_path.items():
             want = manifest["arrays"].get(path)
             if want is None or list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
-                damage.append(Damage(metadata_key(path), f"shape {list(arr.shape)} {arr.dtype}, the manifest says "
-                                     f"{want and want['shape']} {want and want['dtype']}", METADATA))
+                damage.append(
+                    Damage(
+                        metadata_key(path),
+                        f"shape {list(arr.shape)} {arr.dtype}, the manifest says "
+                        f"{want and want['shape']} {want and want['dtype']}",
+                        METADATA,
+                    )
+                )
     if report.of_kind(METADATA):
         return report
 
@@ -186,33 +201,59 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
             lost = np.flatnonzero(expected[rng] & ~report.committed[rng]) + rng.start
             extra = np.flatnonzero(~expected[rng] & report.committed[rng]) + rng.start
             if len(lost):
-                damage.append(Damage(shard_key(arrays.records, s), f"{_samples(layout, s, lost)} committed when the "
-                                     "dump finished are not committed now (a deleted or replaced records chunk)",
-                                     SHARD, s))
+                damage.append(
+                    Damage(
+                        shard_key(arrays.records, s),
+                        f"{_samples(layout, s, lost)} committed when the "
+                        "dump finished are not committed now (a deleted or replaced records chunk)",
+                        SHARD,
+                        s,
+                    )
+                )
             elif len(extra):
-                damage.append(Damage(shard_key(arrays.records, s), f"{_samples(layout, s, extra)} are committed but "
-                                     "were not when the dump finished", SHARD, s))
+                damage.append(
+                    Damage(
+                        shard_key(arrays.records, s),
+                        f"{_samples(layout, s, extra)} are committed but were not when the dump finished",
+                        SHARD,
+                        s,
+                    )
+                )
             elif records_crc(records[rng]) != int(manifest["records_crc32c"][s]):
-                damage.append(Damage(shard_key(arrays.records, s), f"the records of {_samples(layout, s)} differ "
-                                     "from those the dump finished with", SHARD, s))
+                damage.append(
+                    Damage(
+                        shard_key(arrays.records, s),
+                        f"the records of {_samples(layout, s)} differ from those the dump finished with",
+                        SHARD,
+                        s,
+                    )
+                )
 
     # 3. objects: each exists with the size the manifest lists (without one: each a committed sample needs).
     keys = {(path, s): shard_key(arr, s) for path, arr in by_path.items() for s in range(layout.num_shards)}
     sizes = object_sizes(store, keys.values())
     quant_rows = None
     feature_paths = {arr.path for arr in arrays.features.values()}
-    present: dict[str, dict[str, int]] = {}     # without a manifest: feature shard objects to check
+    present: dict[str, dict[str, int]] = {}  # without a manifest: feature shard objects to check
     for (path, s), key in keys.items():
         size = sizes[key]
         if manifest is not None:
             want = manifest["arrays"][path]["objects"][s]
             if want is not None and size is None:
-                damage.append(Damage(key, f"missing; the finished dump wrote {want} bytes ({_samples(layout, s)})",
-                                     SHARD, s))
+                damage.append(
+                    Damage(key, f"missing; the finished dump wrote {want} bytes ({_samples(layout, s)})", SHARD, s)
+                )
             elif want != size:
-                damage.append(Damage(key, f"{'present' if want is None else 'size'} {size} bytes, the finished dump "
-                                     f"wrote {want if want is not None else 'none'} (truncated, replaced or "
-                                     f"stray; {_samples(layout, s)})", SHARD, s))
+                damage.append(
+                    Damage(
+                        key,
+                        f"{'present' if want is None else 'size'} {size} bytes, the finished dump "
+                        f"wrote {want if want is not None else 'none'} (truncated, replaced or "
+                        f"stray; {_samples(layout, s)})",
+                        SHARD,
+                        s,
+                    )
+                )
             continue
         if s in unreadable:
             continue
@@ -255,7 +296,7 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
             cols = quant_columns(levels)[lv.name]
             for i in np.flatnonzero(report.committed[rng]) + rng.start:
                 h, w = lv.valid_size(int(records[i, COL["resized_h"]]), int(records[i, COL["resized_w"]]))
-                q = None if quant_rows is None else quant_rows[i, cols[0]:cols[1]].reshape(2, -1)
+                q = None if quant_rows is None else quant_rows[i, cols[0] : cols[1]].reshape(2, -1)
                 zeros = np.zeros((lv.channels, h, w), encoding.stored_dtype)
                 if level_crc(zeros, q) != int(records[i, len(RECORD_FIELDS) + li]):
                     damage.append(Damage(key, f"missing ({_samples(layout, s)} are committed)", SHARD, s))
@@ -272,8 +313,13 @@ def check_cache(url: str, deep: bool = False, workers: int | None = None) -> Int
         try:
             read_weights(root, str(url), manifest)
         except CorruptChunkError as exc:
-            damage.append(Damage(exc.key or metadata_key(WEIGHTS_GROUP),
-                                 exc.problem.split(": ", 1)[-1].replace(f" ({exc.key})", ""), TEACHER_WEIGHTS))
+            damage.append(
+                Damage(
+                    exc.key or metadata_key(WEIGHTS_GROUP),
+                    exc.problem.split(": ", 1)[-1].replace(f" ({exc.key})", ""),
+                    TEACHER_WEIGHTS,
+                )
+            )
         except StoreAccessError:
             raise
         except CacheError:
@@ -297,20 +343,23 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _instances_match(arrays: CacheArrays, layout: Layout, shard: int, records: np.ndarray,
-                     committed: np.ndarray) -> bool:
+def _instances_match(
+    arrays: CacheArrays, layout: Layout, shard: int, records: np.ndarray, committed: np.ndarray
+) -> bool:
     """Whether every committed sample of the shard reads back instances matching its checksum."""
     rows_per_shard = layout.instance_rows_per_shard
     base = shard * rows_per_shard
     try:
-        boxes = np.asarray(arrays.boxes[base:base + rows_per_shard])
-        classes = np.asarray(arrays.classes[base:base + rows_per_shard])
+        boxes = np.asarray(arrays.boxes[base : base + rows_per_shard])
+        classes = np.asarray(arrays.classes[base : base + rows_per_shard])
     except Exception:
         return False
     for i in layout.shard_range(shard):
         if committed[i]:
             start, n = int(records[i, COL["instance_start"]]), int(records[i, COL["instance_count"]])
-            if instances_crc(boxes[start:start + n], classes[start:start + n]) != int(records[i, COL["instance_crc"]]):
+            if instances_crc(boxes[start : start + n], classes[start : start + n]) != int(
+                records[i, COL["instance_crc"]]
+            ):
                 return False
     return True
 
@@ -322,7 +371,7 @@ def _instance_keys_at_fault(arrays: CacheArrays, layout: Layout, shard: int) -> 
     bad = []
     for arr in (arrays.boxes, arrays.classes):
         try:
-            arr[shard * rows:(shard + 1) * rows]
+            arr[shard * rows : (shard + 1) * rows]
         except Exception:
             bad.append(shard_key(arr, shard))
     return bad or [shard_key(arrays.boxes, shard), shard_key(arrays.classes, shard)]
@@ -336,7 +385,7 @@ def _deep_check(report: IntegrityReport, arrays: CacheArrays, layout: Layout, wo
     shards = [s for s in range(layout.num_shards) if s not in skip and report.committed[layout.shard_range(s)].any()]
     tasks = [dask.delayed(_deep_check_shard)(reader, arrays, layout, s, report.committed) for s in shards]
     workers = workers or default_workers(report.url)
-    for checked, found in (dask.compute(*tasks, scheduler="threads", num_workers=workers) if tasks else []):
+    for checked, found in dask.compute(*tasks, scheduler="threads", num_workers=workers) if tasks else []:
         report.checked_levels += checked
         report.damage.extend(found)
 
@@ -349,8 +398,9 @@ def _detail(exc: CacheError) -> str:
     return text
 
 
-def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
-                      committed: np.ndarray) -> tuple[int, list[Damage]]:
+def _deep_check_shard(
+    reader, arrays: CacheArrays, layout: Layout, shard: int, committed: np.ndarray
+) -> tuple[int, list[Damage]]:
     found: dict[str, list] = {}
     checked = 0
     quant_key = None if arrays.quant is None else shard_key(arrays.quant, shard)
@@ -382,7 +432,7 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
             raise
         except CacheError as exc:
             block = shared_block(exc)
-            if block is not None:   # already named by the levels' reads of this sample
+            if block is not None:  # already named by the levels' reads of this sample
                 if not any(j == i for j, _, _ in found.get(block, [])):
                     found.setdefault(block, []).append((i, "instances", _detail(exc)))
                 continue
@@ -392,8 +442,9 @@ def _deep_check_shard(reader, arrays: CacheArrays, layout: Layout, shard: int,
     for key, items in found.items():
         samples = sorted({i for i, _, _ in items})
         what = sorted({name for _, name, _ in items})
-        out.append(Damage(key, f"{_samples(layout, shard, samples)} level {', '.join(what)}: {items[0][2]}",
-                          SHARD, shard))
+        out.append(
+            Damage(key, f"{_samples(layout, shard, samples)} level {', '.join(what)}: {items[0][2]}", SHARD, shard)
+        )
     return checked, out
 
 
@@ -412,11 +463,16 @@ def finish_cache(url: str) -> dict[str, Any]:
     report = check_cache(url)
     real = [d for d in report.damage if d.kind != MANIFEST]
     if real:
-        raise CorruptChunkError(f"cache {url} cannot be finished: " + "; ".join(f"{d.key}: {d.message}" for d in real[:5]),
-                                "run `icd dump ... --resume --repair` to rewrite the damaged parts", key=real[0].key)
+        raise CorruptChunkError(
+            f"cache {url} cannot be finished: " + "; ".join(f"{d.key}: {d.message}" for d in real[:5]),
+            "run `icd dump ... --resume --repair` to rewrite the damaged parts",
+            key=real[0].key,
+        )
     if report.weights == UNCHECKED:
-        raise CacheError(f"cache {url}: its teacher weights were stored without checksums (format 1.0)",
-                         "run `icd dump ... --resume`, which stores them again with checksums")
+        raise CacheError(
+            f"cache {url}: its teacher weights were stored without checksums (format 1.0)",
+            "run `icd dump ... --resume`, which stores them again with checksums",
+        )
     levels = levels_from_attributes(attrs)
     layout = layout_from_attributes(attrs)
     arrays = open_arrays(root, levels, parse_encoding(attrs["encoding"]), url, layout)
@@ -430,11 +486,16 @@ def finish_cache(url: str) -> dict[str, Any]:
         group = root[WEIGHTS_GROUP]
         wkeys = {name: single_chunk_key(group[name]) for name in state}
         wsizes = object_sizes(store, wkeys.values())
-        teacher = {"names": list(group.attrs["names"]), "sha256": weights_digest(state),
-                   "objects": {name: wsizes[k] for name, k in wkeys.items()}}
+        teacher = {
+            "names": list(group.attrs["names"]),
+            "sha256": weights_digest(state),
+            "objects": {name: wsizes[k] for name, k in wkeys.items()},
+        }
     elif report.weights == INCOMPLETE:
-        raise CacheError(f"cache {url}: its teacher weights are incomplete (an interrupted write)",
-                         "run `icd dump ... --resume`, which stores them again")
+        raise CacheError(
+            f"cache {url}: its teacher weights are incomplete (an interrupted write)",
+            "run `icd dump ... --resume`, which stores them again",
+        )
     body = {
         "format_version": FORMAT_VERSION,
         "root_attributes": attrs,
@@ -442,8 +503,10 @@ def finish_cache(url: str) -> dict[str, Any]:
         "committed": int(report.committed.sum()),
         "uncommitted": [int(i) for i in np.flatnonzero(~report.committed)],
         "records_crc32c": [records_crc(records[layout.shard_range(s)]) for s in range(layout.num_shards)],
-        "arrays": {path: {"shape": list(arr.shape), "dtype": str(arr.dtype),
-                          "objects": [sizes[k] for k in keys[path]]} for path, arr in by_path.items()},
+        "arrays": {
+            path: {"shape": list(arr.shape), "dtype": str(arr.dtype), "objects": [sizes[k] for k in keys[path]]}
+            for path, arr in by_path.items()
+        },
         "teacher_weights": teacher,
     }
     return write_manifest(store, body)
@@ -458,10 +521,9 @@ def uncommit_shards(url: str, shards: list[int]) -> list[str]:
     delete_manifest(store)  # the cache stops being vouched for before anything of it is removed
     deleted = []
     for s in shards:
-        keys = [shard_key(arrays.records, s)] + [shard_key(a, s) for p, a in shard_arrays(arrays).items()
-                                                 if a is not arrays.records]
+        keys = [shard_key(arrays.records, s)] + [
+            shard_key(a, s) for p, a in shard_arrays(arrays).items() if a is not arrays.records
+        ]
         delete_objects(store, keys)
         deleted += keys
     return deleted
-
-

@@ -9,6 +9,7 @@ checksums. It is the attributes of the group `manifest` (one object, `manifest/z
 one atomic put after everything else; an object store needs no listing or rename), carrying the sha256
 of its own content. SPEC.md, Manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,12 +57,17 @@ def load_manifest(root: zarr.Group, url: str) -> dict[str, Any] | None:
         return None
     body = dict(node.attrs.asdict()) if isinstance(node, zarr.Group) else {}
     if not body or body.get("digest") != content_digest(body):
-        raise CorruptChunkError(f"cache {url}: {MANIFEST_KEY} is damaged (it fails its own digest)",
-                                "run `icd dump ... --resume --repair`: it re-checks every shard and writes a new "
-                                "manifest", key=MANIFEST_KEY)
+        raise CorruptChunkError(
+            f"cache {url}: {MANIFEST_KEY} is damaged (it fails its own digest)",
+            "run `icd dump ... --resume --repair`: it re-checks every shard and writes a new manifest",
+            key=MANIFEST_KEY,
+        )
     if int(body.get("manifest_version", 0)) > MANIFEST_VERSION:
-        raise CacheError(f"cache {url} has a manifest of version {body['manifest_version']}, newer than the "
-                         f"{MANIFEST_VERSION} this code reads", "upgrade this package to read it")
+        raise CacheError(
+            f"cache {url} has a manifest of version {body['manifest_version']}, newer than the "
+            f"{MANIFEST_VERSION} this code reads",
+            "upgrade this package to read it",
+        )
     return body
 
 
@@ -93,6 +99,7 @@ def root_differences(attrs: Mapping[str, Any], manifest: Mapping[str, Any]) -> l
         if key == "format_version":  # may be raised by a later minor version; the reader checks it itself
             continue
         if canonical_json(attrs.get(key)) != canonical_json(recorded.get(key)):
-            out.append(f"{key} is {json.dumps(attrs.get(key))[:80]}, the manifest says "
-                       f"{json.dumps(recorded.get(key))[:80]}")
+            out.append(
+                f"{key} is {json.dumps(attrs.get(key))[:80]}, the manifest says {json.dumps(recorded.get(key))[:80]}"
+            )
     return out

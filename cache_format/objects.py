@@ -4,6 +4,7 @@ Keys are relative to the cache root (`features/p3/c/1/0/0/0`) and computed from 
 metadata (zarr's chunk key encoding), never found by listing a directory, so the same code serves a
 local directory and an object store and a missing object is noticed rather than silently not listed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,7 +67,7 @@ def object_sizes(store: Store, keys: Iterable[str], batch: int = 1000) -> dict[s
 
     sizes: list[int | None] = []
     for start in range(0, len(keys), batch):
-        sizes += run_on_zarr_loop(some(keys[start:start + batch]))
+        sizes += run_on_zarr_loop(some(keys[start : start + batch]))
     return dict(zip(keys, sizes))
 
 
@@ -115,7 +116,7 @@ def shard_index_problems(store: Store, array: zarr.Array, sizes: dict[str, int])
     items = list(sizes.items())
     found: dict[str, str] = {}
     for start in range(0, len(items), 1000):
-        part = items[start:start + 1000]
+        part = items[start : start + 1000]
         for (key, _), problem in zip(part, run_on_zarr_loop(all_keys(part))):
             if problem is not None:
                 found[key] = problem

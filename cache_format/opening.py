@@ -1,4 +1,5 @@
 """Open an existing cache's root group and validate that it is a cache this code can read."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,20 +23,27 @@ def open_root(url: str, *, read_only: bool) -> tuple[Store, zarr.Group, dict[str
             root = zarr.open_group(store, mode="r" if read_only else "r+")
         except (GroupNotFoundError, FileNotFoundError, KeyError):
             where = " (or its bucket does not exist)" if is_remote(url) else ""
-            raise CacheError(f"{url} is not a cache: it holds no zarr group{where}",
-                             "pass the path of a cache written by `icd dump` (or CacheWriter.create)") from None
+            raise CacheError(
+                f"{url} is not a cache: it holds no zarr group{where}",
+                "pass the path of a cache written by `icd dump` (or CacheWriter.create)",
+            ) from None
         except (ValueError, TypeError) as exc:
-            raise CacheError(f"{url} is not a cache: its zarr metadata does not parse ({exc})",
-                             "the store is damaged; restore it or re-create it") from exc
+            raise CacheError(
+                f"{url} is not a cache: its zarr metadata does not parse ({exc})",
+                "the store is damaged; restore it or re-create it",
+            ) from exc
     attrs = dict(root.attrs.asdict())
     if CREATING_ATTRIBUTE in attrs and attrs.get("format") != FORMAT_NAME:
-        raise CacheError(f"{url} is not a cache yet: its creation was interrupted",
-                         "rerun `icd dump` (with or without --resume): it starts the creation over")
+        raise CacheError(
+            f"{url} is not a cache yet: its creation was interrupted",
+            "rerun `icd dump` (with or without --resume): it starts the creation over",
+        )
     if attrs.get("format") != FORMAT_NAME or "format_version" not in attrs:
         raise CacheError(
             f"{url} is not a cache: its root has no '{FORMAT_NAME}' format attributes "
             "(a zarr store of something else, or a cache whose creation was interrupted)",
-            "pass the path of a cache written by `icd dump`; re-create an interrupted one")
+            "pass the path of a cache written by `icd dump`; re-create an interrupted one",
+        )
     check_version(attrs["format_version"], url)
     missing = [k for k in RESERVED_ATTRIBUTES if k not in attrs]
     if missing:

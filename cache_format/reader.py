@@ -8,6 +8,7 @@ shapes, in `committed()` and `records()` the committed samples and records, in `
 weights' digest, so what `icd cache verify` would fail is refused here too (cache_format.manifest).
 Safe to pickle (e.g. into DataLoader workers): only the URL travels, the store reopens lazily.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,9 @@ class CacheReader:
         self.compressor: str = attrs["compressor"]
         self._encoding: Encoding = parse_encoding(self.encoding)
         self._level_index = {lv.name: i for i, lv in enumerate(self.levels)}
-        self._arrays: CacheArrays = open_arrays(self._root, self.levels, self._encoding, self.url, self.layout,
-                                                self.compressor)
+        self._arrays: CacheArrays = open_arrays(
+            self._root, self.levels, self._encoding, self.url, self.layout, self.compressor
+        )
         self.manifest: dict[str, Any] | None = None
         if self.check_manifest:
             self.manifest = load_manifest(self._root, self.url)
@@ -100,17 +102,25 @@ class CacheReader:
             return
         diffs = root_differences(self.attributes, self.manifest)
         if diffs:
-            raise CorruptChunkError(f"cache {self.url}: zarr.json differs from the manifest: {diffs[0]}",
-                                    "restore the cache's zarr.json from a copy (or re-create the cache)", key="zarr.json")
-        arrays = {a.path: a for a in [*self._arrays.features.values(), self._arrays.records, self._arrays.boxes,
-                                      self._arrays.classes] + ([self._arrays.quant] if self._arrays.quant else [])}
+            raise CorruptChunkError(
+                f"cache {self.url}: zarr.json differs from the manifest: {diffs[0]}",
+                "restore the cache's zarr.json from a copy (or re-create the cache)",
+                key="zarr.json",
+            )
+        arrays = {
+            a.path: a
+            for a in [*self._arrays.features.values(), self._arrays.records, self._arrays.boxes, self._arrays.classes]
+            + ([self._arrays.quant] if self._arrays.quant else [])
+        }
         for path, arr in arrays.items():
             want = self.manifest["arrays"].get(path)
             if want is None or list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
                 raise CorruptChunkError(
                     f"cache {self.url}: {metadata_key(path)} says shape {list(arr.shape)} {arr.dtype}, the manifest "
                     f"{want and want['shape']} {want and want['dtype']}",
-                    "restore that file from a copy of the cache (or re-create the cache)", key=metadata_key(path))
+                    "restore that file from a copy of the cache (or re-create the cache)",
+                    key=metadata_key(path),
+                )
 
     def _manifest_still_current(self) -> bool:
         """A resumed dump deletes the manifest before it writes: a mismatch then is progress, not damage."""
@@ -138,7 +148,8 @@ class CacheReader:
                     f"cache {self.url}: the records of samples {rng.start}-{rng.stop - 1} ({key}) differ from those "
                     "the finished dump wrote (a deleted, replaced or edited records chunk)",
                     f"run `icd dump ... --resume` to rewrite that shard (`icd cache verify {self.url}` lists all damage)",
-                    key=key)
+                    key=key,
+                )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -173,10 +184,10 @@ class CacheReader:
         for s in range(self.layout.num_shards):
             rng = self.layout.shard_range(s)
             try:
-                out[rng.start:rng.stop] = np.asarray(records[rng.start:rng.stop, COL["committed"]]) == 1.0
+                out[rng.start : rng.stop] = np.asarray(records[rng.start : rng.stop, COL["committed"]]) == 1.0
             except Exception as exc:
                 self._raise_if_access_error(exc)
-                out[rng.start:rng.stop] = False
+                out[rng.start : rng.stop] = False
         return out
 
     def records(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -192,9 +203,11 @@ class CacheReader:
             raise
         except Exception as exc:
             self._raise_if_access_error(exc)
-            raise CorruptChunkError(f"cache {self.url}: the records of samples {start}-{stop - 1} cannot be read "
-                                    f"({type(exc).__name__}: {exc})",
-                                    "run `icd cache verify`; restore or re-create the cache") from exc
+            raise CorruptChunkError(
+                f"cache {self.url}: the records of samples {start}-{stop - 1} cannot be read "
+                f"({type(exc).__name__}: {exc})",
+                "run `icd cache verify`; restore or re-create the cache",
+            ) from exc
 
     def _raise_if_access_error(self, exc: BaseException) -> None:
         """An unreachable or refusing store is not damage: raise StoreAccessError instead of reporting it."""
@@ -243,7 +256,9 @@ class CacheReader:
                 name = "records chunk" if what == "records" else "int8 scales"
                 raise CorruptChunkError(
                     f"cache {self.url}: sample {stale[shard]}: the {name} of shard {shard} cannot be read "
-                    f"({type(exc).__name__}: {exc})", "run `icd cache verify`; restore or re-create the cache") from exc
+                    f"({type(exc).__name__}: {exc})",
+                    "run `icd cache verify`; restore or re-create the cache",
+                ) from exc
             with self._lock:
                 self._blocks[shard] = res
                 while len(self._blocks) > _BLOCK_CACHE_SHARDS:
@@ -261,26 +276,33 @@ class CacheReader:
                 cached = self._blocks[shard]
         row = cached[0][index - lo]
         if row[COL["committed"]] != 1.0:
-            raise CacheError(f"sample {index} of {self.url} is not committed (not written yet, or its writer "
-                             "has not finished its shard)",
-                             "read only samples where reader.committed() is True, or finish the dump")
+            raise CacheError(
+                f"sample {index} of {self.url} is not committed (not written yet, or its writer "
+                "has not finished its shard)",
+                "read only samples where reader.committed() is True, or finish the dump",
+            )
         if not (row[COL["resized_h"]] >= 1 and row[COL["resized_w"]] >= 1):
-            raise CorruptChunkError(f"cache {self.url}: sample {index}: its record holds an invalid resized size",
-                                    "run `icd cache verify`; restore or re-create the cache")
+            raise CorruptChunkError(
+                f"cache {self.url}: sample {index}: its record holds an invalid resized size",
+                "run `icd cache verify`; restore or re-create the cache",
+            )
         return row, (None if cached[1] is None else cached[1][index - lo])
 
     def _check_index(self, index: Any) -> int:
         if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < self.num_samples:
-            raise CacheError(f"sample index {index!r} out of range 0..{self.num_samples - 1}",
-                             "index samples 0..num_samples-1")
+            raise CacheError(
+                f"sample index {index!r} out of range 0..{self.num_samples - 1}", "index samples 0..num_samples-1"
+            )
         return int(index)
 
     def _check_levels(self, levels: Iterable[str] | None) -> list[str]:
         names = self.level_names if levels is None else list(levels)
         unknown = [n for n in names if n not in self._level_index]
         if unknown:
-            raise CacheError(f"levels {unknown} are not in cache {self.url} (it has {self.level_names})",
-                             "ask for levels the cache holds")
+            raise CacheError(
+                f"levels {unknown} are not in cache {self.url} (it has {self.level_names})",
+                "ask for levels the cache holds",
+            )
         return names
 
     def meta(self, index: int) -> SampleMeta:
@@ -298,8 +320,9 @@ class CacheReader:
         """
         return self.read_samples([index], levels, decode)[0]
 
-    def read_samples(self, indices: Sequence[int], levels: Iterable[str] | None = None, decode: bool = True,
-                     ahead: int | None = None) -> list[CachedSample]:
+    def read_samples(
+        self, indices: Sequence[int], levels: Iterable[str] | None = None, decode: bool = True, ahead: int | None = None
+    ) -> list[CachedSample]:
         """Several committed samples (as read_sample each, in order), with up to `ahead` of them in flight.
 
         The records blocks of all of them are fetched first (one concurrent round), then each sample's
@@ -319,8 +342,9 @@ class CacheReader:
             index, (row, quant) = indices[k], records[k]
             features, quants = self._checked_levels(index, row, quant, names, fetched[0], decode)
             boxes, classes = self._checked_instances(index, row, fetched[1])
-            return CachedSample(index, features, _meta_of(row), boxes, classes,
-                                None if decode or quant is None else quants)
+            return CachedSample(
+                index, features, _meta_of(row), boxes, classes, None if decode or quant is None else quants
+            )
 
         async def pipeline() -> list[Any]:
             window = asyncio.Semaphore(ahead)  # FIFO: samples start in order
@@ -340,9 +364,12 @@ class CacheReader:
             return list(await asyncio.gather(*(one(k) for k in range(len(indices))), return_exceptions=True))
 
         if ahead == 1:  # one after the other, checked in this thread: exactly read_sample's old path
-            return [self._retrying(lambda k=k: assemble(k, self._fetch([indices[k]], [records[k][0]], names,
-                                                                       instances=True)[0]))
-                    for k in range(len(indices))]
+            return [
+                self._retrying(
+                    lambda k=k: assemble(k, self._fetch([indices[k]], [records[k][0]], names, instances=True)[0])
+                )
+                for k in range(len(indices))
+            ]
         results = _gather([pipeline()])[0] if indices else []
         for res in results:
             if isinstance(res, BaseException):
@@ -355,8 +382,11 @@ class CacheReader:
         names = self._check_levels([level])
         self._load_blocks([index])
         row, quant = self._record(index)
-        return self._retrying(lambda: self._checked_levels(
-            index, row, quant, names, self._fetch([index], [row], names, instances=False)[0][0], True)[0][level])
+        return self._retrying(
+            lambda: self._checked_levels(
+                index, row, quant, names, self._fetch([index], [row], names, instances=False)[0][0], True
+            )[0][level]
+        )
 
     @staticmethod
     def _retrying(read: Any) -> Any:
@@ -377,9 +407,15 @@ class CacheReader:
         _, inst = self._fetch([index], [row], [], instances=True)[0]
         return self._checked_instances(index, row, inst)
 
-    def _checked_levels(self, index: int, row: np.ndarray, quant: np.ndarray | None, names: list[str],
-                        stored: dict[str, Any], decode: bool
-                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    def _checked_levels(
+        self,
+        index: int,
+        row: np.ndarray,
+        quant: np.ndarray | None,
+        names: list[str],
+        stored: dict[str, Any],
+        decode: bool,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
         qs: dict[str, np.ndarray | None] = {}
         for name in names:
             a, b = self._quant_cols[name]
@@ -390,7 +426,8 @@ class CacheReader:
                 raise CorruptChunkError(
                     f"cache {self.url}: sample {index} level {name}: stored values fail their checksum "
                     "(a missing, truncated or altered shard)",
-                    "run `icd cache verify`; restore or re-create the cache")
+                    "run `icd cache verify`; restore or re-create the cache",
+                )
         if not decode:
             return arrays, qs
         return {name: self._encoding.decode(arrays[name], qs[name]) for name in names}, qs
@@ -404,17 +441,21 @@ class CacheReader:
                 self._raise_if_access_error(res)
                 raise CorruptChunkError(
                     f"cache {self.url}: sample {index} level {name}: chunk cannot be read "
-                    f"({type(res).__name__}: {res})", "run `icd cache verify`; restore or re-create the cache") from res
+                    f"({type(res).__name__}: {res})",
+                    "run `icd cache verify`; restore or re-create the cache",
+                ) from res
             out[name] = np.ascontiguousarray(res)
         return out
 
-    def _fetch(self, indices: list[int], rows: list[np.ndarray], names: list[str], instances: bool
-               ) -> list[tuple[dict[str, Any], Any]]:
+    def _fetch(
+        self, indices: list[int], rows: list[np.ndarray], names: list[str], instances: bool
+    ) -> list[tuple[dict[str, Any], Any]]:
         """_fetch_one for several samples, all requested concurrently."""
         return _gather([self._fetch_one(i, row, names, instances) for i, row in zip(indices, rows)])
 
-    async def _fetch_one(self, index: int, row: np.ndarray, names: list[str], instances: bool
-                         ) -> tuple[dict[str, Any], Any]:
+    async def _fetch_one(
+        self, index: int, row: np.ndarray, names: list[str], instances: bool
+    ) -> tuple[dict[str, Any], Any]:
         """Stored (encoded) valid regions of `names` and, with `instances`, the boxes/classes rows of one
         sample, requested concurrently: ({level: array or exception}, (boxes, classes) or exception or
         None). Errors are returned, not raised, so that each is reported against its sample and level."""
@@ -423,7 +464,7 @@ class CacheReader:
         if instances:
             coros.append(self._instance_rows(index, row))
         results = await asyncio.gather(*coros)
-        return dict(zip(names, results[:len(names)])), (results[len(names)] if instances else None)
+        return dict(zip(names, results[: len(names)])), (results[len(names)] if instances else None)
 
     async def _level_region(self, index: int, meta: SampleMeta, name: str) -> Any:
         lv = self.levels[self._level_index[name]]
@@ -441,8 +482,10 @@ class CacheReader:
             return None  # nothing to fetch; _checked_instances validates the record
         base = self.layout.shard_of(index) * self.layout.instance_rows_per_shard + start
         try:
-            boxes, classes = await asyncio.gather(self._arrays.boxes.async_array.getitem(slice(base, base + n)),
-                                                  self._arrays.classes.async_array.getitem(slice(base, base + n)))
+            boxes, classes = await asyncio.gather(
+                self._arrays.boxes.async_array.getitem(slice(base, base + n)),
+                self._arrays.classes.async_array.getitem(slice(base, base + n)),
+            )
             return np.ascontiguousarray(boxes), np.ascontiguousarray(classes)
         except Exception as exc:
             return exc
@@ -451,20 +494,26 @@ class CacheReader:
         n = int(row[COL["instance_count"]])
         start = int(row[COL["instance_start"]])
         if n < 0 or start < 0 or start + n > self.layout.instance_rows_per_shard:
-            raise CorruptChunkError(f"cache {self.url}: sample {index}: its record holds invalid instance rows",
-                                    "run `icd cache verify`; restore or re-create the cache")
+            raise CorruptChunkError(
+                f"cache {self.url}: sample {index}: its record holds invalid instance rows",
+                "run `icd cache verify`; restore or re-create the cache",
+            )
         if n == 0:
             boxes, classes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         elif isinstance(fetched, BaseException):
             self._raise_if_access_error(fetched)
-            raise CorruptChunkError(f"cache {self.url}: sample {index} level instances: chunk cannot be read "
-                                    f"({type(fetched).__name__}: {fetched})",
-                                    "run `icd cache verify`; restore or re-create the cache") from fetched
+            raise CorruptChunkError(
+                f"cache {self.url}: sample {index} level instances: chunk cannot be read "
+                f"({type(fetched).__name__}: {fetched})",
+                "run `icd cache verify`; restore or re-create the cache",
+            ) from fetched
         else:
             boxes, classes = fetched
         if instances_crc(boxes, classes) != int(row[COL["instance_crc"]]):
-            raise CorruptChunkError(f"cache {self.url}: sample {index} level instances: boxes/classes fail "
-                                    "their checksum", "run `icd cache verify`; restore or re-create the cache")
+            raise CorruptChunkError(
+                f"cache {self.url}: sample {index} level instances: boxes/classes fail their checksum",
+                "run `icd cache verify`; restore or re-create the cache",
+            )
         return boxes, classes
 
     # ----------------------------------------------------------------- teacher weights
@@ -482,9 +531,10 @@ class CacheReader:
             return {name: int(group[name].nbytes) for name in group.attrs["names"]}
         except Exception as exc:
             self._raise_if_access_error(exc)
-            raise CorruptChunkError(f"cache {self.url}: the teacher weights' metadata cannot be read "
-                                    f"({type(exc).__name__}: {exc})",
-                                    "re-run stage one's dump to store the teacher weights again") from exc
+            raise CorruptChunkError(
+                f"cache {self.url}: the teacher weights' metadata cannot be read ({type(exc).__name__}: {exc})",
+                "re-run stage one's dump to store the teacher weights again",
+            ) from exc
 
     def teacher_weights(self) -> dict[str, np.ndarray]:
         """The teacher's FPN + head tensors stored by stage one (name -> array), each checked against its
@@ -503,6 +553,11 @@ def _gather(coros: list[Any]) -> list[Any]:
 
 
 def _meta_of(row: np.ndarray) -> SampleMeta:
-    return SampleMeta(image_id=int(row[COL["image_id"]]), variant=int(row[COL["variant"]]),
-                      scale=float(row[COL["scale"]]), flip=bool(row[COL["flip"]] == 1.0),
-                      resized_h=int(row[COL["resized_h"]]), resized_w=int(row[COL["resized_w"]]))
+    return SampleMeta(
+        image_id=int(row[COL["image_id"]]),
+        variant=int(row[COL["variant"]]),
+        scale=float(row[COL["scale"]]),
+        flip=bool(row[COL["flip"]] == 1.0),
+        resized_h=int(row[COL["resized_h"]]),
+        resized_w=int(row[COL["resized_w"]]),
+    )

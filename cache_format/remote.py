@@ -7,6 +7,7 @@ AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, AWS_DEFAULT_REGION / AWS
 and ~/.aws/credentials, instance roles); gcsfs uses Google's application-default credentials. So no
 secret ever passes through the cache's attributes, the logs or config.yaml (docs/OBJECT_STORAGE.md).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ from cache_format.errors import CacheError, StoreAccessError
 
 # scheme -> (fsspec filesystem package, this project's pip extra that installs it)
 FILESYSTEM_PACKAGES = {
-    "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
-    "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
 }
 REMOTE_THREADS = 16  # verify/repack threads when a store is remote (they wait on the network)
 S3_CONNECTIONS = 32  # pooled HTTP connections per S3 filesystem handle (one per process)
@@ -29,9 +32,9 @@ _ENDPOINT_HELP = {
 }
 _CREDENTIALS_HELP = {
     "s3": "check the credentials botocore finds (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
-          "AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/credentials) and that they may read/write this bucket",
+    "AWS_SESSION_TOKEN, AWS_PROFILE, ~/.aws/credentials) and that they may read/write this bucket",
     "gs": "check Google application-default credentials (GOOGLE_APPLICATION_CREDENTIALS, "
-          "`gcloud auth application-default login`) and the bucket's permissions",
+    "`gcloud auth application-default login`) and the bucket's permissions",
 }
 
 
@@ -63,10 +66,12 @@ def redact(url: str) -> str:
 def check_url(url: str) -> None:
     """Refuse credentials inside a cache URL: the URL is printed in logs and error messages."""
     if "://" in str(url) and "@" in urlparse(str(url)).netloc:
-        raise CacheError(f"the cache URL {redact(url)} carries credentials (user:secret@); URLs are printed in "
-                         "logs, so credentials never go there",
-                         "remove them from the URL and set them in the environment (AWS_ACCESS_KEY_ID / "
-                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; docs/OBJECT_STORAGE.md)")
+        raise CacheError(
+            f"the cache URL {redact(url)} carries credentials (user:secret@); URLs are printed in "
+            "logs, so credentials never go there",
+            "remove them from the URL and set them in the environment (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; docs/OBJECT_STORAGE.md)",
+        )
 
 
 def missing_package_error(url: str, exc: BaseException) -> CacheError:
@@ -74,10 +79,14 @@ def missing_package_error(url: str, exc: BaseException) -> CacheError:
     s = scheme(url)
     package, extra = FILESYSTEM_PACKAGES.get(s, (None, None))
     if package is None:
-        return CacheError(f"cannot open cache URL {redact(url)}: {exc}",
-                          "install the fsspec filesystem package for this scheme, or use a local path")
-    return CacheError(f"{s}:// caches need the {package} package, which is not installed",
-                      f"pip install -e '.[{extra}]' (or: pip install {package})")
+        return CacheError(
+            f"cannot open cache URL {redact(url)}: {exc}",
+            "install the fsspec filesystem package for this scheme, or use a local path",
+        )
+    return CacheError(
+        f"{s}:// caches need the {package} package, which is not installed",
+        f"pip install -e '.[{extra}]' (or: pip install {package})",
+    )
 
 
 def default_workers(*urls: str) -> int | None:
@@ -117,14 +126,26 @@ def access_error(exc: BaseException, url: str) -> StoreAccessError | None:
     family = _family(url)
     where = redact(url)
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, PermissionError) or names & {"NoCredentialsError", "PartialCredentialsError",
-                                                    "CredentialRetrievalError", "RefreshWithMFAUnsupportedError"}:
-        return StoreAccessError(f"access to {where} was refused ({detail})",
-                                _CREDENTIALS_HELP.get(family, "check the credentials for this store"))
-    if isinstance(exc, (ConnectionError, TimeoutError)) or names & {"BotoCoreError", "ClientConnectorError",
-                                                                    "ServerDisconnectedError", "ClientOSError"}:
-        return StoreAccessError(f"cannot reach the store holding {where} ({detail})",
-                                _ENDPOINT_HELP.get(family, "check the endpoint and the network"))
+    if isinstance(exc, PermissionError) or names & {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "RefreshWithMFAUnsupportedError",
+    }:
+        return StoreAccessError(
+            f"access to {where} was refused ({detail})",
+            _CREDENTIALS_HELP.get(family, "check the credentials for this store"),
+        )
+    if isinstance(exc, (ConnectionError, TimeoutError)) or names & {
+        "BotoCoreError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+    }:
+        return StoreAccessError(
+            f"cannot reach the store holding {where} ({detail})",
+            _ENDPOINT_HELP.get(family, "check the endpoint and the network"),
+        )
     return None
 
 
@@ -141,9 +162,11 @@ def translated_errors(url: str, doing: str) -> Iterator[None]:
     except Exception as exc:
         err: CacheError | None = access_error(exc, url)
         if err is None and is_remote(url) and isinstance(exc, FileNotFoundError):
-            err = StoreAccessError(f"{doing} {redact(url)} failed: {exc}",
-                                   "check the bucket name, or create the bucket first (e.g. `aws s3 mb "
-                                   "s3://BUCKET`, or your MinIO/Ceph console)")
+            err = StoreAccessError(
+                f"{doing} {redact(url)} failed: {exc}",
+                "check the bucket name, or create the bucket first (e.g. `aws s3 mb "
+                "s3://BUCKET`, or your MinIO/Ceph console)",
+            )
         if err is None:
             raise
         raise err from exc

@@ -6,6 +6,7 @@ finished source gives a finished destination (its manifest written last). A repa
 the destination it created, so no partial copy is left that looks like a cache, and never touches a
 destination it was not asked to replace (check_destination).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,9 @@ class RepackResult:
     bytes_written: int
 
 
-def _repack_shard(reader: CacheReader, writer: CacheWriter, shard: int, committed,
-                  failed: threading.Event) -> tuple[int, BaseException | None]:
+def _repack_shard(
+    reader: CacheReader, writer: CacheWriter, shard: int, committed, failed: threading.Event
+) -> tuple[int, BaseException | None]:
     """Copy one shard; (samples copied, the error that stopped it). Errors are returned, not raised, so
     that dask.compute waits for every shard to stop writing before a failed repack removes the
     destination (a raised error returns at once while other threads are still writing into it)."""
@@ -64,22 +66,36 @@ def check_destination(src: str, dst: str, overwrite: bool) -> str:
     """The destination's state, after refusing one a repack must not write: the source itself, a location
     containing it or inside it, a store holding anything but an ICD cache, or an existing cache without
     `--overwrite`. Nothing has been written when this raises."""
-    check_apart(dst, "repack destination", {"source": src},
-                "write the repacked cache to a path outside the source (e.g. a sibling directory)")
+    check_apart(
+        dst,
+        "repack destination",
+        {"source": src},
+        "write the repacked cache to a path outside the source (e.g. a sibling directory)",
+    )
     state = store_state(dst)
     if state == OTHER:
-        raise CacheError(f"the repack destination {dst} holds something that is not an ICD teacher cache "
-                         f"({describe_contents(dst)}); repack never writes into it, with or without --overwrite",
-                         "choose a destination that does not exist yet (or an empty directory)")
+        raise CacheError(
+            f"the repack destination {dst} holds something that is not an ICD teacher cache "
+            f"({describe_contents(dst)}); repack never writes into it, with or without --overwrite",
+            "choose a destination that does not exist yet (or an empty directory)",
+        )
     if state in (CACHE, CREATING) and not overwrite:
         what = "a cache" if state == CACHE else "an interrupted cache creation"
-        raise CacheError(f"the repack destination {dst} already holds {what}",
-                         "pass --overwrite to replace it, or choose a destination that does not exist yet")
+        raise CacheError(
+            f"the repack destination {dst} already holds {what}",
+            "pass --overwrite to replace it, or choose a destination that does not exist yet",
+        )
     return state
 
 
-def repack(src: str, dst: str, encoding: str, compressor: str | None = None, workers: int | None = None,
-           overwrite: bool = False) -> RepackResult:
+def repack(
+    src: str,
+    dst: str,
+    encoding: str,
+    compressor: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> RepackResult:
     """Write a copy of `src` at `dst` with another encoding/compressor.
 
     `overwrite` replaces a destination that holds a cache (only that). Every check runs before anything is
@@ -99,19 +115,27 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
     weights = reader.teacher_weights() if reader.has_teacher_weights() or listed else None
     replacing = state != ABSENT
     local = local_path(str(dst))
-    local = os.path.realpath(local) if local is not None else None   # a symlinked destination: swap its target
+    local = os.path.realpath(local) if local is not None else None  # a symlinked destination: swap its target
     target = str(dst)
     if replacing and local is not None:
-        target = _staging_path(local)        # written beside the old copy, swapped in when complete
+        target = _staging_path(local)  # written beside the old copy, swapped in when complete
     elif replacing:
-        _check_source_whole(src, workers)    # object store: the old copy is deleted before writing
+        _check_source_whole(src, workers)  # object store: the old copy is deleted before writing
     existed_as_dir = local is not None and os.path.isdir(local)
     created = False
     try:
         writer = CacheWriter.create(
-            target, num_samples=reader.num_samples, levels=reader.levels, encoding=enc, compressor=comp,
-            attributes=identity, shard_samples=layout.shard_samples, tile=layout.tile,
-            instance_capacity=layout.instance_capacity, overwrite=replacing and target == str(dst))
+            target,
+            num_samples=reader.num_samples,
+            levels=reader.levels,
+            encoding=enc,
+            compressor=comp,
+            attributes=identity,
+            shard_samples=layout.shard_samples,
+            tile=layout.tile,
+            instance_capacity=layout.instance_capacity,
+            overwrite=replacing and target == str(dst),
+        )
         created = True
         if weights is not None:
             writer.put_teacher_weights(weights)
@@ -133,8 +157,9 @@ def repack(src: str, dst: str, encoding: str, compressor: str | None = None, wor
         raise
     if target != str(dst):
         _swap_in(target, local)
-    return RepackResult(reader.url, str(dst), writer.encoding.name, writer.compressor, int(sum(counts)),
-                        writer.bytes_written)
+    return RepackResult(
+        reader.url, str(dst), writer.encoding.name, writer.compressor, int(sum(counts)), writer.bytes_written
+    )
 
 
 def _staging_path(local: str) -> str:
@@ -159,10 +184,12 @@ def _check_source_whole(src: str, workers: int | None) -> None:
     report = check_cache(src, deep=True, workers=workers)
     bad = [d for d in report.damage if d.kind != "manifest"]
     if bad:
-        raise CorruptChunkError(f"the repack source {src} is damaged ({bad[0].key}: {bad[0].message}); the "
-                                "destination was not touched", f"`icd cache verify {src}` lists every damaged "
-                                "object; repair the source with `icd dump ... --resume --repair` first",
-                                key=bad[0].key)
+        raise CorruptChunkError(
+            f"the repack source {src} is damaged ({bad[0].key}: {bad[0].message}); the destination was not touched",
+            f"`icd cache verify {src}` lists every damaged "
+            "object; repair the source with `icd dump ... --resume --repair` first",
+            key=bad[0].key,
+        )
 
 
 def _remove(url: str, keep_dir: bool = False) -> None:

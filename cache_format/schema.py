@@ -3,6 +3,7 @@
 Everything that both the writer and the reader must agree on lives here, so that SPEC.md has one
 place in code to match. See SPEC.md for the prose version.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,16 +37,32 @@ CREATING_ATTRIBUTE = "icd_cache_creating"
 
 # Root attribute keys written by the format itself; caller attributes may not use them.
 RESERVED_ATTRIBUTES = (
-    "format", "format_version", "levels", "encoding", "compressor", "num_samples", "shard_samples",
-    "tile", "instance_capacity", "record_fields",
+    "format",
+    "format_version",
+    "levels",
+    "encoding",
+    "compressor",
+    "num_samples",
+    "shard_samples",
+    "tile",
+    "instance_capacity",
+    "record_fields",
 )
 
 # Columns of samples/records (float64 [num_samples, len(RECORD_FIELDS) + num_levels]). Every value
 # is an integer below 2**53 or a float64, so float64 holds each exactly. The per-level crc32c
 # columns follow, one per level in `levels` order.
 RECORD_FIELDS = (
-    "committed", "image_id", "variant", "scale", "flip", "resized_h", "resized_w",
-    "instance_start", "instance_count", "instance_crc",
+    "committed",
+    "image_id",
+    "variant",
+    "scale",
+    "flip",
+    "resized_h",
+    "resized_w",
+    "instance_start",
+    "instance_count",
+    "instance_crc",
 )
 COL = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
@@ -106,8 +123,8 @@ class CachedSample:
     index: int
     features: dict[str, np.ndarray]
     meta: SampleMeta
-    boxes: np.ndarray      # [n, 4] float32 xyxy in the sample's pixel frame
-    classes: np.ndarray    # [n] int64
+    boxes: np.ndarray  # [n, 4] float32 xyxy in the sample's pixel frame
+    classes: np.ndarray  # [n] int64
     quant: dict[str, np.ndarray] | None = None
 
 
@@ -118,7 +135,7 @@ class Layout:
     num_samples: int
     shard_samples: int
     tile: int
-    instance_capacity: int   # instance rows per shard = shard_samples * instance_capacity
+    instance_capacity: int  # instance rows per shard = shard_samples * instance_capacity
 
     @property
     def num_shards(self) -> int:
@@ -142,16 +159,17 @@ class Layout:
     def level_shard(self, level: LevelSpec) -> tuple[int, int, int, int]:
         """Shard shape: whole samples, the spatial extent rounded up to whole tiles."""
         th, tw = self.level_tile(level)
-        return (self.shard_samples, level.channels, th * math.ceil(level.max_h / th),
-                tw * math.ceil(level.max_w / tw))
+        return (self.shard_samples, level.channels, th * math.ceil(level.max_h / th), tw * math.ceil(level.max_w / tw))
 
 
 def parse_version(text: str) -> tuple[int, int]:
     try:
         major, minor = (int(p) for p in str(text).split("."))
     except ValueError:
-        raise CacheError(f"cache format_version {text!r} is not 'major.minor'",
-                         "the store is damaged or was not written by cache_format") from None
+        raise CacheError(
+            f"cache format_version {text!r} is not 'major.minor'",
+            "the store is damaged or was not written by cache_format",
+        ) from None
     return major, minor
 
 
@@ -162,7 +180,8 @@ def check_version(text: str, url: str) -> None:
     if major > ours:
         raise CacheError(
             f"cache {url} has format version {text}, newer than the {FORMAT_VERSION} this code reads",
-            "upgrade icd-cache (pip install -U icd-cache) or re-create the cache with this version")
+            "upgrade icd-cache (pip install -U icd-cache) or re-create the cache with this version",
+        )
 
 
 def levels_from_attributes(attrs: Mapping[str, Any]) -> list[LevelSpec]:
@@ -170,8 +189,9 @@ def levels_from_attributes(attrs: Mapping[str, Any]) -> list[LevelSpec]:
 
 
 def layout_from_attributes(attrs: Mapping[str, Any]) -> Layout:
-    return Layout(int(attrs["num_samples"]), int(attrs["shard_samples"]), int(attrs["tile"]),
-                  int(attrs["instance_capacity"]))
+    return Layout(
+        int(attrs["num_samples"]), int(attrs["shard_samples"]), int(attrs["tile"]), int(attrs["instance_capacity"])
+    )
 
 
 def validate_levels(levels: list[LevelSpec]) -> None:
@@ -184,8 +204,10 @@ def validate_levels(levels: list[LevelSpec]) -> None:
         if not lv.name or "/" in lv.name:
             raise CacheError(f"level name {lv.name!r} is empty or contains '/'", "use names like 'p3'")
         if lv.stride < 1 or lv.channels < 1 or lv.max_h < 1 or lv.max_w < 1:
-            raise CacheError(f"level {lv.name}: stride, channels, max_h, max_w must be >= 1, got {lv}",
-                             "compute max_h/max_w as ceil(max resized size / stride)")
+            raise CacheError(
+                f"level {lv.name}: stride, channels, max_h, max_w must be >= 1, got {lv}",
+                "compute max_h/max_w as ceil(max resized size / stride)",
+            )
 
 
 def quant_columns(levels: list[LevelSpec]) -> dict[str, tuple[int, int]]:

@@ -6,6 +6,7 @@ telling it apart `--resume` would call it "not a cache" and a new run "already e
 the root first with a marker (schema.CREATING_ATTRIBUTE) that the format attributes replace last; a store
 in that state holds nothing of value and may be started over.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,10 @@ from cache_format.remote import translated_errors
 from cache_format.schema import BOXES_ARRAY, CREATING_ATTRIBUTE, FEATURES_GROUP, FORMAT_NAME, WEIGHTS_GROUP
 from cache_format.store import local_path, open_store, run_on_zarr_loop, store_is_empty
 
-ABSENT = "absent"        # nothing stored there (or an empty directory)
-CREATING = "creating"    # a creation that was interrupted: safe to start over
-CACHE = "cache"          # a cache (finished or not; its own checks say which)
-OTHER = "other"          # something that is not an ICD cache: never touched
+ABSENT = "absent"  # nothing stored there (or an empty directory)
+CREATING = "creating"  # a creation that was interrupted: safe to start over
+CACHE = "cache"  # a cache (finished or not; its own checks say which)
+OTHER = "other"  # something that is not an ICD cache: never touched
 
 # Top-level names a cache's creation writes; an attribute-less root holding only these is an interrupted
 # creation by a writer older than the creation marker.
@@ -34,8 +35,10 @@ def check_location(url: str) -> None:
     if path is None:
         return
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CacheError(f"{url} is a file, not a cache directory",
-                         "pass a directory for the cache: a new path, or one `icd dump` wrote")
+        raise CacheError(
+            f"{url} is a file, not a cache directory",
+            "pass a directory for the cache: a new path, or one `icd dump` wrote",
+        )
     parent = os.path.dirname(path)
     while parent and not os.path.exists(parent):
         up = os.path.dirname(parent)
@@ -43,8 +46,10 @@ def check_location(url: str) -> None:
             break
         parent = up
     if parent and os.path.exists(parent) and not os.path.isdir(parent):
-        raise CacheError(f"{url} cannot be a directory: {parent} is a file",
-                         "choose a cache path whose parent directories are directories")
+        raise CacheError(
+            f"{url} cannot be a directory: {parent} is a file",
+            "choose a cache path whose parent directories are directories",
+        )
 
 
 def store_state(url: str) -> str:
@@ -102,15 +107,14 @@ def overlap(target: str, source: str) -> str | None:
         return None
     if t == s:
         return "is"
-    if s[:len(t)] == t:
+    if s[: len(t)] == t:
         return "contains"
-    if t[:len(s)] == s:
+    if t[: len(s)] == s:
         return "lies inside"
     return None
 
 
-def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str,
-                allow: tuple[str, ...] = ()) -> None:
+def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str, allow: tuple[str, ...] = ()) -> None:
     """Refuse a `target` that is, contains or lies inside one of the `sources` ({role: url}) a command reads:
     writing (or deleting) it would destroy or alter what the command is reading. `allow` lists relations
     that are harmless for this target (an OUTPUT_DIR that contains the cache: only named files are
@@ -120,9 +124,11 @@ def check_apart(target: str, target_role: str, sources: dict[str, str], fix: str
             continue
         how = overlap(target, source)
         if how is not None and how not in allow:
-            raise CacheError(f"the {target_role} {target} {how} the {role} {source}" +
-                             ("" if how == "lies inside" else ": writing it would destroy what is being read"),
-                             fix)
+            raise CacheError(
+                f"the {target_role} {target} {how} the {role} {source}"
+                + ("" if how == "lies inside" else ": writing it would destroy what is being read"),
+                fix,
+            )
 
 
 def describe_contents(url: str, limit: int = 4) -> str:

@@ -5,6 +5,7 @@ reader never sees a half-written chunk and a killed writer never leaves one. Eve
 (memory://, s3://, gs://, ...) goes through fsspec via zarr's FsspecStore; object stores replace
 whole objects atomically too (an S3 PUT, and a multipart upload at its completion; docs/OBJECT_STORAGE.md).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,10 @@ def open_store(url: str, *, read_only: bool) -> Store:
     path = local_path(url)
     if path is not None:
         if read_only and not os.path.isdir(path):
-            raise CacheError(f"{url} is not a cache: no such directory",
-                             "pass the directory given to `icd dump --cache` (or create the cache first)")
+            raise CacheError(
+                f"{url} is not a cache: no such directory",
+                "pass the directory given to `icd dump --cache` (or create the cache first)",
+            )
         return LocalStore(path, read_only=read_only)
     check_url(url)
     try:
@@ -48,8 +51,10 @@ def open_store(url: str, *, read_only: bool) -> Store:
     except ImportError as exc:
         raise missing_package_error(url, exc) from exc
     except ValueError as exc:
-        raise CacheError(f"cannot open cache URL {redact(url)}: {exc}",
-                         "pass a local path or an fsspec URL such as s3://bucket/prefix") from exc
+        raise CacheError(
+            f"cannot open cache URL {redact(url)}: {exc}",
+            "pass a local path or an fsspec URL such as s3://bucket/prefix",
+        ) from exc
 
 
 def run_on_zarr_loop(coroutine: Coroutine[Any, Any, T]) -> T:

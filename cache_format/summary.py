@@ -1,4 +1,5 @@
 """`icd cache inspect`: what a cache holds, how much of it is written and what it costs on disk."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,18 @@ def summarize(url: str) -> dict[str, Any]:
         h, w = level_size(rh.astype(np.int64), rw.astype(np.int64), lv.stride)
         fp32_bytes += int((h * w).sum()) * lv.channels * 4
         arr = reader.feature_array(lv.name)
-        levels.append({"name": lv.name, "stride": lv.stride, "channels": lv.channels,
-                       "array_shape": list(arr.shape), "chunk": list(arr.chunks), "shard": list(arr.shards or ()),
-                       "valid_h_range": [int(h.min()), int(h.max())] if len(h) else None,
-                       "valid_w_range": [int(w.min()), int(w.max())] if len(w) else None})
+        levels.append(
+            {
+                "name": lv.name,
+                "stride": lv.stride,
+                "channels": lv.channels,
+                "array_shape": list(arr.shape),
+                "chunk": list(arr.chunks),
+                "shard": list(arr.shards or ()),
+                "valid_h_range": [int(h.min()), int(h.max())] if len(h) else None,
+                "valid_w_range": [int(w.min()), int(w.max())] if len(w) else None,
+            }
+        )
     files, on_disk = usage(reader.url)
     _, feature_bytes = usage(reader.url, "features")
     weights = reader.teacher_weight_sizes() if reader.has_teacher_weights() else {}
@@ -74,8 +83,10 @@ def format_summary(info: dict[str, Any]) -> str:
         "levels:",
     ]
     for lv in info["levels"]:
-        lines.append(f"  {lv['name']:<6} stride {lv['stride']:<4} C {lv['channels']:<5} array {lv['array_shape']} "
-                     f"chunk {lv['chunk']} shard {lv['shard']} valid h {lv['valid_h_range']} w {lv['valid_w_range']}")
+        lines.append(
+            f"  {lv['name']:<6} stride {lv['stride']:<4} C {lv['channels']:<5} array {lv['array_shape']} "
+            f"chunk {lv['chunk']} shard {lv['shard']} valid h {lv['valid_h_range']} w {lv['valid_w_range']}"
+        )
     lines.append("identity:")
     for key, value in info["identity"].items():
         lines.append(f"  {key}: {json.dumps(value, sort_keys=True)}")

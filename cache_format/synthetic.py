@@ -5,6 +5,7 @@ channel has its own scale and bias. This makes low-pass filtered Gaussian noise 
 log-normal scales and Gaussian biases, which compresses and quantizes like such maps do (white noise
 would be far less compressible; constants far more). Deterministic given the generator.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,9 @@ def smooth_field(rng: np.random.Generator, channels: int, h: int, w: int, radius
     return x / std[:, None, None].astype(np.float32)
 
 
-def fpn_like_features(rng: np.random.Generator, levels: Sequence[LevelSpec], resized_h: int, resized_w: int,
-                      radius: int = 2) -> dict[str, np.ndarray]:
+def fpn_like_features(
+    rng: np.random.Generator, levels: Sequence[LevelSpec], resized_h: int, resized_w: int, radius: int = 2
+) -> dict[str, np.ndarray]:
     """One sample's float32 features {level: [C, ceil(h/stride), ceil(w/stride)]}."""
     out = {}
     for lv in levels:

@@ -6,6 +6,7 @@ parallel (dask) through CacheReader, so it checks exactly what a training run re
 a manifest is not proven whole (an unfinished dump, or one written before format 1.1): that is a failure
 unless `--no-manifest` asks to check only the committed samples.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,10 +39,14 @@ class VerifyReport:
             return None
         done = f"{int(r.committed.sum())}/{r.num_samples} samples committed"
         if r.pre_manifest:
-            return (f"written before manifests (format {r.format_version}, {done}): verify with --no-manifest to "
-                    "check its committed samples, or re-run `icd dump ... --resume` to finish it (which writes one)")
-        return (f"the dump did not finish ({done}): re-run `icd dump ... --resume` to finish it, or verify with "
-                "--no-manifest to check only the committed samples")
+            return (
+                f"written before manifests (format {r.format_version}, {done}): verify with --no-manifest to "
+                "check its committed samples, or re-run `icd dump ... --resume` to finish it (which writes one)"
+            )
+        return (
+            f"the dump did not finish ({done}): re-run `icd dump ... --resume` to finish it, or verify with "
+            "--no-manifest to check only the committed samples"
+        )
 
     @property
     def ok(self) -> bool:
@@ -53,22 +58,35 @@ class VerifyReport:
         problems = self.problems
         count = len(problems) + (1 if self.require_manifest and self.unfinished else 0)
         # Damaged metadata stops the check before the records are read: no committed count to show.
-        done = (f"{r.num_samples} sample slots (records not read: damaged metadata)" if r.of_kind("metadata")
-                else f"{int(r.committed.sum())}/{r.num_samples} samples committed")
-        lines = [f"{r.url}: format {r.format_version}, {done}, "
-                 f"{status}, {r.checked_levels} sample-levels read, teacher weights {r.weights}: "
-                 f"{count} problem(s)"]
+        done = (
+            f"{r.num_samples} sample slots (records not read: damaged metadata)"
+            if r.of_kind("metadata")
+            else f"{int(r.committed.sum())}/{r.num_samples} samples committed"
+        )
+        lines = [
+            f"{r.url}: format {r.format_version}, {done}, "
+            f"{status}, {r.checked_levels} sample-levels read, teacher weights {r.weights}: "
+            f"{count} problem(s)"
+        ]
         if self.unfinished and self.require_manifest:
             lines.append(f"  UNFINISHED manifest/zarr.json missing: {self.unfinished}")
         elif self.unfinished:
-            lines.append("  note: no manifest (--no-manifest): only the committed samples were checked, not that "
-                         "the cache is whole")
+            lines.append(
+                "  note: no manifest (--no-manifest): only the committed samples were checked, not that "
+                "the cache is whole"
+            )
         lines += [f"  BAD {d.key}: {d.message}" for d in problems]
         if problems:
             fixable = all(d.kind in ("shard", "teacher_weights", "manifest") for d in problems)
-            lines.append("  fix: " + ("`icd dump --config-file CFG --cache PATH --resume --repair` rewrites the "
-                                      "damaged shards (and teacher weights) and writes a new manifest" if fixable else
-                                      "restore the named metadata file(s) from a copy of the cache, or re-create it"))
+            lines.append(
+                "  fix: "
+                + (
+                    "`icd dump --config-file CFG --cache PATH --resume --repair` rewrites the "
+                    "damaged shards (and teacher weights) and writes a new manifest"
+                    if fixable
+                    else "restore the named metadata file(s) from a copy of the cache, or re-create it"
+                )
+            )
         return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ deleted chunk is not an error in zarr - it reads back as the fill value, zeros. 
 from those zeros trains without a word, so every tensor's crc32c is stored next to the name list and a
 finished dump's manifest holds the digest of the whole set (SPEC.md, teacher_weights).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,12 +64,16 @@ def read_weights(root: zarr.Group, url: str, manifest: Mapping[str, Any] | None 
         if listed:
             raise CorruptChunkError(
                 f"cache {url}: the teacher weights are {'missing' if state == ABSENT else 'incomplete'}, but the "
-                f"finished dump stored {len(listed['names'])} tensors", "run `icd dump ... --resume` to store them again",
-                key=metadata_key(WEIGHTS_GROUP))
+                f"finished dump stored {len(listed['names'])} tensors",
+                "run `icd dump ... --resume` to store them again",
+                key=metadata_key(WEIGHTS_GROUP),
+            )
         what = "no teacher weights" if state == ABSENT else "incomplete teacher weights (their write was interrupted)"
-        raise CacheError(f"cache {url} holds {what}",
-                         "run `icd dump ... --resume` with the dump's config: it stores them (or initialise the "
-                         "student otherwise: DISTILL.INIT_FROM_TEACHER False)")
+        raise CacheError(
+            f"cache {url} holds {what}",
+            "run `icd dump ... --resume` with the dump's config: it stores them (or initialise the "
+            "student otherwise: DISTILL.INIT_FROM_TEACHER False)",
+        )
     group = root[WEIGHTS_GROUP]
     names = list(group.attrs["names"])
     crcs = dict(group.attrs.get("crc32c", {}))
@@ -77,24 +82,33 @@ def read_weights(root: zarr.Group, url: str, manifest: Mapping[str, Any] | None 
         try:
             arr = group[name]
         except KeyError:
-            raise CorruptChunkError(f"cache {url}: teacher weight {name!r} is missing",
-                                    "run `icd dump ... --resume` to store the teacher weights again",
-                                    key=metadata_key(f"{WEIGHTS_GROUP}/{name}")) from None
+            raise CorruptChunkError(
+                f"cache {url}: teacher weight {name!r} is missing",
+                "run `icd dump ... --resume` to store the teacher weights again",
+                key=metadata_key(f"{WEIGHTS_GROUP}/{name}"),
+            ) from None
         key = single_chunk_key(arr)
         try:
             value = np.asarray(arr[...])
         except Exception as exc:
-            raise CorruptChunkError(f"cache {url}: teacher weight {name!r} cannot be read ({key}: "
-                                    f"{type(exc).__name__}: {exc})",
-                                    "run `icd dump ... --resume` to store the teacher weights again", key=key) from exc
+            raise CorruptChunkError(
+                f"cache {url}: teacher weight {name!r} cannot be read ({key}: {type(exc).__name__}: {exc})",
+                "run `icd dump ... --resume` to store the teacher weights again",
+                key=key,
+            ) from exc
         if name in crcs and tensor_crc(value) != int(crcs[name]):
-            raise CorruptChunkError(f"cache {url}: teacher weight {name!r} ({key}) fails its checksum: the chunk is "
-                                    "missing, truncated or altered (a missing chunk reads back as zeros)",
-                                    "run `icd dump ... --resume` to store the teacher weights again", key=key)
+            raise CorruptChunkError(
+                f"cache {url}: teacher weight {name!r} ({key}) fails its checksum: the chunk is "
+                "missing, truncated or altered (a missing chunk reads back as zeros)",
+                "run `icd dump ... --resume` to store the teacher weights again",
+                key=key,
+            )
         out[name] = value
     if listed:
         if sorted(listed["names"]) != sorted(names) or listed["sha256"] != weights_digest(out):
-            raise CorruptChunkError(f"cache {url}: the teacher weights differ from those the finished dump stored",
-                                    "run `icd dump ... --resume` to store the teacher weights again",
-                                    key=metadata_key(WEIGHTS_GROUP))
+            raise CorruptChunkError(
+                f"cache {url}: the teacher weights differ from those the finished dump stored",
+                "run `icd dump ... --resume` to store the teacher weights again",
+                key=metadata_key(WEIGHTS_GROUP),
+            )
     return out

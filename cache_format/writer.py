@@ -7,6 +7,7 @@ features, int8 scales, instances, then the sample records whose `committed` colu
 visible - a crash at any point leaves only invisible (uncommitted) samples behind. A writer's first write
 to a finished cache deletes its manifest first, so a cache is never both changed and vouched for.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,9 @@ class CacheWriter:
 
     def __init__(self, url: str, root: zarr.Group, attrs: dict[str, Any], rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
-            raise CacheError(f"rank {rank} / world_size {world_size} is not a valid writer slot",
-                             "use 0 <= rank < world_size")
+            raise CacheError(
+                f"rank {rank} / world_size {world_size} is not a valid writer slot", "use 0 <= rank < world_size"
+            )
         self.url = str(url)
         self.rank, self.world_size = rank, world_size
         self._root = root
@@ -83,14 +85,16 @@ class CacheWriter:
         self.encoding: Encoding = parse_encoding(attrs["encoding"])
         self.compressor: str = attrs["compressor"]
         # Refuses edited array metadata (codecs included): nothing is ever written under it.
-        self._arrays: CacheArrays = open_arrays(root, self.levels, self.encoding, self.url, self.layout,
-                                                self.compressor)
+        self._arrays: CacheArrays = open_arrays(
+            root, self.levels, self.encoding, self.url, self.layout, self.compressor
+        )
         self._quant_cols = quant_columns(self.levels)
         records = self._read_all_records()
         self._committed = records[:, COL["committed"]] == 1.0
         ends = np.where(self._committed, records[:, COL["instance_start"]] + records[:, COL["instance_count"]], 0)
-        self._used_rows = {s: int(np.max(ends[self.layout.shard_range(s)], initial=0))
-                           for s in range(self.layout.num_shards)}
+        self._used_rows = {
+            s: int(np.max(ends[self.layout.shard_range(s)], initial=0)) for s in range(self.layout.num_shards)
+        }
         self._pending: dict[int, dict[int, _Encoded]] = {}
         self._lock = threading.Lock()
         self._written_sizes: dict[str, int] = {}
@@ -99,10 +103,20 @@ class CacheWriter:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def create(cls, url: str, *, num_samples: int, levels: list[LevelSpec], encoding: str,
-               compressor: str = "zstd", attributes: Mapping[str, Any] | None = None,
-               shard_samples: int = 16, tile: int = 64, instance_capacity: int = 256,
-               overwrite: bool = False) -> CacheWriter:
+    def create(
+        cls,
+        url: str,
+        *,
+        num_samples: int,
+        levels: list[LevelSpec],
+        encoding: str,
+        compressor: str = "zstd",
+        attributes: Mapping[str, Any] | None = None,
+        shard_samples: int = 16,
+        tile: int = 64,
+        instance_capacity: int = 256,
+        overwrite: bool = False,
+    ) -> CacheWriter:
         """Create an empty cache and return its rank-0 writer (world_size 1; others use `open`).
 
         `attributes` are the caller's identity records (teacher, preprocessing, dataset, augmentation);
@@ -117,34 +131,49 @@ class CacheWriter:
         if num_samples < 1:
             raise CacheError(f"num_samples must be >= 1, got {num_samples}", "count the samples to cache")
         if shard_samples < 1 or tile < 1 or instance_capacity < 1:
-            raise CacheError(f"shard_samples ({shard_samples}), tile ({tile}) and instance_capacity "
-                             f"({instance_capacity}) must be >= 1", "use the defaults 16, 64 and 256")
+            raise CacheError(
+                f"shard_samples ({shard_samples}), tile ({tile}) and instance_capacity "
+                f"({instance_capacity}) must be >= 1",
+                "use the defaults 16, 64 and 256",
+            )
         attributes = dict(attributes or {})
         clash = sorted(set(attributes) & set(RESERVED_ATTRIBUTES))
         if clash:
-            raise CacheError(f"attributes {clash} are reserved by the cache format",
-                             "rename them (e.g. nest them under 'teacher' or 'dataset')")
+            raise CacheError(
+                f"attributes {clash} are reserved by the cache format",
+                "rename them (e.g. nest them under 'teacher' or 'dataset')",
+            )
         try:
             json.dumps(attributes, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise CacheError(f"cache attributes are not plain JSON: {exc}",
-                             "pass dicts of str/int/float/bool/list values (convert numpy scalars with "
-                             "int()/float(), tuples to lists are fine)") from None
+            raise CacheError(
+                f"cache attributes are not plain JSON: {exc}",
+                "pass dicts of str/int/float/bool/list values (convert numpy scalars with "
+                "int()/float(), tuples to lists are fine)",
+            ) from None
         check_location(url)
         layout = Layout(int(num_samples), int(shard_samples), int(tile), int(instance_capacity))
         own = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "levels": [lv.to_dict() for lv in levels], "encoding": enc.name, "compressor": comp,
-            "num_samples": layout.num_samples, "shard_samples": layout.shard_samples, "tile": layout.tile,
-            "instance_capacity": layout.instance_capacity, "record_fields": list(RECORD_FIELDS),
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "levels": [lv.to_dict() for lv in levels],
+            "encoding": enc.name,
+            "compressor": comp,
+            "num_samples": layout.num_samples,
+            "shard_samples": layout.shard_samples,
+            "tile": layout.tile,
+            "instance_capacity": layout.instance_capacity,
+            "record_fields": list(RECORD_FIELDS),
         }
         try:
             with translated_errors(url, "creating the cache at"):
                 store = open_store(url, read_only=False)
                 if not store_is_empty(store, url) and not overwrite:
-                    raise CacheError(f"{url} already exists and is not empty",
-                                     "write to a new location, replace it with CacheWriter.create(..., overwrite=True), "
-                                     "or continue it with CacheWriter.open")
+                    raise CacheError(
+                        f"{url} already exists and is not empty",
+                        "write to a new location, replace it with CacheWriter.create(..., overwrite=True), "
+                        "or continue it with CacheWriter.open",
+                    )
                 # The root is written first with a creation marker and the format attributes replace it last:
                 # a store whose creation was interrupted says so (cache_format.state), and can be started over.
                 root = zarr.open_group(store, mode="w", attributes={CREATING_ATTRIBUTE: {"format": FORMAT_NAME}})
@@ -166,8 +195,9 @@ class CacheWriter:
 
     def owned_samples(self) -> list[int]:
         """Every sample index this writer may write, shard by shard."""
-        return [i for s in range(self.rank, self.layout.num_shards, self.world_size)
-                for i in self.layout.shard_range(s)]
+        return [
+            i for s in range(self.rank, self.layout.num_shards, self.world_size) for i in self.layout.shard_range(s)
+        ]
 
     def uncommitted_owned_samples(self) -> list[int]:
         """Owned samples neither committed nor waiting in this writer's buffer: what is left to write."""
@@ -185,8 +215,14 @@ class CacheWriter:
             return sum(self._written_sizes.values())
 
     # ----------------------------------------------------------------- writing
-    def write_sample(self, index: int, features: Mapping[str, np.ndarray], meta: SampleMeta,
-                     boxes: np.ndarray | None = None, classes: np.ndarray | None = None) -> None:
+    def write_sample(
+        self,
+        index: int,
+        features: Mapping[str, np.ndarray],
+        meta: SampleMeta,
+        boxes: np.ndarray | None = None,
+        classes: np.ndarray | None = None,
+    ) -> None:
         """Encode one sample and buffer it; writes its shard when that shard is complete."""
         if self._closed:
             raise CacheError("write_sample on a closed CacheWriter", "open a new writer with CacheWriter.open")
@@ -201,7 +237,8 @@ class CacheWriter:
                     f"sample {index}: shard {shard} would hold {used + len(encoded.classes)} instances, more "
                     f"than its capacity {self.layout.instance_rows_per_shard} "
                     f"(shard_samples {self.layout.shard_samples} x instance_capacity {self.layout.instance_capacity})",
-                    "create the cache with a larger instance_capacity")
+                    "create the cache with a larger instance_capacity",
+                )
             pending[index] = encoded
             ready = all(i in pending or self._committed[i] for i in self.layout.shard_range(shard))
         if ready:
@@ -212,8 +249,9 @@ class CacheWriter:
         with self._lock:
             shards = sorted(self._pending)
         for shard in shards:
-            complete = all(i in self._pending.get(shard, {}) or self._committed[i]
-                           for i in self.layout.shard_range(shard))
+            complete = all(
+                i in self._pending.get(shard, {}) or self._committed[i] for i in self.layout.shard_range(shard)
+            )
             if partial or complete:
                 self.write_shard(shard)
 
@@ -249,15 +287,19 @@ class CacheWriter:
         except CacheError:
             raise
         except OSError as exc:
-            raise _os_error(exc, f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url}") from exc
+            raise _os_error(
+                exc, f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url}"
+            ) from exc
         except Exception as exc:
             denied = access_error(exc, self.url)
             if denied is not None:
                 raise denied from exc
-            raise CacheError(f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url} "
-                             f"failed: {type(exc).__name__}: {exc}",
-                             "check free space and permissions; the shard stays uncommitted: resume the dump "
-                             "(`icd dump ... --resume`) to write it") from exc
+            raise CacheError(
+                f"writing shard {shard} (samples {min(pending)}-{max(pending)}) to {self.url} "
+                f"failed: {type(exc).__name__}: {exc}",
+                "check free space and permissions; the shard stays uncommitted: resume the dump "
+                "(`icd dump ... --resume`) to write it",
+            ) from exc
 
     def _withdraw_manifest(self) -> None:
         """Before this writer's first write: the cache is no longer the one its manifest describes."""
@@ -272,13 +314,17 @@ class CacheWriter:
         names = list(state)
         bad = [n for n in names if not n or "/" in n or n.startswith("__")]
         if bad:
-            raise CacheError(f"teacher weight names {bad[:5]} cannot be array names",
-                             "use state-dict names without '/' that do not start with '__'")
+            raise CacheError(
+                f"teacher weight names {bad[:5]} cannot be array names",
+                "use state-dict names without '/' that do not start with '__'",
+            )
         values = {name: np.asarray(state[name]) for name in names}
         for name, value in values.items():
             if value.dtype == object or value.dtype.kind not in "biuf":
-                raise CacheError(f"teacher weight {name!r} has dtype {value.dtype}",
-                                 "pass numeric numpy arrays (tensor.cpu().numpy())")
+                raise CacheError(
+                    f"teacher weight {name!r} has dtype {value.dtype}",
+                    "pass numeric numpy arrays (tensor.cpu().numpy())",
+                )
         try:
             with translated_errors(self.url, "writing the teacher weights to"):
                 self._store_weights(names, values)
@@ -289,8 +335,14 @@ class CacheWriter:
         self._withdraw_manifest()
         group = self._root.create_group(WEIGHTS_GROUP, overwrite=True)
         for name, value in values.items():
-            arr = group.create_array(name, shape=value.shape, chunks=tuple(max(1, d) for d in value.shape),
-                                     dtype=value.dtype, compressors=_weights_codecs(), fill_value=0)
+            arr = group.create_array(
+                name,
+                shape=value.shape,
+                chunks=tuple(max(1, d) for d in value.shape),
+                dtype=value.dtype,
+                compressors=_weights_codecs(),
+                fill_value=0,
+            )
             arr[...] = value
         # The name list and the per-tensor checksums are written last: a group without them is incomplete,
         # and a chunk deleted later (which zarr reads back as zeros) fails its checksum.
@@ -307,39 +359,53 @@ class CacheWriter:
         for s in range(self.layout.num_shards):
             rng = self.layout.shard_range(s)
             try:
-                out[rng.start:rng.stop] = records[rng.start:rng.stop]
+                out[rng.start : rng.stop] = records[rng.start : rng.stop]
             except Exception as exc:
                 raise CorruptChunkError(
                     f"cache {self.url}: the records of samples {rng.start}-{rng.stop - 1} (shard {s}) "
                     f"cannot be read ({type(exc).__name__}: {exc})",
-                    "run `icd cache verify` on it; re-create the cache or restore that shard") from exc
+                    "run `icd cache verify` on it; re-create the cache or restore that shard",
+                ) from exc
         return out
 
     def _check_index(self, index: int) -> int:
         if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < self.layout.num_samples:
-            raise CacheError(f"sample index {index!r} out of range 0..{self.layout.num_samples - 1}",
-                             "index samples 0..num_samples-1 as given to CacheWriter.create")
+            raise CacheError(
+                f"sample index {index!r} out of range 0..{self.layout.num_samples - 1}",
+                "index samples 0..num_samples-1 as given to CacheWriter.create",
+            )
         index = int(index)
         shard = self.layout.shard_of(index)
         if not self.owns(index):
             raise CacheError(
                 f"sample {index} is in shard {shard}, owned by rank {shard % self.world_size}, "
                 f"not by this writer (rank {self.rank} of {self.world_size})",
-                "write only samples from owned_samples(); two writers must never share a shard")
+                "write only samples from owned_samples(); two writers must never share a shard",
+            )
         if self._committed[index]:
-            raise CacheError(f"sample {index} is already committed in {self.url}",
-                             "skip committed samples (use uncommitted_owned_samples() to resume)")
+            raise CacheError(
+                f"sample {index} is already committed in {self.url}",
+                "skip committed samples (use uncommitted_owned_samples() to resume)",
+            )
         return index
 
-    def _encode(self, index: int, features: Mapping[str, np.ndarray], meta: SampleMeta,
-                boxes: np.ndarray | None, classes: np.ndarray | None) -> _Encoded:
+    def _encode(
+        self,
+        index: int,
+        features: Mapping[str, np.ndarray],
+        meta: SampleMeta,
+        boxes: np.ndarray | None,
+        classes: np.ndarray | None,
+    ) -> _Encoded:
         names = [lv.name for lv in self.levels]
         if set(features) != set(names):
             missing = sorted(set(names) - set(features))
             extra = sorted(set(features) - set(names))
-            raise CacheError(f"sample {index}: level set {sorted(features)} does not match the cache's {names} "
-                             f"(missing {missing}, unexpected {extra})",
-                             "pass exactly the levels the cache was created with")
+            raise CacheError(
+                f"sample {index}: level set {sorted(features)} does not match the cache's {names} "
+                f"(missing {missing}, unexpected {extra})",
+                "pass exactly the levels the cache was created with",
+            )
         rh, rw = int(meta.resized_h), int(meta.resized_w)
         if rh < 1 or rw < 1:
             raise CacheError(f"sample {index}: resized size {rh}x{rw} is empty", "pass the sample's resized h, w")
@@ -350,17 +416,22 @@ class CacheWriter:
             x = np.asarray(features[lv.name])
             want = (lv.channels, *lv.valid_size(rh, rw))
             if x.ndim != 3 or x.shape[0] != lv.channels:
-                raise CacheError(f"sample {index} level {lv.name}: shape {tuple(x.shape)}, expected "
-                                 f"{lv.channels} channels ({want})",
-                                 "pass [C, h, w] arrays with the channel count the cache was created with")
+                raise CacheError(
+                    f"sample {index} level {lv.name}: shape {tuple(x.shape)}, expected {lv.channels} channels ({want})",
+                    "pass [C, h, w] arrays with the channel count the cache was created with",
+                )
             if tuple(x.shape) != want:
-                raise CacheError(f"sample {index} level {lv.name}: shape {tuple(x.shape)} but a {rh}x{rw} sample "
-                                 f"at stride {lv.stride} has valid size {want[1:]}",
-                                 "crop the teacher's (padded) feature map to ceil(resized size / stride)")
+                raise CacheError(
+                    f"sample {index} level {lv.name}: shape {tuple(x.shape)} but a {rh}x{rw} sample "
+                    f"at stride {lv.stride} has valid size {want[1:]}",
+                    "crop the teacher's (padded) feature map to ceil(resized size / stride)",
+                )
             if want[1] > lv.max_h or want[2] > lv.max_w:
-                raise CacheError(f"sample {index} level {lv.name}: valid size {want[1:]} exceeds the cache's "
-                                 f"maximum {(lv.max_h, lv.max_w)}",
-                                 "create the cache with max_h/max_w = ceil(largest resized size / stride)")
+                raise CacheError(
+                    f"sample {index} level {lv.name}: valid size {want[1:]} exceeds the cache's "
+                    f"maximum {(lv.max_h, lv.max_w)}",
+                    "create the cache with max_h/max_w = ceil(largest resized size / stride)",
+                )
             stored, q = self.encoding.encode(x)
             enc_features[lv.name] = stored
             if quant is not None:
@@ -389,7 +460,7 @@ class CacheWriter:
                 block = np.zeros((hi - lo, lv.channels, lv.max_h, lv.max_w), dtype=self.encoding.stored_dtype)
                 for i in range(lo, hi):
                     x = pending[i].features[lv.name]
-                    block[i - lo, :, :x.shape[1], :x.shape[2]] = x
+                    block[i - lo, :, : x.shape[1], : x.shape[2]] = x
                 arr[lo:hi] = block
                 del block
         # 2. int8 (scale; offset) per level.
@@ -406,8 +477,8 @@ class CacheWriter:
         used = self._used_rows[shard]
         if any(len(e.classes) for e in pending.values()):
             if used:
-                boxes = np.asarray(arrays.boxes[base:base + rows_per_shard])
-                classes = np.asarray(arrays.classes[base:base + rows_per_shard])
+                boxes = np.asarray(arrays.boxes[base : base + rows_per_shard])
+                classes = np.asarray(arrays.classes[base : base + rows_per_shard])
             else:
                 boxes = np.zeros((rows_per_shard, 4), np.float32)
                 classes = np.zeros(rows_per_shard, np.int64)
@@ -415,11 +486,11 @@ class CacheWriter:
                 e = pending[i]
                 n = len(e.classes)
                 e.record[COL["instance_start"]] = used
-                boxes[used:used + n] = e.boxes
-                classes[used:used + n] = e.classes
+                boxes[used : used + n] = e.boxes
+                classes[used : used + n] = e.classes
                 used += n
-            arrays.boxes[base:base + rows_per_shard] = boxes
-            arrays.classes[base:base + rows_per_shard] = classes
+            arrays.boxes[base : base + rows_per_shard] = boxes
+            arrays.classes[base : base + rows_per_shard] = classes
         else:
             for e in pending.values():
                 e.record[COL["instance_start"]] = used
@@ -468,11 +539,12 @@ def _check_instances(index: int, boxes: np.ndarray | None, classes: np.ndarray |
         boxes_a = boxes_a.reshape(0, 4)
     classes_a = np.zeros(0, np.int64) if classes is None else np.asarray(classes).astype(np.int64).reshape(-1)
     if boxes_a.ndim != 2 or boxes_a.shape[1] != 4:
-        raise CacheError(f"sample {index}: boxes have shape {tuple(boxes_a.shape)}, expected [n, 4]",
-                         "pass GT boxes as an [n, 4] xyxy array (n may be 0)")
+        raise CacheError(
+            f"sample {index}: boxes have shape {tuple(boxes_a.shape)}, expected [n, 4]",
+            "pass GT boxes as an [n, 4] xyxy array (n may be 0)",
+        )
     if len(boxes_a) != len(classes_a):
-        raise CacheError(f"sample {index}: {len(boxes_a)} boxes but {len(classes_a)} classes",
-                         "pass one class per box")
+        raise CacheError(f"sample {index}: {len(boxes_a)} boxes but {len(classes_a)} classes", "pass one class per box")
     if not np.isfinite(boxes_a).all():
         raise CacheError(f"sample {index}: boxes contain NaN or inf", "drop or fix degenerate annotations")
     return np.ascontiguousarray(boxes_a), np.ascontiguousarray(classes_a)

@@ -3,6 +3,7 @@
 Thin wrappers over torch.distributed that also work when it is not initialised (one process), so the
 data, model and engine code calls them unconditionally. Starting the processes is detection.engine.launch.
 """
+
 from __future__ import annotations
 
 import os

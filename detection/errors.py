@@ -4,6 +4,7 @@
 defines because it imports nothing of the rest of the project; every command catches that root
 (detection.engine.commands.run_command) and exits 2 with the problem and the fix.
 """
+
 from __future__ import annotations
 
 from cache_format.errors import IcdError

@@ -1,4 +1,5 @@
 """`python -m icd ...`: the `icd` console script without an installed entry point."""
+
 import sys
 
 from icd.cli import main

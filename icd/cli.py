@@ -3,6 +3,7 @@
 Subcommands are imported lazily so that `icd cache ...` never imports torch models and `icd --help`
 is instant.
 """
+
 from __future__ import annotations
 
 import importlib

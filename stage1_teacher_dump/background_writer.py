@@ -4,6 +4,7 @@ Why a thread and not a process: compression in zarr's codecs (zstd, blosc) and n
 GIL, so one thread overlaps them with the teacher's forward pass without pickling feature tensors
 between processes. The queue is bounded so a slow disk applies back-pressure instead of filling RAM.
 """
+
 from __future__ import annotations
 
 import queue

@@ -7,6 +7,7 @@ an N-process dump give the same cache bit for bit. Two rules give that:
 - batches never cross a shard boundary, and shards are the unit of ownership and of resume, so the
   same samples are batched together whatever the number of processes or interruptions.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -9,6 +9,7 @@ A dump that writes everything it will finishes the cache: rank 0 writes its mani
 (cache_format.integrity). `--resume` starts an interrupted creation over, or checks and repairs the
 existing cache before writing what is left (stage1_teacher_dump.resume).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,14 +65,14 @@ class DumpSummary:
     seconds: float
     skipped: list[str] = field(default_factory=list)
     plan_table: str = ""
-    existing: bool = False          # dry run on an existing cache: `committed` is what it holds
-    finished: bool = False          # the manifest was written: the cache is complete
+    existing: bool = False  # dry run on an existing cache: `committed` is what it holds
+    finished: bool = False  # the manifest was written: the cache is complete
     repairs: list[str] = field(default_factory=list)
-    resumed: bool = False           # an existing cache was continued
-    deep_checked: bool = False      # ... after reading every committed chunk (--repair, or damage found)
-    manifest_kept: bool = False     # the cache was already finished and intact: nothing was rewritten
-    unread_shards: int = 0          # committed shards the resume kept without reading their chunks
-    sizes_from: str = ""            # ... whose objects' sizes it confirmed from this
+    resumed: bool = False  # an existing cache was continued
+    deep_checked: bool = False  # ... after reading every committed chunk (--repair, or damage found)
+    manifest_kept: bool = False  # the cache was already finished and intact: nothing was rewritten
+    unread_shards: int = 0  # committed shards the resume kept without reading their chunks
+    sizes_from: str = ""  # ... whose objects' sizes it confirmed from this
 
 
 def check_apart_from_sources(cfg: Any, cache: str) -> None:
@@ -98,8 +99,9 @@ def cache_levels(cfg: Any, teacher: DetectorAdapter, samples: list) -> list[Leve
     max_h = max(p.resized_h for _, p in samples)
     max_w = max(p.resized_w for _, p in samples)
     strides = teacher.strides
-    return [LevelSpec(name, strides[name], teacher.out_channels, *level_size(max_h, max_w, strides[name]))
-            for name in names]
+    return [
+        LevelSpec(name, strides[name], teacher.out_channels, *level_size(max_h, max_w, strides[name])) for name in names
+    ]
 
 
 def calibration_features(
@@ -132,8 +134,12 @@ def feature_budget(budget: int | None, reserved: int, upper_bound: int = 0) -> i
     if budget is None:
         return None
     if budget <= reserved:
-        total = f"; a total --budget of {format_size(reserved + upper_bound, round_up=True)} fits (the weights + " \
-                f"at most {format_size(upper_bound, round_up=True)} of int8 features)" if upper_bound else ""
+        total = (
+            f"; a total --budget of {format_size(reserved + upper_bound, round_up=True)} fits (the weights + "
+            f"at most {format_size(upper_bound, round_up=True)} of int8 features)"
+            if upper_bound
+            else ""
+        )
         raise UserError(
             f"the budget {format_size(budget)} does not even hold the teacher's FPN + head weights "
             f"({format_size(reserved)}), which every cache stores for DISTILL.INIT_FROM_TEACHER{total}",
@@ -147,14 +153,21 @@ def int8_upper_bound(samples: list, levels: list[LevelSpec]) -> int:
     and the records, with 5% for indexes and metadata. A budget this large always fits int8."""
     per_level = sum(
         lv.channels * int(np.prod(level_size(p.resized_h, p.resized_w, lv.stride))) + 8 * lv.channels
-        for _, p in samples for lv in levels)
+        for _, p in samples
+        for lv in levels
+    )
     records = len(samples) * 8 * (10 + len(levels))
     return int((per_level + records) * 1.05) + 64 * 1024
 
 
 def choose_encoding(
-    cfg: Any, teacher: DetectorAdapter, dataset: DumpDataset, levels: list[LevelSpec],
-    budget: int | None, dry_run: bool, reserved: int = 0,
+    cfg: Any,
+    teacher: DetectorAdapter,
+    dataset: DumpDataset,
+    levels: list[LevelSpec],
+    budget: int | None,
+    dry_run: bool,
+    reserved: int = 0,
 ) -> tuple[str, str, str]:
     """(encoding, compressor, plan table): the configured ones, or the planner's choice under `budget`.
 
@@ -164,8 +177,10 @@ def choose_encoding(
     """
     encoding, compressor = str(cfg.CACHE.ENCODING), str(cfg.CACHE.COMPRESSOR)
     if encoding == "auto" and budget is None:
-        raise UserError("CACHE.ENCODING auto lets the budget planner choose, but no --budget was given",
-                        "pass --budget SIZE (e.g. --budget 200GB) or set CACHE.ENCODING to fp32/fp16/bf16/int8")
+        raise UserError(
+            "CACHE.ENCODING auto lets the budget planner choose, but no --budget was given",
+            "pass --budget SIZE (e.g. --budget 200GB) or set CACHE.ENCODING to fp32/fp16/bf16/int8",
+        )
     if budget is None and not dry_run:
         return encoding, compressor, ""
     # Before the teacher runs: a budget that cannot even hold the teacher weights is refused at once.
@@ -174,16 +189,29 @@ def choose_encoding(
     if not calib:
         raise UserError("no readable image to calibrate the budget planner on", "check the training images")
     candidates = None if encoding == "auto" else [(encoding, compressor)]
-    result = plan_budget(calib, num_samples=len(dataset), budget_bytes=available if available is not None else 2**62,
-                         candidates=candidates, levels=levels, compressor=compressor,
-                         shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE), reserved_bytes=reserved)
-    note = (f"\n(budget {format_size(budget)} = {format_size(available)} for features + {format_size(reserved)} "
-            "teacher weights)" if budget is not None else "")
+    result = plan_budget(
+        calib,
+        num_samples=len(dataset),
+        budget_bytes=available if available is not None else 2**62,
+        candidates=candidates,
+        levels=levels,
+        compressor=compressor,
+        shard_samples=int(cfg.CACHE.SHARD_SAMPLES),
+        tile=int(cfg.CACHE.TILE),
+        reserved_bytes=reserved,
+    )
+    note = (
+        f"\n(budget {format_size(budget)} = {format_size(available)} for features + {format_size(reserved)} "
+        "teacher weights)"
+        if budget is not None
+        else ""
+    )
     return result.choice.encoding, result.choice.compressor, result.table() + note
 
 
-def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False,
-             resume: bool = False, repair: bool = False) -> DumpSummary:
+def run_dump(
+    cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False, resume: bool = False, repair: bool = False
+) -> DumpSummary:
     """Dump the teacher's features of every (image, variant) of DATASETS.TRAIN into `cache`.
 
     `repair` (implies `resume`) reads every committed chunk before resuming and rewrites damaged shards.
@@ -193,12 +221,16 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     rank, world = comm.get_rank(), comm.get_world_size()
     state = store_states.store_state(cache)  # first: a path that cannot be a cache fails before any work
     if state == store_states.OTHER:
-        raise UserError(f"{cache} holds something that is not an ICD teacher cache; stage one never writes into it",
-                        "choose a new --cache path")
+        raise UserError(
+            f"{cache} holds something that is not an ICD teacher cache; stage one never writes into it",
+            "choose a new --cache path",
+        )
     exists = state == store_states.CACHE
     if exists and not resume and not dry_run:
-        raise UserError(f"a cache already exists at {cache}; stage one never overwrites one silently",
-                        "pass --resume to continue it, or choose a new --cache path (or delete the old one)")
+        raise UserError(
+            f"a cache already exists at {cache}; stage one never overwrites one silently",
+            "pass --resume to continue it, or choose a new --cache path (or delete the old one)",
+        )
     if resume and state == store_states.ABSENT:
         raise UserError(f"--resume was given but there is no cache at {cache}", "drop --resume to start a new cache")
     device = comm.device_for_process(cfg.MODEL.DEVICE)
@@ -209,8 +241,11 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     samples = enumerate_samples(index, plan)
     empty = len(index.images) - len(index.training_images())
     if empty and rank == 0:
-        print(f"icd dump: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and are "
-              "not cached: stage two skips them, as `icd train` does", flush=True)
+        print(
+            f"icd dump: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and are "
+            "not cached: stage two skips them, as `icd train` does",
+            flush=True,
+        )
     dataset = DumpDataset(samples)
     teacher = load_teacher(cfg, index.num_classes, device)
     levels = cache_levels(cfg, teacher, samples)
@@ -223,8 +258,9 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
         encoding = check_resumable(cache, attributes, cfg, levels, len(samples))
         if dry_run:
             committed = int(np.count_nonzero(CacheReader(cache, check_manifest=False).committed()))
-            return DumpSummary(cache, encoding, len(samples), 0, committed, usage(cache)[1],
-                               time.perf_counter() - start, existing=True)
+            return DumpSummary(
+                cache, encoding, len(samples), 0, committed, usage(cache)[1], time.perf_counter() - start, existing=True
+            )
     else:
         choice: tuple[str, str, str] | None = None
         if rank == 0:
@@ -239,8 +275,14 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
             if state == store_states.CREATING:
                 print(f"icd dump: the creation of the cache at {cache} was interrupted; starting it over", flush=True)
             writer = CacheWriter.create(
-                cache, num_samples=len(samples), levels=levels, encoding=encoding, compressor=compressor,
-                attributes=attributes, shard_samples=int(cfg.CACHE.SHARD_SAMPLES), tile=int(cfg.CACHE.TILE),
+                cache,
+                num_samples=len(samples),
+                levels=levels,
+                encoding=encoding,
+                compressor=compressor,
+                attributes=attributes,
+                shard_samples=int(cfg.CACHE.SHARD_SAMPLES),
+                tile=int(cfg.CACHE.TILE),
                 overwrite=state == store_states.CREATING,
             )
             writer.put_teacher_weights(weights)
@@ -253,11 +295,19 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
 
     writer = CacheWriter.open(cache, rank=rank, world_size=world)
     todo = writer.uncommitted_owned_samples()
-    shapes = {i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo}
+    shapes = {
+        i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo
+    }
     batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
     workers = int(cfg.DATALOADER.NUM_WORKERS)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_records,
-                        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_records,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
     owned_total = len(writer.owned_samples())
     available = feature_budget(budget, reserved)
     budget_share = None if available is None else available * owned_total / max(1, len(samples))
@@ -282,8 +332,14 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
                 per_sample = sample_features(teacher, [r["image"] for r in readable], [lv.name for lv in levels], amp)
                 for record, features in zip(readable, per_sample):
                     p = record["params"]
-                    meta = SampleMeta(image_id=p.image_id, variant=p.variant, scale=p.scale, flip=p.flip,
-                                      resized_h=p.resized_h, resized_w=p.resized_w)
+                    meta = SampleMeta(
+                        image_id=p.image_id,
+                        variant=p.variant,
+                        scale=p.scale,
+                        flip=p.flip,
+                        resized_h=p.resized_h,
+                        resized_w=p.resized_w,
+                    )
                     arrays = {name: to_numpy(feature) for name, feature in features.items()}
                     background.submit((record["index"], arrays, meta, record["boxes"], record["classes"]))
                     written += 1
@@ -294,8 +350,10 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
     except OSError as exc:
         _abandon(background, progress)
         if exc.errno == errno.ENOSPC:
-            raise UserError(f"the disk holding {cache} is full; committed samples are kept",
-                            "free space (or move the cache), then rerun the same command with --resume") from None
+            raise UserError(
+                f"the disk holding {cache} is full; committed samples are kept",
+                "free space (or move the cache), then rerun the same command with --resume",
+            ) from None
         raise
     except BaseException:
         _abandon(background, progress)
@@ -313,10 +371,24 @@ def run_dump(cfg: Any, cache: str, budget: int | None = None, dry_run: bool = Fa
             finish_cache(cache)
     kept = comm.broadcast_object(kept)
     committed = int(np.count_nonzero(CacheReader(cache).committed()))
-    return DumpSummary(cache, encoding, len(samples), written, committed, usage(cache)[1],
-                       time.perf_counter() - start, skipped=comm_gather_skipped(skipped), plan_table=plan_table,
-                       finished=True, repairs=check.notes, resumed=exists, deep_checked=repair or check.deep,
-                       manifest_kept=kept, unread_shards=check.unread_shards, sizes_from=check.sizes_from)
+    return DumpSummary(
+        cache,
+        encoding,
+        len(samples),
+        written,
+        committed,
+        usage(cache)[1],
+        time.perf_counter() - start,
+        skipped=comm_gather_skipped(skipped),
+        plan_table=plan_table,
+        finished=True,
+        repairs=check.notes,
+        resumed=exists,
+        deep_checked=repair or check.deep,
+        manifest_kept=kept,
+        unread_shards=check.unread_shards,
+        sizes_from=check.sizes_from,
+    )
 
 
 class WriteTracker:
@@ -352,8 +424,10 @@ def check_budget(tracker: WriteTracker, budget_share: float | None, total: int, 
         return
     per_sample = done_bytes / tracker.samples_on_disk
     projected = per_sample * max(total, 1)
-    progress.set_postfix_str(f"{format_size(done_bytes)} written, projected {format_size(projected)}"
-                             + (f" / budget {format_size(budget_share)}" if budget_share else ""))
+    progress.set_postfix_str(
+        f"{format_size(done_bytes)} written, projected {format_size(projected)}"
+        + (f" / budget {format_size(budget_share)}" if budget_share else "")
+    )
     if budget_share is not None and projected > budget_share:
         raise UserError(
             f"the cache at {cache} would exceed its budget: at {format_size(per_sample)}/sample the projected "

@@ -10,6 +10,7 @@ stored again. `--repair` also reads every committed chunk first (as `icd cache v
 flipped bytes too. Damaged metadata (a zarr.json that disagrees) cannot be recomputed: the resume is
 refused naming the files to restore.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -42,14 +43,18 @@ def check_resumable(url: str, wanted: dict[str, Any], cfg: Any, levels: list[Lev
     layout = []
     have = reader.attributes
     if int(have["num_samples"]) != num_samples:
-        layout.append(f"samples (training images with annotations x CACHE.NUM_VARIANTS): cache has "
-                      f"{have['num_samples']}, this run has {num_samples}")
+        layout.append(
+            f"samples (training images with annotations x CACHE.NUM_VARIANTS): cache has "
+            f"{have['num_samples']}, this run has {num_samples}"
+        )
     for key, attr in (("CACHE.SHARD_SAMPLES", "shard_samples"), ("CACHE.TILE", "tile")):
         if int(have[attr]) != int(cfg.CACHE[key.split(".")[1]]):
             layout.append(f"{key}: cache has {have[attr]}, this run has {cfg.CACHE[key.split('.')[1]]}")
     if [lv.to_dict() for lv in reader.levels] != [lv.to_dict() for lv in levels]:
-        layout.append(f"levels (CACHE.LEVELS, sizes): cache has {[lv.to_dict() for lv in reader.levels]}, this run "
-                      f"has {[lv.to_dict() for lv in levels]}")
+        layout.append(
+            f"levels (CACHE.LEVELS, sizes): cache has {[lv.to_dict() for lv in reader.levels]}, this run "
+            f"has {[lv.to_dict() for lv in levels]}"
+        )
     encoding = str(cfg.CACHE.ENCODING)
     if encoding != "auto":
         if encoding != reader.encoding:
@@ -69,11 +74,11 @@ def check_resumable(url: str, wanted: dict[str, Any], cfg: Any, levels: list[Lev
 class ResumeCheck:
     """What the resume's check found and did, for the user and for the summary."""
 
-    notes: list[str] = field(default_factory=list)   # one line per finding / repair
-    deep: bool = False           # every committed chunk was read (--repair, or damage found)
-    finished: bool = False       # the cache was finished and nothing was found damaged: its manifest stands
-    unread_shards: int = 0       # committed shards kept without reading their chunks (a cheap check)
-    sizes_from: str = ""         # how their objects were proven whole: "the manifest's sizes" / "their shard indexes"
+    notes: list[str] = field(default_factory=list)  # one line per finding / repair
+    deep: bool = False  # every committed chunk was read (--repair, or damage found)
+    finished: bool = False  # the cache was finished and nothing was found damaged: its manifest stands
+    unread_shards: int = 0  # committed shards kept without reading their chunks (a cheap check)
+    sizes_from: str = ""  # how their objects were proven whole: "the manifest's sizes" / "their shard indexes"
 
 
 def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bool) -> ResumeCheck:
@@ -113,9 +118,15 @@ def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bo
         notes.append(f"rewriting {len(shards)} damaged shard(s): {', '.join(map(str, shards))}")
     weights_bad = report.of_kind(TEACHER_WEIGHTS)
     if report.weights != COMPLETE or weights_bad:
-        why = (weights_bad[0].key + ": " + weights_bad[0].message if weights_bad else
-               {"absent": "missing", "incomplete": "incomplete (an interrupted write)",
-                "unchecked": "stored without checksums (format 1.0)"}[report.weights])
+        why = (
+            weights_bad[0].key + ": " + weights_bad[0].message
+            if weights_bad
+            else {
+                "absent": "missing",
+                "incomplete": "incomplete (an interrupted write)",
+                "unchecked": "stored without checksums (format 1.0)",
+            }[report.weights]
+        )
         notes.append(f"storing the teacher weights again ({why})")
         writer = CacheWriter.open(url)
         writer.put_teacher_weights(dict(teacher_weights))
@@ -123,6 +134,10 @@ def prepare_resume(url: str, teacher_weights: Mapping[str, np.ndarray], deep: bo
     if report.of_kind("manifest"):
         notes.append("the manifest was damaged: a new one is written when the dump finishes")
     kept = [s for s in report.committed_shards() if s not in set(shards)]
-    return ResumeCheck(notes, deep or notes_deep, report.finished and not report.damage and report.weights == COMPLETE,
-                       0 if deep or notes_deep else len(kept),
-                       "the manifest's sizes" if report.finished else "their crc32c-checked shard indexes")
+    return ResumeCheck(
+        notes,
+        deep or notes_deep,
+        report.finished and not report.damage and report.weights == COMPLETE,
+        0 if deep or notes_deep else len(kept),
+        "the manifest's sizes" if report.finished else "their crc32c-checked shard indexes",
+    )

@@ -4,6 +4,7 @@ Sample i is (image i // V, variant i % V) over the images sorted by id, so the n
 on the annotation file and the plan; the cache stores each sample's image id and variant, so readers
 never need this formula.
 """
+
 from __future__ import annotations
 
 from typing import Any

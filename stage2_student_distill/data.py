@@ -13,6 +13,7 @@ Items are built by detection.data.datasets.DetectionDataset (image decoding, tar
 module adds the choice of variant, the check that the plan reproduces the recorded geometry exactly,
 and the features.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,23 +59,29 @@ class SampleTable:
         """Read every committed sample's (image id, variant) from the cache's records."""
         committed = np.flatnonzero(reader.committed())
         if committed.size == 0:
-            raise CacheError(f"cache {reader.url} has no committed sample",
-                             "finish stage one (`icd dump ... --resume`) before training a student from it")
+            raise CacheError(
+                f"cache {reader.url} has no committed sample",
+                "finish stage one (`icd dump ... --resume`) before training a student from it",
+            )
         # One bulk read of the records (a chunk per shard), not a lookup per sample: fast at COCO scale.
         records = reader.records()[committed]
         pairs = records[:, [COL["image_id"], COL["variant"]]].astype(np.int64)
         bad = pairs[(pairs[:, 1] < 0) | (pairs[:, 1] >= num_variants)]
         if len(bad):
-            raise CacheError(f"cache {reader.url} holds variant {int(bad[0, 1])} of image {int(bad[0, 0])}, outside "
-                             f"the 0..{num_variants - 1} of its augmentation plan",
-                             "the cache is damaged or was written by another tool; re-create it with `icd dump`")
+            raise CacheError(
+                f"cache {reader.url} holds variant {int(bad[0, 1])} of image {int(bad[0, 0])}, outside "
+                f"the 0..{num_variants - 1} of its augmentation plan",
+                "the cache is damaged or was written by another tool; re-create it with `icd dump`",
+            )
         image_ids = np.unique(pairs[:, 0])
         samples = np.full((len(image_ids), num_variants), -1, dtype=np.int64)
         rows = np.searchsorted(image_ids, pairs[:, 0])
         flat = rows * num_variants + pairs[:, 1]
         if len(np.unique(flat)) != len(flat):
-            raise CacheError(f"cache {reader.url} holds the same (image, variant) in more than one sample",
-                             "the cache is damaged or was written by another tool; re-create it with `icd dump`")
+            raise CacheError(
+                f"cache {reader.url} holds the same (image, variant) in more than one sample",
+                "the cache is damaged or was written by another tool; re-create it with `icd dump`",
+            )
         samples[rows, pairs[:, 1]] = committed
         return cls(image_ids, samples)
 
@@ -128,9 +135,17 @@ class DistillDataset(Dataset):
     yields them; `locate()` serves detection.data.loader.batch_stream.
     """
 
-    def __init__(self, index: CocoIndex, plan: AugmentationPlan, *, table: SampleTable | None = None,
-                 cache_url: str | None = None, levels: Sequence[str] = (), read_features: bool = False,
-                 with_masks: bool = False) -> None:
+    def __init__(
+        self,
+        index: CocoIndex,
+        plan: AugmentationPlan,
+        *,
+        table: SampleTable | None = None,
+        cache_url: str | None = None,
+        levels: Sequence[str] = (),
+        read_features: bool = False,
+        with_masks: bool = False,
+    ) -> None:
         if read_features and (cache_url is None or table is None or not levels):
             raise ValueError("reading teacher features needs a cache URL, its sample table and the levels")
         self.plan = plan
@@ -143,8 +158,9 @@ class DistillDataset(Dataset):
             cached = [im for im in index.images if table.has_image(im.id)]
             self.skipped_images = len([im for im in index.training_images() if not table.has_image(im.id)])
             index = dataclasses.replace(index, images=cached)
-        self.items = DetectionDataset(index, plan, training=True, variant_sampler=_VariantChooser(plan, table),
-                                      with_masks=with_masks)
+        self.items = DetectionDataset(
+            index, plan, training=True, variant_sampler=_VariantChooser(plan, table), with_masks=with_masks
+        )
         self._reader: CacheReader | None = None
         self._reader_pid = -1
         self._fetcher: ThreadPoolExecutor | None = None
@@ -278,8 +294,7 @@ class DistillCollate:
         if items and "teacher_features" in items[0]:
             sizes = [tuple(item["image"].shape[-2:]) for item in items]
             padded = batch_padded_shape(sizes, self.size_divisibility)
-            features = pad_levels([item.pop("teacher_features") for item in items], padded, self.levels,
-                                  self.strides)
+            features = pad_levels([item.pop("teacher_features") for item in items], padded, self.levels, self.strides)
         return DistillBatch(items, features)
 
 
@@ -292,10 +307,17 @@ def report_skipped(dataset: DistillDataset, reader: CacheReader) -> None:
     if not dataset.skipped_images or not comm.is_main_process():
         return
     if reader.finished:
-        logger.warning("%d training image(s) have no sample in the finished cache %s and are skipped: its dump "
-                       "skipped them (unreadable with CACHE.SKIP_UNREADABLE, or not in the dataset it was dumped "
-                       "from)", dataset.skipped_images, reader.url)
+        logger.warning(
+            "%d training image(s) have no sample in the finished cache %s and are skipped: its dump "
+            "skipped them (unreadable with CACHE.SKIP_UNREADABLE, or not in the dataset it was dumped "
+            "from)",
+            dataset.skipped_images,
+            reader.url,
+        )
     else:
-        logger.warning("%d training image(s) have no committed sample in cache %s and are skipped: its dump has "
-                       "not finished (no manifest); finish it with `icd dump ... --resume` to train on them",
-                       dataset.skipped_images, reader.url)
+        logger.warning(
+            "%d training image(s) have no committed sample in cache %s and are skipped: its dump has "
+            "not finished (no manifest); finish it with `icd dump ... --resume` to train on them",
+            dataset.skipped_images,
+            reader.url,
+        )

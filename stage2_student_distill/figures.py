@@ -8,6 +8,7 @@ ICD decoder applied to CACHED teacher features of training samples (the teacher 
 each real instance, softmax over positions of its query's attention logits, averaged over heads, on the
 finest distilled level, overlaid on the replayed image.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,17 +67,23 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out: str | Path) -> Path:
             points = [(r["iteration"], r[name]) for r in recs if r.get(name) is not None]
             if points:
                 ax.plot(*zip(*points), label=label, color=colours[label], marker="." if len(points) < 20 else None)
-            reference = [(r["iteration"], r[REFERENCE_LINES[name]]) for r in recs
-                         if name in REFERENCE_LINES and r.get(REFERENCE_LINES[name]) is not None]
+            reference = [
+                (r["iteration"], r[REFERENCE_LINES[name]])
+                for r in recs
+                if name in REFERENCE_LINES and r.get(REFERENCE_LINES[name]) is not None
+            ]
             if reference:
                 ax.plot(*zip(*reference), color=colours[label], linestyle="--", linewidth=1)
         ax.set_title(name + (" (dashed: prior's entropy)" if name in REFERENCE_LINES else ""), fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.legend(handles=[plt.Line2D([], [], color=c, label=label) for label, c in colours.items()],
-               loc="lower right", fontsize=8)
+    fig.legend(
+        handles=[plt.Line2D([], [], color=c, label=label) for label, c in colours.items()],
+        loc="lower right",
+        fontsize=8,
+    )
     return _save_figure(fig, out)
 
 
@@ -87,10 +94,12 @@ def plot_decoder_signals(runs: Mapping[str, str | Path], out: str | Path) -> Pat
     signals = {label: read_signals(path) for label, path in runs.items()}
     if not signals:
         raise UserError("no runs to plot decoder signals of", "pass at least one decoder_signals.json")
-    panels = [("loss_ident", "prior_entropy", "identification loss\n(tick: prior's entropy)"),
-              ("auc", None, "real-vs-fake AUC\n(line: chance)"),
-              ("map_cosine", None, "pairwise cosine of instances' maps\n(line: identical)"),
-              ("inbox_mass", "inbox_uniform", "attention mass in own box\n(tick: uniform map)")]
+    panels = [
+        ("loss_ident", "prior_entropy", "identification loss\n(tick: prior's entropy)"),
+        ("auc", None, "real-vs-fake AUC\n(line: chance)"),
+        ("map_cosine", None, "pairwise cosine of instances' maps\n(line: identical)"),
+        ("inbox_mass", "inbox_uniform", "attention mass in own box\n(tick: uniform map)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     labels = list(signals)
     x = np.arange(len(labels))
@@ -108,13 +117,22 @@ def plot_decoder_signals(runs: Mapping[str, str | Path], out: str | Path) -> Pat
     return _save_figure(fig, out)
 
 
-def load_icd_module(cfg: Any, checkpoint: str | Path, channels: int, levels: Sequence[str],
-                    strides: Mapping[str, int]) -> ICDModule:
+def load_icd_module(
+    cfg: Any, checkpoint: str | Path, channels: int, levels: Sequence[str], strides: Mapping[str, int]
+) -> ICDModule:
     """The ICD module of a finished `icd distill` run (its checkpoint's extra state) on `levels`, in eval mode."""
     index = train_index(cfg)
     prior, size_mean, size_std = class_statistics(index)
-    icd = ICDModule.from_config(cfg, index.num_classes, channels, levels=levels, strides=strides, class_prior=prior,
-                                size_prior_mean=size_mean, size_prior_std=size_std)
+    icd = ICDModule.from_config(
+        cfg,
+        index.num_classes,
+        channels,
+        levels=levels,
+        strides=strides,
+        class_prior=prior,
+        size_prior_mean=size_mean,
+        size_prior_std=size_std,
+    )
     state = load_checkpoint(checkpoint).get("extra", {}) or {}
     if "icd" not in state:
         raise UserError(f"{checkpoint} holds no ICD module", "pass a checkpoint written by `icd distill`")
@@ -123,8 +141,9 @@ def load_icd_module(cfg: Any, checkpoint: str | Path, channels: int, levels: Seq
 
 
 @torch.no_grad()
-def plot_attention_maps(cfg: Any, cache: str, checkpoint: str | Path, out: str | Path,
-                        num_samples: int = 4, max_instances: int = 3) -> Path:
+def plot_attention_maps(
+    cfg: Any, cache: str, checkpoint: str | Path, out: str | Path, num_samples: int = 4, max_instances: int = 3
+) -> Path:
     """Per sample: the replayed image with its boxes, then each instance's attention map overlaid."""
     reader = CacheReader(cache)
     index = train_index(cfg)

@@ -19,6 +19,7 @@ held-out fraction, checkpoint period). Output in OUTPUT_DIR:
 Checkpoints are written atomically every DISTILL.FIT.CHECKPOINT_PERIOD iterations; --resume continues
 from the last one and reproduces the uninterrupted run exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,10 @@ def fit_levels(cfg: Any, reader: CacheReader) -> list[str]:
     names = list(cfg.CACHE.LEVELS) or reader.level_names
     unknown = [name for name in names if name not in reader.level_names]
     if unknown:
-        raise UserError(f"CACHE.LEVELS {unknown} are not in the cache {reader.url} (it holds {reader.level_names})",
-                        "leave CACHE.LEVELS empty, or name levels the cache holds")
+        raise UserError(
+            f"CACHE.LEVELS {unknown} are not in the cache {reader.url} (it holds {reader.level_names})",
+            "leave CACHE.LEVELS empty, or name levels the cache holds",
+        )
     return names
 
 
@@ -110,8 +113,10 @@ class FitIdentity:
 
     def load_state_dict(self, state: Any, checkpoint: str | Path = "the checkpoint") -> None:
         if state != self.identity:
-            raise UserError(f"{checkpoint} was not fitted by `icd fit-decoder` with this config and cache",
-                            "resume with the config and cache the fit was started with, or use a new OUTPUT_DIR")
+            raise UserError(
+                f"{checkpoint} was not fitted by `icd fit-decoder` with this config and cache",
+                "resume with the config and cache the fit was started with, or use a new OUTPUT_DIR",
+            )
 
 
 class DecoderFitter(Trainer):
@@ -128,12 +133,18 @@ class DecoderFitter(Trainer):
         fit = cfg.DISTILL.FIT
         max_iter, batch_size, period = int(fit.MAX_ITER), int(fit.IMS_PER_BATCH), int(fit.CHECKPOINT_PERIOD)
         if max_iter < 1 or batch_size < 1 or period < 1:
-            raise UserError(f"invalid DISTILL.FIT: MAX_ITER={max_iter}, IMS_PER_BATCH={batch_size}, "
-                            f"CHECKPOINT_PERIOD={period}", "use positive values (e.g. 2000, 8, 500)")
+            raise UserError(
+                f"invalid DISTILL.FIT: MAX_ITER={max_iter}, IMS_PER_BATCH={batch_size}, CHECKPOINT_PERIOD={period}",
+                "use positive values (e.g. 2000, 8, 500)",
+            )
         # before config.yaml is written: OUTPUT_DIR's files must not land inside the cache
-        check_apart(str(cfg.OUTPUT_DIR), "OUTPUT_DIR", {"cache": cache},
-                    "set OUTPUT_DIR to a directory outside the cache (e.g. output/decoder_<cache name>)",
-                    allow=("contains",))
+        check_apart(
+            str(cfg.OUTPUT_DIR),
+            "OUTPUT_DIR",
+            {"cache": cache},
+            "set OUTPUT_DIR to a directory outside the cache (e.g. output/decoder_<cache name>)",
+            allow=("contains",),
+        )
         self.reader = CacheReader(cache)
         cfg, index = default_setup(cfg, need_train_index=True)  # seeds, resolves K, saves config.yaml
         mismatch = dataset_mismatch(self.reader.attributes, self.reader.url, index)
@@ -145,12 +156,20 @@ class DecoderFitter(Trainer):
         self.identity = fit_identity(cfg, self.reader, self.levels, index.num_classes)
         self.fit_samples, self.held_samples = split_by_image(self.reader, float(fit.HELD_OUT_FRACTION), int(cfg.SEED))
         prior, size_mean, size_std = class_statistics(index)
-        self.icd = ICDModule.from_config(cfg, index.num_classes, self.identity["channels"], levels=self.levels,
-                                         strides=self.strides, class_prior=prior, size_prior_mean=size_mean,
-                                         size_prior_std=size_std)
+        self.icd = ICDModule.from_config(
+            cfg,
+            index.num_classes,
+            self.identity["channels"],
+            levels=self.levels,
+            strides=self.strides,
+            class_prior=prior,
+            size_prior_mean=size_mean,
+            size_prior_std=size_std,
+        )
         dataset = TeacherSampleDataset(self.reader.url, self.fit_samples, self.levels)
-        loader = build_train_loader(cfg, dataset, TeacherCollate(self.levels, self.strides),
-                                    ims_per_batch=batch_size, group_by_aspect=False)
+        loader = build_train_loader(
+            cfg, dataset, TeacherCollate(self.levels, self.strides), ims_per_batch=batch_size, group_by_aspect=False
+        )
         super().__init__(cfg, fitted_parts(self.icd), loader, max_iter=max_iter, checkpoint_period=period)
         self.icd.to(self.device).train()
         self.clip_norm = float(cfg.DISTILL.OPTIMIZER.CLIP_NORM)
@@ -167,8 +186,11 @@ class DecoderFitter(Trainer):
         checkpoint = last_checkpoint(self.output_dir) if resume else None
         if checkpoint is None:
             if resume:  # as `icd train` / `icd distill` (and detectron2): a fresh start, said in one line
-                print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an "
-                      "existing file); starting a new fit at iteration 0", flush=True)
+                print(
+                    f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an "
+                    "existing file); starting a new fit at iteration 0",
+                    flush=True,
+                )
             return False
         # checked before the engine loads it: OUTPUT_DIR may hold another command's or config's checkpoints
         extra = load_checkpoint(checkpoint).get("extra", {}) or {}
@@ -178,8 +200,9 @@ class DecoderFitter(Trainer):
     def run_step(self, batch: TeacherBatch) -> dict[str, Tensor]:
         """One iteration of the auxiliary task: decode the cached teacher features, loss, AdamW step."""
         batch = batch.to(self.device)
-        decoded = self.icd.decode(batch.features, batch.image_sizes, batch.targets,
-                                  query_generator(int(self.cfg.SEED), 0, self.iteration))  # one process: rank 0
+        decoded = self.icd.decode(
+            batch.features, batch.image_sizes, batch.targets, query_generator(int(self.cfg.SEED), 0, self.iteration)
+        )  # one process: rank 0
         losses = self.icd.auxiliary_losses(decoded)
         total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,21 +222,30 @@ class DecoderFitter(Trainer):
         """Fit to DISTILL.FIT.MAX_ITER (decoder_final.pth), then measure and record the decoder's signals."""
         self.train()
         signals = self.measure()
-        record_signals(self.output_dir, self.iteration, signals,
-                       {"split": "held-out images" if len(self.held_samples) else "fitting images",
-                        "cache": self.reader.url})
+        record_signals(
+            self.output_dir,
+            self.iteration,
+            signals,
+            {"split": "held-out images" if len(self.held_samples) else "fitting images", "cache": self.reader.url},
+        )
         return signals
 
     def measure(self) -> DecoderSignals:
         """Signals on (up to MEASURED_SAMPLES of) the held-out images; the fitting images if none is held out."""
-        samples = evaluation_samples(self.reader, MEASURED_SAMPLES, int(self.cfg.SEED),
-                                     self.held_samples if len(self.held_samples) else self.fit_samples)
-        return measure(self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels),
-                       seed=int(self.cfg.SEED))
+        samples = evaluation_samples(
+            self.reader,
+            MEASURED_SAMPLES,
+            int(self.cfg.SEED),
+            self.held_samples if len(self.held_samples) else self.fit_samples,
+        )
+        return measure(
+            self.icd, iter_batches(self.reader, samples, self.batch_size, self.levels), seed=int(self.cfg.SEED)
+        )
 
 
-def load_fitted_decoder(icd: ICDModule, path: str | Path, cfg: Any, levels: Sequence[str],
-                        teacher: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def load_fitted_decoder(
+    icd: ICDModule, path: str | Path, cfg: Any, levels: Sequence[str], teacher: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Load `icd fit-decoder`'s weights into `icd`'s decoder parts, refusing a decoder fitted for another setup.
 
     teacher: the teacher identity of the features the decoder will see (the cache's), when known.
@@ -221,33 +253,44 @@ def load_fitted_decoder(icd: ICDModule, path: str | Path, cfg: Any, levels: Sequ
     state = load_checkpoint(path)
     identity = (state.get("extra", {}) or {}).get("fit") if isinstance(state, dict) else None
     if identity is None or "model" not in state:
-        raise UserError(f"{path} is not a decoder written by `icd fit-decoder`",
-                        f"point DISTILL.DECODER_WEIGHTS at the {FINAL} of an `icd fit-decoder` run")
+        raise UserError(
+            f"{path} is not a decoder written by `icd fit-decoder`",
+            f"point DISTILL.DECODER_WEIGHTS at the {FINAL} of an `icd fit-decoder` run",
+        )
     distill = {key: cfg.DISTILL[key] for key in ARCHITECTURE_KEYS}
-    mismatches = [f"DISTILL.{k} {identity['distill'].get(k)!r} vs {distill[k]!r}" for k in ARCHITECTURE_KEYS
-                  if identity["distill"].get(k) != distill[k]]
+    mismatches = [
+        f"DISTILL.{k} {identity['distill'].get(k)!r} vs {distill[k]!r}"
+        for k in ARCHITECTURE_KEYS
+        if identity["distill"].get(k) != distill[k]
+    ]
     if list(identity["levels"]) != list(levels):
         mismatches.append(f"levels {identity['levels']} vs {list(levels)}")
     if identity["num_classes"] != icd.query_builder.num_classes or identity["channels"] != icd.channels:
-        mismatches.append(f"{identity['num_classes']} classes / {identity['channels']} channels vs "
-                          f"{icd.query_builder.num_classes} / {icd.channels}")
+        mismatches.append(
+            f"{identity['num_classes']} classes / {identity['channels']} channels vs "
+            f"{icd.query_builder.num_classes} / {icd.channels}"
+        )
     fitted_sha, sha = identity["teacher"].get("weights_sha256", ""), (teacher or {}).get("weights_sha256", "")
     if fitted_sha and sha and fitted_sha != sha:
         mismatches.append(f"teacher weights sha256 {fitted_sha[:12]}... vs {sha[:12]}...")
     if mismatches:
-        raise UserError(f"the decoder {path} was fitted for another setup: " + "; ".join(mismatches),
-                        "fit a decoder with this config and cache (`icd fit-decoder`), or leave "
-                        "DISTILL.DECODER_WEIGHTS empty to train the decoder from scratch")
+        raise UserError(
+            f"the decoder {path} was fitted for another setup: " + "; ".join(mismatches),
+            "fit a decoder with this config and cache (`icd fit-decoder`), or leave "
+            "DISTILL.DECODER_WEIGHTS empty to train the decoder from scratch",
+        )
     fitted_parts(icd).load_state_dict(state["model"])
     return identity
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(
-        "icd fit-decoder", "Fit ICD's decoder (query encoder, decoder, auxiliary predictor) on a teacher cache "
+        "icd fit-decoder",
+        "Fit ICD's decoder (query encoder, decoder, auxiliary predictor) on a teacher cache "
         f"alone, once per cache; `icd distill` loads OUTPUT_DIR/{FINAL} with DISTILL.DECODER_WEIGHTS. "
         "One process (--num-gpus is ignored).",
-        resume="continue from OUTPUT_DIR's last checkpoint")
+        resume="continue from OUTPUT_DIR's last checkpoint",
+    )
     parser.add_argument("--cache", required=True, metavar="PATH", help="the teacher cache written by `icd dump`")
     return parser
 

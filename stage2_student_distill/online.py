@@ -12,6 +12,7 @@ teacher identity the cache recorded (architecture, depth, norm, FPN width, weigh
 is given. Building it never disturbs the global RNG, so the student and ICD modules are initialised
 identically in cached and online runs.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -44,37 +45,55 @@ def teacher_config(cfg: Any, cache_attributes: Mapping[str, Any] | None = None) 
     apply_teacher_model_options(tcfg, recorded)  # the teacher's own normalisation / detectron2 options
     arch = tcfg.MODEL.META_ARCHITECTURE
     tcfg.MODEL.MASK_ON = arch in ARCHITECTURES and ARCHITECTURES.get(arch).masks
-    missing = [key for key, value in (("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
-                                      ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH), ("WEIGHTS", tcfg.MODEL.WEIGHTS)) if not value]
+    missing = [
+        key
+        for key, value in (
+            ("META_ARCHITECTURE", tcfg.MODEL.META_ARCHITECTURE),
+            ("DEPTH", tcfg.MODEL.BACKBONE.DEPTH),
+            ("WEIGHTS", tcfg.MODEL.WEIGHTS),
+        )
+        if not value
+    ]
     if missing:
         raise UserError(
             f"--online needs the teacher, but DISTILL.TEACHER.{', DISTILL.TEACHER.'.join(missing)} "
-            + ("is" if len(missing) == 1 else "are") + " empty" + (" and the cache does not record it" if recorded
-                                                                   else " (and no cache records a teacher)"),
+            + ("is" if len(missing) == 1 else "are")
+            + " empty"
+            + (" and the cache does not record it" if recorded else " (and no cache records a teacher)"),
             "set DISTILL.TEACHER.META_ARCHITECTURE, DISTILL.TEACHER.DEPTH and DISTILL.TEACHER.WEIGHTS "
             "(e.g. RetinaNet 101 /path/to/teacher/model_final.pth), or pass the --cache the teacher was dumped to",
         )
     return tcfg
 
 
-def build_online_teacher(cfg: Any, num_classes: int, device: torch.device,
-                         cache_attributes: Mapping[str, Any] | None = None) -> tuple[DetectorAdapter, Any]:
+def build_online_teacher(
+    cfg: Any, num_classes: int, device: torch.device, cache_attributes: Mapping[str, Any] | None = None
+) -> tuple[DetectorAdapter, Any]:
     """(frozen eval-mode teacher on `device`, its config); warns when its weights differ from the cache's."""
     tcfg = teacher_config(cfg, cache_attributes)
     with torch.random.fork_rng(devices=[]):  # the teacher's random init must not shift the student's
         teacher = load_teacher(tcfg, num_classes, device)
     recorded_sha = ((cache_attributes or {}).get("teacher", {}) or {}).get("weights_sha256", "")
     if recorded_sha and file_sha256(tcfg.MODEL.WEIGHTS) != recorded_sha:
-        print(f"icd distill: warning: the online teacher's weights {tcfg.MODEL.WEIGHTS} are not the ones the "
-              "cache was dumped with (sha256 differs); online and cached runs will differ", flush=True)
+        print(
+            f"icd distill: warning: the online teacher's weights {tcfg.MODEL.WEIGHTS} are not the ones the "
+            "cache was dumped with (sha256 differs); online and cached runs will differ",
+            flush=True,
+        )
     return teacher, tcfg
 
 
 class OnlineTeacher:
     """Live teacher features padded like the cached ones: {level: [N, C, H, W]} for a student batch."""
 
-    def __init__(self, teacher: DetectorAdapter, levels: Sequence[str], strides: Mapping[str, int],
-                 student_size_divisibility: int, amp: bool = False) -> None:
+    def __init__(
+        self,
+        teacher: DetectorAdapter,
+        levels: Sequence[str],
+        strides: Mapping[str, int],
+        student_size_divisibility: int,
+        amp: bool = False,
+    ) -> None:
         self.teacher = teacher
         self.student_size_divisibility = int(student_size_divisibility)  # the batch's padding grid
         self.levels = list(levels)

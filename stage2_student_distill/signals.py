@@ -16,6 +16,7 @@ working ICD from a generic feature mimic. Four numbers can:
 Computed with the decoder in eval mode, without gradients, and with a fixed query generator so the
 numbers are reproducible.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ class _AttentionStats:
     instances: int = 0
 
 
-def _attention_stats(batch: DecodedBatch, image_sizes: Sequence[Sequence[int]], temperature: float,
-                     stats: _AttentionStats) -> None:
+def _attention_stats(
+    batch: DecodedBatch, image_sizes: Sequence[Sequence[int]], temperature: float, stats: _AttentionStats
+) -> None:
     weights = (batch.decoded.logits.float() / temperature).softmax(-1)  # [N, heads, K, S], 0 at padding
     centres = token_centres(batch.shapes, batch.strides, weights.device)  # [S, 2]
     valid = ~batch.key_padding  # [N, S]
@@ -93,9 +95,13 @@ def _attention_stats(batch: DecodedBatch, image_sizes: Sequence[Sequence[int]], 
             continue
         maps = weights[i, :, :n_real]  # [heads, n, S]
         boxes = batch.queries.boxes[i, :n_real] * torch.tensor([w, h, w, h], device=weights.device)  # [n, 4] px
-        inside = ((centres[None, :, 0] >= boxes[:, None, 0]) & (centres[None, :, 0] <= boxes[:, None, 2])
-                  & (centres[None, :, 1] >= boxes[:, None, 1]) & (centres[None, :, 1] <= boxes[:, None, 3])
-                  & valid[i][None])  # [n, S]
+        inside = (
+            (centres[None, :, 0] >= boxes[:, None, 0])
+            & (centres[None, :, 0] <= boxes[:, None, 2])
+            & (centres[None, :, 1] >= boxes[:, None, 1])
+            & (centres[None, :, 1] <= boxes[:, None, 3])
+            & valid[i][None]
+        )  # [n, S]
         stats.inbox_sum += float((maps * inside[None]).sum(-1).mean(0).sum())
         stats.uniform_sum += float((inside.sum(-1).double() / valid[i].sum()).sum())
         stats.instances += n_real
@@ -125,8 +131,11 @@ def measure(icd: ICDModule, batches: Iterable[TeacherBatch], seed: int = 0) -> D
             real = decoded.queries.is_real
             scores.append(logit[valid].cpu())
             labels.append(real[valid].cpu())
-            bce.append(torch.nn.functional.binary_cross_entropy_with_logits(
-                logit[valid], real[valid].float(), reduction="none").cpu())
+            bce.append(
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit[valid], real[valid].float(), reduction="none"
+                ).cpu()
+            )
             _attention_stats(decoded, batch.image_sizes, icd.temperature, stats)
             images += len(batch.image_sizes)
     finally:
@@ -142,19 +151,23 @@ def measure(icd: ICDModule, batches: Iterable[TeacherBatch], seed: int = 0) -> D
         map_cosine=stats.cosine_sum / stats.cosine_images if stats.cosine_images else nan,
         inbox_mass=stats.inbox_sum / stats.instances if stats.instances else nan,
         inbox_uniform=stats.uniform_sum / stats.instances if stats.instances else nan,
-        num_images=images, num_real=int(all_labels.sum()), num_fake=int((~all_labels).sum()),
+        num_images=images,
+        num_real=int(all_labels.sum()),
+        num_fake=int((~all_labels).sum()),
     )
 
 
 def format_signals(signals: DecoderSignals, title: str) -> str:
     """A few lines a person can read: each learnt signal next to what chance gives."""
-    return "\n".join([
-        title,
-        f"  loss_ident {signals.loss_ident:.4f}  (constant prior predictor: {signals.prior_entropy:.4f})",
-        f"  real-vs-fake AUC {signals.auc:.3f}  (chance: 0.5)",
-        f"  attention maps of different instances: mean pairwise cosine {signals.map_cosine:.3f}  (identical: 1)",
-        f"  attention mass inside the own box {signals.inbox_mass:.3f}  (uniform map: {signals.inbox_uniform:.3f})",
-    ])
+    return "\n".join(
+        [
+            title,
+            f"  loss_ident {signals.loss_ident:.4f}  (constant prior predictor: {signals.prior_entropy:.4f})",
+            f"  real-vs-fake AUC {signals.auc:.3f}  (chance: 0.5)",
+            f"  attention maps of different instances: mean pairwise cosine {signals.map_cosine:.3f}  (identical: 1)",
+            f"  attention mass inside the own box {signals.inbox_mass:.3f}  (uniform map: {signals.inbox_uniform:.3f})",
+        ]
+    )
 
 
 # -- recording ------------------------------------------------------------------------------------------
@@ -164,8 +177,10 @@ SIGNALS_FILE = "decoder_signals.json"
 def write_signals(path: str | Path, signals: DecoderSignals, context: Mapping[str, Any]) -> Path:
     """The signals and where they were measured as JSON (NaN as null), written atomically."""
     path = Path(path)
-    payload = {**context, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in signals.as_dict().items()}}
+    payload = {
+        **context,
+        **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in signals.as_dict().items()},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -177,13 +192,14 @@ def read_signals(path: str | Path) -> dict[str, Any]:
     """A decoder_signals.json written by `icd distill` or `icd fit-decoder`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no decoder signals at {path}",
-                        "run `icd distill` from a cache (or `icd fit-decoder`) with this OUTPUT_DIR first")
+        raise UserError(
+            f"no decoder signals at {path}",
+            "run `icd distill` from a cache (or `icd fit-decoder`) with this OUTPUT_DIR first",
+        )
     return json.loads(path.read_text())
 
 
-def record_signals(output_dir: str | Path, iteration: int, signals: DecoderSignals,
-                   context: Mapping[str, Any]) -> Path:
+def record_signals(output_dir: str | Path, iteration: int, signals: DecoderSignals, context: Mapping[str, Any]) -> Path:
     """OUTPUT_DIR/decoder_signals.json, plus `decoder/<name>` records in metrics.json and TensorBoard."""
     from detection.engine.trainer import MetricsLog  # the run's own log (lazy: TensorBoard is slow to import)
 
@@ -202,8 +218,9 @@ def evaluation_samples(reader: CacheReader, count: int, seed: int, samples: np.n
     return samples[np.sort(chosen)]
 
 
-def report_distill_signals(icd: ICDModule, cache: str, output_dir: str | Path, iteration: int, seed: int, count: int = 64,
-                           batch_size: int = 8) -> DecoderSignals:
+def report_distill_signals(
+    icd: ICDModule, cache: str, output_dir: str | Path, iteration: int, seed: int, count: int = 64, batch_size: int = 8
+) -> DecoderSignals:
     """At the end of `icd distill`: the decoder's signals on cached samples, recorded and printed.
 
     The student's training images are the cache's, so these are images the decoder trained on, with
@@ -212,7 +229,11 @@ def report_distill_signals(icd: ICDModule, cache: str, output_dir: str | Path, i
     reader = CacheReader(cache)
     samples = evaluation_samples(reader, count, seed)
     signals = measure(icd, iter_batches(reader, samples, batch_size, icd.levels), seed=seed + 1_000_003)
-    path = record_signals(output_dir, iteration, signals,
-                          {"split": "training images of the cache, fresh fake queries", "cache": reader.url})
+    path = record_signals(
+        output_dir,
+        iteration,
+        signals,
+        {"split": "training images of the cache, fresh fake queries", "cache": reader.url},
+    )
     print(format_signals(signals, f"decoder signals ({path})"), flush=True)
     return signals

@@ -8,6 +8,7 @@ read the cache directly: no image is decoded, no detector is built.
 Samples are split into fitting and held-out sets BY IMAGE (both flips of an image fall on one side), so
 held-out measurements are on images the decoder never saw.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,16 +37,22 @@ class TeacherBatch:
     image_ids: list[int]
 
     def to(self, device: torch.device | str) -> TeacherBatch:
-        return TeacherBatch({k: v.to(device) for k, v in self.features.items()}, self.image_sizes,
-                            [{k: v.to(device) for k, v in t.items()} for t in self.targets], self.image_ids)
+        return TeacherBatch(
+            {k: v.to(device) for k, v in self.features.items()},
+            self.image_sizes,
+            [{k: v.to(device) for k, v in t.items()} for t in self.targets],
+            self.image_ids,
+        )
 
 
 def sample_images(reader: CacheReader) -> tuple[np.ndarray, np.ndarray]:
     """(committed sample indices, their image ids), from one bulk read of the records."""
     committed = np.flatnonzero(reader.committed())
     if committed.size == 0:
-        raise CacheError(f"cache {reader.url} has no committed sample",
-                         "finish stage one (`icd dump ... --resume`) before using the cache")
+        raise CacheError(
+            f"cache {reader.url} has no committed sample",
+            "finish stage one (`icd dump ... --resume`) before using the cache",
+        )
     image_ids = reader.records()[committed][:, COL["image_id"]].astype(np.int64)
     return committed, image_ids
 
@@ -56,8 +63,10 @@ def split_by_image(reader: CacheReader, holdout_fraction: float, seed: int = 0) 
     At least one image is held out when the fraction is positive, and at least one is kept for fitting.
     """
     if not 0 <= holdout_fraction < 1:
-        raise UserError(f"held-out fraction {holdout_fraction} is outside [0, 1)",
-                        "hold out a fraction of the images such as 0.1 (0 holds out none)")
+        raise UserError(
+            f"held-out fraction {holdout_fraction} is outside [0, 1)",
+            "hold out a fraction of the images such as 0.1 (0 holds out none)",
+        )
     samples, image_ids = sample_images(reader)
     images = np.unique(image_ids)
     count = 0 if holdout_fraction == 0 else min(len(images) - 1, max(1, round(holdout_fraction * len(images))))
@@ -100,8 +109,10 @@ class TeacherSampleDataset(Dataset):
             "features": {name: torch.from_numpy(sample.features[name]) for name in self.levels},  # [C, h, w]
             "size": (int(sample.meta.resized_h), int(sample.meta.resized_w)),
             # the cache stores classes 0..K-1; the ICD module takes detection labels 1..K
-            "target": {"boxes": torch.from_numpy(sample.boxes).float(),
-                       "labels": torch.from_numpy(sample.classes).long() + 1},
+            "target": {
+                "boxes": torch.from_numpy(sample.boxes).float(),
+                "labels": torch.from_numpy(sample.classes).long() + 1,
+            },
             "image_id": int(sample.meta.image_id),
         }
 
@@ -121,8 +132,9 @@ class TeacherCollate:
         return TeacherBatch(features, sizes, [item["target"] for item in items], [item["image_id"] for item in items])
 
 
-def iter_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
-                 levels: Sequence[str] | None = None) -> Iterator[TeacherBatch]:
+def iter_batches(
+    reader: CacheReader, indices: Sequence[int], batch_size: int, levels: Sequence[str] | None = None
+) -> Iterator[TeacherBatch]:
     """The given samples (all levels, or the named ones) as batches, in order, read as they are needed."""
     levels = reader.level_names if levels is None else list(levels)
     dataset = TeacherSampleDataset(reader.url, indices, levels)
@@ -130,4 +142,3 @@ def iter_batches(reader: CacheReader, indices: Sequence[int], batch_size: int,
     collate = TeacherCollate(levels, {lv.name: lv.stride for lv in reader.levels if lv.name in levels})
     for start in range(0, len(dataset), batch_size):
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-

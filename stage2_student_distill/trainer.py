@@ -12,6 +12,7 @@ Checkpoints hold the student (the engine's `model`, loadable by `icd eval`), and
 the ICD module, its optimizer and its schedule. Fake-query randomness comes from a generator seeded
 by (SEED, rank, iteration), so a resumed run draws exactly what the uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -57,11 +58,16 @@ class DistillTrainer(Trainer):
         `teacher_architecture` (its MODEL.META_ARCHITECTURE, "" if unknown) decides whether the head is shared."""
         super().__init__(cfg, student, build_loader, evaluate=evaluate)
         self.levels, self.strides = list(icd.levels), dict(icd.strides)  # bound into the ICD module when built
-        wrong = {name: (stride, student.strides.get(name)) for name, stride in self.strides.items()
-                 if student.strides.get(name) != stride}
+        wrong = {
+            name: (stride, student.strides.get(name))
+            for name, stride in self.strides.items()
+            if student.strides.get(name) != stride
+        }
         if wrong:
-            raise UserError(f"the ICD module's levels and strides {wrong} (module, student) are not the student's",
-                            f"build the ICD module with the student's strides (choose levels from {student.levels})")
+            raise UserError(
+                f"the ICD module's levels and strides {wrong} (module, student) are not the student's",
+                f"build the ICD module with the student's strides (choose levels from {student.levels})",
+            )
         self.size_divisibility = int(student.size_divisibility)
         self.teacher_features = teacher_features
         self.teacher_weights = teacher_weights
@@ -85,8 +91,10 @@ class DistillTrainer(Trainer):
         self.teacher_init = init_from_teacher(self.module, state, self.teacher_architecture)
         self.skipped_teacher_keys = self.teacher_init.skipped
         if comm.is_main_process():
-            print(f"DISTILL.INIT_FROM_TEACHER: {self.module.architecture} student {self.teacher_init.summary()}",
-                  flush=True)
+            print(
+                f"DISTILL.INIT_FROM_TEACHER: {self.module.architecture} student {self.teacher_init.summary()}",
+                flush=True,
+            )
         return resumed
 
     def query_generator(self) -> torch.Generator:
@@ -101,7 +109,10 @@ class DistillTrainer(Trainer):
             detection_losses, student_features, _ = self.model(images, targets)  # {level: [N, C, H, W]}
             teacher_features = self.teacher_features(batch, images)  # {level: [N, C, H, W]}, padded as the batch
             icd_losses = self.icd_model(
-                teacher_features, {name: student_features[name] for name in self.levels}, sizes, targets,
+                teacher_features,
+                {name: student_features[name] for name in self.levels},
+                sizes,
+                targets,
                 self.query_generator(),
                 detach_student=self.iteration < self.warmup_detach_iters,
             )
@@ -112,10 +123,14 @@ class DistillTrainer(Trainer):
         self.icd_optimizer.zero_grad(set_to_none=True)
         # Two optimizers under one GradScaler (PyTorch's AMP recipe): scale, backward, unscale each, clip
         # each, step each (a step is skipped on inf/nan gradients), then one update of the scale.
-        amp.backward_and_step(self.scaler, total, [
-            (self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)),
-            (self.icd_optimizer, self.clip_icd_gradients),  # DISTILL.OPTIMIZER.CLIP_NORM
-        ])
+        amp.backward_and_step(
+            self.scaler,
+            total,
+            [
+                (self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS)),
+                (self.icd_optimizer, self.clip_icd_gradients),  # DISTILL.OPTIMIZER.CLIP_NORM
+            ],
+        )
         self.scheduler.step()
         self.icd_scheduler.step()
         return losses

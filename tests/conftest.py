@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny synthetic COCO dataset per session, a config pointing at it, and (for stage
 two) a tiny saved teacher with a cache of its features and a config for tiny ICD runs."""
+
 from __future__ import annotations
 
 import os
@@ -53,26 +54,29 @@ def cfg_tiny(tiny_coco: dict[str, str], tmp_path) -> CfgNode:
 def make_cfg_tiny(tiny_coco: dict[str, str], output_dir: Path) -> CfgNode:
     """cfg_tiny's config, for fixtures of a wider scope than a test."""
     cfg = get_cfg()
-    cfg.merge_from_dict({
-        "OUTPUT_DIR": str(output_dir),
-        "MODEL": {
-            "DEVICE": "cpu",
-            "BACKBONE": {"DEPTH": 18},
-            "FPN": {"OUT_CHANNELS": 32},
-            "ANCHOR_GENERATOR": {"SIZES": [8, 16, 32, 64, 128]},
-        },
-        "INPUT": {"MIN_SIZE_TRAIN": [64], "MAX_SIZE_TRAIN": 96, "MIN_SIZE_TEST": 64, "MAX_SIZE_TEST": 96},
-        "DATASETS": {
-            "TRAIN": ["synth_train"],
-            "TEST": ["synth_val"],
-            "CATALOG": {
-                "synth_train": [tiny_coco["train_json"], tiny_coco["train_images"]],
-                "synth_val": [tiny_coco["val_json"], tiny_coco["val_images"]],
+    cfg.merge_from_dict(
+        {
+            "OUTPUT_DIR": str(output_dir),
+            "MODEL": {
+                "DEVICE": "cpu",
+                "BACKBONE": {"DEPTH": 18},
+                "FPN": {"OUT_CHANNELS": 32},
+                "ANCHOR_GENERATOR": {"SIZES": [8, 16, 32, 64, 128]},
             },
+            "INPUT": {"MIN_SIZE_TRAIN": [64], "MAX_SIZE_TRAIN": 96, "MIN_SIZE_TEST": 64, "MAX_SIZE_TEST": 96},
+            "DATASETS": {
+                "TRAIN": ["synth_train"],
+                "TEST": ["synth_val"],
+                "CATALOG": {
+                    "synth_train": [tiny_coco["train_json"], tiny_coco["train_images"]],
+                    "synth_val": [tiny_coco["val_json"], tiny_coco["val_images"]],
+                },
+            },
+            "DATALOADER": {"NUM_WORKERS": 0},
+            "SOLVER": {"IMS_PER_BATCH": 2},
         },
-        "DATALOADER": {"NUM_WORKERS": 0},
-        "SOLVER": {"IMS_PER_BATCH": 2},
-    }, source="tests/conftest.py")
+        source="tests/conftest.py",
+    )
     return cfg
 
 
@@ -84,10 +88,18 @@ def masked_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     masks = torch.zeros(2, 50, 70, dtype=torch.uint8)
     masks[0, 6:40, 4:30] = 1
     masks[1, 10:33, 35:66] = 1
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]), "labels": torch.tensor([1, 4]),
-                "masks": masks},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "masks": torch.zeros(0, 64, 45, dtype=torch.uint8)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]),
+            "labels": torch.tensor([1, 4]),
+            "masks": masks,
+        },
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 64, 45, dtype=torch.uint8),
+        },
+    ]
     return images, targets
 
 
@@ -95,13 +107,28 @@ def masked_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
 def make_distill_cfg(cfg: CfgNode, **overrides: Any) -> CfgNode:
     """cfg_tiny turned into a tiny ICD run: 32-channel ICD modules, few queries, short schedules."""
     cfg = cfg.clone()
-    cfg.merge_from_dict({
-        "SEED": 3,
-        "DISTILL": {"HIDDEN_DIM": 32, "NUM_HEADS": 8, "FFN_DIM": 64, "MAX_QUERIES": 12, "WARMUP_DETACH_ITERS": 1,
-                    "OPTIMIZER": {"WARMUP_ITERS": 1}},
-        "SOLVER": {"MAX_ITER": 3, "BASE_LR": 0.01, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 1000,
-                   "LOG_PERIOD": 1},
-    }, source="tests/conftest.py")
+    cfg.merge_from_dict(
+        {
+            "SEED": 3,
+            "DISTILL": {
+                "HIDDEN_DIM": 32,
+                "NUM_HEADS": 8,
+                "FFN_DIM": 64,
+                "MAX_QUERIES": 12,
+                "WARMUP_DETACH_ITERS": 1,
+                "OPTIMIZER": {"WARMUP_ITERS": 1},
+            },
+            "SOLVER": {
+                "MAX_ITER": 3,
+                "BASE_LR": 0.01,
+                "WARMUP_ITERS": 1,
+                "STEPS": [],
+                "CHECKPOINT_PERIOD": 1000,
+                "LOG_PERIOD": 1,
+            },
+        },
+        source="tests/conftest.py",
+    )
     if overrides:
         cfg.merge_from_dict(overrides, source="test overrides")
     return cfg
@@ -137,10 +164,19 @@ def write_cache(cfg: CfgNode, url: str, encoding: str = "fp32", skip: frozenset[
     teacher = load_teacher(cfg, index.num_classes, torch.device("cpu"))
     max_h = max(p.resized_h for _, p in samples)
     max_w = max(p.resized_w for _, p in samples)
-    levels = [LevelSpec(name, stride, teacher.out_channels, -(-max_h // stride), -(-max_w // stride))
-              for name, stride in teacher.strides.items()]
-    writer = CacheWriter.create(url, num_samples=len(samples), levels=levels, encoding=encoding,
-                                attributes=identity_attributes(cfg, index, plan), shard_samples=4, tile=16)
+    levels = [
+        LevelSpec(name, stride, teacher.out_channels, -(-max_h // stride), -(-max_w // stride))
+        for name, stride in teacher.strides.items()
+    ]
+    writer = CacheWriter.create(
+        url,
+        num_samples=len(samples),
+        levels=levels,
+        encoding=encoding,
+        attributes=identity_attributes(cfg, index, plan),
+        shard_samples=4,
+        tile=16,
+    )
     writer.put_teacher_weights(fpn_and_head_weights(teacher))
     dataset = DumpDataset(samples)
     for i in range(len(dataset)):
@@ -149,9 +185,13 @@ def write_cache(cfg: CfgNode, url: str, encoding: str = "fp32", skip: frozenset[
         record = dataset[i]
         p = record["params"]
         (features,) = sample_features(teacher, [record["image"]], [lv.name for lv in levels])
-        writer.write_sample(i, {name: feature.numpy() for name, feature in features.items()},
-                            SampleMeta(p.image_id, p.variant, p.scale, p.flip, p.resized_h, p.resized_w),
-                            record["boxes"], record["classes"])
+        writer.write_sample(
+            i,
+            {name: feature.numpy() for name, feature in features.items()},
+            SampleMeta(p.image_id, p.variant, p.scale, p.flip, p.resized_h, p.resized_w),
+            record["boxes"],
+            record["classes"],
+        )
     writer.close()
     finish_cache(url)  # as stage one finishes a dump: the manifest, written last (`skip` stay uncommitted)
     return url
@@ -169,15 +209,25 @@ def teacher_cache(cfg_tiny: CfgNode, tiny_coco: dict[str, str], tmp_path_factory
     distilling from the cache must use the same); `skip` are sample indices left uncommitted.
     """
 
-    def make(encoding: str = "fp32", variants: int = 1, skip: frozenset[int] = frozenset(),
-             min_sizes: tuple[int, ...] = (64,)) -> tuple[str, str]:
+    def make(
+        encoding: str = "fp32",
+        variants: int = 1,
+        skip: frozenset[int] = frozenset(),
+        min_sizes: tuple[int, ...] = (64,),
+    ) -> tuple[str, str]:
         key = (tiny_coco["root"], encoding, variants, frozenset(skip), tuple(min_sizes))
         if key not in _CACHES:
             root = tmp_path_factory.mktemp("stage2_cache")
             weights = save_teacher(cfg_tiny, root / "teacher.pth")
             tcfg = cfg_tiny.clone()
-            tcfg.merge_from_dict({"MODEL": {"WEIGHTS": weights}, "CACHE": {"NUM_VARIANTS": variants},
-                                  "INPUT": {"MIN_SIZE_TRAIN": list(min_sizes)}}, source="teacher_cache")
+            tcfg.merge_from_dict(
+                {
+                    "MODEL": {"WEIGHTS": weights},
+                    "CACHE": {"NUM_VARIANTS": variants},
+                    "INPUT": {"MIN_SIZE_TRAIN": list(min_sizes)},
+                },
+                source="teacher_cache",
+            )
             _CACHES[key] = (write_cache(tcfg, str(root / "cache.zarr"), encoding, frozenset(skip)), weights)
         return _CACHES[key]
 
@@ -194,7 +244,10 @@ def run_dump_cli(cfg: CfgNode, cache: str, *extra: str, env: dict | None = None)
     config.write_text(cfg.dump())
     return subprocess.run(
         [sys.executable, "-m", "icd", "dump", "--config-file", str(config), "--cache", cache, *extra],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 

@@ -6,6 +6,7 @@ read from it). AdelaiDet builds each model from its own config (tiny: R-18, FPN 
 seeded random initialisation; its state dict, saved as AdelaiDet saves it, is loaded through
 MODEL.WEIGHTS into the project's model, and both run on the same images.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,11 @@ from detection.modeling.detector import build_detector  # noqa: E402
 
 K = 3
 WIDTH = 64  # every GroupNorm layer >= 64 channels: 32 groups here as in AdelaiDet
-CONFIGS = {"FCOS": "FCOS-Detection/R_50_1x.yaml", "CondInst": "CondInst/MS_R_50_1x.yaml", "SOLOv2": "SOLOv2/R50_3x.yaml"}
+CONFIGS = {
+    "FCOS": "FCOS-Detection/R_50_1x.yaml",
+    "CondInst": "CondInst/MS_R_50_1x.yaml",
+    "SOLOv2": "SOLOv2/R50_3x.yaml",
+}
 
 
 def adelaidet_model(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -36,26 +41,64 @@ def adelaidet_model(arch: str, seed: int = 0) -> torch.nn.Module:
     if not config.is_file():
         pytest.skip(f"AdelaiDet is importable but {config} is not beside it (use a source checkout)")
     cfg.merge_from_file(str(config))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18,
-                         "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.FPN.OUT_CHANNELS", WIDTH,
-                         "MODEL.FCOS.NUM_CLASSES", K, "MODEL.SOLOV2.NUM_CLASSES", K,
-                         "MODEL.SOLOV2.INSTANCE_IN_CHANNELS", WIDTH, "MODEL.SOLOV2.INSTANCE_CHANNELS", WIDTH,
-                         "MODEL.SOLOV2.MASK_IN_CHANNELS", WIDTH, "MODEL.SOLOV2.MASK_CHANNELS", WIDTH,
-                         "MODEL.SOLOV2.NUM_KERNELS", WIDTH, "MODEL.SOLOV2.NUM_MASKS", WIDTH,
-                         "MODEL.CONDINST.MASK_BRANCH.CHANNELS", WIDTH])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.RESNETS.DEPTH",
+            18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            64,
+            "MODEL.FPN.OUT_CHANNELS",
+            WIDTH,
+            "MODEL.FCOS.NUM_CLASSES",
+            K,
+            "MODEL.SOLOV2.NUM_CLASSES",
+            K,
+            "MODEL.SOLOV2.INSTANCE_IN_CHANNELS",
+            WIDTH,
+            "MODEL.SOLOV2.INSTANCE_CHANNELS",
+            WIDTH,
+            "MODEL.SOLOV2.MASK_IN_CHANNELS",
+            WIDTH,
+            "MODEL.SOLOV2.MASK_CHANNELS",
+            WIDTH,
+            "MODEL.SOLOV2.NUM_KERNELS",
+            WIDTH,
+            "MODEL.SOLOV2.NUM_MASKS",
+            WIDTH,
+            "MODEL.CONDINST.MASK_BRANCH.CHANNELS",
+            WIDTH,
+        ]
+    )
     return build_detecting(cfg, seed, ("cls_logits.bias", "cate_pred.bias"))
 
 
 def project_model(cfg_tiny: CfgNode, arch: str) -> torch.nn.Module:
     cfg = cfg_tiny.clone()
-    options = {**D2_OPTIONS, "FPN": {"OUT_CHANNELS": WIDTH, "TOP_BLOCK_IN": "p5"}, "SCORE_THRESH_TEST": 0.05,
-               "NMS_THRESH_TEST": 0.6, "CONDINST": {"MASK_BRANCH": {"CHANNELS": WIDTH}}}
+    options = {
+        **D2_OPTIONS,
+        "FPN": {"OUT_CHANNELS": WIDTH, "TOP_BLOCK_IN": "p5"},
+        "SCORE_THRESH_TEST": 0.05,
+        "NMS_THRESH_TEST": 0.6,
+        "CONDINST": {"MASK_BRANCH": {"CHANNELS": WIDTH}},
+    }
     if arch == "SOLOv2":  # AdelaiDet's geometry already: no detectron2 conventions, P6 max-pooled
         options.pop("CONVENTIONS")
-        options.update(FPN={"OUT_CHANNELS": WIDTH}, SCORE_THRESH_TEST=0.1,
-                       SOLOV2={"INSTANCE_CHANNELS": WIDTH, "MASK_CHANNELS": WIDTH, "NUM_MASKS": WIDTH})
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch != "FCOS", **options},
-                         "TEST": {"DETECTIONS_PER_IMAGE": 100}}, source="test")
+        options.update(
+            FPN={"OUT_CHANNELS": WIDTH},
+            SCORE_THRESH_TEST=0.1,
+            SOLOV2={"INSTANCE_CHANNELS": WIDTH, "MASK_CHANNELS": WIDTH, "NUM_MASKS": WIDTH},
+        )
+    cfg.merge_from_dict(
+        {
+            "MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch != "FCOS", **options},
+            "TEST": {"DETECTIONS_PER_IMAGE": 100},
+        },
+        source="test",
+    )
     return build_detector(cfg, K + 1).eval()
 
 
@@ -91,18 +134,31 @@ def test_backend_detectron2_builds_adelaidets_fcos(cfg_tiny, tmp_path):
     if not base.is_file():
         pytest.skip(f"AdelaiDet is importable but {base} is not beside it (use a source checkout)")
     config = tmp_path / "fcos_tiny.yaml"
-    config.write_text(f"_BASE_: {base}\nMODEL:\n  WEIGHTS: ''\n  RESNETS:\n    DEPTH: 18\n    RES2_OUT_CHANNELS: 64\n"
-                      f"  FPN:\n    OUT_CHANNELS: {WIDTH}\n")
+    config.write_text(
+        f"_BASE_: {base}\nMODEL:\n  WEIGHTS: ''\n  RESNETS:\n    DEPTH: 18\n    RES2_OUT_CHANNELS: 64\n"
+        f"  FPN:\n    OUT_CHANNELS: {WIDTH}\n"
+    )
     cfg = cfg_tiny.clone()
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": "FCOS", **D2_OPTIONS, "BACKEND": "detectron2",
-                                   "D2_CONFIG": str(config), "FPN": {"OUT_CHANNELS": WIDTH, "TOP_BLOCK_IN": "p5"}}},
-                        source="test")
+    cfg.merge_from_dict(
+        {
+            "MODEL": {
+                "META_ARCHITECTURE": "FCOS",
+                **D2_OPTIONS,
+                "BACKEND": "detectron2",
+                "D2_CONFIG": str(config),
+                "FPN": {"OUT_CHANNELS": WIDTH, "TOP_BLOCK_IN": "p5"},
+            }
+        },
+        source="test",
+    )
     torch.manual_seed(0)
     model = build_detector(cfg, K + 1)
     assert model.levels == ["p3", "p4", "p5", "p6", "p7"]
     images = [torch.rand(3, 64, 96) * 255, torch.rand(3, 64, 80) * 255]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([K])},
-               {"boxes": torch.tensor([[10.0, 10.0, 30.0, 20.0]]), "labels": torch.tensor([1])}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([K])},
+        {"boxes": torch.tensor([[10.0, 10.0, 30.0, 20.0]]), "labels": torch.tensor([1])},
+    ]
     losses, features, _ = model.train()(images, targets)
     assert all(torch.isfinite(v) for v in losses.values()) and len(losses) >= 3
     assert list(features) == model.levels

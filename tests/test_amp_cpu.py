@@ -1,6 +1,7 @@
 """SOLVER.AMP on CPU (bfloat16 autocast, an enabled GradScaler): both trainers' step and the dump's
 teacher forward run the CUDA path's sequence (scale, backward, unscale every optimizer, clip, step,
 update) on every CI run, and the loss scale is checkpointed for an exact resume."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,6 +44,7 @@ class Spy:
             target = self.names.get(id(args[0])) if args else None
             self.calls.append(f"{name}({target})" if target else name)
             return fn(*args, **kwargs)
+
         return call
 
 
@@ -53,8 +55,10 @@ def grad_norm(params) -> float:
 
 def amp_cfg(cfg, tmp_path, **solver):
     cfg = cfg.clone()
-    cfg.merge_from_dict({"OUTPUT_DIR": str(tmp_path), "SOLVER": {"AMP": True, "MAX_ITER": 1, **solver},
-                         "DATASETS": {"TEST": []}}, source="test_amp_cpu")
+    cfg.merge_from_dict(
+        {"OUTPUT_DIR": str(tmp_path), "SOLVER": {"AMP": True, "MAX_ITER": 1, **solver}, "DATASETS": {"TEST": []}},
+        source="test_amp_cpu",
+    )
     return cfg
 
 
@@ -95,20 +99,30 @@ def test_the_detector_step_under_cpu_amp_unscales_then_clips_then_steps(cfg_tiny
 
 
 def test_the_distill_step_under_cpu_amp_steps_both_optimizers_in_the_amp_recipes_order(
-        cfg_tiny, teacher_cache, distill_cfg, tmp_path, monkeypatch):
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path, monkeypatch
+):
     url, _ = teacher_cache("fp16")
-    cfg = distill_cfg(amp_cfg(cfg_tiny, tmp_path, CLIP_GRADIENTS={"ENABLED": True, "CLIP_TYPE": "norm",
-                                                                  "CLIP_VALUE": CLIP}),
-                      SOLVER={"AMP": True, "MAX_ITER": 1}, DISTILL={"WARMUP_DETACH_ITERS": 0,
-                                                                   "OPTIMIZER": {"CLIP_NORM": CLIP}})
+    cfg = distill_cfg(
+        amp_cfg(cfg_tiny, tmp_path, CLIP_GRADIENTS={"ENABLED": True, "CLIP_TYPE": "norm", "CLIP_VALUE": CLIP}),
+        SOLVER={"AMP": True, "MAX_ITER": 1},
+        DISTILL={"WARMUP_DETACH_ITERS": 0, "OPTIMIZER": {"CLIP_NORM": CLIP}},
+    )
     trainer = build_distill_trainer(cfg, url, with_evaluation=False)
     assert trainer.scaler.is_enabled()
     dtypes = bf16_features(trainer.module)
     spy = Spy(monkeypatch, trainer)
     losses = trainer.run_step(next(iter(trainer.build_loader(0))))
     assert set(dtypes) == {torch.bfloat16} and all(torch.isfinite(v) for v in losses.values())
-    assert spy.calls == ["scale", "unscale_(student)", "unscale_(icd)", "clip_gradients(student)", "clip_icd",
-                         "step(student)", "step(icd)", "update"]
+    assert spy.calls == [
+        "scale",
+        "unscale_(student)",
+        "unscale_(icd)",
+        "clip_gradients(student)",
+        "clip_icd",
+        "step(student)",
+        "step(icd)",
+        "update",
+    ]
     assert grad_norm(trainer.module.parameters()) == pytest.approx(CLIP, rel=1e-3)
     assert grad_norm(trainer.icd.parameters()) == pytest.approx(CLIP, rel=1e-3)
 
@@ -118,8 +132,13 @@ def test_the_scaled_cpu_step_equals_the_unscaled_one(cfg_tiny, tmp_path):
     params = {}
     for scaled in (True, False):
         torch.manual_seed(0)
-        trainer = build_trainer(amp_cfg(cfg_tiny, tmp_path / str(scaled), CLIP_GRADIENTS={"ENABLED": True,
-                                        "CLIP_TYPE": "norm", "CLIP_VALUE": 0.5}))
+        trainer = build_trainer(
+            amp_cfg(
+                cfg_tiny,
+                tmp_path / str(scaled),
+                CLIP_GRADIENTS={"ENABLED": True, "CLIP_TYPE": "norm", "CLIP_VALUE": 0.5},
+            )
+        )
         if not scaled:
             trainer.scaler = amp.grad_scaler(trainer.device, False)
         trainer.run_step(next(iter(trainer.build_loader(0))))

@@ -71,11 +71,18 @@ def test_a_part_for_a_name_outside_the_table_fails_at_registration():
 
 def _string_constants(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)}
-    return {node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
 
 
 def test_architecture_names_are_literals_only_in_the_table():
@@ -88,8 +95,15 @@ def test_architecture_names_are_literals_only_in_the_table():
         REPO / "detection" / "interop" / "d2_backend.py",
     }
     offenders = {}
-    for package in ("icd", "detection", "cache_format", "cache_contract", "stage1_teacher_dump",
-                    "stage2_student_distill", "bench"):
+    for package in (
+        "icd",
+        "detection",
+        "cache_format",
+        "cache_contract",
+        "stage1_teacher_dump",
+        "stage2_student_distill",
+        "bench",
+    ):
         for path in sorted((REPO / package).rglob("*.py")):
             found = _string_constants(path) & names
             if found and path not in allowed:

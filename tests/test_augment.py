@@ -1,4 +1,5 @@
 """detection.data.augment: stage one and stage two must derive identical geometry and pixels from the plan."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,22 @@ def test_resize_rule_is_shortest_edge_with_a_cap():
 
 def test_plan_from_config_follows_input_and_cache_keys():
     cfg = get_cfg()
-    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "[64, 72]", "INPUT.MAX_SIZE_TRAIN", "100", "CACHE.AUG_SEED", "5",
-                         "CACHE.NUM_VARIANTS", "3", "INPUT.MIN_SIZE_TEST", "70", "INPUT.MAX_SIZE_TEST", "90"])
+    cfg.merge_from_list(
+        [
+            "INPUT.MIN_SIZE_TRAIN",
+            "[64, 72]",
+            "INPUT.MAX_SIZE_TRAIN",
+            "100",
+            "CACHE.AUG_SEED",
+            "5",
+            "CACHE.NUM_VARIANTS",
+            "3",
+            "INPUT.MIN_SIZE_TEST",
+            "70",
+            "INPUT.MAX_SIZE_TEST",
+            "90",
+        ]
+    )
     train = AugmentationPlan.for_training(cfg)
     assert train == AugmentationPlan(seed=5, num_variants=3, min_sizes=[64, 72], max_size=100, flip=True)
     test = AugmentationPlan.for_testing(cfg)
@@ -54,6 +69,7 @@ def test_params_are_a_pure_function_of_seed_image_variant_and_size():
 
 def test_variants_of_one_image_are_distinct_and_cover_sizes_and_flips():
     plan = AugmentationPlan(seed=0, num_variants=4, min_sizes=[64, 80], max_size=500, flip=True)
+
     def combo(image_id: int, v: int) -> tuple[int, bool]:
         p = plan.params(image_id, v, 50, 70)
         return p.resized_h, p.flip
@@ -85,8 +101,9 @@ def test_plan_and_params_round_trip_through_json():
     plan = AugmentationPlan(seed=11, num_variants=3, min_sizes=(64, 72, 80), max_size=120, flip=True)
     restored = AugmentationPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert restored == plan
-    assert [restored.params(i, v, 77, 55) for i in range(5) for v in range(3)] == \
-           [plan.params(i, v, 77, 55) for i in range(5) for v in range(3)]
+    assert [restored.params(i, v, 77, 55) for i in range(5) for v in range(3)] == [
+        plan.params(i, v, 77, 55) for i in range(5) for v in range(3)
+    ]
     p = plan.params(4, 2, 77, 55)
     assert AugParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(UserError, match="missing"):
@@ -99,7 +116,7 @@ def test_sample_variant_uses_every_variant_once_per_cycle_and_is_deterministic()
         draws = [plan.sample_variant(epoch, image_id) for epoch in range(9)]
         assert draws == [plan.sample_variant(epoch, image_id) for epoch in range(9)]
         for cycle in range(3):
-            assert sorted(draws[3 * cycle: 3 * cycle + 3]) == [0, 1, 2]
+            assert sorted(draws[3 * cycle : 3 * cycle + 3]) == [0, 1, 2]
     orders = {tuple(plan.sample_variant(e, i) for e in range(3)) for i in range(20)}
     assert len(orders) > 1  # images do not all walk the variants in the same order
     single = AugmentationPlan(seed=2, num_variants=1, min_sizes=[64], max_size=200, flip=True)
@@ -167,22 +184,32 @@ def test_masks_and_polygons_follow_the_boxes():
     out = apply_masks(masks, p)
     assert out.dtype == torch.uint8 and out.shape == (1, 80, 120)
     rows, cols = torch.nonzero(out[0], as_tuple=True)
-    assert [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1] == \
-           apply_boxes(torch.tensor([[10.0, 5.0, 30.0, 25.0]]), p)[0].tolist()
+    assert [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1] == apply_boxes(
+        torch.tensor([[10.0, 5.0, 30.0, 25.0]]), p
+    )[0].tolist()
     assert apply_masks(torch.zeros(0, 40, 60, dtype=torch.uint8), p).shape == (0, 80, 120)
     poly = apply_polygons([[10, 5, 30, 5, 30, 25, 10, 25]], p)[0].reshape(-1, 2)
     assert poly[:, 0].min() == 60 and poly[:, 0].max() == 100 and poly[:, 1].min() == 10 and poly[:, 1].max() == 50
 
 
-@pytest.mark.parametrize("size,out", [((64, 80), (96, 120)), ((37, 53), (64, 91)), ((480, 640), (800, 1066)),
-                                      ((64, 80), (48, 60))])
+@pytest.mark.parametrize(
+    "size,out", [((64, 80), (96, 120)), ((37, 53), (64, 91)), ((480, 640), (800, 1066)), ((64, 80), (48, 60))]
+)
 def test_resize_does_not_depend_on_the_thread_count_and_is_bilinear(size, out):
     """Issue 10, hole 7: DataLoader workers resize with 1 torch thread, the main process with N; the
     cached teacher features (and stage two's pixels) must not depend on which did it."""
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, *size), generator=gen).float()
-    p = AugParams(image_id=1, variant=0, scale=out[0] / size[0], flip=False, orig_h=size[0], orig_w=size[1],
-                  resized_h=out[0], resized_w=out[1])
+    p = AugParams(
+        image_id=1,
+        variant=0,
+        scale=out[0] / size[0],
+        flip=False,
+        orig_h=size[0],
+        orig_w=size[1],
+        resized_h=out[0],
+        resized_w=out[1],
+    )
     threads = torch.get_num_threads()
     try:
         results = []
@@ -193,4 +220,4 @@ def test_resize_does_not_depend_on_the_thread_count_and_is_bilinear(size, out):
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
     reference = torch.nn.functional.interpolate(image[None], size=out, mode="bilinear", align_corners=False)[0]
-    assert (results[0] - reference).abs().max() < 0.05        # the same bilinear (0-255 pixels)
+    assert (results[0] - reference).abs().max() < 0.05  # the same bilinear (0-255 pixels)

@@ -1,5 +1,6 @@
 """bench/mechanism.py: a finished run's curves, FPN distance to the teacher in and out of instances, and
 the distillation / detection gradient ratio, measured without writing into the run."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,12 @@ def finished_distill_run(cfg_tiny, teacher_cache, distill_cfg, out: Path, **over
     return url, out
 
 
-def test_mechanism_measures_a_distill_run_and_leaves_it_as_it_was(cfg_tiny, teacher_cache, distill_cfg, tmp_path,
-                                                                  capsys):
-    url, run = finished_distill_run(cfg_tiny, teacher_cache, distill_cfg, tmp_path / "run",
-                                    DISTILL={"WARMUP_DETACH_ITERS": 0})
+def test_mechanism_measures_a_distill_run_and_leaves_it_as_it_was(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path, capsys
+):
+    url, run = finished_distill_run(
+        cfg_tiny, teacher_cache, distill_cfg, tmp_path / "run", DISTILL={"WARMUP_DETACH_ITERS": 0}
+    )
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert mechanism.main([str(run), "--cache", url, "--batches", "2", "--out", str(tmp_path / "m.json")]) == 0
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
@@ -55,8 +58,9 @@ def test_a_dir_that_is_not_a_finished_run_is_refused(tmp_path, capsys) -> None:
 
 
 def test_teacher_init_only_reports_the_gradient_per_unit_of_lambda(cfg_tiny, teacher_cache, distill_cfg, tmp_path):
-    url, run = finished_distill_run(cfg_tiny, teacher_cache, distill_cfg, tmp_path / "init_only",
-                                    DISTILL={"LAMBDA": 0.0, "WARMUP_DETACH_ITERS": 0})
+    url, run = finished_distill_run(
+        cfg_tiny, teacher_cache, distill_cfg, tmp_path / "init_only", DISTILL={"LAMBDA": 0.0, "WARMUP_DETACH_ITERS": 0}
+    )
     measured = mechanism.measure(run, url, batches=1)
     assert measured["lambda"] == 0.0 and measured["decoder"]
     assert all(m["grad_ratio"] == 0.0 and m["grad_ratio_per_lambda"] > 0 for m in measured["levels"].values())

@@ -2,6 +2,7 @@
 
 No benchmark is executed here: run_all's runner is replaced by canned results.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,31 @@ import pytest
 from bench import run_all
 from bench.run_all import BenchResult, selected_benchmarks, write_summary
 
-MACHINE = {"cpu": "Test CPU 9000", "cpu_cores": 2, "usable_cores": 2, "torch_threads": 1, "gpu": None,
-           "torch": "2.x", "cuda": None, "python": "3.11", "platform": "Linux"}
+MACHINE = {
+    "cpu": "Test CPU 9000",
+    "cpu_cores": 2,
+    "usable_cores": 2,
+    "torch_threads": 1,
+    "gpu": None,
+    "torch": "2.x",
+    "cuda": None,
+    "python": "3.11",
+    "platform": "Linux",
+}
 
 
 def test_summary_has_machine_date_and_each_benchmark_table(tmp_path: Path) -> None:
     results = [
-        BenchResult("stage1", True, 12.0, 0, data={"quick": True, "markdown": "| mode | ratio |\n|---|---|\n| dump | 0.95 |"}),
-        BenchResult("cache_io", True, 3.0, 0, data={"rows": [{"name": "fp16@zstd", "bytes_per_value": 1.86}],
-                                                   "targets": {"int8 under 1 B/value": True}}),
+        BenchResult(
+            "stage1", True, 12.0, 0, data={"quick": True, "markdown": "| mode | ratio |\n|---|---|\n| dump | 0.95 |"}
+        ),
+        BenchResult(
+            "cache_io",
+            True,
+            3.0,
+            0,
+            data={"rows": [{"name": "fp16@zstd", "bytes_per_value": 1.86}], "targets": {"int8 under 1 B/value": True}},
+        ),
     ]
     text = write_summary(results, MACHINE, tmp_path / "SUMMARY.md", date="2026-01-02T03:04:05").read_text()
     assert "2/2 benchmarks ok" in text
@@ -32,8 +49,16 @@ def test_summary_has_machine_date_and_each_benchmark_table(tmp_path: Path) -> No
 
 
 def test_failed_benchmark_is_reported_with_its_stderr_tail(tmp_path: Path) -> None:
-    results = [BenchResult("stage2", False, 5.0, 1, error="exited with status 1",
-                           stderr_tail="Traceback (most recent call last):\nValueError: boom")]
+    results = [
+        BenchResult(
+            "stage2",
+            False,
+            5.0,
+            1,
+            error="exited with status 1",
+            stderr_tail="Traceback (most recent call last):\nValueError: boom",
+        )
+    ]
     text = write_summary(results, MACHINE, tmp_path / "SUMMARY.md", skipped=["accuracy"]).read_text()
     assert "FAILED: stage2" in text
     assert "## stage2 - FAILED" in text and "exited with status 1" in text

@@ -1,4 +1,5 @@
 """Budget planning: size strings, measured candidates, the most faithful fitting choice, refusals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,10 +12,19 @@ from cache_format.synthetic import fpn_like_features
 LEVELS = [LevelSpec("p3", 8, 16, 12, 12), LevelSpec("p4", 16, 16, 6, 6)]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("200GB", 200 * 10**9), ("1.5TiB", int(1.5 * 2**40)), ("500M", 500 * 10**6), ("10 kib", 10240),
-    ("123", 123), ("2g", 2 * 10**9), (".5MB", 500_000), (4096, 4096),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("200GB", 200 * 10**9),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("500M", 500 * 10**6),
+        ("10 kib", 10240),
+        ("123", 123),
+        ("2g", 2 * 10**9),
+        (".5MB", 500_000),
+        (4096, 4096),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

@@ -1,5 +1,6 @@
 """Bad input gives a clear CacheError naming the problem: not a cache, newer version, truncated store,
 wrong channel count / level set / size, another rank's shard, bad names, incompatible students."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def _feats(c: int = 4) -> dict[str, np.ndarray]:
 
 def _writer(url: str | None = None, **kw) -> CacheWriter:
     url = url or f"memory://test-cache-err-{uuid.uuid4().hex}"
-    args = dict(num_samples=8, levels=LEVELS, encoding="fp16", attributes={"preprocessing": {"pixel_mean": [1, 2, 3]}},
-                shard_samples=2, tile=4)
+    args = dict(
+        num_samples=8,
+        levels=LEVELS,
+        encoding="fp16",
+        attributes={"preprocessing": {"pixel_mean": [1, 2, 3]}},
+        shard_samples=2,
+        tile=4,
+    )
     args.update(kw)
     return CacheWriter.create(url, **args)
 
@@ -46,7 +53,7 @@ def test_newer_major_version_refused_minor_accepted(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["format_version"] = "1.7"
     meta_path.write_text(json.dumps(meta))
-    assert CacheReader(url).attributes["format_version"] == "1.7"   # newer minor: still readable
+    assert CacheReader(url).attributes["format_version"] == "1.7"  # newer minor: still readable
     meta["attributes"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CacheError, match=r"format version 2\.0, newer than the 1\.1") as info:
@@ -86,10 +93,12 @@ def test_writer_refuses_another_ranks_shard_and_committed_samples():
     _writer(url).close()
     w1 = CacheWriter.open(url, rank=1, world_size=2)
     assert w1.owned_samples() == [2, 3, 6, 7]
-    with pytest.raises(CacheError, match=r"sample 0 is in shard 0, owned by rank 0, not by this writer \(rank 1 of 2\)"):
+    with pytest.raises(
+        CacheError, match=r"sample 0 is in shard 0, owned by rank 0, not by this writer \(rank 1 of 2\)"
+    ):
         w1.write_sample(0, _feats(), META)
     w1.write_sample(2, _feats(), META)
-    w1.write_sample(3, _feats(), META)   # shard 1 complete -> committed
+    w1.write_sample(3, _feats(), META)  # shard 1 complete -> committed
     with pytest.raises(CacheError, match="already committed"):
         w1.write_sample(3, _feats(), META)
     with pytest.raises(CacheError, match="not a valid writer slot"):
@@ -105,23 +114,26 @@ def test_create_refuses_existing_store_unless_overwrite():
     assert CacheReader(url).num_samples == 3
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(encoding="fp12"), "unknown encoding 'fp12'"),
-    (dict(encoding="int8+bitround3"), "int8 has no mantissa"),
-    (dict(encoding="fp16+bitround12"), "keepbits 12 out of range"),
-    (dict(compressor="gzip"), "unknown compressor 'gzip'"),
-    (dict(attributes={"levels": 1}), "reserved"),
-    (dict(attributes={"teacher": {"depth": np.int64(50)}}), "not plain JSON"),
-    (dict(num_samples=0), "num_samples must be >= 1"),
-    (dict(levels=[LevelSpec("p3", 8, 4, 8, 8), LevelSpec("p3", 16, 4, 4, 4)]), "repeat"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(encoding="fp12"), "unknown encoding 'fp12'"),
+        (dict(encoding="int8+bitround3"), "int8 has no mantissa"),
+        (dict(encoding="fp16+bitround12"), "keepbits 12 out of range"),
+        (dict(compressor="gzip"), "unknown compressor 'gzip'"),
+        (dict(attributes={"levels": 1}), "reserved"),
+        (dict(attributes={"teacher": {"depth": np.int64(50)}}), "not plain JSON"),
+        (dict(num_samples=0), "num_samples must be >= 1"),
+        (dict(levels=[LevelSpec("p3", 8, 4, 8, 8), LevelSpec("p3", 16, 4, 4, 4)]), "repeat"),
+    ],
+)
 def test_bad_create_arguments(kw, match):
     with pytest.raises(CacheError, match=match):
         _writer(**kw)
 
 
 def test_instance_capacity_is_enforced_with_a_fix():
-    w = _writer(instance_capacity=2)   # 2 samples per shard x 2 = 4 rows per shard
+    w = _writer(instance_capacity=2)  # 2 samples per shard x 2 = 4 rows per shard
     w.write_sample(0, _feats(), META, np.zeros((3, 4), np.float32), np.ones(3, np.int64))
     with pytest.raises(CacheError, match="capacity 4") as info:
         w.write_sample(1, _feats(), META, np.zeros((2, 4), np.float32), np.ones(2, np.int64))
@@ -132,8 +144,13 @@ def test_check_compatibility_names_each_differing_field():
     attrs = CacheReader(_writer().url).attributes
     check_compatibility(attrs, {"levels": [("p3", 8, 4)], "preprocessing": {"pixel_mean": (1, 2, 3)}})
     with pytest.raises(CacheError) as info:
-        check_compatibility(attrs, {"levels": [("p3", 4, 4), ("p4", 16, 256), ("p6", 64, 4)],
-                                    "preprocessing": {"pixel_mean": [1, 2, 4], "size_divisibility": 32}})
+        check_compatibility(
+            attrs,
+            {
+                "levels": [("p3", 4, 4), ("p4", 16, 256), ("p6", 64, 4)],
+                "preprocessing": {"pixel_mean": [1, 2, 4], "size_divisibility": 32},
+            },
+        )
     text = str(info.value)
     assert "level p3 stride: cache 8, student 4" in text
     assert "level p4 channels: cache 4, student 256" in text

@@ -1,5 +1,6 @@
 """Integrity under damage and concurrency: flipped bytes, missing shards, a writer killed with SIGKILL
 mid-shard, two writer processes on disjoint shards. Local stores, real files, real processes."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ sample = namespace["sample"]
 
 def _create(path: Path, n: int = 8, encoding: str = "fp16") -> str:
     url = str(path)
-    CacheWriter.create(url, num_samples=n, levels=LEVELS, encoding=encoding, attributes={"dataset": {"n": n}},
-                       shard_samples=2, tile=4)
+    CacheWriter.create(
+        url, num_samples=n, levels=LEVELS, encoding=encoding, attributes={"dataset": {"n": n}}, shard_samples=2, tile=4
+    )
     return url
 
 
@@ -75,23 +77,23 @@ def test_flipped_byte_in_a_chunk_is_caught_by_reader_and_verify(tmp_path):
     url = _create(tmp_path / "c")
     _write_all(url)
     assert verify_cache(url).ok
-    shard = tmp_path / "c" / "features" / "p3" / "c" / "1" / "0" / "0" / "0"   # samples 2 and 3
-    _flip(shard, 10)                                                         # inside the first inner chunk
+    shard = tmp_path / "c" / "features" / "p3" / "c" / "1" / "0" / "0" / "0"  # samples 2 and 3
+    _flip(shard, 10)  # inside the first inner chunk
     report = verify_cache(url, workers=2)
     assert not report.ok
     assert _bad(report) == {"features/p3/c/1/0/0/0"}, report.summary()
     assert "shard 1, sample 2 level p3" in report.summary()
     with pytest.raises(CorruptChunkError, match="sample 2 level p3"):
         CacheReader(url).read_sample(2)
-    _check_contents(url, [0, 1, 3, 4, 5, 6, 7])                              # everything else intact
+    _check_contents(url, [0, 1, 3, 4, 5, 6, 7])  # everything else intact
 
 
 def test_damaged_shard_index_and_missing_shard_are_caught(tmp_path):
     url = _create(tmp_path / "c")
     _write_all(url)
-    index_damaged = tmp_path / "c" / "features" / "p4" / "c" / "2" / "0" / "0" / "0"   # samples 4, 5
+    index_damaged = tmp_path / "c" / "features" / "p4" / "c" / "2" / "0" / "0" / "0"  # samples 4, 5
     _flip(index_damaged, index_damaged.stat().st_size - 8)
-    (tmp_path / "c" / "features" / "p3" / "c" / "3" / "0" / "0" / "0").unlink()         # samples 6, 7
+    (tmp_path / "c" / "features" / "p3" / "c" / "3" / "0" / "0" / "0").unlink()  # samples 6, 7
     report = verify_cache(url)
     assert _bad(report) == {"features/p4/c/2/0/0/0", "features/p3/c/3/0/0/0"}, report.summary()
     with pytest.raises(CorruptChunkError, match="sample 6 level p3: stored values fail their checksum"):
@@ -101,7 +103,7 @@ def test_damaged_shard_index_and_missing_shard_are_caught(tmp_path):
 def test_truncated_shard_file_is_caught(tmp_path):
     url = _create(tmp_path / "c")
     _write_all(url)
-    shard = tmp_path / "c" / "features" / "p3" / "c" / "0" / "0" / "0" / "0"   # samples 0, 1
+    shard = tmp_path / "c" / "features" / "p3" / "c" / "0" / "0" / "0" / "0"  # samples 0, 1
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     report = verify_cache(url)
     assert _bad(report) == {"features/p3/c/0/0/0/0"}, report.summary()
@@ -113,12 +115,14 @@ def test_damaged_records_and_instances_are_reported(tmp_path):
     url = _create(tmp_path / "c")
     _write_all(url)
     _flip(tmp_path / "c" / "samples" / "records" / "c" / "0" / "0", 12)
-    _flip(tmp_path / "c" / "instances" / "boxes" / "c" / "1" / "0", 5)        # shard 1: sample 3 has a box
+    _flip(tmp_path / "c" / "instances" / "boxes" / "c" / "1" / "0", 5)  # shard 1: sample 3 has a box
     report = verify_cache(url)
     assert _bad(report) == {"samples/records/c/0/0", "instances/boxes/c/1/0"}, report.summary()
 
 
-CHILD_KILL = SAMPLE_CODE + """
+CHILD_KILL = (
+    SAMPLE_CODE
+    + """
 import sys, time
 from cache_format import CacheWriter
 w = CacheWriter.open(sys.argv[1])
@@ -143,6 +147,7 @@ for i in w.uncommitted_owned_samples():
     w.write_sample(i, *sample(i))
 w.close()
 """
+)
 
 
 def test_kill_9_mid_write_leaves_a_verifiable_store_that_resumes(tmp_path):
@@ -160,8 +165,8 @@ def test_kill_9_mid_write_leaves_a_verifiable_store_that_resumes(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     # shard 1's features are on disk, its records are not: only shard 0 is visible
     assert (tmp_path / "c" / "features" / "p3" / "c" / "1" / "0" / "0" / "0").is_file()
-    assert not verify_cache(url).ok                                  # unfinished: no manifest
-    report = verify_cache(url, require_manifest=False)               # what is committed is intact
+    assert not verify_cache(url).ok  # unfinished: no manifest
+    report = verify_cache(url, require_manifest=False)  # what is committed is intact
     assert report.ok and report.integrity.committed.sum() == 2, report.summary()
     assert CacheReader(url).committed().tolist() == [True, True] + [False] * 6
     w = CacheWriter.open(url)
@@ -172,7 +177,9 @@ def test_kill_9_mid_write_leaves_a_verifiable_store_that_resumes(tmp_path):
     _check_contents(url, range(8))
 
 
-CHILD_RANK = SAMPLE_CODE + """
+CHILD_RANK = (
+    SAMPLE_CODE
+    + """
 import sys
 from cache_format import CacheWriter
 w = CacheWriter.open(sys.argv[1], rank=int(sys.argv[2]), world_size=2)
@@ -181,13 +188,22 @@ for i in w.owned_samples():
 w.close()
 print(",".join(map(str, w.owned_samples())))
 """
+)
 
 
 def test_two_writer_processes_on_disjoint_shards_make_a_valid_store(tmp_path):
     url = _create(tmp_path / "c", n=9)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD_RANK, url, str(rank)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_RANK, url, str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert outs[0][0].strip() == "0,1,4,5,8" and outs[1][0].strip() == "2,3,6,7"
@@ -204,5 +220,5 @@ def test_reader_sees_samples_committed_after_it_opened(tmp_path):
     w = CacheWriter.open(url)
     for i in (0, 1):
         w.write_sample(i, *sample(i))
-    assert r.committed().tolist() == [True, True, False, False]   # write_sample wrote the full shard
+    assert r.committed().tolist() == [True, True, False, False]  # write_sample wrote the full shard
     assert r.read_sample(1).meta.image_id == 1

@@ -1,5 +1,6 @@
 """Round trips through the cache: bit-exact fp32, lossy encodings within their documented bounds,
 ragged and empty instances, stores by URL, teacher weights, visibility only after a shard is written."""
+
 from __future__ import annotations
 
 import pickle
@@ -34,8 +35,17 @@ def _sample(i: int):
 
 
 def _write(url: str, encoding: str, n: int = 7, compressor: str = "zstd", **kw) -> CacheWriter:
-    w = CacheWriter.create(url, num_samples=n, levels=LEVELS, encoding=encoding, compressor=compressor,
-                           attributes={"teacher": {"arch": "tiny"}}, shard_samples=3, tile=8, **kw)
+    w = CacheWriter.create(
+        url,
+        num_samples=n,
+        levels=LEVELS,
+        encoding=encoding,
+        compressor=compressor,
+        attributes={"teacher": {"arch": "tiny"}},
+        shard_samples=3,
+        tile=8,
+        **kw,
+    )
     for i in w.owned_samples():
         w.write_sample(i, *_sample(i))
     w.close()
@@ -61,10 +71,18 @@ def test_fp32_round_trip_is_bit_exact_with_meta_and_instances():
         assert got.classes.dtype == np.int64
 
 
-@pytest.mark.parametrize("encoding,compressor", [
-    ("fp16", "zstd"), ("bf16", "blosc-lz4"), ("int8", "zstd:1"), ("fp16+bitround5", "blosc-zstd-bitshuffle"),
-    ("fp32+bitround12", "zstd"), ("bf16+bitround4", "none"), ("int8", "blosc-lz4-shuffle"),
-])
+@pytest.mark.parametrize(
+    "encoding,compressor",
+    [
+        ("fp16", "zstd"),
+        ("bf16", "blosc-lz4"),
+        ("int8", "zstd:1"),
+        ("fp16+bitround5", "blosc-zstd-bitshuffle"),
+        ("fp32+bitround12", "zstd"),
+        ("bf16+bitround4", "none"),
+        ("int8", "blosc-lz4-shuffle"),
+    ],
+)
 def test_lossy_encodings_stay_within_documented_bound(encoding, compressor):
     url = _url(encoding)
     _write(url, encoding, compressor=compressor)
@@ -86,12 +104,14 @@ def test_lossy_encodings_stay_within_documented_bound(encoding, compressor):
 def test_int8_bound_holds_on_hard_channels():
     enc = parse_encoding("int8")
     rng = np.random.default_rng(3)
-    x = np.stack([
-        np.full((5, 6), 3.25, np.float32),                          # constant channel: exact
-        (1e4 + rng.standard_normal((5, 6))).astype(np.float32),     # large offset, small range
-        (rng.standard_normal((5, 6)) * 1e-6).astype(np.float32),    # tiny values
-        np.where(rng.random((5, 6)) > 0.9, 50.0, -0.01).astype(np.float32),  # outliers
-    ])
+    x = np.stack(
+        [
+            np.full((5, 6), 3.25, np.float32),  # constant channel: exact
+            (1e4 + rng.standard_normal((5, 6))).astype(np.float32),  # large offset, small range
+            (rng.standard_normal((5, 6)) * 1e-6).astype(np.float32),  # tiny values
+            np.where(rng.random((5, 6)) > 0.9, 50.0, -0.01).astype(np.float32),  # outliers
+        ]
+    )
     q, quant = enc.encode(x)
     y = enc.decode(q, quant)
     assert np.array_equal(y[0], x[0])
@@ -100,6 +120,7 @@ def test_int8_bound_holds_on_hard_channels():
 
 def test_fp16_refuses_values_beyond_its_range():
     from cache_format import CacheError
+
     with pytest.raises(CacheError, match="fp16"):
         parse_encoding("fp16").encode(np.full((1, 2, 2), 1e5, np.float32))
     with pytest.raises(CacheError, match="NaN"):
@@ -109,9 +130,9 @@ def test_fp16_refuses_values_beyond_its_range():
 def test_bf16_rounds_to_nearest_even():
     enc = parse_encoding("bf16")
     # 1 + 2^-8 is exactly halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even one (1).
-    x = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -2.5, 0.0], np.float32).reshape(1, 2, 2)
+    x = np.array([1 + 2**-8, 1 + 3 * 2**-8, -2.5, 0.0], np.float32).reshape(1, 2, 2)
     y = enc.decode(enc.encode(x)[0]).ravel()
-    assert list(y) == [1.0, 1 + 2 ** -6, -2.5, 0.0]
+    assert list(y) == [1.0, 1 + 2**-6, -2.5, 0.0]
 
 
 def test_samples_are_invisible_until_their_shard_is_written_and_partial_shards_on_close():
@@ -120,12 +141,12 @@ def test_samples_are_invisible_until_their_shard_is_written_and_partial_shards_o
     r = CacheReader(url)
     w.write_sample(0, *_sample(0))
     w.write_sample(1, *_sample(1))
-    assert not r.committed().any()           # buffered: shard 0 is not complete
-    w.write_sample(2, *_sample(2))           # completes shard 0 -> written
+    assert not r.committed().any()  # buffered: shard 0 is not complete
+    w.write_sample(2, *_sample(2))  # completes shard 0 -> written
     assert r.committed().tolist() == [True, True, True, False, False]
     w.write_sample(3, *_sample(3))
     assert w.uncommitted_owned_samples() == [4]
-    w.close()                                # partial shard 1 (sample 3) written
+    w.close()  # partial shard 1 (sample 3) written
     assert r.committed().tolist() == [True, True, True, True, False]
     assert r.read_sample(3).meta == _sample(3)[1]
     with pytest.raises(Exception, match="not committed"):
@@ -136,9 +157,12 @@ def test_samples_are_invisible_until_their_shard_is_written_and_partial_shards_o
 def test_teacher_weights_round_trip():
     url = _url("weights")
     w = _write(url, "fp16", n=3)
-    state = {"fpn.inner.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
-             "head.cls.bias": np.array([-4.6, 0.1], np.float32), "bn.num_batches_tracked": np.array(7, np.int64),
-             "empty": np.zeros((0, 3), np.float32)}
+    state = {
+        "fpn.inner.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+        "head.cls.bias": np.array([-4.6, 0.1], np.float32),
+        "bn.num_batches_tracked": np.array(7, np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+    }
     w.put_teacher_weights(state)
     got = CacheReader(url).teacher_weights()
     assert list(got) == list(state)
@@ -166,20 +190,33 @@ def test_reader_pickles_by_url():
 
 def test_padding_tiles_are_never_written():
     url = _url("pad")
-    w = CacheWriter.create(url, num_samples=1, levels=[LevelSpec("p3", 8, 2, 32, 32)], encoding="fp32",
-                           compressor="none", attributes={}, shard_samples=1, tile=8)
+    w = CacheWriter.create(
+        url,
+        num_samples=1,
+        levels=[LevelSpec("p3", 8, 2, 32, 32)],
+        encoding="fp32",
+        compressor="none",
+        attributes={},
+        shard_samples=1,
+        tile=8,
+    )
     w.write_sample(0, {"p3": np.ones((2, 5, 9), np.float32)}, SampleMeta(0, 0, 1.0, False, 40, 72))
     w.close()
     from cache_format.store import key_sizes
+
     arr = CacheReader(url).feature_array("p3")
     # The 5x9 valid region touches 2 of the 16 8x8 tiles: the shard holds those two raw chunks
     # (2*8*8 float32 + crc32c each) and the index (16 chunks x 16 bytes + crc32c), nothing else.
-    assert key_sizes(arr.store, ["features/p3/c/0/0/0/0"])["features/p3/c/0/0/0/0"] == 2 * (2 * 8 * 8 * 4 + 4) + (16 * 16 + 4)
+    assert key_sizes(arr.store, ["features/p3/c/0/0/0/0"])["features/p3/c/0/0/0/0"] == 2 * (2 * 8 * 8 * 4 + 4) + (
+        16 * 16 + 4
+    )
 
 
 def test_importing_cache_format_does_not_import_torch():
-    code = ("import sys, cache_format, cache_format.cli, cache_format.budget, cache_format.verify, "
-            "cache_format.repack, cache_format.summary; print('torch' in sys.modules, 'detection' in sys.modules)")
+    code = (
+        "import sys, cache_format, cache_format.cli, cache_format.budget, cache_format.verify, "
+        "cache_format.repack, cache_format.summary; print('torch' in sys.modules, 'detection' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 
@@ -202,15 +239,15 @@ def test_stored_arrays_decode_like_the_reader(encoding):
 def test_resume_completes_a_partially_committed_shard_without_touching_committed_samples():
     url = _url("resume")
     w = CacheWriter.create(url, num_samples=6, levels=LEVELS, encoding="int8", attributes={}, shard_samples=3, tile=8)
-    for i in (0, 1, 2, 4):          # shard 1 = [3, 4, 5]: only sample 4 buffered, written by close()
+    for i in (0, 1, 2, 4):  # shard 1 = [3, 4, 5]: only sample 4 buffered, written by close()
         w.write_sample(i, *_sample(i))
     w.close()
     before = CacheReader(url).read_sample(4)
     w = CacheWriter.open(url)
     assert w.uncommitted_owned_samples() == [3, 5]
-    w.write_sample(5, *_sample(5))   # shard still incomplete (3 missing): stays buffered
+    w.write_sample(5, *_sample(5))  # shard still incomplete (3 missing): stays buffered
     assert not CacheReader(url).committed()[5]
-    w.write_sample(3, *_sample(3))   # completes shard 1: rewrites it around committed sample 4
+    w.write_sample(3, *_sample(3))  # completes shard 1: rewrites it around committed sample 4
     r = CacheReader(url)
     assert r.committed().all()
     after = r.read_sample(4)

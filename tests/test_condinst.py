@@ -1,5 +1,6 @@
 """CondInst: the parts that are easy to get wrong (dynamic head parameter layout, relative coordinates,
 geometry conventions) and the promise that its detector is exactly the project's (torchvision's) FCOS."""
+
 from __future__ import annotations
 
 import torch
@@ -116,8 +117,16 @@ def test_adelaidet_conventions_train_and_eval(cfg_tiny):
     from detection.interop.d2_conventions import AdelaiCondInst
 
     cfg = cfg_tiny.clone()
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONVENTIONS": "detectron2",
-                                   "CONDINST": {"MASK_BRANCH": {"CHANNELS": 32}, "MAX_PROPOSALS": 5}}})
+    cfg.merge_from_dict(
+        {
+            "MODEL": {
+                "META_ARCHITECTURE": "CondInst",
+                "MASK_ON": True,
+                "CONVENTIONS": "detectron2",
+                "CONDINST": {"MASK_BRANCH": {"CHANNELS": 32}, "MAX_PROPOSALS": 5},
+            }
+        }
+    )
     torch.manual_seed(0)
     model = build_detector(cfg, K + 1)
     inner = model.model
@@ -141,8 +150,10 @@ def test_detector_is_torchvisions_fcos(cfg_tiny):
     model = _model(cfg_tiny)
     fcos = model.model
     images = _images()
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]), "labels": torch.tensor([1, 4])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 10.0, 66.0, 33.0]]), "labels": torch.tensor([1, 4])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     image_list = model.preprocess(images)
     feats = list(model.features(image_list.tensors).values())
     ours, params = fcos.predict(feats)
@@ -153,8 +164,10 @@ def test_detector_is_torchvisions_fcos(cfg_tiny):
 
     anchors = fcos.anchor_generator(image_list, feats)
     num = [f.shape[-2] * f.shape[-1] for f in feats]
-    matched = [fcos_matching(a, num, t["boxes"], (t["boxes"][:, :2] + t["boxes"][:, 2:]) / 2, 1.5)
-               for a, t in zip(anchors, targets)]
+    matched = [
+        fcos_matching(a, num, t["boxes"], (t["boxes"][:, :2] + t["boxes"][:, 2:]) / 2, 1.5)
+        for a, t in zip(anchors, targets)
+    ]
     assert (matched[0] >= 0).any() and (matched[1] < 0).all()
     losses = fcos.head.compute_loss(targets, theirs, anchors, matched)
     reference = FCOS.compute_loss(fcos, targets, theirs, anchors, num)  # torchvision's own matching

@@ -1,4 +1,5 @@
 """detection.config: what a detectron2 user relies on (_BASE_, KEY VALUE overrides, clear errors)."""
+
 from __future__ import annotations
 
 import pickle
@@ -112,16 +113,26 @@ def test_unknown_key_in_overrides_suggests_the_closest_valid_key():
 
 def test_override_values_are_parsed_like_detectron2():
     cfg = get_cfg()
-    cfg.merge_from_list([
-        "SOLVER.MAX_ITER", "100",
-        "SOLVER.BASE_LR", "1",  # int widened to float
-        "SOLVER.AMP", "true",
-        "INPUT.MIN_SIZE_TRAIN", "(640, 672)",  # python tuple syntax
-        "SOLVER.STEPS", "[10, 20]",
-        "DATASETS.TRAIN", "synth_train",  # a single value for a list key
-        "OUTPUT_DIR", "2024",  # a str key keeps the text
-        "MODEL.PIXEL_MEAN", "[1, 2, 3]",
-    ])
+    cfg.merge_from_list(
+        [
+            "SOLVER.MAX_ITER",
+            "100",
+            "SOLVER.BASE_LR",
+            "1",  # int widened to float
+            "SOLVER.AMP",
+            "true",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(640, 672)",  # python tuple syntax
+            "SOLVER.STEPS",
+            "[10, 20]",
+            "DATASETS.TRAIN",
+            "synth_train",  # a single value for a list key
+            "OUTPUT_DIR",
+            "2024",  # a str key keeps the text
+            "MODEL.PIXEL_MEAN",
+            "[1, 2, 3]",
+        ]
+    )
     assert cfg.SOLVER.MAX_ITER == 100 and isinstance(cfg.SOLVER.MAX_ITER, int)
     assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
     assert cfg.SOLVER.AMP is True
@@ -132,14 +143,17 @@ def test_override_values_are_parsed_like_detectron2():
     assert cfg.MODEL.PIXEL_MEAN == [1.0, 2.0, 3.0] and all(isinstance(v, float) for v in cfg.MODEL.PIXEL_MEAN)
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("SOLVER.MAX_ITER", "abc", "expects an int"),
-    ("SOLVER.MAX_ITER", "1.5", "expects an int"),
-    ("SOLVER.AMP", "1", "expects a bool"),
-    ("SOLVER.BASE_LR", "fast", "expects a float"),
-    ("INPUT.MIN_SIZE_TRAIN", "[640, big]", "expects an int"),
-    ("SOLVER", "3", "is a section"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("SOLVER.MAX_ITER", "abc", "expects an int"),
+        ("SOLVER.MAX_ITER", "1.5", "expects an int"),
+        ("SOLVER.AMP", "1", "expects a bool"),
+        ("SOLVER.BASE_LR", "fast", "expects a float"),
+        ("INPUT.MIN_SIZE_TRAIN", "[640, big]", "expects an int"),
+        ("SOLVER", "3", "is a section"),
+    ],
+)
 def test_type_mismatch_names_key_value_and_expected_type(key, value, expected):
     cfg = get_cfg()
     with pytest.raises(UserError) as exc:
@@ -190,11 +204,20 @@ def test_every_shipped_config_loads(path):
 
 
 def test_coco_configs_set_the_depth_their_name_says():
-    paths = [p for folder in ("COCO-Detection", "COCO-InstanceSegmentation")
-             for p in (REPO / "configs" / folder).glob("*_R_*_FPN_*.yaml")]
+    paths = [
+        p
+        for folder in ("COCO-Detection", "COCO-InstanceSegmentation")
+        for p in (REPO / "configs" / folder).glob("*_R_*_FPN_*.yaml")
+    ]
     assert len(paths) >= 12 + 18
-    arch_of = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "FasterRCNN", "mask_rcnn": "MaskRCNN",
-               "condinst": "CondInst", "solov2": "SOLOv2"}
+    arch_of = {
+        "retinanet": "RetinaNet",
+        "fcos": "FCOS",
+        "faster_rcnn": "FasterRCNN",
+        "mask_rcnn": "MaskRCNN",
+        "condinst": "CondInst",
+        "solov2": "SOLOv2",
+    }
     for path in paths:
         depth = int(path.stem.split("_R_")[1].split("_")[0])
         cfg = setup_cfg(path)

@@ -4,6 +4,7 @@ Per family (RetinaNet single-stage, Faster R-CNN two-stage) and AMP on/off: `icd
 `icd distill` cached and `--online`, one iteration each through the CLI with `--num-gpus 1`; cached ==
 online on CUDA; resume on CUDA continues with the uninterrupted run's next step; DDP over NCCL.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,16 @@ def no_tf32():
 
 def on_cuda(cfg: CfgNode, arch: str, amp: bool, output: Path, **more) -> CfgNode:
     cfg = cfg.clone()
-    cfg.merge_from_dict({"OUTPUT_DIR": str(output), "MODEL": {"DEVICE": "cuda", "META_ARCHITECTURE": arch},
-                         "SOLVER": {"AMP": amp}, "DATALOADER": {"NUM_WORKERS": 1}, **more}, source="tests/test_cuda.py")
+    cfg.merge_from_dict(
+        {
+            "OUTPUT_DIR": str(output),
+            "MODEL": {"DEVICE": "cuda", "META_ARCHITECTURE": arch},
+            "SOLVER": {"AMP": amp},
+            "DATALOADER": {"NUM_WORKERS": 1},
+            **more,
+        },
+        source="tests/test_cuda.py",
+    )
     return cfg
 
 
@@ -60,8 +69,13 @@ def test_train_dump_distill_cached_and_online_one_iteration_each(cfg_tiny, tmp_p
     assert np.isfinite(row["total_loss"]) and (tmp_path / "teacher" / "model_final.pth").is_file()
 
     dump_cfg = train_cfg.clone()
-    dump_cfg.merge_from_dict({"MODEL": {"WEIGHTS": str(tmp_path / "teacher" / "model_final.pth")},
-                              "CACHE": {"ENCODING": "fp16", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2}}, source="test")
+    dump_cfg.merge_from_dict(
+        {
+            "MODEL": {"WEIGHTS": str(tmp_path / "teacher" / "model_final.pth")},
+            "CACHE": {"ENCODING": "fp16", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
+        },
+        source="test",
+    )
     config = str(save_config(dump_cfg, tmp_path / "cfg_dump"))
     cache = str(tmp_path / "cache.zarr")
     assert icd(["dump", "--config-file", config, "--cache", cache, "--num-gpus", "1"]) == 0
@@ -72,8 +86,9 @@ def test_train_dump_distill_cached_and_online_one_iteration_each(cfg_tiny, tmp_p
 
     for mode in ("cached", "online"):
         out = tmp_path / mode
-        distill = make_distill_cfg(on_cuda(cfg_tiny, arch, amp, out), SOLVER={"AMP": amp, "MAX_ITER": 1},
-                                   DISTILL={"WARMUP_DETACH_ITERS": 0})
+        distill = make_distill_cfg(
+            on_cuda(cfg_tiny, arch, amp, out), SOLVER={"AMP": amp, "MAX_ITER": 1}, DISTILL={"WARMUP_DETACH_ITERS": 0}
+        )
         config = str(save_config(distill, tmp_path / f"cfg_{mode}"))
         extra = ["--online"] if mode == "online" else []
         assert icd(["distill", "--config-file", config, "--cache", cache, "--num-gpus", "1", *extra]) == 0, mode
@@ -89,9 +104,15 @@ def test_the_dump_on_cuda_writes_the_cpu_teachers_features(cfg_tiny, tmp_path, n
     caches = {}
     for name, device, amp in (("cpu", "cpu", False), ("cuda", "cuda", False), ("cuda_amp", "cuda", True)):
         cfg = cfg_tiny.clone()
-        cfg.merge_from_dict({"MODEL": {"WEIGHTS": weights, "DEVICE": device}, "SOLVER": {"AMP": amp},
-                             "CACHE": {"ENCODING": "fp32", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
-                             "OUTPUT_DIR": str(tmp_path / name)}, source="test")
+        cfg.merge_from_dict(
+            {
+                "MODEL": {"WEIGHTS": weights, "DEVICE": device},
+                "SOLVER": {"AMP": amp},
+                "CACHE": {"ENCODING": "fp32", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
+                "OUTPUT_DIR": str(tmp_path / name),
+            },
+            source="test",
+        )
         run_dump(cfg, str(tmp_path / f"{name}.zarr"))
         caches[name] = CacheReader(str(tmp_path / f"{name}.zarr"))
     for i in range(caches["cpu"].num_samples):
@@ -106,14 +127,23 @@ def test_the_dump_on_cuda_writes_the_cpu_teachers_features(cfg_tiny, tmp_path, n
 def test_cached_and_online_distillation_agree_on_cuda(cfg_tiny, tmp_path, no_tf32):
     """The cache dumped on CUDA replays what the live teacher computes on CUDA (fp32, no TF32)."""
     weights = save_teacher(cfg_tiny, tmp_path / "teacher.pth")
-    tcfg = on_cuda(cfg_tiny, "RetinaNet", False, tmp_path / "dump", MODEL={"DEVICE": "cuda", "WEIGHTS": weights},
-                   CACHE={"ENCODING": "fp32", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2})
+    tcfg = on_cuda(
+        cfg_tiny,
+        "RetinaNet",
+        False,
+        tmp_path / "dump",
+        MODEL={"DEVICE": "cuda", "WEIGHTS": weights},
+        CACHE={"ENCODING": "fp32", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
+    )
     cache = str(tmp_path / "cache.zarr")
     run_dump(tcfg, cache)
     runs = {}
     for mode in ("cached", "online"):
-        cfg = make_distill_cfg(on_cuda(cfg_tiny, "RetinaNet", False, tmp_path / mode), SOLVER={"MAX_ITER": 3},
-                               DISTILL={"WARMUP_DETACH_ITERS": 2})
+        cfg = make_distill_cfg(
+            on_cuda(cfg_tiny, "RetinaNet", False, tmp_path / mode),
+            SOLVER={"MAX_ITER": 3},
+            DISTILL={"WARMUP_DETACH_ITERS": 2},
+        )
         trainer = build_distill_trainer(cfg, cache, online=mode == "online", with_evaluation=False)
         trainer.train()
         runs[mode] = logged(tmp_path / mode)
@@ -126,9 +156,11 @@ def test_cached_and_online_distillation_agree_on_cuda(cfg_tiny, tmp_path, no_tf3
 
 def test_resume_on_cuda_continues_with_the_uninterrupted_runs_next_step(cfg_tiny, teacher_cache, tmp_path):
     url, _ = teacher_cache("fp32")
-    straight_cfg = make_distill_cfg(on_cuda(cfg_tiny, "RetinaNet", True, tmp_path / "straight"),
-                                    SOLVER={"AMP": True, "MAX_ITER": 4, "CHECKPOINT_PERIOD": 2},
-                                    DISTILL={"WARMUP_DETACH_ITERS": 1})
+    straight_cfg = make_distill_cfg(
+        on_cuda(cfg_tiny, "RetinaNet", True, tmp_path / "straight"),
+        SOLVER={"AMP": True, "MAX_ITER": 4, "CHECKPOINT_PERIOD": 2},
+        DISTILL={"WARMUP_DETACH_ITERS": 1},
+    )
     straight = build_distill_trainer(straight_cfg, url, with_evaluation=False)
     straight.train()
     resumed_dir = tmp_path / "resumed"
@@ -187,8 +219,13 @@ def test_ddp_over_nccl_gives_the_plain_models_gradients(cfg_tiny, tmp_path):
     """One NCCL rank: DistributedDataParallel's all-reduced gradients are the model's own (world size 1)."""
     cfg = on_cuda(cfg_tiny, "RetinaNet", False, tmp_path / "out")
     config = str(save_config(cfg, tmp_path / "cfg"))
-    proc = subprocess.run([sys.executable, "-c", NCCL_STEP, config, str(_free_port())], cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", NCCL_STEP, config, str(_free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split()[-1]) <= 1e-3
 
@@ -196,8 +233,11 @@ def test_ddp_over_nccl_gives_the_plain_models_gradients(cfg_tiny, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_nccl_distillation(cfg_tiny, teacher_cache, tmp_path):
     url, _ = teacher_cache("fp16")
-    cfg = make_distill_cfg(on_cuda(cfg_tiny, "RetinaNet", True, tmp_path / "out"),
-                           SOLVER={"AMP": True, "MAX_ITER": 2, "IMS_PER_BATCH": 4}, DATASETS={"TEST": []})
+    cfg = make_distill_cfg(
+        on_cuda(cfg_tiny, "RetinaNet", True, tmp_path / "out"),
+        SOLVER={"AMP": True, "MAX_ITER": 2, "IMS_PER_BATCH": 4},
+        DATASETS={"TEST": []},
+    )
     config = str(save_config(cfg, tmp_path / "cfg"))
     assert icd(["distill", "--config-file", config, "--cache", url, "--num-gpus", "2"]) == 0
     assert [r["iteration"] for r in logged(tmp_path / "out")] == [1, 2]

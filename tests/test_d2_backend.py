@@ -3,6 +3,7 @@
 Skipped where detectron2 is not importable (it is not on the package registries; build it from source
 and put it on PYTHONPATH to run these, see docs/D2_INTEROP.md). Tiny models: R-18, FPN 32, 3 classes.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -34,11 +35,12 @@ SIZES = [8, 16, 32, 64, 128]
 def write_d2_config(tmp_path: Path, arch: str) -> Path:
     """A tiny detectron2 config (R-18, FPN 32) on top of detectron2's own base config."""
     base = model_zoo.get_config_file(BASES[arch])
-    anchors = ([[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in SIZES] if arch == "RetinaNet"
-               else [[s] for s in SIZES])
-    text = (f"_BASE_: {base}\nMODEL:\n  MASK_ON: {arch == 'MaskRCNN'}\n  RESNETS:\n    DEPTH: 18\n"
-            f"    RES2_OUT_CHANNELS: 64\n  FPN:\n    OUT_CHANNELS: {FPN}\n  ANCHOR_GENERATOR:\n    SIZES: {anchors}\n"
-            f"  ROI_MASK_HEAD:\n    CONV_DIM: {FPN}\n")  # the project's mask head is as wide as its FPN
+    anchors = [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in SIZES] if arch == "RetinaNet" else [[s] for s in SIZES]
+    text = (
+        f"_BASE_: {base}\nMODEL:\n  MASK_ON: {arch == 'MaskRCNN'}\n  RESNETS:\n    DEPTH: 18\n"
+        f"    RES2_OUT_CHANNELS: 64\n  FPN:\n    OUT_CHANNELS: {FPN}\n  ANCHOR_GENERATOR:\n    SIZES: {anchors}\n"
+        f"  ROI_MASK_HEAD:\n    CONV_DIM: {FPN}\n"
+    )  # the project's mask head is as wide as its FPN
     path = tmp_path / f"d2_{arch}.yaml"
     path.write_text(text)
     return path
@@ -66,8 +68,18 @@ def build_detecting(d2cfg: Any, seed: int, prior_biases: tuple[str, ...]) -> tor
 
 def project_cfg(cfg_tiny: CfgNode, arch: str, **model) -> CfgNode:
     cfg = cfg_tiny.clone()
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch == "MaskRCNN", **D2_OPTIONS,
-                                   "FPN": {"OUT_CHANNELS": FPN}, **model}}, source="test")
+    cfg.merge_from_dict(
+        {
+            "MODEL": {
+                "META_ARCHITECTURE": arch,
+                "MASK_ON": arch == "MaskRCNN",
+                **D2_OPTIONS,
+                "FPN": {"OUT_CHANNELS": FPN},
+                **model,
+            }
+        },
+        source="test",
+    )
     return cfg
 
 
@@ -109,10 +121,18 @@ def test_backend_detectron2_keeps_the_adapter_contract(cfg_tiny, tmp_path, arch)
     model = build_detector(cfg, K + 1)
     assert model.levels == (["p3", "p4", "p5", "p6", "p7"] if arch == "RetinaNet" else ["p2", "p3", "p4", "p5", "p6"])
     images = [torch.rand(3, 64, 96) * 255, torch.rand(3, 64, 80) * 255]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([K]),
-                "masks": torch.zeros(1, 64, 96, dtype=torch.uint8)},
-               {"boxes": torch.tensor([[10.0, 10.0, 30.0, 20.0]]), "labels": torch.tensor([1]),
-                "masks": torch.ones(1, 64, 80, dtype=torch.uint8)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]),
+            "labels": torch.tensor([K]),
+            "masks": torch.zeros(1, 64, 96, dtype=torch.uint8),
+        },
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 30.0, 20.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.ones(1, 64, 80, dtype=torch.uint8),
+        },
+    ]
     losses, features, image_list = model.train()(images, targets)
     assert all(torch.isfinite(v) for v in losses.values()) and len(losses) >= 2
     assert image_list.tensors.shape == (2, 3, 64, 96) and image_list.image_sizes == [(64, 96), (64, 80)]

@@ -4,6 +4,7 @@ The checkpoints are written here in detectron2's (and AdelaiDet's) key names and
 from detectron2's module structure independently of detection.interop.d2_checkpoint's name map, at tiny
 scale (R-18, FPN 32, 3 classes).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -21,16 +22,28 @@ from detection.modeling.detector import build_detector
 
 K = 3  # foreground classes
 FPN = 32
-D2_OPTIONS = {"CONVENTIONS": "detectron2", "INPUT_FORMAT": "BGR", "PIXEL_MEAN": [103.53, 116.28, 123.675],
-              "PIXEL_STD": [1.0, 1.0, 1.0], "RESNETS": {"STRIDE_IN_1X1": True},
-              "BACKBONE": {"NORM": "FrozenBN", "DEPTH": 18}}
+D2_OPTIONS = {
+    "CONVENTIONS": "detectron2",
+    "INPUT_FORMAT": "BGR",
+    "PIXEL_MEAN": [103.53, 116.28, 123.675],
+    "PIXEL_STD": [1.0, 1.0, 1.0],
+    "RESNETS": {"STRIDE_IN_1X1": True},
+    "BACKBONE": {"NORM": "FrozenBN", "DEPTH": 18},
+}
 
 
 SOLO = {"INSTANCE_CHANNELS": 64, "NUM_INSTANCE_CONVS": 2, "MASK_CHANNELS": 32, "NUM_MASKS": 32}
 
 
-def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: str = "res5",
-             seed: int = 0, sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512, 1024)) -> dict[str, np.ndarray]:
+def d2_state(
+    arch: str,
+    depth: int = 18,
+    fpn: int = FPN,
+    k: int = K,
+    p6_from: str = "res5",
+    seed: int = 0,
+    sizes_of_interest: tuple[int, ...] = (64, 128, 256, 512, 1024),
+) -> dict[str, np.ndarray]:
     """A randomly filled state dict named and shaped as detectron2 (AdelaiDet for FCOS) names it."""
     rng = np.random.default_rng(seed)
     state: dict[str, np.ndarray] = {}
@@ -67,7 +80,7 @@ def d2_state(arch: str, depth: int = 18, fpn: int = FPN, k: int = K, p6_from: st
         inp = width
     two_stage = arch in ("FasterRCNN", "MaskRCNN")
     from_res2 = two_stage or arch == "SOLOv2"
-    for level in ([2, 3, 4, 5] if from_res2 else [3, 4, 5]):
+    for level in [2, 3, 4, 5] if from_res2 else [3, 4, 5]:
         conv(f"backbone.fpn_lateral{level}", fpn, widths[level - 2], 1, bias=True)
         conv(f"backbone.fpn_output{level}", fpn, fpn, 3, bias=True)
     if not from_res2:  # SOLOv2's P6 is max-pooled P5, without parameters
@@ -157,8 +170,17 @@ def model_cfg(cfg_tiny: CfgNode, arch: str, **model) -> CfgNode:
     if arch == "SOLOv2":  # the project's own module, in AdelaiDet's geometry: no detectron2 conventions
         options.pop("CONVENTIONS")
         options["SOLOV2"] = dict(SOLO)
-    cfg.merge_from_dict({"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": arch in ("MaskRCNN", "CondInst", "SOLOv2"),
-                                   **options, **model}}, source="test")
+    cfg.merge_from_dict(
+        {
+            "MODEL": {
+                "META_ARCHITECTURE": arch,
+                "MASK_ON": arch in ("MaskRCNN", "CondInst", "SOLOv2"),
+                **options,
+                **model,
+            }
+        },
+        source="test",
+    )
     return cfg
 
 
@@ -174,8 +196,13 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
     model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": top}))
     load_weights(model, write_pkl(tmp_path / "m.pkl", state))
     out = capsys.readouterr().out
-    kind = {"FasterRCNN": "Faster R-CNN", "MaskRCNN": "Mask R-CNN", "FCOS": "FCOS (AdelaiDet)",
-            "CondInst": "CondInst (AdelaiDet)", "SOLOv2": "SOLOv2 (AdelaiDet)"}.get(arch, arch)
+    kind = {
+        "FasterRCNN": "Faster R-CNN",
+        "MaskRCNN": "Mask R-CNN",
+        "FCOS": "FCOS (AdelaiDet)",
+        "CondInst": "CondInst (AdelaiDet)",
+        "SOLOv2": "SOLOv2 (AdelaiDet)",
+    }.get(arch, arch)
     assert f"detectron2 {kind} checkpoint (R-18)" in out
     own = model.state_dict()
 
@@ -225,8 +252,13 @@ def test_every_tensor_lands_where_detectron2_uses_it(cfg_tiny, tmp_path, capsys,
         same("head.regression_head.bbox_ctrness.weight", f"{head}.ctrness.weight")
         same("head.regression_head.scales.3", f"{head}.scales.3.scale")
     if arch == "SOLOv2":
-        for name in ("ins_head.cate_tower.3.weight", "ins_head.kernel_tower.4.bias", "ins_head.cate_pred.bias",
-                     "mask_head.convs_all_levels.3.conv2.1.weight", "mask_head.conv_pred.0.weight"):
+        for name in (
+            "ins_head.cate_tower.3.weight",
+            "ins_head.kernel_tower.4.bias",
+            "ins_head.cate_pred.bias",
+            "mask_head.convs_all_levels.3.conv2.1.weight",
+            "mask_head.conv_pred.0.weight",
+        ):
             same(name, name)
         assert len(own) - sum(k.endswith("num_batches_tracked") for k in own) == len(state)
 
@@ -241,8 +273,12 @@ def test_retinanet_head_computes_detectrons_class_layout(cfg_tiny, tmp_path):
     with torch.no_grad():
         ours = head([feature])  # [1, HWA, K+1]
         tower = head.conv(feature)
-        d2 = F.conv2d(tower, torch.from_numpy(state["head.cls_score.weight"]),
-                      torch.from_numpy(state["head.cls_score.bias"]), padding=1)  # [1, A*K, H, W]
+        d2 = F.conv2d(
+            tower,
+            torch.from_numpy(state["head.cls_score.weight"]),
+            torch.from_numpy(state["head.cls_score.bias"]),
+            padding=1,
+        )  # [1, A*K, H, W]
         d2 = d2.view(1, 9, K, 5, 6).permute(0, 3, 4, 1, 2).reshape(1, -1, K)  # detectron2's N, HWA, K
     # two convolutions of different output widths: equal up to float32 rounding, scaled to the logits
     torch.testing.assert_close(ours[..., 1:], d2, rtol=0, atol=1e-5 * float(d2.abs().max()))
@@ -251,22 +287,33 @@ def test_retinanet_head_computes_detectrons_class_layout(cfg_tiny, tmp_path):
 
 def test_training_pth_and_caffe2_backbone_formats(cfg_tiny, tmp_path, capsys):
     state = d2_state("RetinaNet")
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "iteration": 270000,
-                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "model_final.pth")
+    torch.save(
+        {
+            "model": {k: torch.from_numpy(v) for k, v in state.items()},
+            "iteration": 270000,
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        tmp_path / "model_final.pth",
+    )
     model = build(model_cfg(cfg_tiny, "RetinaNet", FPN={"OUT_CHANNELS": FPN}))
     load_weights(model, tmp_path / "model_final.pth")
     assert "detectron2 RetinaNet checkpoint (R-18)" in capsys.readouterr().out
     # Detectron's ImageNet backbones: Caffe2 names under "blobs", no BN statistics
-    blobs = {"conv1_w": state["backbone.bottom_up.stem.conv1.weight"], "fc1000_w": np.zeros((10, 512), np.float32),
-             "res_conv1_bn_s": state["backbone.bottom_up.stem.conv1.norm.weight"],
-             "res_conv1_bn_b": state["backbone.bottom_up.stem.conv1.norm.bias"],
-             "conv1_w_momentum": np.zeros(1, np.float32)}
+    blobs = {
+        "conv1_w": state["backbone.bottom_up.stem.conv1.weight"],
+        "fc1000_w": np.zeros((10, 512), np.float32),
+        "res_conv1_bn_s": state["backbone.bottom_up.stem.conv1.norm.weight"],
+        "res_conv1_bn_b": state["backbone.bottom_up.stem.conv1.norm.bias"],
+        "conv1_w_momentum": np.zeros(1, np.float32),
+    }
     for key, value in state.items():
         parts = key.split(".")
         if parts[2].startswith("res") and not key.endswith(("running_mean", "running_var")):
             stage, block, layer = parts[2][3], parts[3], parts[4]
             branch = {"conv1": "2a", "conv2": "2b", "conv3": "2c", "shortcut": "1"}[layer]
-            leaf = {"weight": "w"}.get(parts[-1]) if parts[5] != "norm" else {"weight": "bn_s", "bias": "bn_b"}[parts[-1]]
+            leaf = (
+                {"weight": "w"}.get(parts[-1]) if parts[5] != "norm" else {"weight": "bn_s", "bias": "bn_b"}[parts[-1]]
+            )
             blobs[f"res{stage}_{block}_branch{branch}_{leaf}"] = value
     with open(tmp_path / "R-18.pkl", "wb") as handle:
         pickle.dump({"blobs": blobs}, handle)
@@ -276,22 +323,32 @@ def test_training_pth_and_caffe2_backbone_formats(cfg_tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ImageNet backbone" in out and "keep their initialisation" in out and "fc1000_w" in out
     own = student.state_dict()
-    np.testing.assert_array_equal(own["model.backbone.body.layer3.1.conv2.weight"].numpy(),
-                                  state["backbone.bottom_up.res4.1.conv2.weight"])
+    np.testing.assert_array_equal(
+        own["model.backbone.body.layer3.1.conv2.weight"].numpy(), state["backbone.bottom_up.res4.1.conv2.weight"]
+    )
     assert torch.equal(own["model.backbone.body.layer1.0.bn1.running_var"], torch.ones(64))  # as detectron2 fills in
     assert torch.equal(own["model.backbone.fpn.inner_blocks.0.0.weight"], fpn_before)
 
 
-@pytest.mark.parametrize("case, model_changes, state_kwargs, message", [
-    ("architecture", {"META_ARCHITECTURE": "FasterRCNN"}, {}, "is a detectron2 RetinaNet checkpoint, but the config builds FasterRCNN"),
-    ("conventions", {"CONVENTIONS": "torchvision"}, {}, "built with torchvision's conventions"),
-    ("depth", {}, {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
-    ("classes", {}, {"k": 5}, "classes: checkpoint 5, model 3"),
-    ("p6", {"FPN": {"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": "p5"}}, {}, "set MODEL.FPN.TOP_BLOCK_IN res5"),
-    ("width", {"FPN": {"OUT_CHANNELS": 64}}, {}, "backbone.fpn_lateral3.weight: checkpoint (32, 128, 1, 1)"),
-])
-def test_another_architecture_is_refused_and_nothing_is_loaded(cfg_tiny, tmp_path, case, model_changes,
-                                                               state_kwargs, message):
+@pytest.mark.parametrize(
+    "case, model_changes, state_kwargs, message",
+    [
+        (
+            "architecture",
+            {"META_ARCHITECTURE": "FasterRCNN"},
+            {},
+            "is a detectron2 RetinaNet checkpoint, but the config builds FasterRCNN",
+        ),
+        ("conventions", {"CONVENTIONS": "torchvision"}, {}, "built with torchvision's conventions"),
+        ("depth", {}, {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
+        ("classes", {}, {"k": 5}, "classes: checkpoint 5, model 3"),
+        ("p6", {"FPN": {"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": "p5"}}, {}, "set MODEL.FPN.TOP_BLOCK_IN res5"),
+        ("width", {"FPN": {"OUT_CHANNELS": 64}}, {}, "backbone.fpn_lateral3.weight: checkpoint (32, 128, 1, 1)"),
+    ],
+)
+def test_another_architecture_is_refused_and_nothing_is_loaded(
+    cfg_tiny, tmp_path, case, model_changes, state_kwargs, message
+):
     state = d2_state("RetinaNet", **state_kwargs)
     changes = {"FPN": {"OUT_CHANNELS": FPN}, **model_changes}
     arch = changes.pop("META_ARCHITECTURE", "RetinaNet")
@@ -303,15 +360,19 @@ def test_another_architecture_is_refused_and_nothing_is_loaded(cfg_tiny, tmp_pat
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("ckpt_arch, arch, state_kwargs, message", [
-    ("SOLOv2", "SOLOv2", {"k": 5}, "classes: checkpoint 5, model 3"),
-    ("SOLOv2", "SOLOv2", {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
-    ("SOLOv2", "MaskRCNN", {}, "is a detectron2 SOLOv2 (AdelaiDet) checkpoint, but the config builds MaskRCNN"),
-    ("CondInst", "FCOS", {}, "is a detectron2 CondInst (AdelaiDet) checkpoint, but the config builds FCOS"),
-    ("CondInst", "CondInst", {"sizes_of_interest": (32, 64, 128, 256, 512)}, "scales relative coordinates by"),
-])
-def test_adelaidet_instance_checkpoints_load_whole_or_not_at_all(cfg_tiny, tmp_path, ckpt_arch, arch, state_kwargs,
-                                                                message):
+@pytest.mark.parametrize(
+    "ckpt_arch, arch, state_kwargs, message",
+    [
+        ("SOLOv2", "SOLOv2", {"k": 5}, "classes: checkpoint 5, model 3"),
+        ("SOLOv2", "SOLOv2", {"depth": 34}, "ResNet depth: checkpoint R-34, model R-18"),
+        ("SOLOv2", "MaskRCNN", {}, "is a detectron2 SOLOv2 (AdelaiDet) checkpoint, but the config builds MaskRCNN"),
+        ("CondInst", "FCOS", {}, "is a detectron2 CondInst (AdelaiDet) checkpoint, but the config builds FCOS"),
+        ("CondInst", "CondInst", {"sizes_of_interest": (32, 64, 128, 256, 512)}, "scales relative coordinates by"),
+    ],
+)
+def test_adelaidet_instance_checkpoints_load_whole_or_not_at_all(
+    cfg_tiny, tmp_path, ckpt_arch, arch, state_kwargs, message
+):
     state = d2_state(ckpt_arch, **state_kwargs)
     top = "p5" if arch in ("FCOS", "CondInst") else ""
     model = build(model_cfg(cfg_tiny, arch, FPN={"OUT_CHANNELS": FPN, "TOP_BLOCK_IN": top}))

@@ -1,4 +1,5 @@
 """detection.data.datasets: catalog lookup, validation errors a user can hit, and what the Dataset returns."""
+
 from __future__ import annotations
 
 import copy
@@ -124,14 +125,17 @@ def test_unknown_category_names_the_annotation(tmp_path, train_data):
         load_coco_json(write_json(tmp_path, data), tmp_path)
 
 
-@pytest.mark.parametrize("mutate, words", [
-    (lambda d: d["annotations"][0].pop("bbox"), "has no 'bbox'"),
-    (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]), "expected [x, y, width, height]"),
-    (lambda d: d["annotations"][0].__setitem__("image_id", 12345), "image_id 12345, which is not in 'images'"),
-    (lambda d: d["images"][0].pop("height"), "has no 'height'"),
-    (lambda d: d["images"].append(dict(d["images"][0])), "appears more than once"),
-    (lambda d: d["annotations"][0].__setitem__("segmentation", [[1, 2, 3]]), "not a flat list of x, y"),
-])
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda d: d["annotations"][0].pop("bbox"), "has no 'bbox'"),
+        (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]), "expected [x, y, width, height]"),
+        (lambda d: d["annotations"][0].__setitem__("image_id", 12345), "image_id 12345, which is not in 'images'"),
+        (lambda d: d["images"][0].pop("height"), "has no 'height'"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "appears more than once"),
+        (lambda d: d["annotations"][0].__setitem__("segmentation", [[1, 2, 3]]), "not a flat list of x, y"),
+    ],
+)
 def test_other_malformed_entries_are_user_errors(tmp_path, train_data, mutate, words):
     data = copy.deepcopy(train_data)
     mutate(data)
@@ -259,7 +263,9 @@ def test_missing_image_is_a_user_error_naming_the_file(tmp_path, train_data, tin
     plan = AugmentationPlan(seed=0, num_variants=1, min_sizes=[64], max_size=96, flip=False)
     victim = index.training_images()[0]
     Path(victim.file_name).unlink()
-    with pytest.raises(UserError, match=rf"image file not found: .*{Path(victim.file_name).name} \(image id {victim.id}\)"):
+    with pytest.raises(
+        UserError, match=rf"image file not found: .*{Path(victim.file_name).name} \(image id {victim.id}\)"
+    ):
         DetectionDataset(index, plan, training=True)[0]
 
 
@@ -320,8 +326,9 @@ def test_dataloader_batches_are_lists(cfg_tiny):
     index = load_dataset(cfg_tiny, "synth_train")
     plan = AugmentationPlan.for_training(cfg_tiny)
     dataset = DetectionDataset(index, plan, training=True, variant_sampler=plan.sample_variant)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate,
-                                         sampler=InfiniteSampler(len(dataset), seed=0, yield_epoch=True))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, collate_fn=collate, sampler=InfiniteSampler(len(dataset), seed=0, yield_epoch=True)
+    )
     batch = next(iter(loader))
     assert isinstance(batch, list) and len(batch) == 2
     assert all(item["image"].shape[-2:] == (item["aug"].resized_h, item["aug"].resized_w) for item in batch)

@@ -1,4 +1,5 @@
 """The training loop and checkpoints: schedule, clipping, the step, logs, atomic saves, exact resume, weight loading."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,19 @@ def _toy_loader(start_iter: int):
 
 
 def _toy_cfg(cfg, **solver):
-    cfg.merge_from_dict({"SOLVER": {"MAX_ITER": 5, "CHECKPOINT_PERIOD": 2, "LOG_PERIOD": 2, "WARMUP_ITERS": 0,
-                                    "STEPS": [4], "BASE_LR": 0.1, **solver}})
+    cfg.merge_from_dict(
+        {
+            "SOLVER": {
+                "MAX_ITER": 5,
+                "CHECKPOINT_PERIOD": 2,
+                "LOG_PERIOD": 2,
+                "WARMUP_ITERS": 0,
+                "STEPS": [4],
+                "BASE_LR": 0.1,
+                **solver,
+            }
+        }
+    )
     return cfg
 
 
@@ -123,16 +135,24 @@ def test_diverging_loss_is_a_user_error(cfg_tiny):
 
 def test_resume_continues_exactly(cfg_tiny, tmp_path):
     """6 iterations straight == 3 iterations, stop, resume, 3 more (model, optimizer, RNG and data order)."""
+
     def cfg_for(name: str, max_iter: int):
         cfg = cfg_tiny.clone()
-        cfg.merge_from_dict({
-            "OUTPUT_DIR": str(tmp_path / name),
-            # Faster R-CNN samples proposals with the global RNG: the strictest check of RNG restoring.
-            "MODEL": {"META_ARCHITECTURE": "FasterRCNN"},
-            "DATASETS": {"TEST": []},
-            "SOLVER": {"MAX_ITER": max_iter, "CHECKPOINT_PERIOD": 100, "WARMUP_ITERS": 2, "STEPS": [4],
-                       "BASE_LR": 0.02},
-        })
+        cfg.merge_from_dict(
+            {
+                "OUTPUT_DIR": str(tmp_path / name),
+                # Faster R-CNN samples proposals with the global RNG: the strictest check of RNG restoring.
+                "MODEL": {"META_ARCHITECTURE": "FasterRCNN"},
+                "DATASETS": {"TEST": []},
+                "SOLVER": {
+                    "MAX_ITER": max_iter,
+                    "CHECKPOINT_PERIOD": 100,
+                    "WARMUP_ITERS": 2,
+                    "STEPS": [4],
+                    "BASE_LR": 0.02,
+                },
+            }
+        )
         return cfg
 
     build_trainer(cfg_for("straight", 6)).train()
@@ -176,7 +196,7 @@ def test_load_weights_accepts_ours_and_torchvision_state_dicts(cfg_tiny, tmp_pat
     torch.manual_seed(0)
     source = build_model(cfg_tiny, 4)
     ckpt.save_checkpoint(tmp_path / "ours.pth", source)
-    plain = {k[len("model."):]: v for k, v in source.state_dict().items()}  # torchvision's key names
+    plain = {k[len("model.") :]: v for k, v in source.state_dict().items()}  # torchvision's key names
     torch.save(plain, tmp_path / "torchvision.pth")
     for name in ("ours.pth", "torchvision.pth"):
         torch.manual_seed(1)
@@ -209,8 +229,9 @@ def test_load_weights_lists_mismatched_shapes(cfg_tiny, tmp_path):
         ckpt.load_weights(build_model(cfg_tiny, 2), tmp_path / "k4.pth")
     message = str(info.value)
     # RetinaNet: cls_logits has (K + 1) x 9 anchors outputs: 45 in the file, 27 in the model
-    assert "model.head.classification_head.cls_logits.weight: checkpoint (45, 32, 3, 3) vs model (27, 32, 3, 3)" \
-        in message
+    assert (
+        "model.head.classification_head.cls_logits.weight: checkpoint (45, 32, 3, 3) vs model (27, 32, 3, 3)" in message
+    )
     assert "model.head.classification_head.cls_logits.bias: checkpoint (45,) vs model (27,)" in message
     assert "2 tensor(s)" in message
     assert "NUM_CLASSES" in info.value.fix
@@ -229,5 +250,3 @@ def test_single_process_helpers():
     assert comm.get_rank() == 0 and comm.get_world_size() == 1 and comm.is_main_process()
     assert comm.all_gather({"a": 1}) == [{"a": 1}]
     assert comm.broadcast_object(3) == 3
-
-

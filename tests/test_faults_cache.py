@@ -1,6 +1,7 @@
 """Fault injection on a finished cache (cache_format only, no torch): every array kind deleted, truncated
 or flipped, metadata edited, the manifest lost or edited. `icd cache verify` must fail naming the object
 at fault, and the reader must refuse what verify fails (issue 10, holes 1, 3, 4, 8, 9)."""
+
 from __future__ import annotations
 
 import json
@@ -19,23 +20,37 @@ from cache_format.synthetic import fpn_like_features
 from cache_format.verify import verify_cache
 
 LEVELS = [LevelSpec("p3", 8, 6, 10, 10), LevelSpec("p4", 16, 6, 5, 5)]
-WEIGHTS = {"head.w": np.arange(12, dtype=np.float32).reshape(3, 4) + 1, "head.b": np.zeros(4, np.float32),
-           "fpn.w": np.ones((2, 2, 1, 1), np.float32)}
+WEIGHTS = {
+    "head.w": np.arange(12, dtype=np.float32).reshape(3, 4) + 1,
+    "head.b": np.zeros(4, np.float32),
+    "fpn.w": np.ones((2, 2, 1, 1), np.float32),
+}
 
 
 def _sample(i: int):
     rng = np.random.default_rng(i)
     rh, rw = 80 - i, 60 + i
-    return (fpn_like_features(rng, LEVELS, rh, rw), SampleMeta(i, 0, 1.0, False, rh, rw),
-            np.full((i % 2, 4), i, np.float32), np.full(i % 2, i, np.int64))
+    return (
+        fpn_like_features(rng, LEVELS, rh, rw),
+        SampleMeta(i, 0, 1.0, False, rh, rw),
+        np.full((i % 2, 4), i, np.float32),
+        np.full(i % 2, i, np.int64),
+    )
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished int8 cache of 8 samples in 4 shards, with teacher weights (one all zeros: never stored)."""
     path = tmp_path_factory.mktemp("finished") / "cache"
-    w = CacheWriter.create(str(path), num_samples=8, levels=LEVELS, encoding="int8", shard_samples=2, tile=4,
-                           attributes={"dataset": {"name": "synthetic"}})
+    w = CacheWriter.create(
+        str(path),
+        num_samples=8,
+        levels=LEVELS,
+        encoding="int8",
+        shard_samples=2,
+        tile=4,
+        attributes={"dataset": {"name": "synthetic"}},
+    )
     w.put_teacher_weights(WEIGHTS)
     for i in range(8):
         w.write_sample(i, *_sample(i))
@@ -126,16 +141,20 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("document,edit,key", [
-    ("zarr.json", lambda d: d["attributes"].__setitem__("num_samples", 6), "zarr.json"),          # hole 3: 8 -> 6
-    ("zarr.json", lambda d: d["attributes"].__setitem__("shard_samples", 4), "zarr.json"),
-    ("zarr.json", lambda d: d["attributes"].__setitem__("dataset", {"name": "other"}), "zarr.json"),
-    ("samples/records/zarr.json", lambda d: d["shape"].__setitem__(0, 6), "samples/records/zarr.json"),
-    ("features/p4/zarr.json", lambda d: d["shape"].__setitem__(0, 6), "features/p4/zarr.json"),
-    ("instances/boxes/zarr.json", lambda d: d["shape"].__setitem__(0, 512), "instances/boxes/zarr.json"),
-])
-def test_edited_metadata_fails_verify_naming_the_document_and_the_reader_refuses(cache: Path, document, edit,
-                                                                                 key) -> None:
+@pytest.mark.parametrize(
+    "document,edit,key",
+    [
+        ("zarr.json", lambda d: d["attributes"].__setitem__("num_samples", 6), "zarr.json"),  # hole 3: 8 -> 6
+        ("zarr.json", lambda d: d["attributes"].__setitem__("shard_samples", 4), "zarr.json"),
+        ("zarr.json", lambda d: d["attributes"].__setitem__("dataset", {"name": "other"}), "zarr.json"),
+        ("samples/records/zarr.json", lambda d: d["shape"].__setitem__(0, 6), "samples/records/zarr.json"),
+        ("features/p4/zarr.json", lambda d: d["shape"].__setitem__(0, 6), "features/p4/zarr.json"),
+        ("instances/boxes/zarr.json", lambda d: d["shape"].__setitem__(0, 512), "instances/boxes/zarr.json"),
+    ],
+)
+def test_edited_metadata_fails_verify_naming_the_document_and_the_reader_refuses(
+    cache: Path, document, edit, key
+) -> None:
     _edit_json(cache / document, edit)
     report = verify_cache(str(cache))
     assert not report.ok and key in _bad(report), report.summary()
@@ -152,7 +171,7 @@ def test_a_lost_or_edited_manifest(cache: Path, capsys) -> None:
     (cache / "manifest" / "zarr.json").unlink()
     assert cache_cli(["verify", str(cache)]) == 1
     assert "UNFINISHED manifest/zarr.json missing: the dump did not finish" in capsys.readouterr().out
-    assert cache_cli(["verify", str(cache), "--no-manifest"]) == 0      # what is committed is intact
+    assert cache_cli(["verify", str(cache), "--no-manifest"]) == 0  # what is committed is intact
 
 
 def test_a_cache_written_before_manifests_is_named_as_such(cache: Path, capsys) -> None:
@@ -163,7 +182,7 @@ def test_a_cache_written_before_manifests_is_named_as_such(cache: Path, capsys) 
     out = capsys.readouterr().out
     assert "written before manifests (format 1.0" in out and "--no-manifest" in out and "--resume" in out
     assert cache_cli(["verify", str(cache), "--no-manifest"]) == 0
-    assert CacheReader(str(cache)).read_sample(5).meta.image_id == 5      # still readable
+    assert CacheReader(str(cache)).read_sample(5).meta.image_id == 5  # still readable
 
 
 def test_verify_names_files_once_without_repeating_the_location(cache: Path, capsys) -> None:
@@ -178,7 +197,7 @@ def test_verify_names_files_once_without_repeating_the_location(cache: Path, cap
 
 
 def test_hole9_a_failed_repack_leaves_no_partial_destination(cache: Path, tmp_path: Path) -> None:
-    _damage(cache / "features" / "p3" / "c" / "3" / "0" / "0" / "0", "flip")   # found mid-copy (shard 3)
+    _damage(cache / "features" / "p3" / "c" / "3" / "0" / "0" / "0", "flip")  # found mid-copy (shard 3)
     dst = tmp_path / "repacked"
     with pytest.raises(CorruptChunkError):
         repack(str(cache), str(dst), "fp16")
@@ -252,7 +271,7 @@ def test_an_edited_codec_list_is_named_as_the_metadata_file_never_as_its_intact_
     assert _bad(report) == {document}, report.summary()
     assert "crc32c" in report.summary() and "restore the named metadata file" in report.summary()
     for opening in (lambda: CacheReader(str(cache)), lambda: CacheWriter.open(str(cache))):
-        with pytest.raises(CorruptChunkError) as info:       # nothing is read or written under it
+        with pytest.raises(CorruptChunkError) as info:  # nothing is read or written under it
             opening()
         assert info.value.key == document
 
@@ -267,6 +286,9 @@ def test_the_cheap_check_finds_a_truncated_object_of_an_unfinished_cache_by_its_
     for key in ("features/p4/c/2/0/0/0", "samples/quant/c/3/0", "instances/classes/c/1"):
         _damage(cache / key, "truncate")
     report = check_cache(str(cache))
-    assert {d.key for d in report.damage} == {"features/p4/c/2/0/0/0", "samples/quant/c/3/0",
-                                              "instances/classes/c/1"}, report.damage
+    assert {d.key for d in report.damage} == {
+        "features/p4/c/2/0/0/0",
+        "samples/quant/c/3/0",
+        "instances/classes/c/1",
+    }, report.damage
     assert report.checked_levels == 0 and report.damaged_shards() == [1, 2, 3]

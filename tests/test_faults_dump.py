@@ -7,6 +7,7 @@ in-process: nothing after it runs, as after SIGKILL (the real `kill -9` mid-shar
 tests/test_stage1_dump.py::test_kill_9_then_resume_equals_uninterrupted_dump). Every resumed or repaired
 cache must be byte-identical to an uninterrupted dump, file by file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,8 +50,22 @@ def env(tiny_coco, tmp_path_factory) -> SimpleNamespace:
         torch.manual_seed(0)
         teacher = build_detector(cfg, load_dataset(cfg, "synth_train").num_classes + 1)
     weights = save_checkpoint(root / "teacher" / "model_final.pth", teacher)
-    cfg.merge_from_list(["MODEL.WEIGHTS", str(weights), "CACHE.ENCODING", "fp16", "CACHE.SHARD_SAMPLES", "4",
-                         "CACHE.BATCH_SIZE", "4", "INPUT.MIN_SIZE_TRAIN", "[48, 64]", "CACHE.CALIBRATION_SAMPLES", "2"])
+    cfg.merge_from_list(
+        [
+            "MODEL.WEIGHTS",
+            str(weights),
+            "CACHE.ENCODING",
+            "fp16",
+            "CACHE.SHARD_SAMPLES",
+            "4",
+            "CACHE.BATCH_SIZE",
+            "4",
+            "INPUT.MIN_SIZE_TRAIN",
+            "[48, 64]",
+            "CACHE.CALIBRATION_SAMPLES",
+            "2",
+        ]
+    )
     reference = root / "reference"
     run_dump(cfg, str(reference))
     return SimpleNamespace(cfg=cfg, root=root, reference=reference)
@@ -66,8 +81,11 @@ def _cfg(env: SimpleNamespace, tmp_path: Path, **overrides) -> CfgNode:
 
 def _tree(path: Path) -> dict[str, bytes]:
     """Every file of a cache by relative path (zarr's leftover '.partial' temporaries excluded)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and ".partial" not in p.name}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and ".partial" not in p.name
+    }
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:
@@ -99,8 +117,9 @@ def _kill_at(monkeypatch, module, name: str, call: int = 1, after: bool = False)
     monkeypatch.setattr(module, name, dying)
 
 
-@pytest.mark.parametrize("point", ["mid-creation", "teacher_weights/ appears", "mid teacher weights",
-                                   "before the manifest"])
+@pytest.mark.parametrize(
+    "point", ["mid-creation", "teacher_weights/ appears", "mid teacher weights", "before the manifest"]
+)
 def test_every_kill_point_resumes_to_the_uninterrupted_cache(env, tmp_path, monkeypatch, point) -> None:
     """Holes 2 and 8: kill right after teacher_weights/ appears, or during the store's creation, then
     `--resume` gives the cache an uninterrupted dump gives, teacher weights and manifest included."""
@@ -111,7 +130,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_cache(env, tmp_path, monk
     if point == "mid-creation":
         _kill_at(monkeypatch, writer_module, "create_arrays", after=True)
     elif point == "teacher_weights/ appears":
-        _kill_at(monkeypatch, writer_module, "_weights_codecs")       # the group exists, no tensor yet
+        _kill_at(monkeypatch, writer_module, "_weights_codecs")  # the group exists, no tensor yet
     elif point == "mid teacher weights":
         _kill_at(monkeypatch, writer_module, "_weights_codecs", call=5)
     else:
@@ -172,7 +191,7 @@ def test_hole4_resume_repair_is_the_repair_procedure_in_one_command(env, tmp_pat
     cache = _copy_reference(env, tmp_path)
     shard = cache / "features" / "p3" / "c" / "1" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01                      # same size: only reading it finds it
+    data[len(data) // 2] ^= 0x01  # same size: only reading it finds it
     shard.write_bytes(bytes(data))
     next((cache / "teacher_weights").glob("*/c")).rename(tmp_path / "lost_weight_chunks")  # a tensor's chunk gone
     from icd.cli import main as icd
@@ -186,8 +205,9 @@ def test_hole4_resume_repair_is_the_repair_procedure_in_one_command(env, tmp_pat
 
 
 @pytest.mark.parametrize("victim", ["features/p3/c/1/0/0/0", "instances/boxes/c/0/0"])
-def test_resume_without_a_manifest_never_finishes_over_a_truncated_committed_shard(env, tmp_path, monkeypatch,
-                                                                                  capsys, victim) -> None:
+def test_resume_without_a_manifest_never_finishes_over_a_truncated_committed_shard(
+    env, tmp_path, monkeypatch, capsys, victim
+) -> None:
     """Issue 20 item 3: a dump killed after 3 of its 4 shards, one committed object then truncated to half.
     There is no manifest to hold its size; the plain resume finds it by its shard index (features) or by
     reading the small chunk (instances), rewrites the shard and finishes byte-identical to the reference."""
@@ -203,7 +223,7 @@ def test_resume_without_a_manifest_never_finishes_over_a_truncated_committed_sha
     summary = run_dump(cfg, str(cache), resume=True)
     out = capsys.readouterr().out
     assert f"damaged: {victim}" in out and "rewriting 1 damaged shard(s)" in out, out
-    assert summary.finished and summary.written_now == 8   # the damaged shard and the one never written
+    assert summary.finished and summary.written_now == 8  # the damaged shard and the one never written
     _assert_same_cache(cache, env.reference)
 
 
@@ -259,8 +279,12 @@ def test_hole7_num_workers_0_and_2_write_byte_identical_caches(env, tmp_path) ->
     try:
         for workers in (0, 2):
             # upscaling (short side 72-80 of 64-px images): where torch's resize depended on the thread count
-            cfg = _cfg(env, tmp_path, DATALOADER={"NUM_WORKERS": workers},
-                       INPUT={"MIN_SIZE_TRAIN": [72, 80], "MAX_SIZE_TRAIN": 128})
+            cfg = _cfg(
+                env,
+                tmp_path,
+                DATALOADER={"NUM_WORKERS": workers},
+                INPUT={"MIN_SIZE_TRAIN": [72, 80], "MAX_SIZE_TRAIN": 128},
+            )
             run_dump(cfg, str(tmp_path / f"workers{workers}"))
     finally:
         torch.set_num_threads(threads)
@@ -333,10 +357,10 @@ def test_hole9_a_budget_below_the_teacher_weights_is_refused_before_calibration(
         patch.setattr(dump_module, "calibration_features", no_calibration)
         with pytest.raises(UserError, match="does not even hold the teacher") as info:
             run_dump(cfg, str(tmp_path / "tiny"), budget=10_000)
-    total = info.value.problem.split("a total --budget of ")[1].split(" fits")[0]   # e.g. '1.23 MB'
+    total = info.value.problem.split("a total --budget of ")[1].split(" fits")[0]  # e.g. '1.23 MB'
     value, unit = total.split()
     budget = int(float(value) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
-    summary = run_dump(cfg, str(tmp_path / "fits"), budget=budget)              # the advice works
+    summary = run_dump(cfg, str(tmp_path / "fits"), budget=budget)  # the advice works
     assert summary.finished
 
 
@@ -348,13 +372,14 @@ def test_hole9_dry_run_on_an_existing_cache_does_not_say_would_write(env, tmp_pa
 
 
 # ----------------------------------------------------------------------------- stage two refuses damage
-def test_hole1_hole3_distill_refuses_lost_weights_and_records_before_training(cfg_tiny, teacher_cache, distill_cfg,
-                                                                              tmp_path) -> None:
+def test_hole1_hole3_distill_refuses_lost_weights_and_records_before_training(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path
+) -> None:
     from stage2_student_distill.cli import build_distill_trainer
 
     url, _ = teacher_cache("fp32")
     weights = shutil.copytree(url, tmp_path / "weights")
-    chunk = next((weights / "teacher_weights").glob("*/c/0/0/0/0"))      # a conv weight's one chunk
+    chunk = next((weights / "teacher_weights").glob("*/c/0/0/0/0"))  # a conv weight's one chunk
     chunk.unlink()
     cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"))
     with pytest.raises(CorruptChunkError, match="fails its checksum"):
@@ -365,17 +390,20 @@ def test_hole1_hole3_distill_refuses_lost_weights_and_records_before_training(cf
         build_distill_trainer(cfg, str(records), with_evaluation=False)
 
 
-def test_hole5_a_corrupt_chunk_read_in_a_dataloader_worker_ends_distill_in_one_line(cfg_tiny, teacher_cache,
-                                                                                     distill_cfg, tmp_path, capfd):
+def test_hole5_a_corrupt_chunk_read_in_a_dataloader_worker_ends_distill_in_one_line(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path, capfd
+):
     from stage2_student_distill.cli import main as distill_main
 
     url, _ = teacher_cache("fp32")
     cache = shutil.copytree(url, tmp_path / "cache")
-    for shard in (cache / "features" / "p3" / "c").glob("*/0/0/0"):       # every p3 shard: any batch hits one
+    for shard in (cache / "features" / "p3" / "c").glob("*/0/0/0"):  # every p3 shard: any batch hits one
         data = bytearray(shard.read_bytes())
         data[len(data) // 3] ^= 0xFF
         shard.write_bytes(bytes(data))
-    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), DATALOADER={"NUM_WORKERS": 2}, TEST={"EVAL_PERIOD": 0})
+    cfg = distill_cfg(
+        cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"), DATALOADER={"NUM_WORKERS": 2}, TEST={"EVAL_PERIOD": 0}
+    )
     config = tmp_path / "distill.yaml"
     config.write_text(cfg.dump())
     assert distill_main(["--config-file", str(config), "--cache", str(cache)]) == 2
@@ -387,14 +415,20 @@ def test_hole5_a_corrupt_chunk_read_in_a_dataloader_worker_ends_distill_in_one_l
 
 # ----------------------------------------------------------------------- start-up paths (hole 6), real disks
 def _icd(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icd", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "icd", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def _one_error_line(stderr: str, command: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr and lines and lines[0].startswith(f"icd {command}: error: "), stderr
-    assert all(line.startswith("  fix: ") for line in lines[1:]), stderr   # the problem, then the fix
+    assert all(line.startswith("  fix: ") for line in lines[1:]), stderr  # the problem, then the fix
     return lines[0]
 
 
@@ -415,8 +449,9 @@ def _can_mount_tmpfs() -> str:
     """'' when `unshare -rm` can mount a tmpfs here, else why not."""
     if not shutil.which("unshare"):
         return "no unshare(1)"
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, text=True
+    )
     return "" if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
 
 
@@ -447,8 +482,13 @@ mkdir {mnt}/ro && mount -t tmpfs -o ro,size=64k tmpfs {mnt}/ro
 {icd} train --config-file {train} OUTPUT_DIR {mnt}/ro/train >{out}/train.out 2>{out}/train.err
 echo $? >{out}/train.rc
 """
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
 
     def result(name: str) -> tuple[int, str]:
@@ -490,8 +530,9 @@ def test_a_negative_budget_is_one_line_naming_it_not_argparse_usage(env, tmp_pat
     assert "size '-5GB' is not positive" in capsys.readouterr().err
 
 
-def test_distill_and_fit_decoder_refuse_an_output_dir_inside_the_cache_before_writing(cfg_tiny, teacher_cache,
-                                                                                       distill_cfg, tmp_path) -> None:
+def test_distill_and_fit_decoder_refuse_an_output_dir_inside_the_cache_before_writing(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path
+) -> None:
     from stage2_student_distill.cli import build_distill_trainer
     from stage2_student_distill.fit_decoder import DecoderFitter
 
@@ -518,12 +559,15 @@ def test_train_says_it_skips_training_images_without_annotations_as_the_dump_doe
     cfg = _cfg(env, tmp_path, DATASETS={"TEST": []})
     cfg.DATASETS.CATALOG["synth_train"] = [str(tmp_path / "train.json"), env.cfg.DATASETS.CATALOG["synth_train"][1]]
     build_trainer(cfg)
-    assert "icd train: 1 of 16 training image(s) have no (non-crowd) annotations and are skipped for training" \
+    assert (
+        "icd train: 1 of 16 training image(s) have no (non-crowd) annotations and are skipped for training"
         in capsys.readouterr().out
+    )
 
 
-def test_resume_without_a_checkpoint_says_it_starts_a_new_run(cfg_tiny, teacher_cache, distill_cfg, tmp_path,
-                                                              capsys) -> None:
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path, capsys
+) -> None:
     """detectron2's behaviour (one job script for the first start and every restart), said in one line."""
     from stage2_student_distill.cli import build_distill_trainer
 
@@ -539,5 +583,6 @@ def test_resume_without_a_checkpoint_says_it_starts_a_new_run(cfg_tiny, teacher_
 
     fitter = DecoderFitter(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "fit")), url)
     assert not fitter.resume_or_load(True)
-    assert fitter.iteration == 0 and f"--resume: no checkpoint to resume in {tmp_path / 'fit'}" in \
-        capsys.readouterr().out
+    assert (
+        fitter.iteration == 0 and f"--resume: no checkpoint to resume in {tmp_path / 'fit'}" in capsys.readouterr().out
+    )

@@ -3,6 +3,7 @@ destination that is, contains or lies inside its source, or holds something that
 refused in one line with exit 2, and every byte that existed before is left as it was - on local
 directories and on an object store (moto's S3 server). An `--overwrite` that fails mid-copy leaves the
 old destination as it was too."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,14 +24,26 @@ BUCKET = "icd-targets"
 
 
 def _write(url: str, encoding: str = "int8", n: int = 8) -> str:
-    w = CacheWriter.create(url, num_samples=n, levels=LEVELS, encoding=encoding, shard_samples=2, tile=4,
-                           attributes={"dataset": {"name": "synthetic"}})
+    w = CacheWriter.create(
+        url,
+        num_samples=n,
+        levels=LEVELS,
+        encoding=encoding,
+        shard_samples=2,
+        tile=4,
+        attributes={"dataset": {"name": "synthetic"}},
+    )
     w.put_teacher_weights({"head.w": np.arange(12, dtype=np.float32).reshape(3, 4) + 1})
     for i in range(n):
         rng = np.random.default_rng(i)
         rh, rw = 80 - i, 60 + i
-        w.write_sample(i, fpn_like_features(rng, LEVELS, rh, rw), SampleMeta(i, 0, 1.0, False, rh, rw),
-                       np.full((i % 2, 4), i, np.float32), np.full(i % 2, i, np.int64))
+        w.write_sample(
+            i,
+            fpn_like_features(rng, LEVELS, rh, rw),
+            SampleMeta(i, 0, 1.0, False, rh, rw),
+            np.full((i % 2, 4), i, np.float32),
+            np.full(i % 2, i, np.int64),
+        )
     w.close()
     finish_cache(url)
     return url
@@ -38,8 +51,10 @@ def _write(url: str, encoding: str = "int8", n: int = 8) -> str:
 
 def _tree(path: Path) -> dict[str, str]:
     """Every file under `path` (relative name -> sha256), directories included as names."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(path.rglob("*"))
+    }
 
 
 def _flip(path: Path) -> None:
@@ -75,14 +90,18 @@ def _one_line_exit_2(argv: list[str], capsys, match: str) -> None:
     assert len(err.strip().splitlines()) == 2 and "\n  fix: " in err and "overwrite=True" not in err, err
 
 
-@pytest.mark.parametrize("src,dst,match", [
-    ("caches/x/src", "caches/x", "contains the source"),             # item 1: --overwrite deleted caches/x
-    ("caches/x/src", "caches/x/src/inner", "lies inside the source"),  # item 5: written into the source
-    ("caches/x/src", "caches/x/../x/src", "is the source"),
-    ("caches/old", "data/other_copy", "holds something that is not an ICD teacher cache"),  # item 2
-])
-def test_repack_overwrite_refuses_a_destination_overlapping_its_source_or_not_a_cache(work: Path, capsys, src, dst,
-                                                                                      match) -> None:
+@pytest.mark.parametrize(
+    "src,dst,match",
+    [
+        ("caches/x/src", "caches/x", "contains the source"),  # item 1: --overwrite deleted caches/x
+        ("caches/x/src", "caches/x/src/inner", "lies inside the source"),  # item 5: written into the source
+        ("caches/x/src", "caches/x/../x/src", "is the source"),
+        ("caches/old", "data/other_copy", "holds something that is not an ICD teacher cache"),  # item 2
+    ],
+)
+def test_repack_overwrite_refuses_a_destination_overlapping_its_source_or_not_a_cache(
+    work: Path, capsys, src, dst, match
+) -> None:
     before = _tree(work)
     _one_line_exit_2(["repack", str(work / src), str(work / dst), "--encoding", "fp16", "--overwrite"], capsys, match)
     assert _tree(work) == before
@@ -92,8 +111,11 @@ def test_repack_names_what_a_non_cache_destination_holds_and_advises_the_cli_fla
     assert cache_cli(["repack", str(work / "caches/old"), str(work / "data/other_copy"), "--encoding", "fp16"]) == 2
     assert "000000.png" in capsys.readouterr().err
     before = _tree(work)
-    _one_line_exit_2(["repack", str(work / "caches/x/src"), str(work / "caches/old"), "--encoding", "fp16"], capsys,
-                     "already holds a cache")
+    _one_line_exit_2(
+        ["repack", str(work / "caches/x/src"), str(work / "caches/old"), "--encoding", "fp16"],
+        capsys,
+        "already holds a cache",
+    )
     assert _tree(work) == before
 
 
@@ -102,13 +124,14 @@ def test_repack_overwrite_replaces_a_cache_and_a_failed_one_leaves_it_as_it_was(
     assert cache_cli(["repack", str(src), str(old), "--encoding", "fp16", "--overwrite"]) == 0
     assert verify_cache(str(old)).ok and "fp16" in (old / "zarr.json").read_text()
     before = _tree(work)
-    _flip(src / "features" / "p3" / "c" / "3" / "0" / "0" / "0")     # found mid-copy, after shards 0-2
+    _flip(src / "features" / "p3" / "c" / "3" / "0" / "0" / "0")  # found mid-copy, after shards 0-2
     before_src = _tree(src)
     assert cache_cli(["repack", str(src), str(old), "--encoding", "int8", "--overwrite"]) == 2
     after = _tree(work)
-    assert {k: v for k, v in after.items() if not k.startswith("caches/x/src")} == \
-        {k: v for k, v in before.items() if not k.startswith("caches/x/src")}
-    assert _tree(src) == before_src and not list((work / "caches").glob(".*"))   # no staging copy left
+    assert {k: v for k, v in after.items() if not k.startswith("caches/x/src")} == {
+        k: v for k, v in before.items() if not k.startswith("caches/x/src")
+    }
+    assert _tree(src) == before_src and not list((work / "caches").glob(".*"))  # no staging copy left
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +159,11 @@ def test_repack_on_s3_refuses_overlap_and_non_caches_and_keeps_the_old_copy_on_f
     before = _objects(s3, "")
     _one_line_exit_2(["repack", f"{url}/src", url, "--encoding", "fp16", "--overwrite"], capsys, "contains the source")
     _one_line_exit_2(["repack", f"{url}/src", f"{url}/src/in", "--encoding", "fp16"], capsys, "lies inside the source")
-    _one_line_exit_2(["repack", f"{url}/src", f"s3://{BUCKET}/data/other", "--encoding", "fp16", "--overwrite"],
-                     capsys, "not an ICD teacher cache")
+    _one_line_exit_2(
+        ["repack", f"{url}/src", f"s3://{BUCKET}/data/other", "--encoding", "fp16", "--overwrite"],
+        capsys,
+        "not an ICD teacher cache",
+    )
     assert _objects(s3, "") == before
     key = f"{src}/features/p3/c/3/0/0/0"
     blob = bytearray(fs.cat_file(key))

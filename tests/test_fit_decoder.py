@@ -1,4 +1,5 @@
 """`icd fit-decoder`: fits from the cache alone, resumes exactly, and `icd distill` loads what it wrote."""
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,26 @@ from stage2_student_distill.method.module import ICDModule
 
 
 def fit_config(cfg_tiny, out: Path, **distill) -> str:
-    cfg = make_distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), DISTILL={
-        "SPATIAL_PRIOR": "gaussian",
-        "FIT": {"MAX_ITER": 4, "IMS_PER_BATCH": 4, "CHECKPOINT_PERIOD": 2, "HELD_OUT_FRACTION": 0.25}, **distill})
+    cfg = make_distill_cfg(
+        cfg_tiny,
+        OUTPUT_DIR=str(out),
+        DISTILL={
+            "SPATIAL_PRIOR": "gaussian",
+            "FIT": {"MAX_ITER": 4, "IMS_PER_BATCH": 4, "CHECKPOINT_PERIOD": 2, "HELD_OUT_FRACTION": 0.25},
+            **distill,
+        },
+    )
     return str(save_config(cfg, out.parent / f"{out.name}_cfg"))
 
 
 def loss_records(out: Path) -> list[dict[str, float]]:
     """Per logged iteration of metrics.json: its losses and the prior's entropy (not its times)."""
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k == "iteration" or k.startswith("loss") or k == "ident_prior_entropy"}
-            for r in records if "loss_ident" in r]
+    return [
+        {k: v for k, v in r.items() if k == "iteration" or k.startswith("loss") or k == "ident_prior_entropy"}
+        for r in records
+        if "loss_ident" in r
+    ]
 
 
 def test_fit_writes_the_decoder_its_signals_and_its_log(cfg_tiny, teacher_cache, tmp_path, capsys):
@@ -82,8 +92,12 @@ def test_distill_starts_from_the_fitted_decoder_and_refuses_another_setup(cfg_ti
     out = tmp_path / "fit"
     assert fit_decoder.main(["--config-file", fit_config(cfg_tiny, out), "--cache", url]) == 0
     fitted = load_checkpoint(out / FINAL)["model"]
-    student = make_distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "student"), SOLVER={"MAX_ITER": 1},
-                          DISTILL={"SPATIAL_PRIOR": "gaussian", "DECODER_WEIGHTS": str(out / FINAL)})
+    student = make_distill_cfg(
+        cfg_tiny,
+        OUTPUT_DIR=str(tmp_path / "student"),
+        SOLVER={"MAX_ITER": 1},
+        DISTILL={"SPATIAL_PRIOR": "gaussian", "DECODER_WEIGHTS": str(out / FINAL)},
+    )
     trainer = build_distill_trainer(student, url, with_evaluation=False)
     state = trainer.icd.state_dict()
     for key, value in fitted.items():
@@ -94,8 +108,9 @@ def test_distill_starts_from_the_fitted_decoder_and_refuses_another_setup(cfg_ti
         build_distill_trainer(make_distill_cfg(student, CACHE={"LEVELS": ["p3", "p4"]}), url, with_evaluation=False)
     not_fitted = save_checkpoint(tmp_path / "other.pth", torch.nn.Linear(2, 2))
     with pytest.raises(UserError, match="not a decoder written by `icd fit-decoder`"):
-        build_distill_trainer(make_distill_cfg(student, DISTILL={"DECODER_WEIGHTS": str(not_fitted)}), url,
-                              with_evaluation=False)
+        build_distill_trainer(
+            make_distill_cfg(student, DISTILL={"DECODER_WEIGHTS": str(not_fitted)}), url, with_evaluation=False
+        )
 
 
 def test_bad_fit_settings_exit_2(cfg_tiny, teacher_cache, tmp_path, capsys):

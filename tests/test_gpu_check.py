@@ -1,5 +1,6 @@
 """bench/gpu_check.py on CPU: the refusal, the budgets, the part runner, the summary, and the measured
 parts themselves at tiny sizes (the code a GPU runs first, exercised before one is lent)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ def test_make_gpu_check_refuses_with_exit_2_when_torch_sees_no_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("checks the refusal on machines without CUDA")
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "gpu")],
-                          cwd=gpu_check.REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "gpu")],
+        cwd=gpu_check.REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
 
@@ -57,8 +62,9 @@ def test_a_part_past_its_budget_is_killed_with_its_children(tmp_path):
         time.sleep(60)
     """)
     start = time.perf_counter()
-    entry = gpu_check.run_part(Part("slow", 2, "sleeps"), [sys.executable, "-c", script], tmp_path,
-                               tmp_path / "logs" / "slow.log")
+    entry = gpu_check.run_part(
+        Part("slow", 2, "sleeps"), [sys.executable, "-c", script], tmp_path, tmp_path / "logs" / "slow.log"
+    )
     assert entry["status"] == "over budget" and 2 <= entry["seconds"] < 20
     assert time.perf_counter() - start < 20
     assert "started" in entry["log_tail"] and "result" not in entry
@@ -75,14 +81,18 @@ def test_a_part_past_its_budget_is_killed_with_its_children(tmp_path):
 
 def test_a_failing_part_is_reported_with_its_log_and_a_stale_result_is_not_taken(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps({"from": "an earlier check"}))
-    entry = gpu_check.run_part(Part("broken", 30, "fails"),
-                               [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"], tmp_path,
-                               tmp_path / "broken.log")
+    entry = gpu_check.run_part(
+        Part("broken", 30, "fails"),
+        [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"],
+        tmp_path,
+        tmp_path / "broken.log",
+    )
     assert entry["status"] == "failed (exit 3)" and "the reason" in entry["log_tail"]
     assert "result" not in entry and not (tmp_path / "broken.json").exists()
     script = f"import json; open({str(tmp_path / 'fine.json')!r}, 'w').write(json.dumps({{'x': 1}}))"
-    entry = gpu_check.run_part(Part("fine", 30, "works"), [sys.executable, "-c", script], tmp_path,
-                               tmp_path / "fine.log")
+    entry = gpu_check.run_part(
+        Part("fine", 30, "works"), [sys.executable, "-c", script], tmp_path, tmp_path / "fine.log"
+    )
     assert entry["status"] == "ok" and entry["result"] == {"x": 1} and "log_tail" not in entry
 
 
@@ -113,7 +123,13 @@ def test_stage2_ratios_compare_the_modes_per_precision():
     assert ratios["online/cached (fp32)"] == pytest.approx(0.4 / 0.22)
     assert ratios["fp32/amp (online)"] == pytest.approx(2.0)
     assert [m for m, _, _ in gpu_check.stage2_modes()] == [
-        "student_amp", "student_fp32", "cached_amp", "cached_fp32", "online_amp", "online_fp32"]
+        "student_amp",
+        "student_fp32",
+        "cached_amp",
+        "cached_fp32",
+        "online_amp",
+        "online_fp32",
+    ]
 
 
 def test_the_summary_shows_every_part_its_budget_and_its_numbers():
@@ -121,18 +137,53 @@ def test_the_summary_shows_every_part_its_budget_and_its_numbers():
     for mode in steps:
         steps[mode]["data_wait_s"] = 0.0
     entries = [
-        {"part": "tests", "budget_s": 150, "seconds": 80.0, "status": "ok", "log": "l",
-         "result": {"passed": 9, "failed": 1, "skipped": 1,
-                    "failures": [{"test": "tests/test_cuda.py::test_x", "message": ["boom"]}]}},
-        {"part": "stage1", "budget_s": 60, "seconds": 41.0, "status": "ok", "log": "l",
-         "result": {"images_per_s": {"inference_amp": {"median": 250.0}, "dump_fp16_amp": {"median": 240.0}},
-                    "peak_gpu_mb": {"inference_amp": 512.0, "dump_fp16_amp": 530.0},
-                    "ratio_dump_over_inference_amp": {"median": 0.96}, "amp_speedup_inference": {"median": 1.7}}},
-        {"part": "stage2", "budget_s": 100, "seconds": 70.0, "status": "ok", "log": "l",
-         "result": {"steps": steps, "ratios": gpu_check.stage2_ratios(steps), "same_batches": True,
-                    "peak_gpu_mb": {m: 900.0 for m in steps}}},
-        {"part": "accuracy", "budget_s": 130, "seconds": 130.2, "status": "over budget", "log": "acc.log",
-         "log_tail": "training student 3 of 4"},
+        {
+            "part": "tests",
+            "budget_s": 150,
+            "seconds": 80.0,
+            "status": "ok",
+            "log": "l",
+            "result": {
+                "passed": 9,
+                "failed": 1,
+                "skipped": 1,
+                "failures": [{"test": "tests/test_cuda.py::test_x", "message": ["boom"]}],
+            },
+        },
+        {
+            "part": "stage1",
+            "budget_s": 60,
+            "seconds": 41.0,
+            "status": "ok",
+            "log": "l",
+            "result": {
+                "images_per_s": {"inference_amp": {"median": 250.0}, "dump_fp16_amp": {"median": 240.0}},
+                "peak_gpu_mb": {"inference_amp": 512.0, "dump_fp16_amp": 530.0},
+                "ratio_dump_over_inference_amp": {"median": 0.96},
+                "amp_speedup_inference": {"median": 1.7},
+            },
+        },
+        {
+            "part": "stage2",
+            "budget_s": 100,
+            "seconds": 70.0,
+            "status": "ok",
+            "log": "l",
+            "result": {
+                "steps": steps,
+                "ratios": gpu_check.stage2_ratios(steps),
+                "same_batches": True,
+                "peak_gpu_mb": {m: 900.0 for m in steps},
+            },
+        },
+        {
+            "part": "accuracy",
+            "budget_s": 130,
+            "seconds": 130.2,
+            "status": "over budget",
+            "log": "acc.log",
+            "log_tail": "training student 3 of 4",
+        },
     ]
     text = gpu_check.summary_markdown({"gpu": "NVIDIA H100", "torch": "2.15.0", "cuda": "13.2"}, entries, 330.0)
     assert "NVIDIA H100" in text and "330 s of the 480 s budget" in text

@@ -1,5 +1,6 @@
 """The instance-conditional decoder: explicit attention equals torch's MHA, logits keep -inf at padding,
 and padded positions cannot influence anything."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,7 +65,7 @@ def test_logits_are_pre_softmax_with_minus_inf_at_padding():
                     if padding[n, s]:
                         assert value == float("-inf")
                     else:
-                        dot = (q[n, kk, h * d:(h + 1) * d] * k[n, s, h * d:(h + 1) * d]).sum() / d ** 0.5
+                        dot = (q[n, kk, h * d : (h + 1) * d] * k[n, s, h * d : (h + 1) * d]).sum() / d**0.5
                         assert value.item() == pytest.approx(dot.item(), rel=1e-5, abs=1e-6)
 
 

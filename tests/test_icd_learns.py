@@ -6,6 +6,7 @@ query's reference point and reads the pattern tells real from fake; one whose at
 for every query (the failure this project saw on the demo) stays at the prior's entropy. Measured on
 held-out images with signals.measure. Deterministic, one thread, a few seconds.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,12 @@ def _sample(rng: np.random.Generator, patterns: np.ndarray) -> tuple[dict, np.nd
     for lv in LEVELS:
         cells = (np.arange(SIZE // lv.stride) + 0.5) * lv.stride
         for box, cls in zip(boxes, classes):
-            inside = ((cells[:, None] >= box[1]) & (cells[:, None] <= box[3])
-                      & (cells[None, :] >= box[0]) & (cells[None, :] <= box[2]))
+            inside = (
+                (cells[:, None] >= box[1])
+                & (cells[:, None] <= box[3])
+                & (cells[None, :] >= box[0])
+                & (cells[None, :] <= box[2])
+            )
             features[lv.name] += 3.0 * patterns[cls][:, None, None] * inside[None]
     return features, boxes, classes
 
@@ -66,8 +71,19 @@ def fit_and_measure(url: str, iterations: int, **settings) -> tuple[object, obje
     boxes = torch.cat([item["target"]["boxes"] for item in items])
     labels = torch.cat([item["target"]["labels"] for item in items]) - 1
     prior, mean, std = estimate_priors(labels, (boxes[:, 2:] - boxes[:, :2]) / SIZE, NUM_CLASSES)
-    icd = ICDModule(NUM_CLASSES, C, levels=NAMES, strides=STRIDES, num_heads=4, hidden_dim=C, ffn_dim=64, class_prior=prior, size_prior_mean=mean,
-                    size_prior_std=std, **settings)
+    icd = ICDModule(
+        NUM_CLASSES,
+        C,
+        levels=NAMES,
+        strides=STRIDES,
+        num_heads=4,
+        hidden_dim=C,
+        ffn_dim=64,
+        class_prior=prior,
+        size_prior_mean=mean,
+        size_prior_std=std,
+        **settings,
+    )
     cfg = {"DISTILL": {"OPTIMIZER": {**DEFAULTS["DISTILL"]["OPTIMIZER"], "BASE_LR": 1e-3}}, "SOLVER": {"MAX_ITER": 1}}
     optimizer, scheduler = build_icd_optimizer(fitted_parts(icd), cfg, max_iter=iterations)
     held_batches = list(iter_batches(reader, held, 12))

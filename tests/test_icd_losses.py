@@ -1,4 +1,5 @@
 """ICD losses against naive loop computations of docs/METHOD.md, sections 3 and 4."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,10 @@ def naive_distill(v_s, v_t, logits, is_real, temperature, weight):
             for k in range(num_k):
                 if not is_real[n, k]:
                     continue
-                exps = [math.exp(logits[n, h, k, s].item() / temperature)
-                        if logits[n, h, k, s] != float("-inf") else 0.0 for s in range(seq)]
+                exps = [
+                    math.exp(logits[n, h, k, s].item() / temperature) if logits[n, h, k, s] != float("-inf") else 0.0
+                    for s in range(seq)
+                ]
                 total = sum(exps)
                 for s in range(seq):
                     mask[s] += exps[s] / total

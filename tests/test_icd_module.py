@@ -1,4 +1,5 @@
 """ICDModule end to end on tiny features: gradient routing, padding invariance, seeding, config, optimizer."""
+
 from __future__ import annotations
 
 import copy
@@ -124,7 +125,8 @@ def test_bad_inputs_are_user_errors():
         run(module, teacher, features(11), targets=inverted)
     with pytest.raises(UserError, match="p5"):  # a level the features lack is named
         small_module(levels=["p3", "p5"], strides={"p3": 8, "p5": 32})(
-            teacher, features(11), SIZES, TARGETS, torch.Generator(), False)
+            teacher, features(11), SIZES, TARGETS, torch.Generator(), False
+        )
     with pytest.raises(UserError, match="needs 9x10 positions"):  # features too small for the image
         module(teacher, features(11), [(72, 75), SIZES[1]], TARGETS, torch.Generator(), False)
     with pytest.raises(UserError, match="Generator"):

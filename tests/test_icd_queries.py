@@ -1,4 +1,5 @@
 """Instance queries: count formula, real/fake content, fake box priors and clipping, descriptors, seeding."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ def random_targets(counts, size=(200, 300), seed=0):
     for n in counts:
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w / 2, h / 2])
         wh = 2 + torch.rand(n, 2, generator=g) * torch.tensor([w / 2 - 2, h / 2 - 2])
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
-                        "labels": torch.randint(0, K, (n,), generator=g)})
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, K, (n,), generator=g)})
     return targets
 
 
@@ -121,7 +121,7 @@ def test_descriptor_layout():
         assert d[K + i].item() == pytest.approx(trig(x * 2 * math.pi / div), abs=1e-5)
         assert d[K + 128 + i].item() == pytest.approx(trig(y * 2 * math.pi / div), abs=1e-5)
     # 100 px wide -> bin 1, 40 px high -> bin 0
-    assert d[K + 256:].tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert d[K + 256 :].tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 0]
 
 
 def test_scale_indicator_bins():

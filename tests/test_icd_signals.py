@@ -1,4 +1,5 @@
 """signals.py: the numbers that say whether the decoder learnt, checked on cases with known answers."""
+
 from __future__ import annotations
 
 import itertools
@@ -41,11 +42,22 @@ def _decoded(logits: torch.Tensor, boxes: torch.Tensor, num_real: int) -> Decode
     n, heads, k, s = logits.shape
     is_real = torch.zeros(n, k, dtype=torch.bool)
     is_real[:, :num_real] = True
-    queries = InstanceQueries(descriptors=torch.zeros(n, k, 1), ref_points=torch.zeros(n, k, 2), boxes=boxes,
-                              labels=torch.zeros(n, k, dtype=torch.long), is_real=is_real,
-                              padding=torch.zeros(n, k, dtype=torch.bool))
-    return DecodedBatch(queries, DecoderOutput(torch.zeros(n, k, 4), logits, torch.zeros(n, heads, s, 2)),
-                        torch.zeros(n, k, 5), torch.zeros(n, s, dtype=torch.bool), [(4, 4)], [8])
+    queries = InstanceQueries(
+        descriptors=torch.zeros(n, k, 1),
+        ref_points=torch.zeros(n, k, 2),
+        boxes=boxes,
+        labels=torch.zeros(n, k, dtype=torch.long),
+        is_real=is_real,
+        padding=torch.zeros(n, k, dtype=torch.bool),
+    )
+    return DecodedBatch(
+        queries,
+        DecoderOutput(torch.zeros(n, k, 4), logits, torch.zeros(n, heads, s, 2)),
+        torch.zeros(n, k, 5),
+        torch.zeros(n, s, dtype=torch.bool),
+        [(4, 4)],
+        [8],
+    )
 
 
 def test_attention_stats_separate_focused_from_shared_maps():

@@ -1,4 +1,5 @@
 """Token layout of the ICD modules: level flattening, padding mask (ceil rule), DETR sine embedding."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Tiny runs (2 iterations, R-18, 32-channel FPN, 64 px synthetic images with polyg
 wiring (masks in the targets, segm AP - and box AP for CondInst only -, the cache's default levels,
 same-family teacher init), not accuracy.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,16 +20,28 @@ from icd.cli import main as icd
 
 def _config(cfg_tiny: CfgNode, arch: str, tmp_path: Path) -> str:
     cfg = cfg_tiny.clone()
-    cfg.merge_from_dict({
-        "SEED": 1,
-        "MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": True,
-                  "CONDINST": {"MASK_BRANCH": {"CHANNELS": 32}},
-                  "SOLOV2": {"INSTANCE_CHANNELS": 32, "NUM_MASKS": 32, "MASK_CHANNELS": 32}},
-        "SOLVER": {"MAX_ITER": 2, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100, "LOG_PERIOD": 1},
-        "CACHE": {"ENCODING": "fp16", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
-        "DISTILL": {"HIDDEN_DIM": 32, "NUM_HEADS": 8, "FFN_DIM": 64, "MAX_QUERIES": 12, "WARMUP_DETACH_ITERS": 1,
-                    "OPTIMIZER": {"WARMUP_ITERS": 1}},
-    }, source="test_instance_seg_commands")
+    cfg.merge_from_dict(
+        {
+            "SEED": 1,
+            "MODEL": {
+                "META_ARCHITECTURE": arch,
+                "MASK_ON": True,
+                "CONDINST": {"MASK_BRANCH": {"CHANNELS": 32}},
+                "SOLOV2": {"INSTANCE_CHANNELS": 32, "NUM_MASKS": 32, "MASK_CHANNELS": 32},
+            },
+            "SOLVER": {"MAX_ITER": 2, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100, "LOG_PERIOD": 1},
+            "CACHE": {"ENCODING": "fp16", "SHARD_SAMPLES": 4, "BATCH_SIZE": 2},
+            "DISTILL": {
+                "HIDDEN_DIM": 32,
+                "NUM_HEADS": 8,
+                "FFN_DIM": 64,
+                "MAX_QUERIES": 12,
+                "WARMUP_DETACH_ITERS": 1,
+                "OPTIMIZER": {"WARMUP_ITERS": 1},
+            },
+        },
+        source="test_instance_seg_commands",
+    )
     return str(save_config(cfg, tmp_path / "config"))
 
 
@@ -52,16 +65,31 @@ def test_every_command(cfg_tiny, tmp_path, capsys, arch):
     assert _metrics(tmp_path / "eval") == trained
 
     cache = str(tmp_path / "cache")
-    assert icd(["dump", "--config-file", config, "--cache", cache, "MODEL.WEIGHTS", weights,
-                "OUTPUT_DIR", str(tmp_path / "dump")]) == 0
+    assert (
+        icd(
+            [
+                "dump",
+                "--config-file",
+                config,
+                "--cache",
+                cache,
+                "MODEL.WEIGHTS",
+                weights,
+                "OUTPUT_DIR",
+                str(tmp_path / "dump"),
+            ]
+        )
+        == 0
+    )
     reader = CacheReader(cache)
     assert [level.name for level in reader.levels] == list(ARCHITECTURES.get(arch).levels)
     assert reader.attributes["teacher"]["architecture"] == arch
     capsys.readouterr()
 
     for mode, extra in (("cached", []), ("online", ["--online"])):
-        assert icd(["distill", "--config-file", config, "--cache", cache, *extra,
-                    "OUTPUT_DIR", str(tmp_path / mode)]) == 0, mode
+        assert (
+            icd(["distill", "--config-file", config, "--cache", cache, *extra, "OUTPUT_DIR", str(tmp_path / mode)]) == 0
+        ), mode
         out = capsys.readouterr().out
         assert f"{arch} student initialised from the {arch} teacher: FPN (" in out and "+ head (" in out, mode
         assert "Evaluation results for segm" in out

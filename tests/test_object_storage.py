@@ -4,6 +4,7 @@ Everything goes through HTTP exactly as with AWS/MinIO/Ceph: s3fs -> botocore, e
 credentials from the standard AWS environment variables. One tiny teacher is dumped once to local disk
 (the reference) and once to s3:// (module fixtures); the tests compare against the reference.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,11 +53,24 @@ def teacher(tiny_coco, tmp_path_factory):
     cfg = make_cfg_tiny(tiny_coco, work / "output")
     torch.manual_seed(0)
     model = build_detector(cfg, load_dataset(cfg, "synth_train").num_classes + 1)
-    cfg.merge_from_list([
-        "MODEL.WEIGHTS", str(save_checkpoint(work / "teacher" / "model_final.pth", model)),
-        "CACHE.ENCODING", "fp32", "CACHE.SHARD_SAMPLES", "4", "CACHE.BATCH_SIZE", "2", "CACHE.NUM_VARIANTS", "1",
-        "INPUT.MIN_SIZE_TRAIN", "[48, 64]", "CACHE.CALIBRATION_SAMPLES", "2",
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.WEIGHTS",
+            str(save_checkpoint(work / "teacher" / "model_final.pth", model)),
+            "CACHE.ENCODING",
+            "fp32",
+            "CACHE.SHARD_SAMPLES",
+            "4",
+            "CACHE.BATCH_SIZE",
+            "2",
+            "CACHE.NUM_VARIANTS",
+            "1",
+            "INPUT.MIN_SIZE_TRAIN",
+            "[48, 64]",
+            "CACHE.CALIBRATION_SAMPLES",
+            "2",
+        ]
+    )
     return cfg, work
 
 
@@ -78,7 +92,7 @@ def objects(local_s3, prefix: str) -> dict[str, bytes]:
     """Every object under s3://BUCKET/prefix, by key relative to the prefix."""
     fs = local_s3.filesystem()
     root = f"{BUCKET}/{prefix}"
-    return {key[len(root) + 1:]: fs.cat_file(key) for key in fs.find(root)}
+    return {key[len(root) + 1 :]: fs.cat_file(key) for key in fs.find(root)}
 
 
 def local_files(path: str) -> dict[str, bytes]:
@@ -154,7 +168,7 @@ def test_verify_names_a_deleted_and_a_corrupted_object(s3, s3_cache, capsys) -> 
     fs = s3.filesystem()
     src, dst = f"{BUCKET}/dump/cache", f"{BUCKET}/damaged/cache"
     for key in fs.find(src):  # server-side copies
-        fs.copy(key, dst + key[len(src):])
+        fs.copy(key, dst + key[len(src) :])
     url = f"s3://{dst}"
     fs.rm(f"{dst}/features/p4/c/1/0/0/0")  # shard 1 = samples 4-7
     blob = bytearray(fs.cat_file(f"{dst}/features/p3/c/3/0/0/0"))  # shard 3 = samples 12-15
@@ -174,8 +188,10 @@ def test_inspect_plan_and_repack_on_s3(s3, reference, s3_cache, tmp_path, capsys
     local = json.loads(capsys.readouterr().out)
     for key in ("files", "bytes_on_disk", "samples_committed", "feature_bytes", "teacher_weights", "identity"):
         assert remote[key] == local[key], key
-    assert cache_cli.main(["plan", "--calib", s3_cache, "--calib-samples", "2", "--samples", "1000",
-                           "--budget", "1GB"]) == 0
+    assert (
+        cache_cli.main(["plan", "--calib", s3_cache, "--calib-samples", "2", "--samples", "1000", "--budget", "1GB"])
+        == 0
+    )
     assert "choice:" in capsys.readouterr().out
     s3_int8, local_int8 = f"s3://{BUCKET}/repacked/int8", str(tmp_path / "int8")
     assert cache_cli.main(["repack", s3_cache, s3_int8, "--encoding", "int8"]) == 0  # s3 -> s3
@@ -193,21 +209,32 @@ def test_errors_are_one_clear_line(s3, tmp_path) -> None:
     with pytest.raises(CacheError, match=r"(?s)nobucket.*create the bucket"):
         from cache_format import CacheWriter
         from cache_format.schema import LevelSpec
+
         CacheWriter.create("s3://nobucket/c", num_samples=1, levels=[LevelSpec("p3", 8, 4, 2, 2)], encoding="fp16")
     if importlib.util.find_spec("gcsfs") is None:  # gs:// goes the same way, with its own package
         with pytest.raises(CacheError, match=r"(?s)gs:// caches need the gcsfs package.*pip install -e '\.\[gcs\]'"):
             CacheReader("gs://bucket/cache")
     # A filesystem package that is missing: one line naming the extra, exit 2, no traceback.
     hide = "import sys; sys.modules['s3fs'] = None; from icd.cli import main; sys.exit(main(sys.argv[1:]))"
-    run = subprocess.run([sys.executable, "-c", hide, "cache", "inspect", f"s3://{BUCKET}/dump/cache"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", hide, "cache", "inspect", f"s3://{BUCKET}/dump/cache"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith("icd cache inspect: error: s3:// caches need the s3fs package")
     assert "pip install -e '.[s3]'" in run.stderr
     # An unreachable endpoint is an access problem (exit 2), never "damage" or "not a cache".
-    dead = subprocess.run([sys.executable, "-m", "icd", "cache", "verify", f"s3://{BUCKET}/dump/cache"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"})
+    dead = subprocess.run(
+        [sys.executable, "-m", "icd", "cache", "verify", f"s3://{BUCKET}/dump/cache"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
+    )
     assert dead.returncode == 2 and "Traceback" not in dead.stderr, dead.stderr
     assert dead.stderr.startswith("icd cache verify: error: cannot reach the store holding s3://"), dead.stderr
     assert "fix: check AWS_ENDPOINT_URL" in dead.stderr and len(dead.stderr.splitlines()) == 2
@@ -219,8 +246,15 @@ def distill(cfg, cache: str, online: bool = False):
     trainer = build_distill_trainer(cfg, cache, online=online, with_evaluation=False)
     trainer.train()
     lines = (Path(cfg.OUTPUT_DIR) / "metrics.json").read_text().splitlines()
-    return trainer, [{k: v for k, v in json.loads(line).items() if k.startswith("loss") or k in (
-        "classification", "bbox_regression")} for line in lines if "loss_distill" in line]
+    return trainer, [
+        {
+            k: v
+            for k, v in json.loads(line).items()
+            if k.startswith("loss") or k in ("classification", "bbox_regression")
+        }
+        for line in lines
+        if "loss_distill" in line
+    ]
 
 
 def student(teacher_cfg, out: Path, **overrides):
@@ -232,9 +266,13 @@ def student(teacher_cfg, out: Path, **overrides):
 def test_distill_from_s3_equals_distill_from_disk(s3, teacher, reference, s3_cache, tmp_path, capfd) -> None:
     cfg, _ = teacher
     # Two DataLoader workers, each reading through its own S3 connection (checked below).
-    runs = {name: distill(student(cfg, tmp_path / name, SOLVER={"MAX_ITER": 3, "IMS_PER_BATCH": 4},
-                                  DATALOADER={"NUM_WORKERS": 2}), url)
-            for name, url in (("local", reference), ("s3", s3_cache))}
+    runs = {
+        name: distill(
+            student(cfg, tmp_path / name, SOLVER={"MAX_ITER": 3, "IMS_PER_BATCH": 4}, DATALOADER={"NUM_WORKERS": 2}),
+            url,
+        )
+        for name, url in (("local", reference), ("s3", s3_cache))
+    }
     assert len(runs["s3"][1]) == 3 and runs["s3"][1] == runs["local"][1]  # bit for bit: the same bytes
     captured = capfd.readouterr()
     assert_no_secret(s3, [captured.out, captured.err], [tmp_path / "s3"], [])
@@ -267,6 +305,8 @@ def workers_open_their_own_filesystem(dataset: DistillDataset) -> None:
 
 def test_online_distill_with_an_s3_cache(s3, teacher, reference, s3_cache, tmp_path) -> None:
     cfg, _ = teacher
-    runs = {name: distill(student(cfg, tmp_path / name, SOLVER={"MAX_ITER": 2}), url, online=True)[1]
-            for name, url in (("local", reference), ("s3", s3_cache))}
+    runs = {
+        name: distill(student(cfg, tmp_path / name, SOLVER={"MAX_ITER": 2}), url, online=True)[1]
+        for name, url in (("local", reference), ("s3", s3_cache))
+    }
     assert len(runs["s3"]) == 2 and runs["s3"] == runs["local"]

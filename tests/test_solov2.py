@@ -1,5 +1,6 @@
 """SOLOv2: grid assignment (centre region, scale ranges), Matrix NMS against a naive loop, point NMS, the
 inference pipeline on hand-made predictions, and a training/eval forward pass."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ K = 4
 def _square(size: int, y0: int, x0: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One instance: its box [1, 4] (pixel edges) and mask [1, size, size] covering rows y0..y0+h-1, cols x0..x0+w-1."""
     mask = torch.zeros(1, size, size, dtype=torch.uint8)
-    mask[0, y0:y0 + h, x0:x0 + w] = 1
+    mask[0, y0 : y0 + h, x0 : x0 + w] = 1
     return torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32), mask
 
 
@@ -94,7 +95,7 @@ def test_matrix_nms_matches_a_naive_loop(kernel):
     for i in range(n):  # overlapping random rectangles
         y, x = torch.randint(0, 12, (2,), generator=g).tolist()
         h, w = torch.randint(5, 12, (2,), generator=g).tolist()
-        masks[i, y:y + h, x:x + w] = True
+        masks[i, y : y + h, x : x + w] = True
     labels = torch.randint(0, 3, (n,), generator=g)
     scores = torch.rand(n, generator=g).sort(descending=True).values
     ours = matrix_nms(labels, masks, scores, sigma=2.0, kernel=kernel)
@@ -105,9 +106,7 @@ def test_matrix_nms_matches_a_naive_loop(kernel):
 
 
 def test_point_nms_keeps_cells_not_below_their_up_left_neighbours():
-    heat = torch.tensor([[[[0.1, 0.9, 0.2],
-                           [0.8, 0.3, 0.7],
-                           [0.1, 0.6, 0.65]]]])
+    heat = torch.tensor([[[[0.1, 0.9, 0.2], [0.8, 0.3, 0.7], [0.1, 0.6, 0.65]]]])
     kept = point_nms(heat)[0, 0]
     # a cell survives if no neighbour above, to the left or above-left is higher
     expected = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.0, 0.0], [0.0, 0.0, 0.0]])
@@ -124,8 +123,9 @@ def _model(cfg_tiny, **solov2):
     cfg = cfg_tiny.clone()
     cfg.MODEL.META_ARCHITECTURE = "SOLOv2"
     cfg.MODEL.MASK_ON = True
-    cfg.merge_from_dict({"MODEL": {"SOLOV2": {"INSTANCE_CHANNELS": 32, "NUM_MASKS": 32, "MASK_CHANNELS": 32,
-                                              **solov2}}})
+    cfg.merge_from_dict(
+        {"MODEL": {"SOLOV2": {"INSTANCE_CHANNELS": 32, "NUM_MASKS": 32, "MASK_CHANNELS": 32, **solov2}}}
+    )
     torch.manual_seed(0)
     return build_detector(cfg, K + 1)
 

@@ -1,4 +1,5 @@
 """Stage one end to end on the tiny synthetic set: what the cache holds is what the teacher computes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -32,11 +33,24 @@ def teacher_cfg(cfg_tiny: CfgNode, tmp_path: Path) -> CfgNode:
     cfg = cfg_tiny.clone()
     teacher = build_detector(cfg, load_dataset(cfg, "synth_train").num_classes + 1)
     weights = save_checkpoint(tmp_path / "teacher" / "model_final.pth", teacher)
-    cfg.merge_from_list([
-        "MODEL.WEIGHTS", str(weights), "CACHE.ENCODING", "fp32", "CACHE.SHARD_SAMPLES", "4",
-        "CACHE.BATCH_SIZE", "2", "CACHE.NUM_VARIANTS", "2", "INPUT.MIN_SIZE_TRAIN", "[48, 64]",
-        "CACHE.CALIBRATION_SAMPLES", "4",
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.WEIGHTS",
+            str(weights),
+            "CACHE.ENCODING",
+            "fp32",
+            "CACHE.SHARD_SAMPLES",
+            "4",
+            "CACHE.BATCH_SIZE",
+            "2",
+            "CACHE.NUM_VARIANTS",
+            "2",
+            "INPUT.MIN_SIZE_TRAIN",
+            "[48, 64]",
+            "CACHE.CALIBRATION_SAMPLES",
+            "4",
+        ]
+    )
     return cfg
 
 
@@ -62,9 +76,12 @@ def test_cached_features_and_boxes_replay_exactly(teacher_cfg: CfgNode, tmp_path
     assert levels == ["p3", "p4", "p5", "p6", "p7"]
     images = {im.id: im for im in index.images}
     samples = [reader.read_sample(i) for i in range(reader.num_samples)]
-    shapes = {i: padded_shape(s.meta.resized_h, s.meta.resized_w, teacher.size_divisibility) for i, s in enumerate(samples)}
-    batches = shard_batches(range(reader.num_samples), shapes, int(teacher_cfg.CACHE.SHARD_SAMPLES),
-                            int(teacher_cfg.CACHE.BATCH_SIZE))
+    shapes = {
+        i: padded_shape(s.meta.resized_h, s.meta.resized_w, teacher.size_divisibility) for i, s in enumerate(samples)
+    }
+    batches = shard_batches(
+        range(reader.num_samples), shapes, int(teacher_cfg.CACHE.SHARD_SAMPLES), int(teacher_cfg.CACHE.BATCH_SIZE)
+    )
     assert max(len(b) for b in batches) == 2  # some samples shared a teacher forward with another
 
     def pixels(i: int) -> torch.Tensor:
@@ -124,7 +141,7 @@ def test_lossy_encoding_within_its_bound(teacher_cfg: CfgNode, tmp_path: Path) -
     for a, b in zip(_all_samples(exact), _all_samples(lossy)):
         for name, value in a.features.items():
             # fp16 rounds to 11 significant bits: relative error <= 2**-11 (plus subnormal slack).
-            np.testing.assert_allclose(b.features[name], value, rtol=2 ** -11, atol=1e-7)
+            np.testing.assert_allclose(b.features[name], value, rtol=2**-11, atol=1e-7)
 
 
 def test_existing_cache_is_never_overwritten_and_resume_checks_identity(teacher_cfg: CfgNode, tmp_path: Path) -> None:
@@ -206,8 +223,13 @@ def test_kill_9_then_resume_equals_uninterrupted_dump(teacher_cfg: CfgNode, tmp_
     assert killed.returncode == -9, killed.stderr
     partial = CacheReader(crashed).committed()
     assert 0 < partial.sum() < partial.size
-    verify = subprocess.run([sys.executable, "-m", "icd", "cache", "verify", crashed, "--no-manifest"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "icd", "cache", "verify", crashed, "--no-manifest"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr  # what is committed is intact; unfinished
     resumed = run_dump_cli(teacher_cfg, crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -1,4 +1,5 @@
 """Stage two's cached data path: replayed pixels and boxes, variant choice, feature streaming and padding."""
+
 from __future__ import annotations
 
 import pickle
@@ -26,8 +27,9 @@ def cached_dataset(cfg, url: str, read_features: bool = True) -> DistillDataset:
     reader = CacheReader(url)
     plan = recorded_plan(reader.attributes, url)
     table = SampleTable.from_reader(reader, plan.num_variants)
-    return DistillDataset(train_index(cfg), plan, table=table, cache_url=url, levels=LEVELS,
-                          read_features=read_features)
+    return DistillDataset(
+        train_index(cfg), plan, table=table, cache_url=url, levels=LEVELS, read_features=read_features
+    )
 
 
 def test_replayed_pixels_boxes_and_features_are_what_stage_one_saw(cfg_tiny, teacher_cache):
@@ -177,8 +179,12 @@ def test_every_mode_trains_on_the_same_batches_of_the_same_images_and_variants(c
     assert len(baseline) == len(cached)
 
     def batches(dataset, seed: int) -> list[list[tuple[int, int]]]:
-        stream = batch_stream(dataset, InfiniteSampler(len(dataset), seed=seed, yield_epoch=True, rank=0,
-                                                       world_size=1), batch_size=3, group_by_aspect=True)
+        stream = batch_stream(
+            dataset,
+            InfiniteSampler(len(dataset), seed=seed, yield_epoch=True, rank=0, world_size=1),
+            batch_size=3,
+            group_by_aspect=True,
+        )
         return [[(im.id, v) for im, v in map(dataset.locate, next(stream))] for _ in range(4 * len(dataset) // 3)]
 
     assert batches(baseline, seed=5) == batches(cached, seed=5)

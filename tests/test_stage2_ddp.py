@@ -1,4 +1,5 @@
 """Two-process (gloo) distillation from a cache: the student and the ICD module train under DDP."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,10 @@ from stage2_student_distill import cli
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~50 s on 2 shared cores
-def test_two_process_distillation_completes_and_checkpoints_both_ranks(cfg_tiny, teacher_cache, distill_cfg,
-                                                                       tmp_path):
+def test_two_process_distillation_completes_and_checkpoints_both_ranks(cfg_tiny, teacher_cache, distill_cfg, tmp_path):
     url, _ = teacher_cache("fp16")
     out = tmp_path / "out"
-    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), SOLVER={"MAX_ITER": 2, "IMS_PER_BATCH": 4},
-                      DATASETS={"TEST": []})
+    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(out), SOLVER={"MAX_ITER": 2, "IMS_PER_BATCH": 4}, DATASETS={"TEST": []})
     config = str(save_config(cfg, tmp_path / "cfg"))
     assert cli.main(["--config-file", config, "--cache", url, "--num-gpus", "2"]) == 0
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]

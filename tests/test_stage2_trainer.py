@@ -1,4 +1,5 @@
 """DistillTrainer: cached == online, no teacher in cached mode, refusals before training, resume, warm-up."""
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,16 @@ def run(cfg, cache: str | None, online: bool = False, resume: bool = False) -> D
     return trainer
 
 
-def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny, teacher_cache, distill_cfg,
-                                                                        tmp_path):
+def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny, teacher_cache, distill_cfg, tmp_path):
     url, _ = teacher_cache("fp32")
     results = {}
     for mode in ("cached", "online"):
         # The distillation reaches the student in the last of the three iterations: with two steps through
         # the student, a 1e-6 difference in teacher features can flip an argmax of the stem's max-pool (a
         # discontinuity of the network, not of the data path) and move conv1 by ~1e-3 relative.
-        cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / mode), SOLVER={"MAX_ITER": 3},
-                          DISTILL={"WARMUP_DETACH_ITERS": 2})
+        cfg = distill_cfg(
+            cfg_tiny, OUTPUT_DIR=str(tmp_path / mode), SOLVER={"MAX_ITER": 3}, DISTILL={"WARMUP_DETACH_ITERS": 2}
+        )
         results[mode] = (run(cfg, url, online=mode == "online"), metrics(cfg.OUTPUT_DIR))
     (cached, cached_log), (online, online_log) = results["cached"], results["online"]
     assert len(cached_log) == len(online_log) == 3
@@ -67,7 +68,9 @@ def test_cached_and_online_training_give_the_same_losses_and_parameters(cfg_tiny
     for key in p_cached:
         a, b = p_cached[key].double(), p_online[key].double()
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12, key
-    assert isinstance(cached.teacher_features, CachedTeacherFeatures) and isinstance(online.teacher_features, OnlineTeacher)
+    assert isinstance(cached.teacher_features, CachedTeacherFeatures) and isinstance(
+        online.teacher_features, OnlineTeacher
+    )
 
 
 def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, distill_cfg, tmp_path, monkeypatch):
@@ -91,14 +94,21 @@ def test_cached_mode_builds_and_runs_no_teacher(cfg_tiny, teacher_cache, distill
     assert len(metrics(cfg.OUTPUT_DIR)) == 2
 
 
-@pytest.mark.parametrize("override, reason", [
-    ({"MODEL": {"FPN": {"OUT_CHANNELS": 64}}, "DISTILL": {"HIDDEN_DIM": 64}}, "level p3 channels: cache 32, student 64"),
-    ({"MODEL": {"SIZE_DIVISIBILITY": 64}}, "preprocessing.size_divisibility"),
-    ({"INPUT": {"MIN_SIZE_TRAIN": [48]}}, "preprocessing.min_size_train"),
-    ({"MODEL": {"META_ARCHITECTURE": "FasterRCNN"}}, "level p2: the student needs it"),
-])
-def test_an_incompatible_student_fails_before_the_first_iteration(cfg_tiny, teacher_cache, distill_cfg, tmp_path,
-                                                                  monkeypatch, capsys, override, reason):
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        (
+            {"MODEL": {"FPN": {"OUT_CHANNELS": 64}}, "DISTILL": {"HIDDEN_DIM": 64}},
+            "level p3 channels: cache 32, student 64",
+        ),
+        ({"MODEL": {"SIZE_DIVISIBILITY": 64}}, "preprocessing.size_divisibility"),
+        ({"INPUT": {"MIN_SIZE_TRAIN": [48]}}, "preprocessing.min_size_train"),
+        ({"MODEL": {"META_ARCHITECTURE": "FasterRCNN"}}, "level p2: the student needs it"),
+    ],
+)
+def test_an_incompatible_student_fails_before_the_first_iteration(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path, monkeypatch, capsys, override, reason
+):
     url, _ = teacher_cache("fp16")
     monkeypatch.setattr(DistillTrainer, "run_step", lambda *a: pytest.fail("training started"))
     cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out"))
@@ -113,8 +123,12 @@ def test_an_incompatible_student_fails_before_the_first_iteration(cfg_tiny, teac
 
 def test_resume_continues_exactly(cfg_tiny, teacher_cache, distill_cfg, tmp_path):
     url, _ = teacher_cache("fp32")
-    straight_cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "straight"), DISTILL={"WARMUP_DETACH_ITERS": 3},
-                               SOLVER={"MAX_ITER": 4, "CHECKPOINT_PERIOD": 2})
+    straight_cfg = distill_cfg(
+        cfg_tiny,
+        OUTPUT_DIR=str(tmp_path / "straight"),
+        DISTILL={"WARMUP_DETACH_ITERS": 3},
+        SOLVER={"MAX_ITER": 4, "CHECKPOINT_PERIOD": 2},
+    )
     straight = run(straight_cfg, url)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -161,8 +175,14 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
         trainer.module.zero_grad(set_to_none=True)
         trainer.icd.zero_grad(set_to_none=True)
         _, student, _ = trainer.model(images, targets)
-        return icd(batch.teacher_features, {level: student[level] for level in trainer.levels}, sizes, targets,
-                   trainer.query_generator(), detach_student=detach)
+        return icd(
+            batch.teacher_features,
+            {level: student[level] for level in trainer.levels},
+            sizes,
+            targets,
+            trainer.query_generator(),
+            detach_student=detach,
+        )
 
     for detach in (True, False):
         icd_losses(detach)["loss_distill"].backward()
@@ -178,8 +198,7 @@ def test_distillation_reaches_the_student_only_after_the_warm_up(cfg_tiny, teach
 
 def test_the_two_optimizers_own_disjoint_parameters(cfg_tiny, teacher_cache, distill_cfg, tmp_path):
     url, _ = teacher_cache("fp16")
-    trainer = build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url,
-                                    with_evaluation=False)
+    trainer = build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url, with_evaluation=False)
     sgd = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     adamw = {id(p) for group in trainer.icd_optimizer.param_groups for p in group["params"]}
     assert not sgd & adamw
@@ -201,8 +220,11 @@ def test_init_from_teacher_copies_the_cached_fpn_and_head(cfg_tiny, teacher_cach
     for init in (True, False):
         cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / str(init)), DISTILL={"INIT_FROM_TEACHER": init})
         student = build_distill_trainer(cfg, url, with_evaluation=False).module.fpn_and_head_state_dict()
-        same = [torch.equal(student[k], torch.from_numpy(v)) for k, v in stored.items()
-                if k.endswith("weight") and "fpn" in k]
+        same = [
+            torch.equal(student[k], torch.from_numpy(v))
+            for k, v in stored.items()
+            if k.endswith("weight") and "fpn" in k
+        ]
         assert all(same) if init else not any(same)
 
 
@@ -251,11 +273,15 @@ def test_an_empty_cache_is_refused(cfg_tiny, teacher_cache, distill_cfg, tmp_pat
         build_distill_trainer(distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "out")), url, with_evaluation=False)
 
 
-def test_online_without_a_cache_replays_the_configs_plan_and_pads_like_the_cache(cfg_tiny, teacher_cache, distill_cfg,
-                                                                                  tmp_path):
+def test_online_without_a_cache_replays_the_configs_plan_and_pads_like_the_cache(
+    cfg_tiny, teacher_cache, distill_cfg, tmp_path
+):
     url, weights = teacher_cache("fp32")
-    cfg = distill_cfg(cfg_tiny, OUTPUT_DIR=str(tmp_path / "online"),
-                      DISTILL={"TEACHER": {"META_ARCHITECTURE": "RetinaNet", "DEPTH": 18, "WEIGHTS": weights}})
+    cfg = distill_cfg(
+        cfg_tiny,
+        OUTPUT_DIR=str(tmp_path / "online"),
+        DISTILL={"TEACHER": {"META_ARCHITECTURE": "RetinaNet", "DEPTH": 18, "WEIGHTS": weights}},
+    )
     online = build_distill_trainer(cfg, None, online=True, with_evaluation=False)
     cached = build_distill_trainer(distill_cfg(cfg, OUTPUT_DIR=str(tmp_path / "cached")), url, with_evaluation=False)
     for a, b in zip(online.build_loader(0), cached.build_loader(0)):

@@ -1,4 +1,5 @@
 """detection.data.synthetic: deterministic bytes, valid COCO, annotations that match the pixels."""
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,14 @@ def test_harder_task_has_more_classes_smaller_and_more_instances_and_records_its
     assert [c["id"] for c in data["categories"]] == list(range(1, 13))
     assert data["categories"][:4] == easy["categories"]  # the original classes keep their ids
     assert len({a["category_id"] for a in data["annotations"]}) >= 10
-    assert data["info"]["difficulty"] == {"classes": 12, "max_objects": 12, "min_extent": 0.08, "max_extent": 0.3,
-                                          "max_hidden": 0.6, "clutter": 6}
+    assert data["info"]["difficulty"] == {
+        "classes": 12,
+        "max_objects": 12,
+        "min_extent": 0.08,
+        "max_extent": 0.3,
+        "max_hidden": 0.6,
+        "clutter": 6,
+    }
     assert "difficulty" not in easy["info"]
     assert len(data["annotations"]) > 1.5 * len(easy["annotations"])
     areas = {name: np.median([a["area"] for a in d["annotations"]]) for name, d in (("easy", easy), ("hard", data))}
@@ -130,8 +137,17 @@ def test_clutter_changes_pixels_but_not_the_draws_of_the_shapes_before_it(tmp_pa
     assert np.mean(changed) > 0.05 and min(changed) == 0.0  # up to 8 blobs: some images draw none
 
 
-@pytest.mark.parametrize("flag, value", [("--classes", ["13"]), ("--classes", ["0"]), ("--extent", ["0.5", "0.2"]),
-                                         ("--max-hidden", ["1.0"]), ("--clutter", ["-1"]), ("--max-objects", ["0"])])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--classes", ["13"]),
+        ("--classes", ["0"]),
+        ("--extent", ["0.5", "0.2"]),
+        ("--max-hidden", ["1.0"]),
+        ("--clutter", ["-1"]),
+        ("--max-objects", ["0"]),
+    ],
+)
 def test_cli_rejects_bad_difficulty(tmp_path, capsys, flag, value):
     assert main(["--out", str(tmp_path / "d"), "--train", "1", "--val", "0", flag, *value]) == 2
     err = capsys.readouterr().err

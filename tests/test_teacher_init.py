@@ -1,5 +1,6 @@
 """DISTILL.INIT_FROM_TEACHER initialises only what the student shares with its teacher: FPN + head within
 a head family, the FPN alone (level by level) across families, and it says what it loaded."""
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,10 @@ def test_fcos_student_takes_no_tensor_of_a_retinanet_head(cfg_tiny):
     fpn = [k for k in teacher if k.startswith("backbone.fpn.")]
     assert sorted(report.fpn) == sorted(fpn) and all(torch.equal(after[k], teacher[k]) for k in fpn)
     line = report.summary()
-    assert line == (f"initialised from the RetinaNet teacher: FPN ({len(fpn)} tensors); skipped: the RetinaNet head "
-                    f"({len(head)} tensors: not the FCOS family)")
+    assert line == (
+        f"initialised from the RetinaNet teacher: FPN ({len(fpn)} tensors); skipped: the RetinaNet head "
+        f"({len(head)} tensors: not the FCOS family)"
+    )
 
 
 def test_the_family_decides_not_matching_names(cfg_tiny):
@@ -62,7 +65,9 @@ def test_same_family_loads_fpn_and_head(cfg_tiny):
         after = _state(student)
         assert report.same_family and report.head and report.fpn, (teacher_arch, student_arch)
         assert report.skipped == [] and all(torch.equal(after[k], teacher[k]) for k in teacher)
-        assert f"FPN ({len(report.fpn)} tensors) + head ({len(report.head)} tensors); skipped: nothing" in report.summary()
+        assert (
+            f"FPN ({len(report.fpn)} tensors) + head ({len(report.head)} tensors); skipped: nothing" in report.summary()
+        )
 
 
 def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
@@ -71,7 +76,9 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
     for kind in ("inner_blocks", "layer_blocks"):
         for i in range(3):  # teacher P3, P4, P5 -> student indices 1, 2, 3
             for p in ("weight", "bias"):
-                assert torch.equal(after[f"backbone.fpn.{kind}.{i + 1}.0.{p}"], teacher[f"backbone.fpn.{kind}.{i}.0.{p}"])
+                assert torch.equal(
+                    after[f"backbone.fpn.{kind}.{i + 1}.0.{p}"], teacher[f"backbone.fpn.{kind}.{i}.0.{p}"]
+                )
         assert torch.equal(after[f"backbone.fpn.{kind}.0.0.weight"], before[f"backbone.fpn.{kind}.0.0.weight"])  # P2
     assert sorted(report.skipped_mismatch) == sorted(k for k in teacher if k.startswith("backbone.fpn.extra_blocks."))
     assert report.head == [] and len(report.fpn) == 12
@@ -79,11 +86,16 @@ def test_fpn_is_mapped_by_level_across_fpn_layouts(cfg_tiny):
     # and back: the R-CNN's P3..P5 go to the RetinaNet's P3..P5; its P2 has no counterpart
     back = _build(cfg_tiny, "RetinaNet", 2)
     report = init_from_teacher(back, after, "FasterRCNN")
-    assert torch.equal(back.fpn_and_head_state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
-                       after["backbone.fpn.layer_blocks.1.0.weight"])
+    assert torch.equal(
+        back.fpn_and_head_state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
+        after["backbone.fpn.layer_blocks.1.0.weight"],
+    )
     assert sorted(k for k in report.skipped_mismatch if k.startswith("backbone.")) == [
-        "backbone.fpn.inner_blocks.0.0.bias", "backbone.fpn.inner_blocks.0.0.weight",
-        "backbone.fpn.layer_blocks.0.0.bias", "backbone.fpn.layer_blocks.0.0.weight"]
+        "backbone.fpn.inner_blocks.0.0.bias",
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "backbone.fpn.layer_blocks.0.0.bias",
+        "backbone.fpn.layer_blocks.0.0.weight",
+    ]
 
 
 def test_unknown_teacher_architecture_loads_the_fpn_only(cfg_tiny):

@@ -1,5 +1,6 @@
 """End to end: a tiny detector learns, COCO evaluation maps predictions back correctly, multi-process
 training keeps ranks identical, and the `icd train` / `icd eval` CLIs report user errors with exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,21 @@ def _write_cfg(cfg, path: Path) -> str:
 # --- learning -------------------------------------------------------------------------------------
 def test_a_tiny_detector_learns(cfg_tiny, tmp_path):
     """~100 iterations on the 16 training images take box AP (on those images) far above untrained."""
-    cfg_tiny.merge_from_dict({
-        "MODEL": {"META_ARCHITECTURE": "RetinaNet", "RETINANET": {"NORM": "GN"}},
-        "DATASETS": {"TEST": ["synth_train"]},
-        "SOLVER": {"IMS_PER_BATCH": 4, "BASE_LR": 0.01, "WARMUP_ITERS": 5, "STEPS": [], "MAX_ITER": 0,
-                   "CHECKPOINT_PERIOD": 1000, "LOG_PERIOD": 20},
-    })
+    cfg_tiny.merge_from_dict(
+        {
+            "MODEL": {"META_ARCHITECTURE": "RetinaNet", "RETINANET": {"NORM": "GN"}},
+            "DATASETS": {"TEST": ["synth_train"]},
+            "SOLVER": {
+                "IMS_PER_BATCH": 4,
+                "BASE_LR": 0.01,
+                "WARMUP_ITERS": 5,
+                "STEPS": [],
+                "MAX_ITER": 0,
+                "CHECKPOINT_PERIOD": 1000,
+                "LOG_PERIOD": 20,
+            },
+        }
+    )
     untrained = build_trainer(cfg_tiny).train()["bbox"]
     cfg_tiny.SOLVER.MAX_ITER = 100
     trained = build_trainer(cfg_tiny).train()["bbox"]
@@ -55,8 +65,12 @@ def test_ground_truth_as_predictions_scores_full_ap(cfg_tiny, flip):
         target = item["target"]
         n = len(target["labels"])
         assert min(item["aug"].resized_h, item["aug"].resized_w) == 96  # really resized from 64
-        detections = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(n),
-                      "masks": target["masks"][:, None].float()}
+        detections = {
+            "boxes": target["boxes"],
+            "labels": target["labels"],
+            "scores": torch.ones(n),
+            "masks": target["masks"][:, None].float(),
+        }
         records += detections_to_coco(detections, item["aug"], index.label_to_cat_id)
     gt = coco_ground_truth(index)
     names = {c["id"]: c["name"] for c in index.categories}
@@ -79,14 +93,16 @@ def _two_rank_worker(cfg, report: str) -> None:
     gathered = comm.all_gather(params)
     if comm.is_main_process():
         diff = max((gathered[0][k] - gathered[1][k]).abs().max().item() for k in params)
-        Path(report).write_text(json.dumps({"world": comm.get_world_size(), "max_diff": diff,
-                                            "iteration": trainer.iteration}))
+        Path(report).write_text(
+            json.dumps({"world": comm.get_world_size(), "max_diff": diff, "iteration": trainer.iteration})
+        )
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(cfg_tiny, tmp_path):
     """`--num-gpus 2` on CPU: two gloo processes, each half the batch; DDP keeps their parameters equal."""
-    cfg_tiny.merge_from_dict({"DATASETS": {"TEST": []},
-                              "SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100}})
+    cfg_tiny.merge_from_dict(
+        {"DATASETS": {"TEST": []}, "SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100}}
+    )
     report = tmp_path / "report.json"
     launch(_two_rank_worker, 2, (cfg_tiny, str(report)), device="cpu")
     result = json.loads(report.read_text())
@@ -116,8 +132,21 @@ def test_train_then_eval_cli(cfg_tiny, tmp_path, capsys):
     assert "Evaluation results for bbox" in capsys.readouterr().out
 
     # nothing above the threshold: AP 0, an empty result file, and a word about it
-    assert eval_cli.main(["--config-file", config, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "z"),
-                          "MODEL.SCORE_THRESH_TEST", "1.01"]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--config-file",
+                config,
+                "MODEL.WEIGHTS",
+                weights,
+                "OUTPUT_DIR",
+                str(tmp_path / "z"),
+                "MODEL.SCORE_THRESH_TEST",
+                "1.01",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "z" / "inference" / "coco_results.json").read_text()) == []
     assert json.loads((tmp_path / "z" / "inference" / "metrics.json").read_text())["bbox"]["AP"] == 0.0
     assert "no detection" in capsys.readouterr().out
@@ -129,8 +158,9 @@ def test_train_then_eval_cli(cfg_tiny, tmp_path, capsys):
 def test_the_same_seed_trains_the_same_weights_and_another_seed_does_not(cfg_tiny, tmp_path):
     """On one machine `icd train` is a function of its config and SEED (bench/accuracy.py relies on it to
     reuse a finished teacher): two runs of one config give bit-identical weights."""
-    cfg_tiny.merge_from_dict({"SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100},
-                              "DATASETS": {"TEST": []}})
+    cfg_tiny.merge_from_dict(
+        {"SOLVER": {"MAX_ITER": 3, "WARMUP_ITERS": 1, "STEPS": [], "CHECKPOINT_PERIOD": 100}, "DATASETS": {"TEST": []}}
+    )
     config = _write_cfg(cfg_tiny, tmp_path / "c.yaml")
     weights = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -141,16 +171,23 @@ def test_the_same_seed_trains_the_same_weights_and_another_seed_does_not(cfg_tin
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
 
 
-@pytest.mark.parametrize("command, args, message", [
-    (train_cli, ["--config-file", "missing.yaml"], "icd train: error: config file not found"),
-    (train_cli, ["SOLVER.MAX_ITR", "5"], "icd train: error: unknown config key 'SOLVER.MAX_ITR'"),
-    (train_cli, ["--num-gpus", "0"], "icd train: error: --num-gpus 0 must be at least 1"),
-    (train_cli, ["--eval-only"], "icd train: error: no weights to evaluate: MODEL.WEIGHTS is empty"),
-    (train_cli, ["DATASETS.TRAIN", "[nope]"], "icd train: error: unknown dataset 'nope'"),
-    (train_cli, ["MODEL.NUM_CLASSES", "7"], "icd train: error: MODEL.NUM_CLASSES is 7 but the training dataset"),
-    (eval_cli, [], "icd eval: error: no weights to evaluate: MODEL.WEIGHTS is empty"),
-    (eval_cli, ["MODEL.WEIGHTS", "/nonexistent/model.pth"], "icd eval: error: checkpoint file '/nonexistent/model.pth'"),
-])
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        (train_cli, ["--config-file", "missing.yaml"], "icd train: error: config file not found"),
+        (train_cli, ["SOLVER.MAX_ITR", "5"], "icd train: error: unknown config key 'SOLVER.MAX_ITR'"),
+        (train_cli, ["--num-gpus", "0"], "icd train: error: --num-gpus 0 must be at least 1"),
+        (train_cli, ["--eval-only"], "icd train: error: no weights to evaluate: MODEL.WEIGHTS is empty"),
+        (train_cli, ["DATASETS.TRAIN", "[nope]"], "icd train: error: unknown dataset 'nope'"),
+        (train_cli, ["MODEL.NUM_CLASSES", "7"], "icd train: error: MODEL.NUM_CLASSES is 7 but the training dataset"),
+        (eval_cli, [], "icd eval: error: no weights to evaluate: MODEL.WEIGHTS is empty"),
+        (
+            eval_cli,
+            ["MODEL.WEIGHTS", "/nonexistent/model.pth"],
+            "icd eval: error: checkpoint file '/nonexistent/model.pth'",
+        ),
+    ],
+)
 def test_cli_user_errors_exit_2(cfg_tiny, tmp_path, capsys, command, args, message):
     config = _write_cfg(cfg_tiny, tmp_path / "c.yaml")
     argv = args if args[:1] == ["--config-file"] else ["--config-file", config, *args]

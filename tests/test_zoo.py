@@ -1,5 +1,6 @@
 """The detector zoo: every architecture trains and infers on pre-resized images, exposes its FPN levels
 under uniform names and strides, computes exactly torchvision's losses, and shares FPN + head weights."""
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,11 @@ def test_train_and_eval_forward(cfg_tiny, arch):
         stride = model.strides[name]
         assert tuple(feature.shape) == (2, 32, math.ceil(64 / stride), math.ceil(96 / stride)), name
         feature.retain_grad()
-    expected = {"RetinaNet": {"classification", "bbox_regression"},
-                "FCOS": {"classification", "bbox_regression", "bbox_ctrness"},
-                "FasterRCNN": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}}
+    expected = {
+        "RetinaNet": {"classification", "bbox_regression"},
+        "FCOS": {"classification", "bbox_regression", "bbox_ctrness"},
+        "FasterRCNN": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    }
     expected["MaskRCNN"] = expected["FasterRCNN"] | {"loss_mask"}
     assert set(losses) == expected[arch]
     assert all(torch.isfinite(v) for v in losses.values())
@@ -123,8 +126,9 @@ def test_features_of_preprocessed_batch_match_forward(cfg_tiny):
 
 def test_fpn_and_head_transfer_between_depths_and_class_counts(cfg_tiny):
     torch.manual_seed(0)
-    teacher = build_detector(_cfg(cfg_tiny.clone(), "RetinaNet", BACKBONE={"DEPTH": 34, "NORM": "BN",
-                                                                           "FREEZE_AT": 0}), K + 1)
+    teacher = build_detector(
+        _cfg(cfg_tiny.clone(), "RetinaNet", BACKBONE={"DEPTH": 34, "NORM": "BN", "FREEZE_AT": 0}), K + 1
+    )
     state = teacher.fpn_and_head_state_dict()
     assert state and not any(k.startswith("backbone.body.") for k in state)
     assert any(k.startswith("backbone.fpn.") for k in state) and any(k.startswith("head.") for k in state)
@@ -149,27 +153,35 @@ def test_frozen_bn_and_freeze_at(cfg_tiny):
     assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"META_ARCHITECTURE": "YOLO"}, "META_ARCHITECTURE 'YOLO'"),
-    ({"BACKBONE": {"DEPTH": 152}}, "DEPTH 152"),
-    ({"BACKBONE": {"NORM": "SyncBN"}}, "NORM 'SyncBN'"),
-    ({"META_ARCHITECTURE": "FCOS", "FPN": {"OUT_CHANNELS": 48}}, "divisible by 32"),
-    ({"RETINANET": {"NORM": "GN"}, "FPN": {"OUT_CHANNELS": 40}}, "divisible by 32"),
-    ({"RETINANET": {"NORM": "BN"}}, "RETINANET.NORM"),
-    ({"MASK_ON": True}, "MASK_ON"),
-    ({"ANCHOR_GENERATOR": {"SIZES": [8, 16]}}, "5 positive base sizes"),
-    ({"META_ARCHITECTURE": "CondInst"}, "CondInst needs MODEL.MASK_ON True"),
-    ({"META_ARCHITECTURE": "SOLOv2"}, "SOLOv2 needs MODEL.MASK_ON True"),
-    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_OUT_STRIDE": 3}}, "MASK_OUT_STRIDE 3"),
-    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_BRANCH": {"NORM": "SyncBN"}}},
-     "MASK_BRANCH.NORM 'SyncBN'"),
-    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NUM_GRIDS": [40, 36]}}, "5 positive grid sizes"),
-    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NMS_KERNEL": "box"}}, "NMS_KERNEL 'box'"),
-    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"INSTANCE_CHANNELS": 40}}, "multiple of 16"),
-    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "CONVENTIONS": "detectron2"}, "CONVENTIONS detectron2 does not"),
-    ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "BACKEND": "detectron2"}, "BACKEND detectron2 does not"),
-    ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "FPN": {"TOP_BLOCK_IN": "res5"}}, "does not apply to SOLOv2"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"META_ARCHITECTURE": "YOLO"}, "META_ARCHITECTURE 'YOLO'"),
+        ({"BACKBONE": {"DEPTH": 152}}, "DEPTH 152"),
+        ({"BACKBONE": {"NORM": "SyncBN"}}, "NORM 'SyncBN'"),
+        ({"META_ARCHITECTURE": "FCOS", "FPN": {"OUT_CHANNELS": 48}}, "divisible by 32"),
+        ({"RETINANET": {"NORM": "GN"}, "FPN": {"OUT_CHANNELS": 40}}, "divisible by 32"),
+        ({"RETINANET": {"NORM": "BN"}}, "RETINANET.NORM"),
+        ({"MASK_ON": True}, "MASK_ON"),
+        ({"ANCHOR_GENERATOR": {"SIZES": [8, 16]}}, "5 positive base sizes"),
+        ({"META_ARCHITECTURE": "CondInst"}, "CondInst needs MODEL.MASK_ON True"),
+        ({"META_ARCHITECTURE": "SOLOv2"}, "SOLOv2 needs MODEL.MASK_ON True"),
+        ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_OUT_STRIDE": 3}}, "MASK_OUT_STRIDE 3"),
+        (
+            {"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "CONDINST": {"MASK_BRANCH": {"NORM": "SyncBN"}}},
+            "MASK_BRANCH.NORM 'SyncBN'",
+        ),
+        ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NUM_GRIDS": [40, 36]}}, "5 positive grid sizes"),
+        ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"NMS_KERNEL": "box"}}, "NMS_KERNEL 'box'"),
+        ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "SOLOV2": {"INSTANCE_CHANNELS": 40}}, "multiple of 16"),
+        (
+            {"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "CONVENTIONS": "detectron2"},
+            "CONVENTIONS detectron2 does not",
+        ),
+        ({"META_ARCHITECTURE": "CondInst", "MASK_ON": True, "BACKEND": "detectron2"}, "BACKEND detectron2 does not"),
+        ({"META_ARCHITECTURE": "SOLOv2", "MASK_ON": True, "FPN": {"TOP_BLOCK_IN": "res5"}}, "does not apply to SOLOv2"),
+    ],
+)
 def test_bad_model_config_is_a_user_error(cfg_tiny, overrides, message):
     cfg_tiny.merge_from_dict({"MODEL": overrides})
     with pytest.raises(UserError, match=message) as info:

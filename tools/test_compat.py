@@ -15,6 +15,7 @@ run one after another: the suite uses every core. Printed at the end and written
 summary line; an end not run this time keeps its last entry there. Exit 0 only when every end run
 passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,14 +101,17 @@ def run(cmd: Sequence[str], log: Path, env: dict[str, str]) -> tuple[int, float,
 
 
 def installed_versions(python: Path, env: dict[str, str]) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json, sys\n"
-            "out = {}\n"
-            f"for name in {list(REPORTED)!r}:\n"
-            "    try: out[name] = m.version(name)\n"
-            "    except m.PackageNotFoundError: out[name] = None\n"
-            "print(json.dumps(out))")
-    return json.loads(subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True,
-                                     check=True).stdout)
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        f"for name in {list(REPORTED)!r}:\n"
+        "    try: out[name] = m.version(name)\n"
+        "    except m.PackageNotFoundError: out[name] = None\n"
+        "print(json.dumps(out))"
+    )
+    return json.loads(
+        subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    )
 
 
 def same_version(installed: str | None, pin: str) -> bool:
@@ -128,8 +132,11 @@ def build(end: str, venv: Path, pyproject_text: str, env: dict[str, str], log: P
     """Create or update the end's venv; returns (seconds spent, the pins). Reused while its stamp matches."""
     pins = oldest_pins(tomllib.loads(pyproject_text)) if end == "oldest" else []
     stamp_path = venv / ".compat-stamp"
-    stamp = {"pyproject_sha256": hashlib.sha256(pyproject_text.encode()).hexdigest(), "pins": pins,
-             "python": platform.python_version()}
+    stamp = {
+        "pyproject_sha256": hashlib.sha256(pyproject_text.encode()).hexdigest(),
+        "pins": pins,
+        "python": platform.python_version(),
+    }
     python = venv / "bin" / "python"
     if python.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         print(f"test_compat: {end}: reusing {venv}", flush=True)
@@ -149,7 +156,7 @@ def build(end: str, venv: Path, pyproject_text: str, env: dict[str, str], log: P
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    pytest_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(prog="tools/test_compat.py", description=__doc__.splitlines()[0])
     parser.add_argument("--ends", nargs="+", choices=ENDS, default=list(ENDS))
     parser.add_argument("--venvs", type=Path, default=REPO / ".compat", help="where the venvs live (default .compat)")
@@ -159,9 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     pyproject_text = (REPO / "pyproject.toml").read_text()
     env = pip_env()
     args.venvs.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                          "cpus": os.cpu_count(), "python": platform.python_version()},
-                              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ends": {}}
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ends": {},
+    }
     failed = []
     for end in args.ends:
         venv = args.venvs / end
@@ -176,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["error"] = f"installed versions differ from the pins {wrong}: {versions}"
             failed.append(end)
         elif not args.build_only:
-            print(f"test_compat: {end}: torch {versions['torch']}, torchvision {versions['torchvision']}: "
-                  f"python -m pytest -q {' '.join(pytest_args)}", flush=True)
+            print(
+                f"test_compat: {end}: torch {versions['torch']}, torchvision {versions['torchvision']}: "
+                f"python -m pytest -q {' '.join(pytest_args)}",
+                flush=True,
+            )
             code, seconds, summary = run([str(python), "-m", "pytest", "-q", *pytest_args], log, env)
             entry.update(suite_seconds=round(seconds, 1), suite_exit_code=code, summary=summary)
             if code:
@@ -194,10 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for end, entry in report["ends"].items():
         v = entry["versions"]
         others = ", ".join(f"{k} {v[k]}" for k in REPORTED if k not in ("torch", "torchvision"))
-        state = entry.get("error") or (f"{entry.get('summary') or 'no summary'} in {entry['suite_seconds']:.0f} s"
-                                       if "suite_seconds" in entry else "built")
-        print(f"  {end}: torch {v['torch']} / torchvision {v['torchvision']} ({others}); build "
-              f"{entry['build_seconds']:.0f} s; {state}")
+        state = entry.get("error") or (
+            f"{entry.get('summary') or 'no summary'} in {entry['suite_seconds']:.0f} s"
+            if "suite_seconds" in entry
+            else "built"
+        )
+        print(
+            f"  {end}: torch {v['torch']} / torchvision {v['torchvision']} ({others}); build "
+            f"{entry['build_seconds']:.0f} s; {state}"
+        )
     print(f"  report: {args.venvs / 'report.json'}")
     return 1 if failed else 0
 

@@ -5,6 +5,7 @@ Why not yacs: it is unmaintained and has no `_BASE_` inheritance; what detectron
 one module. Every key must exist in `detection.config.defaults.DEFAULTS`, except the user dataset names under
 `DATASETS.CATALOG`, which are free-form.
 """
+
 from __future__ import annotations
 
 import ast
@@ -51,9 +52,7 @@ class CfgNode(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         if self.__dict__.get("_frozen", False):
-            raise AttributeError(
-                f"cannot set '{self._full(key)}': the config is frozen (call cfg.defrost() first)"
-            )
+            raise AttributeError(f"cannot set '{self._full(key)}': the config is frozen (call cfg.defrost() first)")
         if isinstance(value, Mapping) and not isinstance(value, CfgNode):
             value = CfgNode(value, key_path=self._full(key))
         super().__setitem__(key, value)
@@ -135,8 +134,9 @@ class CfgNode(dict):
         work = self.clone()
         for key, raw in zip(opts[0::2], opts[1::2]):
             if not isinstance(key, str) or not key:
-                raise UserError(f"config override key {key!r} is not a dotted key name",
-                                "use keys such as SOLVER.BASE_LR")
+                raise UserError(
+                    f"config override key {key!r} is not a dotted key name", "use keys such as SOLVER.BASE_LR"
+                )
             _set_dotted(work, key, raw, source="command line")
         self._replace_contents(work)
         return self
@@ -189,13 +189,16 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"config file {path} is not valid YAML{where}: {problem}",
-                        "fix the YAML syntax at that position") from None
+        raise UserError(
+            f"config file {path} is not valid YAML{where}: {problem}", "fix the YAML syntax at that position"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of KEY: value, got {type(data).__name__}",
-                        "write the config as nested `KEY: value` lines, e.g. `SOLVER:\\n  MAX_ITER: 100`")
+        raise UserError(
+            f"config file {path} must hold a mapping of KEY: value, got {type(data).__name__}",
+            "write the config as nested `KEY: value` lines, e.g. `SOLVER:\\n  MAX_ITER: 100`",
+        )
     return data
 
 
@@ -203,16 +206,20 @@ def _merge_file_into(cfg: CfgNode, path: Path, stack: tuple[Path, ...]) -> None:
     resolved = path.resolve()
     if resolved in stack:
         chain = " -> ".join(str(p) for p in (*stack, resolved))
-        raise UserError(f"_BASE_ cycle in config files: {chain}",
-                        "remove the _BASE_ entry that points back to a file already in the chain")
+        raise UserError(
+            f"_BASE_ cycle in config files: {chain}",
+            "remove the _BASE_ entry that points back to a file already in the chain",
+        )
     data = _load_yaml(path)
     bases = data.pop(BASE_KEY, None)
     if bases is not None:
         if isinstance(bases, str):
             bases = [bases]
         if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-            raise UserError(f"_BASE_ in {path} must be a file path or a list of paths, got {bases!r}",
-                            "write e.g. `_BASE_: ../Base-RetinaNet.yaml`")
+            raise UserError(
+                f"_BASE_ in {path} must be a file path or a list of paths, got {bases!r}",
+                "write e.g. `_BASE_: ../Base-RetinaNet.yaml`",
+            )
         for base in bases:
             base_path = Path(os.path.expanduser(base))
             if not base_path.is_absolute():
@@ -239,8 +246,10 @@ def _unknown_key(full_key: str, source: str) -> UserError:
         leaf = full_key.rsplit(".", 1)[-1]
         close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:3]
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return UserError(f"unknown config key '{full_key}' (from {source})",
-                     f"{hint}every valid key is listed in detection/config/defaults.py")
+    return UserError(
+        f"unknown config key '{full_key}' (from {source})",
+        f"{hint}every valid key is listed in detection/config/defaults.py",
+    )
 
 
 def _is_free_form(prefix: str) -> bool:
@@ -251,8 +260,10 @@ def _merge_mapping(cfg: CfgNode, values: Mapping[str, Any], prefix: str, source:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key == BASE_KEY:
-            raise UserError(f"_BASE_ may only appear at the top level of a config file ({source})",
-                            "move _BASE_ to the first line of the file")
+            raise UserError(
+                f"_BASE_ may only appear at the top level of a config file ({source})",
+                "move _BASE_ to the first line of the file",
+            )
         if _is_free_form(prefix):
             cfg[key] = copy.deepcopy(value)
             continue
@@ -380,8 +391,9 @@ def get_cfg() -> CfgNode:
     return CfgNode(copy.deepcopy(DEFAULTS))
 
 
-def setup_cfg(config_file: str | os.PathLike | None, opts: Sequence[str] | None = None,
-              freeze: bool = False) -> CfgNode:
+def setup_cfg(
+    config_file: str | os.PathLike | None, opts: Sequence[str] | None = None, freeze: bool = False
+) -> CfgNode:
     """Defaults, then the config file (with its _BASE_ chain), then KEY VALUE overrides: what every CLI does."""
     cfg = get_cfg()
     if config_file:

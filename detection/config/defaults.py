@@ -4,6 +4,7 @@ One place for all stages so that a single YAML file can describe a teacher, its 
 and so that an unknown key anywhere is caught (see detection.config). Names follow detectron2 where a
 detectron2 user would look for them.
 """
+
 from __future__ import annotations
 
 from typing import Any

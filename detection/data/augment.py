@@ -8,6 +8,7 @@ Variant choice: the (short side, flip) combinations are enumerated and each imag
 them from `numpy.random.default_rng([seed, image_id, cycle])`, so variants 0..n-1 of one image are all
 different (no cache space is spent on duplicates) and later variants start a new permutation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -48,9 +49,16 @@ class AugParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AugParams:
-        return cls(image_id=int(d["image_id"]), variant=int(d["variant"]), scale=float(d["scale"]),
-                   flip=bool(d["flip"]), orig_h=int(d["orig_h"]), orig_w=int(d["orig_w"]),
-                   resized_h=int(d["resized_h"]), resized_w=int(d["resized_w"]))
+        return cls(
+            image_id=int(d["image_id"]),
+            variant=int(d["variant"]),
+            scale=float(d["scale"]),
+            flip=bool(d["flip"]),
+            orig_h=int(d["orig_h"]),
+            orig_w=int(d["orig_w"]),
+            resized_h=int(d["resized_h"]),
+            resized_w=int(d["resized_w"]),
+        )
 
 
 def resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[float, int, int]:
@@ -85,46 +93,73 @@ class AugmentationPlan:
         object.__setattr__(self, "max_size", int(self.max_size))
         object.__setattr__(self, "flip", bool(self.flip))
         if not sizes or any(s < 0 for s in sizes):
-            raise UserError(f"augmentation min sizes must be a non-empty list of sizes >= 0, got {list(sizes)}",
-                            "set INPUT.MIN_SIZE_TRAIN to e.g. [640, 672, 704] (0 = no resize)")
+            raise UserError(
+                f"augmentation min sizes must be a non-empty list of sizes >= 0, got {list(sizes)}",
+                "set INPUT.MIN_SIZE_TRAIN to e.g. [640, 672, 704] (0 = no resize)",
+            )
         if self.max_size < 0:
-            raise UserError(f"augmentation max size must be >= 0, got {self.max_size}",
-                            "set INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST to e.g. 1333 (0 = no cap)")
+            raise UserError(
+                f"augmentation max size must be >= 0, got {self.max_size}",
+                "set INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST to e.g. 1333 (0 = no cap)",
+            )
         if self.num_variants < 1:
-            raise UserError(f"the number of augmentation variants must be >= 1, got {self.num_variants}",
-                            "set CACHE.NUM_VARIANTS to 1 or more")
+            raise UserError(
+                f"the number of augmentation variants must be >= 1, got {self.num_variants}",
+                "set CACHE.NUM_VARIANTS to 1 or more",
+            )
         flips = (False, True) if self.flip else (False,)
         object.__setattr__(self, "_combos", tuple((s, f) for s in sizes for f in flips))
 
     # -- construction from a config -----------------------------------------------------------------
     @classmethod
     def for_training(cls, cfg: Any) -> AugmentationPlan:
-        return cls(seed=cfg.CACHE.AUG_SEED, num_variants=cfg.CACHE.NUM_VARIANTS,
-                   min_sizes=list(cfg.INPUT.MIN_SIZE_TRAIN), max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-                   flip=_flip_mode(cfg.INPUT.RANDOM_FLIP))
+        return cls(
+            seed=cfg.CACHE.AUG_SEED,
+            num_variants=cfg.CACHE.NUM_VARIANTS,
+            min_sizes=list(cfg.INPUT.MIN_SIZE_TRAIN),
+            max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+            flip=_flip_mode(cfg.INPUT.RANDOM_FLIP),
+        )
 
     @classmethod
     def for_testing(cls, cfg: Any) -> AugmentationPlan:
-        return cls(seed=cfg.CACHE.AUG_SEED, num_variants=1, min_sizes=[cfg.INPUT.MIN_SIZE_TEST],
-                   max_size=cfg.INPUT.MAX_SIZE_TEST, flip=False)
+        return cls(
+            seed=cfg.CACHE.AUG_SEED,
+            num_variants=1,
+            min_sizes=[cfg.INPUT.MIN_SIZE_TEST],
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            flip=False,
+        )
 
     # -- the plan ---------------------------------------------------------------------------------
     def params(self, image_id: int, variant: int, orig_h: int, orig_w: int) -> AugParams:
         """The geometry of (image, variant): a pure function of the seed and the arguments."""
         if not 0 <= variant < self.num_variants:
-            raise UserError(f"augmentation variant {variant} is out of range: the plan has "
-                            f"{self.num_variants} variant(s) per image",
-                            "use a variant in 0..num_variants-1 (CACHE.NUM_VARIANTS)")
+            raise UserError(
+                f"augmentation variant {variant} is out of range: the plan has "
+                f"{self.num_variants} variant(s) per image",
+                "use a variant in 0..num_variants-1 (CACHE.NUM_VARIANTS)",
+            )
         if orig_h <= 0 or orig_w <= 0:
-            raise UserError(f"image {image_id} has an invalid size: height {orig_h}, width {orig_w}",
-                            "fix the image's height/width in the annotation file")
+            raise UserError(
+                f"image {image_id} has an invalid size: height {orig_h}, width {orig_w}",
+                "fix the image's height/width in the annotation file",
+            )
         n = len(self._combos)
         cycle, slot = divmod(int(variant), n)
         order = np.random.default_rng([self.seed, int(image_id), cycle]).permutation(n)
         short, flip = self._combos[int(order[slot])]
         scale, rh, rw = resized_shape(int(orig_h), int(orig_w), short, self.max_size)
-        return AugParams(image_id=int(image_id), variant=int(variant), scale=float(scale), flip=bool(flip),
-                         orig_h=int(orig_h), orig_w=int(orig_w), resized_h=rh, resized_w=rw)
+        return AugParams(
+            image_id=int(image_id),
+            variant=int(variant),
+            scale=float(scale),
+            flip=bool(flip),
+            orig_h=int(orig_h),
+            orig_w=int(orig_w),
+            resized_h=rh,
+            resized_w=rw,
+        )
 
     def sample_variant(self, epoch: int, image_id: int) -> int:
         """The variant stage two uses for `image_id` in `epoch`: every variant once per num_variants epochs."""
@@ -137,9 +172,16 @@ class AugmentationPlan:
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"version": PLAN_FORMAT_VERSION, "resize": "shortest_edge", "interpolation": "bilinear",
-                "seed": self.seed, "num_variants": self.num_variants, "min_sizes": list(self.min_sizes),
-                "max_size": self.max_size, "flip": self.flip}
+        return {
+            "version": PLAN_FORMAT_VERSION,
+            "resize": "shortest_edge",
+            "interpolation": "bilinear",
+            "seed": self.seed,
+            "num_variants": self.num_variants,
+            "min_sizes": list(self.min_sizes),
+            "max_size": self.max_size,
+            "flip": self.flip,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "a stored record") -> AugmentationPlan:
@@ -147,28 +189,42 @@ class AugmentationPlan:
         required = ("seed", "num_variants", "min_sizes", "max_size", "flip")
         missing = [k for k in required if k not in d]
         if missing:
-            raise UserError(f"the augmentation plan of {source} is missing {missing}: {dict(d)}",
-                            "it was written by an incompatible version; re-create it")
+            raise UserError(
+                f"the augmentation plan of {source} is missing {missing}: {dict(d)}",
+                "it was written by an incompatible version; re-create it",
+            )
         version = int(d.get("version", PLAN_FORMAT_VERSION))
         if version != PLAN_FORMAT_VERSION:
-            raise UserError(f"the augmentation plan of {source} has version {version}, which this code does not "
-                            f"read (it reads version {PLAN_FORMAT_VERSION})", "re-create it with this version")
-        return cls(seed=d["seed"], num_variants=d["num_variants"], min_sizes=list(d["min_sizes"]),
-                   max_size=d["max_size"], flip=d["flip"])
+            raise UserError(
+                f"the augmentation plan of {source} has version {version}, which this code does not "
+                f"read (it reads version {PLAN_FORMAT_VERSION})",
+                "re-create it with this version",
+            )
+        return cls(
+            seed=d["seed"],
+            num_variants=d["num_variants"],
+            min_sizes=list(d["min_sizes"]),
+            max_size=d["max_size"],
+            flip=d["flip"],
+        )
 
 
 def _flip_mode(mode: str) -> bool:
     if mode not in ("horizontal", "none"):
-        raise UserError(f"INPUT.RANDOM_FLIP must be 'horizontal' or 'none', got {mode!r}",
-                        "set INPUT.RANDOM_FLIP horizontal (or none)")
+        raise UserError(
+            f"INPUT.RANDOM_FLIP must be 'horizontal' or 'none', got {mode!r}",
+            "set INPUT.RANDOM_FLIP horizontal (or none)",
+        )
     return mode == "horizontal"
 
 
 # -- applying params ---------------------------------------------------------------------------------
 def _check_frame(shape: Sequence[int], p: AugParams, what: str) -> None:
     if tuple(shape) != (p.orig_h, p.orig_w):
-        raise ValueError(f"{what} of size {tuple(shape)} does not match the augmentation params' "
-                         f"original size {(p.orig_h, p.orig_w)} for image {p.image_id}")
+        raise ValueError(
+            f"{what} of size {tuple(shape)} does not match the augmentation params' "
+            f"original size {(p.orig_h, p.orig_w)} for image {p.image_id}"
+        )
 
 
 def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -200,7 +256,7 @@ def resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     y0, y1, wy0, wy1 = _bilinear_taps(image.shape[-2], out_h)
     x0, x1, wx0, wx1 = _bilinear_taps(image.shape[-1], out_w)
     a = image.detach().to("cpu", torch.float32).numpy()
-    rows = np.take(a, x0, axis=-1) * wx0 + np.take(a, x1, axis=-1) * wx1                          # [C, H, out_w]
+    rows = np.take(a, x0, axis=-1) * wx0 + np.take(a, x1, axis=-1) * wx1  # [C, H, out_w]
     out = np.take(rows, y0, axis=-2) * wy0[:, None] + np.take(rows, y1, axis=-2) * wy1[:, None]  # [C, out_h, out_w]
     return torch.from_numpy(out)
 
@@ -257,8 +313,9 @@ def apply_masks(masks: torch.Tensor, p: AugParams) -> torch.Tensor:
         return torch.zeros((0, p.resized_h, p.resized_w), dtype=torch.uint8)
     out = masks.to(torch.uint8)
     if (p.resized_h, p.resized_w) != (p.orig_h, p.orig_w):
-        out = F.interpolate(out[:, None].float(), size=(p.resized_h, p.resized_w),
-                            mode="nearest-exact")[:, 0].to(torch.uint8)
+        out = F.interpolate(out[:, None].float(), size=(p.resized_h, p.resized_w), mode="nearest-exact")[:, 0].to(
+            torch.uint8
+        )
     if p.flip:
         out = out.flip(-1)
     return out.contiguous()

@@ -4,6 +4,7 @@ Validation lives here, at load time, so a bad annotation file fails in seconds w
 annotation named instead of hours into a run. Labels are remapped to contiguous 1..K (torchvision
 convention; 0 is background) and the mapping is kept so evaluation can map back to category ids.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -57,10 +58,9 @@ def resolve_dataset(cfg: Any, name: str) -> tuple[str, str]:
         if not root:
             json_rel, img_rel = BUILTIN_DATASETS[name]
             raise UserError(
-                f"dataset '{name}' is a builtin COCO dataset located through ${DATASETS_ENV}, "
-                "which is not set",
+                f"dataset '{name}' is a builtin COCO dataset located through ${DATASETS_ENV}, which is not set",
                 f"export {DATASETS_ENV}=/path/to/datasets (holding {json_rel} and {img_rel}/), "
-                f"or register your own: DATASETS.CATALOG.{name} \"[annotations.json, image_dir]\"",
+                f'or register your own: DATASETS.CATALOG.{name} "[annotations.json, image_dir]"',
             )
         json_rel, img_rel = BUILTIN_DATASETS[name]
         return os.path.join(root, json_rel), os.path.join(root, img_rel)
@@ -69,7 +69,7 @@ def resolve_dataset(cfg: Any, name: str) -> tuple[str, str]:
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserError(
         f"unknown dataset '{name}'; known datasets: {', '.join(known)}",
-        f"{hint}register it with DATASETS.CATALOG.{name} \"[annotations.json, image_dir]\" "
+        f'{hint}register it with DATASETS.CATALOG.{name} "[annotations.json, image_dir]" '
         "(in the config file or as an override)",
     )
 
@@ -82,12 +82,14 @@ def _catalog_entry(name: str, entry: Any) -> tuple[str, str]:
     else:
         raise UserError(
             f"DATASETS.CATALOG.{name} must be [annotation_json, image_root], got {entry!r}",
-            f"write e.g. DATASETS.CATALOG.{name} \"[data/annotations/train.json, data/train]\" "
+            f'write e.g. DATASETS.CATALOG.{name} "[data/annotations/train.json, data/train]" '
             "or a mapping with json_file and image_root",
         )
     if not isinstance(json_file, str) or not isinstance(image_root, str):
-        raise UserError(f"DATASETS.CATALOG.{name} entries must be paths (text), got {entry!r}",
-                        "give the annotation json path and the image directory as strings")
+        raise UserError(
+            f"DATASETS.CATALOG.{name} entries must be paths (text), got {entry!r}",
+            "give the annotation json path and the image directory as strings",
+        )
     expand = lambda p: os.path.expandvars(os.path.expanduser(p))  # noqa: E731
     return expand(json_file), expand(image_root)
 
@@ -170,26 +172,37 @@ def load_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike) 
     try:
         raw = Path(json_path).read_bytes()
     except FileNotFoundError:
-        raise UserError(f"annotation file not found: {json_path}",
-                        "check the dataset's json path (DATASETS.CATALOG or $DETECTRON2_DATASETS)") from None
+        raise UserError(
+            f"annotation file not found: {json_path}",
+            "check the dataset's json path (DATASETS.CATALOG or $DETECTRON2_DATASETS)",
+        ) from None
     except OSError as exc:
-        raise UserError(f"cannot read annotation file {json_path}: {exc.strerror or exc}",
-                        "check the file's permissions") from None
+        raise UserError(
+            f"cannot read annotation file {json_path}: {exc.strerror or exc}", "check the file's permissions"
+        ) from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise UserError(f"annotation file {json_path} is not valid JSON{where}: {msg}",
-                        "repair or re-export the file (is it truncated?)") from None
+        raise UserError(
+            f"annotation file {json_path} is not valid JSON{where}: {msg}",
+            "repair or re-export the file (is it truncated?)",
+        ) from None
     if not isinstance(data, dict):
-        raise _bad(json_path, f"the top level must be an object, got {type(data).__name__}",
-                   "use a COCO instances file with 'images', 'annotations' and 'categories'")
+        raise _bad(
+            json_path,
+            f"the top level must be an object, got {type(data).__name__}",
+            "use a COCO instances file with 'images', 'annotations' and 'categories'",
+        )
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
-        raise _bad(json_path, f"missing top-level key(s) {missing}",
-                   "use a COCO instances file with 'images', 'annotations' and 'categories' "
-                   "(image-info-only test files cannot be trained or evaluated on)")
+        raise _bad(
+            json_path,
+            f"missing top-level key(s) {missing}",
+            "use a COCO instances file with 'images', 'annotations' and 'categories' "
+            "(image-info-only test files cannot be trained or evaluated on)",
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data[key], list):
             raise _bad(json_path, f"'{key}' must be a list, got {type(data[key]).__name__}")
@@ -208,15 +221,21 @@ def load_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike) 
             raise _bad(json_path, f"annotation {ann_id} refers to image_id {image_id}, which is not in 'images'")
         cat_id = _as_int(ann["category_id"], json_path, f"annotation {ann_id} category_id")
         if cat_id not in cat_id_to_label:
-            raise _bad(json_path, f"annotation {ann_id} has category_id {cat_id}, which is not in 'categories' "
-                       f"(known ids: {known_cats})",
-                       "add the category to 'categories' or fix the annotation's category_id")
+            raise _bad(
+                json_path,
+                f"annotation {ann_id} has category_id {cat_id}, which is not in 'categories' (known ids: {known_cats})",
+                "add the category to 'categories' or fix the annotation's category_id",
+            )
         bbox = ann["bbox"]
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-                or not all(math.isfinite(v) for v in bbox)):
-            raise _bad(json_path, f"annotation {ann_id} has bbox {bbox!r}; expected [x, y, width, height] "
-                       "of finite numbers")
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+            or not all(math.isfinite(v) for v in bbox)
+        ):
+            raise _bad(
+                json_path, f"annotation {ann_id} has bbox {bbox!r}; expected [x, y, width, height] of finite numbers"
+            )
         image = by_id[image_id]
         x, y, w, h = (float(v) for v in bbox)
         x1, y1 = max(x, 0.0), max(y, 0.0)
@@ -225,22 +244,45 @@ def load_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike) 
             dropped += 1
             first_dropped = ann_id if first_dropped is None else first_dropped
             continue
-        image.annotations.append(CocoAnnotation(
-            id=ann_id, category_id=cat_id, label=cat_id_to_label[cat_id], bbox_xyxy=(x1, y1, x2, y2),
-            area=float(ann.get("area", w * h)), iscrowd=bool(ann.get("iscrowd", 0)),
-            segmentation=_check_segmentation(ann.get("segmentation"), ann_id, json_path)))
+        image.annotations.append(
+            CocoAnnotation(
+                id=ann_id,
+                category_id=cat_id,
+                label=cat_id_to_label[cat_id],
+                bbox_xyxy=(x1, y1, x2, y2),
+                area=float(ann.get("area", w * h)),
+                iscrowd=bool(ann.get("iscrowd", 0)),
+                segmentation=_check_segmentation(ann.get("segmentation"), ann_id, json_path),
+            )
+        )
 
     if dropped:
-        logger.warning("%s: dropped %d annotation(s) whose box has no area inside the image "
-                       "(first: annotation %s)", json_path, dropped, first_dropped)
+        logger.warning(
+            "%s: dropped %d annotation(s) whose box has no area inside the image (first: annotation %s)",
+            json_path,
+            dropped,
+            first_dropped,
+        )
     empty = sum(1 for im in images if not im.instances)
     if empty:
-        logger.info("%s: %d of %d image(s) have no (non-crowd) annotations; they are skipped for training "
-                    "and kept for evaluation", json_path, empty, len(images))
-    return CocoIndex(json_path=json_path, image_root=image_root, json_sha256=hashlib.sha256(raw).hexdigest(),
-                     images=images, categories=categories, cat_id_to_label=cat_id_to_label,
-                     label_to_cat_id={v: k for k, v in cat_id_to_label.items()},
-                     num_degenerate_dropped=dropped, num_images_without_annotations=empty)
+        logger.info(
+            "%s: %d of %d image(s) have no (non-crowd) annotations; they are skipped for training "
+            "and kept for evaluation",
+            json_path,
+            empty,
+            len(images),
+        )
+    return CocoIndex(
+        json_path=json_path,
+        image_root=image_root,
+        json_sha256=hashlib.sha256(raw).hexdigest(),
+        images=images,
+        categories=categories,
+        cat_id_to_label=cat_id_to_label,
+        label_to_cat_id={v: k for k, v in cat_id_to_label.items()},
+        num_degenerate_dropped=dropped,
+        num_images_without_annotations=empty,
+    )
 
 
 def _load_categories(cats: list, json_path: str) -> tuple[list[dict[str, Any]], dict[int, int]]:
@@ -281,8 +323,9 @@ def _load_images(entries: list, json_path: str, image_root: str) -> tuple[list[C
         width = _as_int(im["width"], json_path, f"image {image_id} width")
         if height <= 0 or width <= 0:
             raise _bad(json_path, f"image {image_id} has height {height} and width {width}; both must be positive")
-        record = CocoImage(id=image_id, file_name=os.path.join(image_root, str(im["file_name"])),
-                           height=height, width=width)
+        record = CocoImage(
+            id=image_id, file_name=os.path.join(image_root, str(im["file_name"])), height=height, width=width
+        )
         images.append(record)
         by_id[image_id] = record
     return images, by_id
@@ -301,15 +344,21 @@ def _check_segmentation(seg: Any, ann_id: int, json_path: str) -> Any:
         for poly in seg:
             # structure only (first coordinate, even length): checking every number of COCO's ~40M
             # coordinates would cost seconds, and pycocotools rejects non-numbers when masks are built
-            if not isinstance(poly, list) or len(poly) % 2 or (
-                    poly and (isinstance(poly[0], bool) or not isinstance(poly[0], (int, float)))):
-                raise _bad(json_path, f"annotation {ann_id} has a polygon that is not a flat list of x, y "
-                           f"numbers: {str(poly)[:80]}")
+            if (
+                not isinstance(poly, list)
+                or len(poly) % 2
+                or (poly and (isinstance(poly[0], bool) or not isinstance(poly[0], (int, float))))
+            ):
+                raise _bad(
+                    json_path,
+                    f"annotation {ann_id} has a polygon that is not a flat list of x, y numbers: {str(poly)[:80]}",
+                )
             if len(poly) >= 6:
                 polys.append(poly)
         return polys or None
-    raise _bad(json_path, f"annotation {ann_id} has segmentation of type {type(seg).__name__}; "
-               "expected polygons or RLE")
+    raise _bad(
+        json_path, f"annotation {ann_id} has segmentation of type {type(seg).__name__}; expected polygons or RLE"
+    )
 
 
 # -- statistics for stage two ---------------------------------------------------------------------------
@@ -327,8 +376,10 @@ def class_statistics(index: CocoIndex) -> tuple[torch.Tensor, torch.Tensor, torc
             labels.append(a.label - 1)
             wh.append(((x2 - x1) / im.width, (y2 - y1) / im.height))
     if not labels:
-        raise UserError(f"{index.json_path} has no (non-crowd) annotations to compute class statistics from",
-                        "use a training set with annotations")
+        raise UserError(
+            f"{index.json_path} has no (non-crowd) annotations to compute class statistics from",
+            "use a training set with annotations",
+        )
     lab = torch.tensor(labels, dtype=torch.long)
     whs = torch.tensor(wh, dtype=torch.float64)
     counts = torch.bincount(lab, minlength=k).to(torch.float64)
@@ -350,9 +401,11 @@ def check_image_files(images: Sequence[CocoImage], what: str = "training") -> No
     missing = [im.file_name for im in images if not os.path.isfile(im.file_name)]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(f"{len(missing)} of {len(images)} {what} image file(s) do not exist: {shown}",
-                        "check the dataset's image directory (DATASETS.CATALOG, DETECTRON2_DATASETS), or remove "
-                        "those images from the annotation file")
+        raise UserError(
+            f"{len(missing)} of {len(images)} {what} image file(s) do not exist: {shown}",
+            "check the dataset's image directory (DATASETS.CATALOG, DETECTRON2_DATASETS), or remove "
+            "those images from the annotation file",
+        )
 
 
 # -- the torch dataset ----------------------------------------------------------------------------------
@@ -363,17 +416,24 @@ def read_image(image: CocoImage) -> torch.Tensor:
             pil = ImageOps.exif_transpose(pil).convert("RGB")
             array = np.array(pil, dtype=np.uint8)
     except FileNotFoundError:
-        raise UnreadableImageError(f"image file not found: {image.file_name} (image id {image.id})",
-                                   "check the dataset's image root directory", image_id=image.id) from None
+        raise UnreadableImageError(
+            f"image file not found: {image.file_name} (image id {image.id})",
+            "check the dataset's image root directory",
+            image_id=image.id,
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableImageError(f"cannot read image file {image.file_name} (image id {image.id}): {exc}",
-                                   "replace the corrupt file, or remove the image from the annotation file",
-                                   image_id=image.id) from None
+        raise UnreadableImageError(
+            f"cannot read image file {image.file_name} (image id {image.id}): {exc}",
+            "replace the corrupt file, or remove the image from the annotation file",
+            image_id=image.id,
+        ) from None
     if array.shape[:2] != (image.height, image.width):
         raise UnreadableImageError(
             f"image file {image.file_name} (image id {image.id}) is {array.shape[0]}x{array.shape[1]} "
             f"but the annotation file says {image.height}x{image.width}",
-            "fix the image's height/width in the annotation file (or the image)", image_id=image.id)
+            "fix the image's height/width in the annotation file (or the image)",
+            image_id=image.id,
+        )
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).contiguous()
 
 
@@ -383,8 +443,10 @@ def _mask_of(ann: CocoAnnotation, p: AugParams) -> np.ndarray:
 
     seg = ann.segmentation
     if seg is None:
-        raise UserError(f"annotation {ann.id} has no segmentation, but masks were requested",
-                        "set MODEL.MASK_ON False, or add polygon/RLE segmentation to the annotations")
+        raise UserError(
+            f"annotation {ann.id} has no segmentation, but masks were requested",
+            "set MODEL.MASK_ON False, or add polygon/RLE segmentation to the annotations",
+        )
     if isinstance(seg, list):
         polys = [poly.tolist() for poly in apply_polygons(seg, p)]
         rles = mask_utils.frPyObjects(polys, p.resized_h, p.resized_w)
@@ -403,8 +465,14 @@ class DetectionDataset(Dataset):
     yielded by `InfiniteSampler(..., yield_epoch=True)`.
     """
 
-    def __init__(self, index: CocoIndex, plan: AugmentationPlan, training: bool,
-                 variant_sampler: Callable[[int, int], int] | None = None, with_masks: bool = False) -> None:
+    def __init__(
+        self,
+        index: CocoIndex,
+        plan: AugmentationPlan,
+        training: bool,
+        variant_sampler: Callable[[int, int], int] | None = None,
+        with_masks: bool = False,
+    ) -> None:
         self.index = index
         self.plan = plan
         self.training = training
@@ -421,7 +489,7 @@ class DetectionDataset(Dataset):
 
     def locate(self, item: int | tuple[int, int]) -> tuple[CocoImage, int]:
         """Item index (or (epoch, index)) -> (image record, variant)."""
-        epoch, i = (item if isinstance(item, tuple) else (0, item))
+        epoch, i = item if isinstance(item, tuple) else (0, item)
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} out of range for a dataset of {len(self)} items")
@@ -448,8 +516,11 @@ class DetectionDataset(Dataset):
         }
         if self.with_masks:
             masks = [_mask_of(a, p) for a in instances]
-            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
-                               else torch.zeros((0, p.resized_h, p.resized_w), dtype=torch.uint8))
+            target["masks"] = (
+                torch.from_numpy(np.stack(masks))
+                if masks
+                else torch.zeros((0, p.resized_h, p.resized_w), dtype=torch.uint8)
+            )
         return {"image": apply_image(pixels, p), "target": target, "aug": p, "image_id": image.id}
 
 
@@ -467,8 +538,10 @@ def train_index(cfg: Any) -> CocoIndex:
     """The validated index of the one training dataset, DATASETS.TRAIN."""
     names = list(cfg.DATASETS.TRAIN)
     if len(names) != 1:
-        raise UserError(f"DATASETS.TRAIN must name exactly one dataset, got {names}.",
-                        "merge the annotation files into one COCO json and register it in DATASETS.CATALOG.")
+        raise UserError(
+            f"DATASETS.TRAIN must name exactly one dataset, got {names}.",
+            "merge the annotation files into one COCO json and register it in DATASETS.CATALOG.",
+        )
     return load_dataset(cfg, names[0])
 
 

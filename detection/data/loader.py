@@ -8,6 +8,7 @@ uninterrupted run would have seen. A user's error raised in a DataLoader worker 
 an unreadable image) reaches the main process as the exception itself, not as a worker traceback
 (WorkerError), so every command ends such a run with its one-line error.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,16 @@ class InfiniteSampler(Sampler):
     which DetectionDataset accepts, so a per-epoch variant choice needs no shared state.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None, yield_epoch: bool = False, start_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        yield_epoch: bool = False,
+        start_epoch: int = 0,
+    ) -> None:
         if size <= 0:
             raise UserError("cannot sample from an empty dataset", "check the training dataset has images")
         world_size = comm.get_world_size() if world_size is None else world_size
@@ -64,12 +73,15 @@ class InfiniteSampler(Sampler):
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's indices for one epoch."""
-        order = (np.random.default_rng([self.seed, int(epoch)]).permutation(self.size) if self.shuffle
-                 else np.arange(self.size))
+        order = (
+            np.random.default_rng([self.seed, int(epoch)]).permutation(self.size)
+            if self.shuffle
+            else np.arange(self.size)
+        )
         total = self.per_rank_epoch_length * self.world_size
         if total > self.size:
             order = np.resize(order, total)  # wrap around, as DistributedSampler pads
-        return order[self.rank::self.world_size]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.start_epoch
@@ -79,8 +91,9 @@ class InfiniteSampler(Sampler):
             epoch += 1
 
 
-def batch_stream(dataset: LocatableDataset, sampler: InfiniteSampler, batch_size: int, group_by_aspect: bool,
-                 skip_batches: int = 0) -> Iterator[list[Any]]:
+def batch_stream(
+    dataset: LocatableDataset, sampler: InfiniteSampler, batch_size: int, group_by_aspect: bool, skip_batches: int = 0
+) -> Iterator[list[Any]]:
     """Item indices of each batch, endlessly; optionally grouping landscape and portrait images.
 
     Written here (not torch's BatchSampler) because the grouping must be resumable: the stream is a pure
@@ -186,9 +199,14 @@ class _Batches:
         return batch
 
 
-def build_train_loader(cfg: Any, dataset: LocatableDataset,
-                       collate_fn: Callable[[list[Any]], Batch] = collate, *,
-                       ims_per_batch: int | None = None, group_by_aspect: bool | None = None) -> LoaderFactory:
+def build_train_loader(
+    cfg: Any,
+    dataset: LocatableDataset,
+    collate_fn: Callable[[list[Any]], Batch] = collate,
+    *,
+    ims_per_batch: int | None = None,
+    group_by_aspect: bool | None = None,
+) -> LoaderFactory:
     """A factory start_iter -> DataLoader yielding the batches the uninterrupted run would see from there.
 
     SOLVER.IMS_PER_BATCH (or `ims_per_batch`) is the total over processes; each rank draws its share from
@@ -198,18 +216,33 @@ def build_train_loader(cfg: Any, dataset: LocatableDataset,
     world = comm.get_world_size()
     total = int(cfg.SOLVER.IMS_PER_BATCH if ims_per_batch is None else ims_per_batch)
     if total < world or total % world:
-        raise UserError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
-                        f"use a multiple of {world} (images per batch are split evenly across processes).")
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes.",
+            f"use a multiple of {world} (images per batch are split evenly across processes).",
+        )
     grouped = bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING if group_by_aspect is None else group_by_aspect)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     pin = str(cfg.MODEL.DEVICE).startswith("cuda")
 
     def build(start_iter: int) -> _Batches:
         sampler = InfiniteSampler(len(dataset), seed=int(cfg.SEED), shuffle=True, yield_epoch=True)
-        batches = BatchSampler(dataset=dataset, sampler=sampler, batch_size=total // world,
-                               group_by_aspect=grouped, skip_batches=start_iter)
-        return _Batches(DataLoader(_CatchUserErrors(dataset), batch_sampler=batches, num_workers=workers,
-                                   collate_fn=_CollateOrError(collate_fn), pin_memory=pin, persistent_workers=False,
-                                   prefetch_factor=2 if workers else None))
+        batches = BatchSampler(
+            dataset=dataset,
+            sampler=sampler,
+            batch_size=total // world,
+            group_by_aspect=grouped,
+            skip_batches=start_iter,
+        )
+        return _Batches(
+            DataLoader(
+                _CatchUserErrors(dataset),
+                batch_sampler=batches,
+                num_workers=workers,
+                collate_fn=_CollateOrError(collate_fn),
+                pin_memory=pin,
+                persistent_workers=False,
+                prefetch_factor=2 if workers else None,
+            )
+        )
 
     return build

@@ -16,6 +16,7 @@ smaller instances, more occlusion, unannotated clutter shapes in the background.
 the dataset of the defaults before it existed: the clutter has its own random stream, and every other
 option only changes the values of draws that the defaults make too.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,8 @@ CATEGORIES: list[dict[str, Any]] = [
 # More classes for a harder task (--classes): appended, so the first four keep their ids.
 EXTRA_SHAPES = ("pentagon", "hexagon", "star", "arrow", "semicircle", "l_shape", "t_shape", "trapezoid")
 ALL_CATEGORIES: list[dict[str, Any]] = CATEGORIES + [
-    {"id": len(CATEGORIES) + 1 + i, "name": name, "supercategory": "shape"} for i, name in enumerate(EXTRA_SHAPES)]
+    {"id": len(CATEGORIES) + 1 + i, "name": name, "supercategory": "shape"} for i, name in enumerate(EXTRA_SHAPES)
+]
 SPLITS = {"train": 0, "val": 1}
 MAX_HIDDEN = 0.4  # a shape may lose at most this fraction of its area to occluders and the image border
 MIN_VISIBLE_PIXELS = 12
@@ -51,23 +53,29 @@ _CLUTTER_STREAM = 1  # the clutter's generator: default_rng([seed, split, index,
 class Difficulty:
     """How hard the task is; the defaults are the original dataset, byte for byte."""
 
-    classes: int = len(CATEGORIES)     # the first `classes` of ALL_CATEGORIES
-    max_objects: int | None = None     # shapes tried per image, 1..max_objects (None: max(3, size // 24))
-    min_extent: float = 0.18           # a shape's diameter, as a fraction of the image's shorter side
+    classes: int = len(CATEGORIES)  # the first `classes` of ALL_CATEGORIES
+    max_objects: int | None = None  # shapes tried per image, 1..max_objects (None: max(3, size // 24))
+    min_extent: float = 0.18  # a shape's diameter, as a fraction of the image's shorter side
     max_extent: float = 0.5
-    max_hidden: float = MAX_HIDDEN     # the largest share of a shape hidden by occluders and the border
-    clutter: int = 0                   # unannotated distractor blobs per image, up to this many
+    max_hidden: float = MAX_HIDDEN  # the largest share of a shape hidden by occluders and the border
+    clutter: int = 0  # unannotated distractor blobs per image, up to this many
 
     def __post_init__(self) -> None:
         if not 1 <= self.classes <= len(ALL_CATEGORIES):
-            raise UserError(f"--classes {self.classes}: this dataset has 1 to {len(ALL_CATEGORIES)} shape classes",
-                            f"e.g. --classes {len(ALL_CATEGORIES)}")
+            raise UserError(
+                f"--classes {self.classes}: this dataset has 1 to {len(ALL_CATEGORIES)} shape classes",
+                f"e.g. --classes {len(ALL_CATEGORIES)}",
+            )
         if self.max_objects is not None and self.max_objects < 1:
-            raise UserError(f"--max-objects {self.max_objects}: need at least one object per image",
-                            "e.g. --max-objects 12")
+            raise UserError(
+                f"--max-objects {self.max_objects}: need at least one object per image", "e.g. --max-objects 12"
+            )
         if not 0 < self.min_extent <= self.max_extent <= 1:
-            raise UserError(f"--extent {self.min_extent} {self.max_extent}: need 0 < LO <= HI <= 1 (fractions of the "
-                            "image's shorter side)", "e.g. --extent 0.08 0.3")
+            raise UserError(
+                f"--extent {self.min_extent} {self.max_extent}: need 0 < LO <= HI <= 1 (fractions of the "
+                "image's shorter side)",
+                "e.g. --extent 0.08 0.3",
+            )
         if not 0 <= self.max_hidden < 1:
             raise UserError(f"--max-hidden {self.max_hidden}: need a fraction in [0, 1)", "e.g. --max-hidden 0.6")
         if self.clutter < 0:
@@ -110,8 +118,9 @@ def _shape_polygon(rng: np.random.Generator, name: str, extent: float) -> np.nda
         angle = 0.0
     elif name == "cross":
         a = r * rng.uniform(0.28, 0.42)  # half arm thickness
-        pts = np.array([[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r],
-                        [-a, a], [-r, a], [-r, -a], [-a, -a]])
+        pts = np.array(
+            [[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r], [-a, a], [-r, a], [-r, -a], [-a, -a]]
+        )
         angle = rng.uniform(0, math.pi / 2)
     elif name in ("pentagon", "hexagon"):
         k = 5 if name == "pentagon" else 6
@@ -140,8 +149,9 @@ def _shape_polygon(rng: np.random.Generator, name: str, extent: float) -> np.nda
     elif name == "t_shape":
         a = r * rng.uniform(0.18, 0.26)  # half stem width
         bar = r * rng.uniform(0.35, 0.5)  # bar thickness
-        pts = np.array([[-r, -r], [r, -r], [r, -r + bar], [a, -r + bar], [a, r], [-a, r], [-a, -r + bar],
-                        [-r, -r + bar]])
+        pts = np.array(
+            [[-r, -r], [r, -r], [r, -r + bar], [a, -r + bar], [a, r], [-a, r], [-a, -r + bar], [-r, -r + bar]]
+        )
         angle = rng.uniform(0, 2 * math.pi)
     elif name == "trapezoid":
         top = rng.uniform(0.3, 0.55)
@@ -200,8 +210,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     c0, c1 = _colour(rng), _colour(rng)
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     blotch_grid = rng.uniform(-40, 40, (4, 4, 3))
-    blotches = np.stack([np.asarray(Image.fromarray(blotch_grid[..., c].astype(np.float32))
-                                    .resize((w, h), Image.BILINEAR)) for c in range(3)], -1)
+    blotches = np.stack(
+        [
+            np.asarray(Image.fromarray(blotch_grid[..., c].astype(np.float32)).resize((w, h), Image.BILINEAR))
+            for c in range(3)
+        ],
+        -1,
+    )
     img = img + blotches + rng.normal(0, rng.uniform(2, 10), (h, w, 1))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -252,16 +267,18 @@ def _drop_collinear(pts: np.ndarray) -> np.ndarray:
 
 
 # -- one image --------------------------------------------------------------------------------------------
-def render_image(seed: int, split: str, index: int, size: int,
-                 difficulty: Difficulty = Difficulty()) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_image(
+    seed: int, split: str, index: int, size: int, difficulty: Difficulty = Difficulty()
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Pixels (h, w, 3) uint8 and annotations (category_id, bbox, area, segmentation) of one image."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     h = size
     w = int(round(size * rng.uniform(0.75, 1.25)))
     image = _background(rng, h, w)
     if difficulty.clutter:
-        _draw_clutter(np.random.default_rng([seed, SPLITS[split], index, _CLUTTER_STREAM]), image,
-                      difficulty.clutter, difficulty)
+        _draw_clutter(
+            np.random.default_rng([seed, SPLITS[split], index, _CLUTTER_STREAM]), image, difficulty.clutter, difficulty
+        )
     categories_drawn = difficulty.categories
     max_hidden = difficulty.max_hidden
     owner = np.full((h, w), -1, dtype=np.int32)
@@ -284,8 +301,9 @@ def render_image(seed: int, split: str, index: int, size: int,
                 continue  # too much of it falls outside the image
             trial = np.where(mask, len(full_area), owner)
             counts = np.bincount(trial[trial >= 0], minlength=len(full_area) + 1)
-            if all(counts[j] >= max(MIN_VISIBLE_PIXELS, (1 - max_hidden) * full_area[j])
-                   for j in range(len(full_area))):
+            if all(
+                counts[j] >= max(MIN_VISIBLE_PIXELS, (1 - max_hidden) * full_area[j]) for j in range(len(full_area))
+            ):
                 break
         else:
             continue  # no placement keeps the others mostly visible: skip this shape
@@ -311,19 +329,22 @@ def render_image(seed: int, split: str, index: int, size: int,
         if len(xs) < MIN_VISIBLE_PIXELS or not polygons:
             continue
         x0, y0 = int(xs.min()), int(ys.min())
-        annotations.append({
-            "category_id": cat_id,
-            "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-            "area": int(len(xs)),
-            "segmentation": polygons,
-            "iscrowd": 0,
-        })
+        annotations.append(
+            {
+                "category_id": cat_id,
+                "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                "area": int(len(xs)),
+                "segmentation": polygons,
+                "iscrowd": 0,
+            }
+        )
     return pixels, annotations
 
 
 # -- whole dataset ---------------------------------------------------------------------------------------
-def _write_split(root: Path, split: str, count: int, size: int, seed: int,
-                 difficulty: Difficulty = Difficulty()) -> Path:
+def _write_split(
+    root: Path, split: str, count: int, size: int, seed: int, difficulty: Difficulty = Difficulty()
+) -> Path:
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -334,8 +355,9 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int,
         name = f"{image_id:06d}.png"
         names.add(name)
         Image.fromarray(pixels).save(image_dir / name, **PNG_SETTINGS)
-        images.append({"id": image_id, "file_name": name, "height": int(pixels.shape[0]),
-                       "width": int(pixels.shape[1])})
+        images.append(
+            {"id": image_id, "file_name": name, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+        )
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
     for stale in image_dir.glob("*.png"):  # images of an earlier, larger run would be unannotated
@@ -357,21 +379,30 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int,
     return json_path
 
 
-def generate(out_dir: str | Path, train: int = 200, val: int = 50, size: int = 128, seed: int = 0,
-             difficulty: Difficulty | None = None) -> dict[str, str]:
+def generate(
+    out_dir: str | Path,
+    train: int = 200,
+    val: int = 50,
+    size: int = 128,
+    seed: int = 0,
+    difficulty: Difficulty | None = None,
+) -> dict[str, str]:
     """Write the dataset; returns {root, train_json, train_images, val_json, val_images} as strings."""
     difficulty = difficulty or Difficulty()
     if train < 0 or val < 0 or train + val == 0:
-        raise UserError(f"--train {train} --val {val}: need a non-negative number of images, not both zero",
-                        "e.g. --train 200 --val 50")
+        raise UserError(
+            f"--train {train} --val {val}: need a non-negative number of images, not both zero",
+            "e.g. --train 200 --val 50",
+        )
     if size < 32:
         raise UserError(f"--size {size} is too small to draw recognisable shapes", "use --size 32 or more")
     root = Path(out_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create output directory {root}: {exc.strerror or exc}",
-                        "choose a writable --out directory") from None
+        raise UserError(
+            f"cannot create output directory {root}: {exc.strerror or exc}", "choose a writable --out directory"
+        ) from None
     paths = {"root": str(root)}
     for split, count in (("train", train), ("val", val)):
         paths[f"{split}_json"] = str(_write_split(root, split, count, size, seed, difficulty))

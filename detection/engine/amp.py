@@ -6,6 +6,7 @@ bfloat16, which has float32's range and needs no scaling; the scaler is enabled 
 GPU runs is what every CPU test run executes. Scaling by a power of two is exact, so on CPU the unscaled
 gradients are those of the unscaled loss (up to values that would underflow without it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -30,8 +31,9 @@ def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def backward_and_step(scaler: torch.amp.GradScaler, loss: Tensor,
-                      steps: Sequence[tuple[torch.optim.Optimizer, Callable[[], object]]]) -> None:
+def backward_and_step(
+    scaler: torch.amp.GradScaler, loss: Tensor, steps: Sequence[tuple[torch.optim.Optimizer, Callable[[], object]]]
+) -> None:
     """One backward pass, then every (optimizer, clip) pair stepped under one scaler (PyTorch's AMP recipe
     for several optimizers): unscale each optimizer's gradients, clip each on the true gradients, step
     each (a step is skipped on inf/nan gradients), then one update of the scale."""

@@ -6,6 +6,7 @@ checkpoint, and `last_checkpoint` (a one-line pointer file, as in detectron2) is
 the rename. Everything stored is plain tensors / numbers / strings so files load with
 `torch.load(weights_only=True)` and loading a checkpoint never runs pickled code.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ LAST_CHECKPOINT = "last_checkpoint"
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 # --- RNG state ---------------------------------------------------------------------------------
@@ -35,8 +38,12 @@ def capture_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -48,8 +55,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -122,8 +130,10 @@ def resume_from(
     """
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
-        raise UserError(f"'{path}' is not a training checkpoint (no iteration / model).",
-                        "resume only from OUTPUT_DIR's own checkpoints; use MODEL.WEIGHTS for weights.")
+        raise UserError(
+            f"'{path}' is not a training checkpoint (no iteration / model).",
+            "resume only from OUTPUT_DIR's own checkpoints; use MODEL.WEIGHTS for weights.",
+        )
     _load_state(unwrap(model), state["model"], str(path), strict=True)
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -140,7 +150,7 @@ def _map_keys(state: dict[str, torch.Tensor], own_keys: set[str]) -> dict[str, t
     'rpn.…', 'roi_heads.…'), an ImageNet ResNet's keys ('conv1.…', 'layer1.…'; 'fc.…' dropped), any
     of these saved from a DDP model ('module.…').
     """
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k in own_keys for k in state):
         return state
     prefixed = {f"model.{k}": v for k, v in state.items()}
@@ -154,8 +164,10 @@ def _map_keys(state: dict[str, torch.Tensor], own_keys: set[str]) -> dict[str, t
 def _load_state(model: nn.Module, state: dict[str, Any], source: str, strict: bool) -> None:
     own = model.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"'{source}' holds no state dict of tensors.",
-                        "point at a .pth file saved by `icd train` or a torchvision state dict.")
+        raise UserError(
+            f"'{source}' holds no state dict of tensors.",
+            "point at a .pth file saved by `icd train` or a torchvision state dict.",
+        )
     state = _map_keys(state, set(own))
     mismatched = [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
@@ -173,11 +185,15 @@ def _load_state(model: nn.Module, state: dict[str, Any], source: str, strict: bo
     unexpected = sorted(k for k in state if k not in own and not k.endswith("num_batches_tracked"))
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
     if not any(k in own for k in state):
-        raise UserError(f"no tensor in '{source}' matches a model parameter name (e.g. '{next(iter(state), '')}').",
-                        "point at a checkpoint of this kind of detector (ours, torchvision's, or an ImageNet ResNet).")
+        raise UserError(
+            f"no tensor in '{source}' matches a model parameter name (e.g. '{next(iter(state), '')}').",
+            "point at a checkpoint of this kind of detector (ours, torchvision's, or an ImageNet ResNet).",
+        )
     if strict and (unexpected or missing):
-        raise UserError(f"'{source}' does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.",
-                        "resume with the config the checkpoint was trained with.")
+        raise UserError(
+            f"'{source}' does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.",
+            "resume with the config the checkpoint was trained with.",
+        )
     if missing or unexpected:
         warnings.warn(
             f"loading '{source}': {len(missing)} model tensor(s) not in the file (kept as initialised), e.g. "

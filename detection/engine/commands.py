@@ -5,6 +5,7 @@ detectron2's `engine/defaults.py` is the model (`default_argument_parser`, `defa
 their body through `run_command`, so they share flags, seeding and exit codes and never import one
 another's helpers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ NUM_GPUS_HELP = (
 RESUME_FROM_CHECKPOINT = "continue from OUTPUT_DIR/last_checkpoint (iteration, optimizer, RNG, data order)"
 
 
-def default_argument_parser(prog: str, description: str, *, resume: str | None = None,
-                            eval_only: bool = False) -> argparse.ArgumentParser:
+def default_argument_parser(
+    prog: str, description: str, *, resume: str | None = None, eval_only: bool = False
+) -> argparse.ArgumentParser:
     """`--config-file FILE`, `--num-gpus N` and trailing `KEY VALUE` overrides, plus `--resume` (with the
     given help text) and `--eval-only` where the command has them. Commands add their own flags."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -40,11 +42,18 @@ def default_argument_parser(prog: str, description: str, *, resume: str | None =
     if resume is not None:
         parser.add_argument("--resume", action="store_true", help=resume)
     if eval_only:
-        parser.add_argument("--eval-only", action="store_true",
-                            help="only evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint)")
+        parser.add_argument(
+            "--eval-only",
+            action="store_true",
+            help="only evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint)",
+        )
     parser.add_argument("--num-gpus", type=int, default=1, metavar="N", help=NUM_GPUS_HELP)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100",
+    )
     return parser
 
 

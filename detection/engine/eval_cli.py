@@ -1,7 +1,8 @@
 """`icd eval`: COCO-evaluate a trained detector on DATASETS.TEST.
 
-    icd eval --config-file CFG [--num-gpus N] MODEL.WEIGHTS PATH [KEY VALUE ...]
+icd eval --config-file CFG [--num-gpus N] MODEL.WEIGHTS PATH [KEY VALUE ...]
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,11 @@ from detection.engine.evaluation import evaluate_checkpoint, weights_to_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = default_argument_parser("icd eval", "Evaluate a detector with COCO AP on DATASETS.TEST; give the "
-                                     "weights as the override MODEL.WEIGHTS PATH. Results go to OUTPUT_DIR/inference/.")
+    parser = default_argument_parser(
+        "icd eval",
+        "Evaluate a detector with COCO AP on DATASETS.TEST; give the "
+        "weights as the override MODEL.WEIGHTS PATH. Results go to OUTPUT_DIR/inference/.",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> None:

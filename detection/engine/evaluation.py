@@ -5,6 +5,7 @@ that sample frame and are mapped to the original image frame (`invert_boxes`) an
 category ids before COCOeval. Each process evaluates its own share of the images; rank 0 gathers
 them, runs COCOeval and writes OUTPUT_DIR/inference/{coco_results,metrics}.json.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,12 @@ def detections_to_coco(
     for (x1, y1, x2, y2), score, label, rle in zip(boxes.tolist(), scores, labels, rles):
         if label not in label_to_cat_id:  # e.g. the background slot of a sigmoid classifier
             continue
-        record = {"image_id": int(p.image_id), "category_id": int(label_to_cat_id[label]),
-                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+        record = {
+            "image_id": int(p.image_id),
+            "category_id": int(label_to_cat_id[label]),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+        }
         if rle is not None:
             record["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
         records.append(record)
@@ -70,8 +75,9 @@ def detections_to_coco(
 
 
 @torch.no_grad()
-def run_inference(model: nn.Module, dataset: DetectionDataset, device: torch.device, num_workers: int = 0,
-                  show_progress: bool = True) -> list[dict[str, Any]]:
+def run_inference(
+    model: nn.Module, dataset: DetectionDataset, device: torch.device, num_workers: int = 0, show_progress: bool = True
+) -> list[dict[str, Any]]:
     """This rank's share of the dataset (items rank, rank + world, ...) -> COCO result records.
 
     One image per forward pass (as detectron2's inference) so results do not depend on the batch
@@ -79,14 +85,21 @@ def run_inference(model: nn.Module, dataset: DetectionDataset, device: torch.dev
     """
     rank, world = comm.get_rank(), comm.get_world_size()
     indices = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                         num_workers=num_workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=num_workers, collate_fn=collate
+    )
     was_training = model.training
     model.eval()
     records: list[dict[str, Any]] = []
     try:
-        for batch in tqdm(loader, desc="eval", unit="img", disable=not (show_progress and comm.is_main_process()),
-                          dynamic_ncols=True, mininterval=1.0):
+        for batch in tqdm(
+            loader,
+            desc="eval",
+            unit="img",
+            disable=not (show_progress and comm.is_main_process()),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        ):
             detections, _features, _images = model([sample["image"].to(device) for sample in batch])
             for sample, det in zip(batch, detections):
                 records.extend(detections_to_coco(det, sample["aug"], dataset.index.label_to_cat_id))
@@ -103,13 +116,22 @@ def coco_ground_truth(index: CocoIndex) -> COCO:
         for a in image.annotations:
             x1, y1, x2, y2 = a.bbox_xyxy
             seg = a.segmentation if a.segmentation is not None else [[x1, y1, x2, y1, x2, y2, x1, y2]]
-            annotations.append({"id": a.id, "image_id": image.id, "category_id": a.category_id,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": a.area, "iscrowd": int(a.iscrowd),
-                                "segmentation": seg})
+            annotations.append(
+                {
+                    "id": a.id,
+                    "image_id": image.id,
+                    "category_id": a.category_id,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": a.area,
+                    "iscrowd": int(a.iscrowd),
+                    "segmentation": seg,
+                }
+            )
     gt = COCO()
     gt.dataset = {
-        "images": [{"id": im.id, "height": im.height, "width": im.width, "file_name": im.file_name}
-                   for im in index.images],
+        "images": [
+            {"id": im.id, "height": im.height, "width": im.width, "file_name": im.file_name} for im in index.images
+        ],
         "annotations": annotations,
         "categories": [dict(c) for c in index.categories],
     }
@@ -118,8 +140,9 @@ def coco_ground_truth(index: CocoIndex) -> COCO:
     return gt
 
 
-def coco_metrics(gt: COCO, records: list[dict[str, Any]], iou_type: str,
-                 class_names: dict[int, str]) -> dict[str, float]:
+def coco_metrics(
+    gt: COCO, records: list[dict[str, Any]], iou_type: str, class_names: dict[int, str]
+) -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl and 'AP-<class>' in percent; all 0 when there is no detection.
 
     An area range without ground truth gives NaN (COCOeval's -1), as in detectron2.
@@ -144,17 +167,21 @@ def coco_metrics(gt: COCO, records: list[dict[str, Any]], iou_type: str,
 
 def format_table(task: str, metrics: dict[str, float]) -> str:
     """A plain-text table: the summary metrics, then per-category AP in columns."""
+
     def cell(v: float) -> str:
         return "  nan" if math.isnan(v) else f"{v:6.2f}"
 
-    lines = [f"Evaluation results for {task}:", " | ".join(f"{m:>6}" for m in METRIC_NAMES),
-             " | ".join(cell(metrics[m]) for m in METRIC_NAMES)]
+    lines = [
+        f"Evaluation results for {task}:",
+        " | ".join(f"{m:>6}" for m in METRIC_NAMES),
+        " | ".join(cell(metrics[m]) for m in METRIC_NAMES),
+    ]
     per_class = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
     if per_class:
         width = max(8, max(len(name) for name, _ in per_class))
         lines.append(f"Per-category {task} AP:")
         for i in range(0, len(per_class), 3):
-            lines.append("  ".join(f"{name:<{width}} {cell(v)}" for name, v in per_class[i:i + 3]))
+            lines.append("  ".join(f"{name:<{width}} {cell(v)}" for name, v in per_class[i : i + 3]))
     return "\n".join(lines)
 
 
@@ -215,10 +242,12 @@ def weights_to_evaluate(cfg: Any, resume: bool = False) -> str:
     checkpoint = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
     weights = str(checkpoint) if checkpoint is not None else cfg.MODEL.WEIGHTS
     if not weights:
-        raise UserError("no weights to evaluate: MODEL.WEIGHTS is empty" + (
-            " and OUTPUT_DIR has no checkpoint to resume" if resume else ""),
+        raise UserError(
+            "no weights to evaluate: MODEL.WEIGHTS is empty"
+            + (" and OUTPUT_DIR has no checkpoint to resume" if resume else ""),
             "add `MODEL.WEIGHTS /path/to/model_final.pth` to the command line (or --resume with a checkpoint in "
-            "OUTPUT_DIR).")
+            "OUTPUT_DIR).",
+        )
     return weights
 
 

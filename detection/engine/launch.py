@@ -3,6 +3,7 @@
 On a CUDA machine each process drives one GPU and talks NCCL; on CPU, `--num-gpus N` means N CPU
 processes talking gloo (the same code path, so 2-process training is testable without a GPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,14 +54,22 @@ def _check_device(device: str, num_processes: int) -> None:
 
 
 def _worker(
-    local_rank: int, main_fn: Callable[..., Any], world_size: int, port: int, device: str, args: tuple,
+    local_rank: int,
+    main_fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    device: str,
+    args: tuple,
     errors: Any,
 ) -> None:
     os.environ["LOCAL_RANK"] = str(local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
     dist.init_process_group(
-        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=world_size,
+        _backend(device),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=local_rank,
+        world_size=world_size,
         timeout=_TIMEOUT,
     )
     try:

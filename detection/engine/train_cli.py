@@ -1,7 +1,8 @@
 """`icd train`: train a baseline detector (teacher or student) with COCO evaluation, as detectron2's train_net.
 
-    icd train --config-file CFG [--resume] [--eval-only] [--num-gpus N] [KEY VALUE ...]
+icd train --config-file CFG [--resume] [--eval-only] [--num-gpus N] [KEY VALUE ...]
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,12 @@ def train_or_evaluate(cfg: CfgNode, resume: bool, eval_only: bool) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = default_argument_parser("icd train", "Train a baseline detector (teacher or student) and evaluate "
-                                     "it with COCO AP.", resume=RESUME_FROM_CHECKPOINT, eval_only=True)
+    parser = default_argument_parser(
+        "icd train",
+        "Train a baseline detector (teacher or student) and evaluate it with COCO AP.",
+        resume=RESUME_FROM_CHECKPOINT,
+        eval_only=True,
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> None:

@@ -11,6 +11,7 @@ and the state of `checkpointables` (stage two: its ICD module, optimizer and sch
 comes from `build_loader(start_iter)`, which must yield from the same position the uninterrupted run
 would be at (detection.data.loader's seeded stream does), so 3 + 3 resumed iterations equal 6 straight ones.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -48,8 +49,17 @@ from detection.modeling.detector import build_model
 EvaluateFn = Callable[[nn.Module], dict[str, dict[str, float]]]
 
 # Normalisation layers, whose affine parameters get no weight decay.
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+_NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 
 
 def warmup_multistep(warmup_iters: int, warmup_factor: float, steps: list[int], gamma: float) -> Callable[[int], float]:
@@ -73,13 +83,16 @@ def _check_solver(cfg: Any) -> None:
     if s.BASE_LR <= 0:
         raise UserError(f"SOLVER.BASE_LR {s.BASE_LR} must be positive.", "use e.g. 0.01 (batch 16).")
     if s.CHECKPOINT_PERIOD <= 0 or s.LOG_PERIOD <= 0:
-        raise UserError("SOLVER.CHECKPOINT_PERIOD and SOLVER.LOG_PERIOD must be positive.",
-                        "set them to a number of iterations, e.g. 5000 and 20.")
+        raise UserError(
+            "SOLVER.CHECKPOINT_PERIOD and SOLVER.LOG_PERIOD must be positive.",
+            "set them to a number of iterations, e.g. 5000 and 20.",
+        )
     if list(s.STEPS) != sorted(s.STEPS):
         raise UserError(f"SOLVER.STEPS {list(s.STEPS)} must be increasing.", "sort SOLVER.STEPS.")
     if s.CLIP_GRADIENTS.CLIP_TYPE not in ("value", "norm"):
-        raise UserError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE '{s.CLIP_GRADIENTS.CLIP_TYPE}' is not supported.",
-                        "use value or norm.")
+        raise UserError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE '{s.CLIP_GRADIENTS.CLIP_TYPE}' is not supported.", "use value or norm."
+        )
 
 
 class Checkpointable(Protocol):
@@ -99,7 +112,8 @@ def build_sgd(model: nn.Module, solver: Any) -> torch.optim.SGD:
                 (no_decay if isinstance(module, _NORM_TYPES) else decay).append(param)
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": solver.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=solver.BASE_LR, momentum=solver.MOMENTUM,
+        lr=solver.BASE_LR,
+        momentum=solver.MOMENTUM,
     )
 
 
@@ -114,8 +128,9 @@ def clip_gradients(optimizer: torch.optim.Optimizer, clip: Any) -> None:
         torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE)
 
 
-def images_and_targets(samples: Sequence[Mapping[str, Any]], device: torch.device
-                       ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def images_and_targets(
+    samples: Sequence[Mapping[str, Any]], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Dataset items -> (images [3, h, w], detection targets) on the training device."""
     images = [sample["image"].to(device, non_blocking=True) for sample in samples]
     targets = [{k: v.to(device, non_blocking=True) for k, v in sample["target"].items()} for sample in samples]
@@ -140,9 +155,16 @@ class Trainer:
     checkpoint_prefix = "model"
     progress_label = "train"
 
-    def __init__(self, cfg: Any, model: nn.Module, build_loader: LoaderFactory,
-                 evaluate: EvaluateFn | None = None, *, max_iter: int | None = None,
-                 checkpoint_period: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        model: nn.Module,
+        build_loader: LoaderFactory,
+        evaluate: EvaluateFn | None = None,
+        *,
+        max_iter: int | None = None,
+        checkpoint_period: int | None = None,
+    ) -> None:
         _check_solver(cfg)
         self.cfg = cfg
         self.output_dir = Path(cfg.OUTPUT_DIR)
@@ -175,23 +197,29 @@ class Trainer:
                 # As detectron2's resume_or_load: --resume without a checkpoint starts a new run (so one job
                 # script serves the first start and every restart), and says so rather than silently.
                 start = f"MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS}" if self.cfg.MODEL.WEIGHTS else "scratch"
-                print(f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
-                      f"file); starting a new run at iteration 0 from {start}", flush=True)
+                print(
+                    f"--resume: no checkpoint to resume in {self.output_dir} (no last_checkpoint naming an existing "
+                    f"file); starting a new run at iteration 0 from {start}",
+                    flush=True,
+                )
             if self.cfg.MODEL.WEIGHTS:
                 load_weights(self.module, self.cfg.MODEL.WEIGHTS)
             return False
         self.iteration, extra, rng = resume_from(checkpoint, self.module, self.optimizer, self.scheduler)
         for name, obj in self.checkpointables.items():
             if name not in extra:
-                raise UserError(f"the checkpoint {checkpoint} being resumed holds no '{name}' state: it was "
-                                "written by another command",
-                                "resume a run only in its own OUTPUT_DIR (MODEL.WEIGHTS loads weights into a new run)")
+                raise UserError(
+                    f"the checkpoint {checkpoint} being resumed holds no '{name}' state: it was "
+                    "written by another command",
+                    "resume a run only in its own OUTPUT_DIR (MODEL.WEIGHTS loads weights into a new run)",
+                )
             try:
                 obj.load_state_dict(extra[name])
             except (RuntimeError, ValueError, KeyError) as exc:
-                raise UserError(f"the checkpoint's '{name}' state does not fit this run's: "
-                                f"{str(exc).splitlines()[0]}",
-                                "resume with the config the checkpoint was trained with") from None
+                raise UserError(
+                    f"the checkpoint's '{name}' state does not fit this run's: {str(exc).splitlines()[0]}",
+                    "resume with the config the checkpoint was trained with",
+                ) from None
         # Restore the RNG only when the loop starts (after the data iterator is built), where it was saved.
         rank = comm.get_rank()
         self._rng_to_restore = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
@@ -215,8 +243,11 @@ class Trainer:
         total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         # scale, backward, unscale, clip (SOLVER.CLIP_GRADIENTS), step (skipped on inf/nan), update
-        amp.backward_and_step(self.scaler, total, [
-            (self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS))])
+        amp.backward_and_step(
+            self.scaler,
+            total,
+            [(self.optimizer, lambda: clip_gradients(self.optimizer, self.cfg.SOLVER.CLIP_GRADIENTS))],
+        )
         self.scheduler.step()
         return losses
 
@@ -251,8 +282,15 @@ class Trainer:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         log = MetricsLog(self.output_dir, enabled=main)
-        bar = tqdm(total=self.max_iter, initial=self.iteration, desc=self.progress_label, unit="it",
-                   disable=not main, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=self.max_iter,
+            initial=self.iteration,
+            desc=self.progress_label,
+            unit="it",
+            disable=not main,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         window = _Window()
         period_log, period_ckpt = int(cfg.SOLVER.LOG_PERIOD), self.checkpoint_period
         period_eval = int(cfg.TEST.EVAL_PERIOD)
@@ -291,8 +329,15 @@ class Trainer:
         rng = comm.all_gather(capture_rng_state())  # every rank's generators: exact multi-process resume
         if comm.is_main_process():
             extra = {key: obj.state_dict() for key, obj in self.checkpointables.items()}
-            save_checkpoint(self.output_dir / name, self.module, self.optimizer, self.scheduler, self.iteration,
-                            extra, rng_per_rank=rng)
+            save_checkpoint(
+                self.output_dir / name,
+                self.module,
+                self.optimizer,
+                self.scheduler,
+                self.iteration,
+                extra,
+                rng_per_rank=rng,
+            )
         comm.synchronize()
 
     def _sync_buffers(self) -> None:
@@ -320,15 +365,22 @@ def build_trainer(cfg: Any, resume: bool = False) -> Trainer:
     cfg, index = default_setup(cfg, need_train_index=True)
     empty = len(index.images) - len(index.training_images())
     if empty and comm.is_main_process():  # said as `icd dump` says it: one line, not a silent drop
-        print(f"icd train: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and "
-              "are skipped for training (detectron2's filter_empty_annotations; `icd dump` does not cache them)",
-              flush=True)
+        print(
+            f"icd train: {empty} of {len(index.images)} training image(s) have no (non-crowd) annotations and "
+            "are skipped for training (detectron2's filter_empty_annotations; `icd dump` does not cache them)",
+            flush=True,
+        )
     plan = AugmentationPlan.for_training(cfg)
-    dataset = DetectionDataset(index, plan, training=True, variant_sampler=plan.sample_variant,
-                               with_masks=bool(cfg.MODEL.MASK_ON))
+    dataset = DetectionDataset(
+        index, plan, training=True, variant_sampler=plan.sample_variant, with_masks=bool(cfg.MODEL.MASK_ON)
+    )
     check_image_files(dataset.images)
-    trainer = Trainer(cfg, build_model(cfg, cfg.MODEL.NUM_CLASSES), build_train_loader(cfg, dataset),
-                      evaluate=lambda model: evaluate(cfg, model))
+    trainer = Trainer(
+        cfg,
+        build_model(cfg, cfg.MODEL.NUM_CLASSES),
+        build_train_loader(cfg, dataset),
+        evaluate=lambda model: evaluate(cfg, model),
+    )
     trainer.resume_or_load(resume)
     return trainer
 
@@ -340,12 +392,12 @@ class _Window:
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def add(self, losses: dict[str, Tensor], seconds: float, data_seconds: float,
-            metrics: dict[str, Tensor] | None = None) -> None:
+    def add(
+        self, losses: dict[str, Tensor], seconds: float, data_seconds: float, metrics: dict[str, Tensor] | None = None
+    ) -> None:
         """One iteration's losses (summed into total_loss), times, and metrics (logged, not summed)."""
         values = {k: float(v.detach()) for k, v in losses.items()}
-        values.update(total_loss=float(sum(v.detach() for v in losses.values())), time=seconds,
-                      data_time=data_seconds)
+        values.update(total_loss=float(sum(v.detach() for v in losses.values())), time=seconds, data_time=data_seconds)
         values.update({k: float(v) for k, v in (metrics or {}).items()})
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
@@ -388,7 +440,9 @@ class MetricsLog:
     def write_eval(self, iteration: int, results: dict[str, dict[str, float]]) -> None:
         if not self.enabled or not results:
             return
-        flat = {f"{task}/{metric}": _finite_or_none(v) for task, values in results.items() for metric, v in values.items()}
+        flat = {
+            f"{task}/{metric}": _finite_or_none(v) for task, values in results.items() for metric, v in values.items()
+        }
         self._append({"iteration": iteration, **flat})
         for key, value in flat.items():
             if value is not None:

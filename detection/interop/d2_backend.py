@@ -13,6 +13,7 @@ The project's config stays authoritative for what the rest of the pipeline reads
 FPN width, classes, pixel mean/std and input format, size divisibility); they must agree with the
 detectron2 config, and a difference is refused naming both values.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,15 @@ from detection.errors import UserError
 from detection.interop import d2_checkpoint
 from detection.modeling.architectures import ARCHITECTURES, LEVEL_STRIDES
 
-INSTALL = ("build detectron2 from source (it is not on PyPI): git clone https://github.com/facebookresearch/detectron2 "
-           "&& pip install 'setuptools<81' && cd detectron2 && python setup.py build_ext --inplace, then put it on "
-           "PYTHONPATH (docs/D2_INTEROP.md), or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS")
-ADELAIDET = ("install AdelaiDet (git clone https://github.com/aim-uofa/AdelaiDet && python setup.py build develop) "
-             "on top of detectron2, or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS")
+INSTALL = (
+    "build detectron2 from source (it is not on PyPI): git clone https://github.com/facebookresearch/detectron2 "
+    "&& pip install 'setuptools<81' && cd detectron2 && python setup.py build_ext --inplace, then put it on "
+    "PYTHONPATH (docs/D2_INTEROP.md), or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS"
+)
+ADELAIDET = (
+    "install AdelaiDet (git clone https://github.com/aim-uofa/AdelaiDet && python setup.py build develop) "
+    "on top of detectron2, or use MODEL.BACKEND torchvision with the checkpoint as MODEL.WEIGHTS"
+)
 
 
 def import_detectron2(architecture: str) -> Any:
@@ -47,17 +52,20 @@ def import_detectron2(architecture: str) -> Any:
             import adet.config  # noqa: F401
             import adet.modeling  # noqa: F401 - importing it registers AdelaiDet's FCOS with detectron2
         except ImportError as exc:
-            raise UserError(f"MODEL.BACKEND detectron2 with FCOS needs AdelaiDet, which cannot be imported ({exc}).",
-                            ADELAIDET) from None
+            raise UserError(
+                f"MODEL.BACKEND detectron2 with FCOS needs AdelaiDet, which cannot be imported ({exc}).", ADELAIDET
+            ) from None
     return detectron2
 
 
 def resolve_d2_config(name: str) -> str:
     """A config file path: MODEL.D2_CONFIG as a path, else as a detectron2 model-zoo name."""
     if not name:
-        raise UserError("MODEL.BACKEND detectron2 needs MODEL.D2_CONFIG (the detectron2 config to build).",
-                        "set MODEL.D2_CONFIG to a detectron2 config file or model-zoo name, e.g. "
-                        "COCO-Detection/retinanet_R_101_FPN_3x.yaml (configs/Teachers/ set it)")
+        raise UserError(
+            "MODEL.BACKEND detectron2 needs MODEL.D2_CONFIG (the detectron2 config to build).",
+            "set MODEL.D2_CONFIG to a detectron2 config file or model-zoo name, e.g. "
+            "COCO-Detection/retinanet_R_101_FPN_3x.yaml (configs/Teachers/ set it)",
+        )
     if os.path.isfile(name):
         return name
     from detectron2 import model_zoo
@@ -65,9 +73,10 @@ def resolve_d2_config(name: str) -> str:
     try:
         return model_zoo.get_config_file(name)
     except RuntimeError:
-        raise UserError(f"MODEL.D2_CONFIG '{name}' is neither a file nor a detectron2 model-zoo config.",
-                        "give the path of a detectron2 config file, or a name like "
-                        "COCO-Detection/retinanet_R_101_FPN_3x.yaml") from None
+        raise UserError(
+            f"MODEL.D2_CONFIG '{name}' is neither a file nor a detectron2 model-zoo config.",
+            "give the path of a detectron2 config file, or a name like COCO-Detection/retinanet_R_101_FPN_3x.yaml",
+        ) from None
 
 
 def d2_config(cfg: Any, num_classes: int) -> Any:
@@ -83,8 +92,10 @@ def d2_config(cfg: Any, num_classes: int) -> Any:
     try:
         d2cfg.merge_from_file(path)
     except Exception as exc:  # detectron2 raises KeyError / AssertionError / yaml errors for bad files
-        raise UserError(f"detectron2 cannot read MODEL.D2_CONFIG '{path}': {type(exc).__name__}: {exc}",
-                        "point MODEL.D2_CONFIG at a detectron2 config of this detectron2 version") from None
+        raise UserError(
+            f"detectron2 cannot read MODEL.D2_CONFIG '{path}': {type(exc).__name__}: {exc}",
+            "point MODEL.D2_CONFIG at a detectron2 config of this detectron2 version",
+        ) from None
     k = num_classes - 1
     d2cfg.MODEL.DEVICE = str(cfg.MODEL.DEVICE)
     d2cfg.MODEL.WEIGHTS = ""  # MODEL.WEIGHTS is loaded by the project (detection.engine.checkpoint), reported there
@@ -115,17 +126,24 @@ def _check_agreement(cfg: Any, d2cfg: Any, path: str) -> None:
         ("MODEL.BACKBONE.DEPTH", int(cfg.MODEL.BACKBONE.DEPTH), int(d2cfg.MODEL.RESNETS.DEPTH)),
         ("MODEL.FPN.OUT_CHANNELS", int(cfg.MODEL.FPN.OUT_CHANNELS), int(d2cfg.MODEL.FPN.OUT_CHANNELS)),
         ("MODEL.INPUT_FORMAT", str(cfg.MODEL.INPUT_FORMAT), str(d2cfg.INPUT.FORMAT)),
-        ("MODEL.PIXEL_MEAN", [round(float(v), 4) for v in cfg.MODEL.PIXEL_MEAN],
-         [round(float(v), 4) for v in d2cfg.MODEL.PIXEL_MEAN]),
-        ("MODEL.PIXEL_STD", [round(float(v), 4) for v in cfg.MODEL.PIXEL_STD],
-         [round(float(v), 4) for v in d2cfg.MODEL.PIXEL_STD]),
+        (
+            "MODEL.PIXEL_MEAN",
+            [round(float(v), 4) for v in cfg.MODEL.PIXEL_MEAN],
+            [round(float(v), 4) for v in d2cfg.MODEL.PIXEL_MEAN],
+        ),
+        (
+            "MODEL.PIXEL_STD",
+            [round(float(v), 4) for v in cfg.MODEL.PIXEL_STD],
+            [round(float(v), 4) for v in d2cfg.MODEL.PIXEL_STD],
+        ),
     ]
     diffs = [f"{name}: project {ours!r}, detectron2 {theirs!r}" for name, ours, theirs in checks if ours != theirs]
     if diffs:
-        raise UserError(f"MODEL.D2_CONFIG {path} describes another model than the project config:\n    "
-                        + "\n    ".join(diffs),
-                        "set these project keys to the detectron2 config's values (the cache records them), "
-                        "or use a matching MODEL.D2_CONFIG")
+        raise UserError(
+            f"MODEL.D2_CONFIG {path} describes another model than the project config:\n    " + "\n    ".join(diffs),
+            "set these project keys to the detectron2 config's values (the cache records them), "
+            "or use a matching MODEL.D2_CONFIG",
+        )
 
 
 class D2DetectorAdapter(nn.Module):
@@ -133,8 +151,9 @@ class D2DetectorAdapter(nn.Module):
 
     backend = "detectron2"
 
-    def __init__(self, model: nn.Module, d2cfg: Any, architecture: str, size_divisibility: int,
-                 levels: list[str]) -> None:
+    def __init__(
+        self, model: nn.Module, d2cfg: Any, architecture: str, size_divisibility: int, levels: list[str]
+    ) -> None:
         super().__init__()
         self.model = model
         self.d2cfg = d2cfg
@@ -145,13 +164,18 @@ class D2DetectorAdapter(nn.Module):
         shapes = model.backbone.output_shape()
         missing = [name for name in self.levels if name not in shapes]
         if missing:
-            raise UserError(f"the detectron2 backbone of {architecture} has no FPN level(s) {missing} "
-                            f"(it has {sorted(shapes)}).", "use a detectron2 config with an FPN backbone")
+            raise UserError(
+                f"the detectron2 backbone of {architecture} has no FPN level(s) {missing} (it has {sorted(shapes)}).",
+                "use a detectron2 config with an FPN backbone",
+            )
         self.out_channels = int(shapes[self.levels[0]].channels)
         own = int(model.backbone.size_divisibility or 1)
         if size_divisibility % own:
-            raise UserError(f"MODEL.SIZE_DIVISIBILITY {size_divisibility} is not a multiple of the detectron2 "
-                            f"backbone's size divisibility {own}.", f"set MODEL.SIZE_DIVISIBILITY {own} (or a multiple)")
+            raise UserError(
+                f"MODEL.SIZE_DIVISIBILITY {size_divisibility} is not a multiple of the detectron2 "
+                f"backbone's size divisibility {own}.",
+                f"set MODEL.SIZE_DIVISIBILITY {own} (or a multiple)",
+            )
         self.size_divisibility = int(size_divisibility)
         self.input_format = str(d2cfg.INPUT.FORMAT)
         self.iteration = 0
@@ -162,8 +186,9 @@ class D2DetectorAdapter(nn.Module):
         from detectron2.structures import ImageList as D2ImageList
 
         mean, std = self.model.pixel_mean, self.model.pixel_std
-        normalised = [((img.flip(0) if self.input_format == "BGR" else img).to(mean.device) - mean) / std
-                      for img in images]
+        normalised = [
+            ((img.flip(0) if self.input_format == "BGR" else img).to(mean.device) - mean) / std for img in images
+        ]
         batch = D2ImageList.from_tensors(normalised, self.size_divisibility)
         return ImageList(batch.tensor, [tuple(int(v) for v in s) for s in batch.image_sizes])
 
@@ -171,8 +196,9 @@ class D2DetectorAdapter(nn.Module):
         out = self.model.backbone(batched)
         return {name: out[name] for name in self.levels}
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> tuple[dict[str, Tensor] | list[dict[str, Tensor]], dict[str, Tensor], ImageList]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[dict[str, Tensor] | list[dict[str, Tensor]], dict[str, Tensor], ImageList]:
         from detectron2.structures import ImageList as D2ImageList
 
         if self.training and targets is None:
@@ -263,15 +289,20 @@ class D2DetectorAdapter(nn.Module):
     def _num_classes(self) -> int:
         """K + 1, the torchvision backend's class count."""
         cfg = self.d2cfg.MODEL
-        k = cfg.FCOS.NUM_CLASSES if self.architecture == "FCOS" else (
-            cfg.RETINANET.NUM_CLASSES if self.architecture == "RetinaNet" else cfg.ROI_HEADS.NUM_CLASSES)
+        k = (
+            cfg.FCOS.NUM_CLASSES
+            if self.architecture == "FCOS"
+            else (cfg.RETINANET.NUM_CLASSES if self.architecture == "RetinaNet" else cfg.ROI_HEADS.NUM_CLASSES)
+        )
         return int(k) + 1
 
     def fpn_and_head_state_dict(self) -> dict[str, Tensor]:
         """FPN + head weights, named and laid out as the torchvision backend's (d2_checkpoint's map)."""
         state = self.model.state_dict()
-        return {target: rule.convert(state[key].detach().clone(), self._num_classes())
-                for key, (target, rule) in self._project_map().items()}
+        return {
+            target: rule.convert(state[key].detach().clone(), self._num_classes())
+            for key, (target, rule) in self._project_map().items()
+        }
 
     def load_fpn_and_head(self, state: dict[str, Tensor]) -> list[str]:
         """Load torchvision-backend-named FPN/head tensors whose shapes fit; return the skipped keys."""

@@ -17,6 +17,7 @@ ones; this project keeps torchvision's `num_classes = K + 1` with 0 = background
 The architecture options that make the torchvision model compute the same function live in
 detection.interop.d2_conventions; see docs/D2_INTEROP.md.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -47,7 +48,6 @@ from detection.modeling.meta_arch.condinst import SIZE_OF_INTEREST_PER_STRIDE
 # Logit of the background class added to sigmoid heads (RetinaNet, FCOS) that detectron2 trains without
 # one: sigmoid(-1e4) == 0 in float32 and float16, so it never passes a score threshold.
 BACKGROUND_LOGIT = -1.0e4
-
 
 
 def _title(family: str, unknown: str = "model of an unknown kind") -> str:
@@ -91,8 +91,10 @@ def read_pickle(path: str | Path) -> Any:
         with open(path, "rb") as handle:
             return _ArraysOnlyUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise UserError(f"cannot read '{path}' as a detectron2 .pkl checkpoint: {exc}",
-                        "point MODEL.WEIGHTS at a detectron2 model-zoo .pkl or a .pth checkpoint") from None
+        raise UserError(
+            f"cannot read '{path}' as a detectron2 .pkl checkpoint: {exc}",
+            "point MODEL.WEIGHTS at a detectron2 model-zoo .pkl or a .pth checkpoint",
+        ) from None
 
 
 @dataclass
@@ -153,14 +155,22 @@ def _rename_c2_backbone(state: dict[str, Any], notes: list[str]) -> dict[str, An
         if key.startswith("fc1000_"):
             notes.append(f"{key}: ImageNet classifier, not part of a detector")
             continue
-        name = {"conv1_w": "stem.conv1.weight", "res_conv1_bn_s": "stem.conv1.norm.weight",
-                "res_conv1_bn_b": "stem.conv1.norm.bias"}.get(key)
+        name = {
+            "conv1_w": "stem.conv1.weight",
+            "res_conv1_bn_s": "stem.conv1.norm.weight",
+            "res_conv1_bn_b": "stem.conv1.norm.bias",
+        }.get(key)
         match = re.match(r"^res(\d)_(\d+)_branch(1|2a|2b|2c)_(w|bn_s|bn_b|bn_rm|bn_riv)$", key)
         if name is None and match:
             stage, block, branch, what = match.groups()
             layer = {"1": "shortcut", "2a": "conv1", "2b": "conv2", "2c": "conv3"}[branch]
-            suffix = {"w": "weight", "bn_s": "norm.weight", "bn_b": "norm.bias", "bn_rm": "norm.running_mean",
-                      "bn_riv": "norm.running_var"}[what]
+            suffix = {
+                "w": "weight",
+                "bn_s": "norm.weight",
+                "bn_b": "norm.bias",
+                "bn_rm": "norm.running_mean",
+                "bn_riv": "norm.running_var",
+            }[what]
             name = f"res{stage}.{block}.{layer}.{suffix}"
         if name is None:
             notes.append(f"{key}: not a ResNet tensor, ignored")
@@ -179,8 +189,12 @@ def family_of(state: dict[str, Tensor]) -> str:
     """An architecture name, 'backbone' or 'unknown', by its tensors: the table entry whose
     `checkpoint_signature` prefixes all occur, the longest signature first (Mask R-CNN's holds Faster R-CNN's)."""
     keys = set(state)
-    matches = [entry for entry in ARCHITECTURES if entry.checkpoint_signature
-               and all(any(k.startswith(prefix) for k in keys) for prefix in entry.checkpoint_signature)]
+    matches = [
+        entry
+        for entry in ARCHITECTURES
+        if entry.checkpoint_signature
+        and all(any(k.startswith(prefix) for k in keys) for prefix in entry.checkpoint_signature)
+    ]
     if matches:
         return max(matches, key=lambda entry: len(entry.checkpoint_signature)).name
     if all(k.startswith("backbone.bottom_up.") for k in keys):
@@ -214,10 +228,12 @@ class Rule:
 
     @property
     def note(self) -> str:
-        return {"sigmoid_classes": f"background class added (logit {BACKGROUND_LOGIT:g}, never scores)",
-                "softmax_background": "background class moved from last to first",
-                "box_deltas": "background deltas (zeros) added in front",
-                "masks": "background mask (zeros) added in front"}.get(self.kind, "")
+        return {
+            "sigmoid_classes": f"background class added (logit {BACKGROUND_LOGIT:g}, never scores)",
+            "softmax_background": "background class moved from last to first",
+            "box_deltas": "background deltas (zeros) added in front",
+            "masks": "background mask (zeros) added in front",
+        }.get(self.kind, "")
 
     def convert(self, value: Tensor, num_classes: int) -> Tensor:
         """detectron2 layout -> project layout, for `num_classes` = K + 1."""
@@ -258,11 +274,11 @@ class Rule:
 
 
 def _backbone_rule(key: str, lateral_base: int) -> Rule | None:
-    rest = key[len("backbone."):]
+    rest = key[len("backbone.") :]
     if rest.startswith("bottom_up."):
-        body = rest[len("bottom_up."):]
+        body = rest[len("bottom_up.") :]
         if body.startswith("stem.conv1.norm."):
-            return Rule("backbone.body.bn1." + body[len("stem.conv1.norm."):])
+            return Rule("backbone.body.bn1." + body[len("stem.conv1.norm.") :])
         if body == "stem.conv1.weight":
             return Rule("backbone.body.conv1.weight")
         m = re.match(r"^res(\d)\.(\d+)\.(conv\d|shortcut)\.(norm\.)?(\w+)$", body)
@@ -390,13 +406,18 @@ class Conversion:
 def _model_facts(adapter: nn.Module) -> dict[str, Any]:
     """What the built model is: architecture, depth, FPN width, classes, options (for messages)."""
     model = adapter.model
-    own = {k[len("model."):]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
+    own = {k[len("model.") :]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
     blocks = {int(m.group(1)) for k in own if (m := re.match(r"^backbone\.body\.layer3\.(\d+)\.", k))}
     bottleneck = "backbone.body.layer3.0.conv3.weight" in own
     depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((len(blocks), bottleneck))
     options = dict(getattr(model.transform, "options", {}) or {})
-    return {"own": own, "architecture": adapter.architecture, "depth": depth, "options": options,
-            "lateral_base": ARCHITECTURES.get(adapter.architecture).first_level}
+    return {
+        "own": own,
+        "architecture": adapter.architecture,
+        "depth": depth,
+        "options": options,
+        "lateral_base": ARCHITECTURES.get(adapter.architecture).first_level,
+    }
 
 
 def _num_anchors(own: dict[str, Tensor], architecture: str) -> int:
@@ -426,17 +447,21 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     family = ckpt.family
     what = f"'{ckpt.source}' is a detectron2 {_title(family)} checkpoint"
     if family == "unknown" or (family != "backbone" and family != arch):
-        fix = (f"use {ARCHITECTURES.get(family).teacher_config} (or MODEL.META_ARCHITECTURE {family} with its options)"
-               if family in ARCHITECTURES else
-               "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS, CondInst or SOLOv2 checkpoint, "
-               "or an ImageNet backbone")
+        fix = (
+            f"use {ARCHITECTURES.get(family).teacher_config} (or MODEL.META_ARCHITECTURE {family} with its options)"
+            if family in ARCHITECTURES
+            else "use a detectron2/AdelaiDet RetinaNet, Faster R-CNN, Mask R-CNN, FCOS, CondInst or SOLOv2 checkpoint, "
+            "or an ImageNet backbone"
+        )
         raise UserError(f"{what}, but the config builds {arch}; nothing was loaded.", fix)
     native = family == "backbone" or ARCHITECTURES.get(family).adelaidet_native
     if not native and facts["options"].get("conventions") != "detectron2":
-        raise UserError(f"{what}, but the model is built with torchvision's conventions, so the weights would "
-                        "compute another function (anchors, RoI pooling, post-processing differ); nothing was loaded.",
-                        f"use {ARCHITECTURES.get(family).teacher_config}, or set MODEL.CONVENTIONS detectron2 with MODEL.INPUT_FORMAT, "
-                        "MODEL.PIXEL_MEAN/STD and MODEL.RESNETS.STRIDE_IN_1X1 as the checkpoint was trained")
+        raise UserError(
+            f"{what}, but the model is built with torchvision's conventions, so the weights would "
+            "compute another function (anchors, RoI pooling, post-processing differ); nothing was loaded.",
+            f"use {ARCHITECTURES.get(family).teacher_config}, or set MODEL.CONVENTIONS detectron2 with MODEL.INPUT_FORMAT, "
+            "MODEL.PIXEL_MEAN/STD and MODEL.RESNETS.STRIDE_IN_1X1 as the checkpoint was trained",
+        )
     ckpt_depth = resnet_depth(ckpt.state)
     problems: list[str] = []
     if ckpt_depth and facts["depth"] and ckpt_depth != facts["depth"]:
@@ -474,8 +499,10 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
             model_k = _model_classes(own, arch, num_anchors)
             ckpt_k = _classes(rule, tensor)
             if ckpt_k != model_k and not (rule.kind in ("box_deltas", "masks") and ckpt_k == 0):
-                problems.append(f"classes: checkpoint {ckpt_k}, model {model_k} (MODEL.NUM_CLASSES or the training "
-                                "set's categories)")
+                problems.append(
+                    f"classes: checkpoint {ckpt_k}, model {model_k} (MODEL.NUM_CLASSES or the training "
+                    "set's categories)"
+                )
                 continue
             tensor = rule.convert(tensor, model_k + 1)
             if rule.note:
@@ -488,19 +515,24 @@ def convert(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
             problems.append(_shape_problem(key, rule.target, tuple(tensor.shape), shape))
             continue
         out.state["model." + rule.target] = tensor
-    needed = [k for k in own if not k.endswith("num_batches_tracked")
-              and (family != "backbone" or k.startswith("backbone.body."))]
+    needed = [
+        k
+        for k in own
+        if not k.endswith("num_batches_tracked") and (family != "backbone" or k.startswith("backbone.body."))
+    ]
     missing = [k for k in needed if "model." + k not in out.state]
     if unused and not problems:  # a depth difference already explains the surplus blocks
         problems.append(f"{len(unused)} checkpoint tensor(s) the model has no place for, e.g. {unused[:4]}")
     if missing and not problems:
         problems.append(f"{len(missing)} model tensor(s) not in the checkpoint, e.g. {missing[:4]}")
     if problems:
-        raise UserError(f"{what} that does not fit the configured {arch}"
-                        f"{' R-' + str(facts['depth']) if facts['depth'] else ''}; nothing was loaded:\n    "
-                        + "\n    ".join(dict.fromkeys(problems)),
-                        f"use the config the checkpoint was trained with ({ARCHITECTURES.get(family).teacher_config if family in ARCHITECTURES else 'same depth'}"
-                        " with MODEL.BACKBONE.DEPTH, MODEL.FPN.OUT_CHANNELS, MODEL.FPN.TOP_BLOCK_IN as trained)")
+        raise UserError(
+            f"{what} that does not fit the configured {arch}"
+            f"{' R-' + str(facts['depth']) if facts['depth'] else ''}; nothing was loaded:\n    "
+            + "\n    ".join(dict.fromkeys(problems)),
+            f"use the config the checkpoint was trained with ({ARCHITECTURES.get(family).teacher_config if family in ARCHITECTURES else 'same depth'}"
+            " with MODEL.BACKBONE.DEPTH, MODEL.FPN.OUT_CHANNELS, MODEL.FPN.TOP_BLOCK_IN as trained)",
+        )
     out.skipped += ckpt.notes
     return out
 
@@ -513,8 +545,10 @@ def _model_classes(own: dict[str, Tensor], arch: str, num_anchors: int) -> int:
 def _shape_problem(key: str, target: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     if target.startswith("backbone.fpn.extra_blocks.p6.weight") and got[1] != want[1]:
         source = "res5" if got[1] != got[0] else "p5"
-        return (f"P6 input: the checkpoint computes P6 from {source} ({got[1]} channels), the model from a "
-                f"{want[1]}-channel input (set MODEL.FPN.TOP_BLOCK_IN {source})")
+        return (
+            f"P6 input: the checkpoint computes P6 from {source} ({got[1]} channels), the model from a "
+            f"{want[1]}-channel input (set MODEL.FPN.TOP_BLOCK_IN {source})"
+        )
     return f"{key}: checkpoint {got} vs model {want} ({target})"
 
 
@@ -525,8 +559,10 @@ def _check_pixel_stat(key: str, value: Tensor, options: dict[str, Any], problems
         return
     have = [float(v) for v in value.flatten()]
     if len(have) != len(wanted) or any(abs(a - b) > 1e-3 for a, b in zip(have, wanted)):
-        problems.append(f"{key}: the checkpoint was trained with {have}, the config has {wanted} "
-                        f"(MODEL.{key.upper()}, in MODEL.INPUT_FORMAT {options.get('input_format', 'RGB')} order)")
+        problems.append(
+            f"{key}: the checkpoint was trained with {have}, the config has {wanted} "
+            f"(MODEL.{key.upper()}, in MODEL.INPUT_FORMAT {options.get('input_format', 'RGB')} order)"
+        )
         return
     out.checked.append(f"{key} = config")
 
@@ -534,14 +570,18 @@ def _check_pixel_stat(key: str, value: Tensor, options: dict[str, Any], problems
 def _check_cell_anchors(key: str, value: Tensor, adapter: nn.Module, problems: list[str], out: Conversion) -> None:
     level = int(key.rsplit(".", 1)[1])
     model = adapter.model
-    generator = getattr(model, "anchor_generator", None) or getattr(getattr(model, "rpn", None), "anchor_generator", None)
+    generator = getattr(model, "anchor_generator", None) or getattr(
+        getattr(model, "rpn", None), "anchor_generator", None
+    )
     mine = getattr(generator, f"cell_anchors_{level}", None)
     if mine is None:
         out.skipped.append(f"{key} (anchors come from the config)")
         return
     if tuple(mine.shape) != tuple(value.shape) or not torch.allclose(mine.cpu(), value.float(), atol=1e-3):
-        problems.append(f"{key}: the checkpoint's cell anchors differ from MODEL.ANCHOR_GENERATOR's "
-                        f"(first {value.reshape(-1, 4)[0].tolist()} vs {mine[0].tolist()})")
+        problems.append(
+            f"{key}: the checkpoint's cell anchors differ from MODEL.ANCHOR_GENERATOR's "
+            f"(first {value.reshape(-1, 4)[0].tolist()} vs {mine[0].tolist()})"
+        )
         return
     out.checked.append(f"{key} = config anchors")
 
@@ -555,8 +595,10 @@ def _check_condinst_buffer(key: str, value: Tensor, problems: list[str], out: Co
     want = [float(SIZE_OF_INTEREST_PER_STRIDE * stride) for stride in (8, 16, 32, 64, 128)]  # P3-P7
     have = [float(v) for v in value.flatten()]
     if have != want:
-        problems.append(f"{key}: the checkpoint scales relative coordinates by {have}, the project's CondInst by "
-                        f"{want} (MODEL.CONDINST.SIZES_OF_INTEREST other than AdelaiDet's default is not supported)")
+        problems.append(
+            f"{key}: the checkpoint scales relative coordinates by {have}, the project's CondInst by "
+            f"{want} (MODEL.CONDINST.SIZES_OF_INTEREST other than AdelaiDet's default is not supported)"
+        )
         return
     out.checked.append(f"{key} = {want}")
 
@@ -566,33 +608,42 @@ def report(ckpt: D2Checkpoint, conversion: Conversion, adapter: nn.Module) -> st
     options = dict(getattr(getattr(adapter.model, "transform", None), "options", {}) or {})
     kind = _title(ckpt.family, ckpt.family)
     depth = resnet_depth(ckpt.state)
-    lines = [f"MODEL.WEIGHTS {ckpt.source}: detectron2 {kind} checkpoint"
-             + (f" (R-{depth})" if depth else "") + (f", by {ckpt.author}" if ckpt.author else "")
-             + f": {conversion.loaded} tensor(s) loaded as they are, {len(conversion.converted)} converted, "
-             f"{len(conversion.skipped)} skipped" + (f", {len(conversion.checked)} checked" if conversion.checked else "")]
+    lines = [
+        f"MODEL.WEIGHTS {ckpt.source}: detectron2 {kind} checkpoint"
+        + (f" (R-{depth})" if depth else "")
+        + (f", by {ckpt.author}" if ckpt.author else "")
+        + f": {conversion.loaded} tensor(s) loaded as they are, {len(conversion.converted)} converted, "
+        f"{len(conversion.skipped)} skipped" + (f", {len(conversion.checked)} checked" if conversion.checked else "")
+    ]
     lines += [f"  converted {line}" for line in conversion.converted]
     lines += [f"  skipped {line}" for line in conversion.skipped]
     lines += [f"  checked {line}" for line in conversion.checked]
     if ckpt.family == "backbone":
         lines.append("  the FPN and heads keep their initialisation (an ImageNet backbone has none)")
     if getattr(adapter, "backend", "") == "detectron2":
-        lines.append("  the model is built by detectron2 (MODEL.BACKEND detectron2): detectron2's names, nothing converted")
+        lines.append(
+            "  the model is built by detectron2 (MODEL.BACKEND detectron2): detectron2's names, nothing converted"
+        )
     if options:
-        lines.append(f"  from the config (not stored in the file): input {options.get('input_format')}, pixel mean "
-                     f"{options.get('pixel_mean')}, std {options.get('pixel_std')}, STRIDE_IN_1X1 "
-                     f"{options.get('stride_in_1x1')}, P6 from {options.get('top_block_in')}, conventions "
-                     f"{options.get('conventions')}")
+        lines.append(
+            f"  from the config (not stored in the file): input {options.get('input_format')}, pixel mean "
+            f"{options.get('pixel_mean')}, std {options.get('pixel_std')}, STRIDE_IN_1X1 "
+            f"{options.get('stride_in_1x1')}, P6 from {options.get('top_block_in')}, conventions "
+            f"{options.get('conventions')}"
+        )
     return "\n".join(lines)
 
 
 def same_names(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
     """`ckpt` for a detectron2-built adapter (MODEL.BACKEND detectron2): names as they are, strictly."""
-    own = {k[len("model."):]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
+    own = {k[len("model.") :]: v for k, v in adapter.state_dict().items() if k.startswith("model.")}
     arch, family = adapter.architecture, ckpt.family
     what = f"'{ckpt.source}' is a detectron2 {_title(family)} checkpoint"
     if family == "unknown" or (family != "backbone" and family != arch):
-        raise UserError(f"{what}, but MODEL.D2_CONFIG builds {arch}; nothing was loaded.",
-                        "use a checkpoint of the configured architecture, or the matching MODEL.D2_CONFIG")
+        raise UserError(
+            f"{what}, but MODEL.D2_CONFIG builds {arch}; nothing was loaded.",
+            "use a checkpoint of the configured architecture, or the matching MODEL.D2_CONFIG",
+        )
     out = Conversion(state={})
     problems: list[str] = []
     unused: list[str] = []
@@ -608,16 +659,22 @@ def same_names(ckpt: D2Checkpoint, adapter: nn.Module) -> Conversion:
         else:
             out.state["model." + key] = value.to(own[key].dtype)
             out.loaded += 1
-    needed = [k for k in own if not k.endswith("num_batches_tracked")
-              and (family != "backbone" or k.startswith("backbone.bottom_up."))]
+    needed = [
+        k
+        for k in own
+        if not k.endswith("num_batches_tracked") and (family != "backbone" or k.startswith("backbone.bottom_up."))
+    ]
     missing = [k for k in needed if "model." + k not in out.state]
     if unused:
         problems.append(f"{len(unused)} checkpoint tensor(s) the model has no place for, e.g. {unused[:4]}")
     if missing:
         problems.append(f"{len(missing)} model tensor(s) not in the checkpoint, e.g. {missing[:4]}")
     if problems:
-        raise UserError(f"{what} that does not fit the model MODEL.D2_CONFIG builds; nothing was loaded:\n    "
-                        + "\n    ".join(problems), "use the detectron2 config the checkpoint was trained with")
+        raise UserError(
+            f"{what} that does not fit the model MODEL.D2_CONFIG builds; nothing was loaded:\n    "
+            + "\n    ".join(problems),
+            "use the detectron2 config the checkpoint was trained with",
+        )
     out.skipped += ckpt.notes
     return out
 
@@ -629,8 +686,12 @@ def load_into(adapter: nn.Module, ckpt: D2Checkpoint) -> Conversion:
     else:
         conversion = convert(ckpt, adapter)
     result = adapter.load_state_dict(conversion.state, strict=False)
-    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")
-                and (ckpt.family != "backbone" or k.startswith(("model.backbone.body.", "model.backbone.bottom_up.")))]
+    leftover = [
+        k
+        for k in result.missing_keys
+        if not k.endswith("num_batches_tracked")
+        and (ckpt.family != "backbone" or k.startswith(("model.backbone.body.", "model.backbone.bottom_up.")))
+    ]
     if leftover or result.unexpected_keys:  # convert() covered every key; this would be a bug here
         raise RuntimeError(f"detectron2 conversion left {leftover[:3]} / {result.unexpected_keys[:3]}")
     print(report(ckpt, conversion, adapter), flush=True)

@@ -37,6 +37,7 @@ box coder (RPN and RetinaNet weights 1,1,1,1; Fast R-CNN 10,10,5,5; clamp log(10
 RetinaNet/RPN head layouts ([A, K] per location), zero padding after normalisation. Training losses
 (smooth L1 vs L1 vs GIoU, sampling) do not change inference and are left as torchvision computes them.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,13 +104,17 @@ def top_block_input(cfg: Any, architecture: str) -> str:
     not configurable)."""
     value = str(cfg.MODEL.FPN.TOP_BLOCK_IN)
     if value not in TOP_BLOCK_INPUTS:
-        raise UserError(f"MODEL.FPN.TOP_BLOCK_IN '{value}' is not known.",
-                        "use p5, res5, or \"\" (res5 for detectron2's RetinaNet, p5 otherwise).")
+        raise UserError(
+            f"MODEL.FPN.TOP_BLOCK_IN '{value}' is not known.",
+            'use p5, res5, or "" (res5 for detectron2\'s RetinaNet, p5 otherwise).',
+        )
     entry = ARCHITECTURES.get(architecture)
     if entry.max_pooled_p6:
         if value == "res5":
-            raise UserError(f"MODEL.FPN.TOP_BLOCK_IN res5 does not apply to {architecture}: its P6 is P5 max-pooled.",
-                            "leave MODEL.FPN.TOP_BLOCK_IN empty for R-CNNs and SOLOv2.")
+            raise UserError(
+                f"MODEL.FPN.TOP_BLOCK_IN res5 does not apply to {architecture}: its P6 is P5 max-pooled.",
+                "leave MODEL.FPN.TOP_BLOCK_IN empty for R-CNNs and SOLOv2.",
+            )
         return ""
     if value:
         return value
@@ -195,8 +200,11 @@ def apply_backbone_options(cfg: Any, backbone: BackboneWithFPN, architecture: st
     source = top_block_input(cfg, architecture)
     if source:
         out = int(backbone.out_channels)
-        c5 = int(backbone.body.layer4[-1].conv3.out_channels if hasattr(backbone.body.layer4[-1], "conv3")
-                 else backbone.body.layer4[-1].conv2.out_channels)
+        c5 = int(
+            backbone.body.layer4[-1].conv3.out_channels
+            if hasattr(backbone.body.layer4[-1], "conv3")
+            else backbone.body.layer4[-1].conv2.out_channels
+        )
         backbone.fpn.extra_blocks = LastLevelP6P7(c5 if source == "res5" else out, out, source)
 
 
@@ -234,7 +242,7 @@ def paste_masks_d2(masks: Tensor, boxes: Tensor, height: int, width: int) -> Ten
         ys = (torch.arange(iy0, iy1, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1  # [h']
         xs = (torch.arange(ix0, ix1, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1  # [w']
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].to(masks)  # [1, h', w', 2]
-        out[i, 0, iy0:iy1, ix0:ix1] = F.grid_sample(masks[i:i + 1].float(), grid, align_corners=False)[0, 0]
+        out[i, 0, iy0:iy1, ix0:ix1] = F.grid_sample(masks[i : i + 1].float(), grid, align_corners=False)[0, 0]
     return out
 
 
@@ -249,25 +257,33 @@ class D2AnchorGenerator(AnchorGenerator):
     anchor arithmetic is used.
     """
 
-    def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[float],
-                 strides: Sequence[int], offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[Sequence[float]],
+        aspect_ratios: Sequence[float],
+        strides: Sequence[int],
+        offset: float = 0.0,
+    ) -> None:
         super().__init__(tuple(tuple(s) for s in sizes), (tuple(aspect_ratios),) * len(sizes))
         if not 0.0 <= offset < 1.0:
-            raise UserError(f"MODEL.ANCHOR_GENERATOR.OFFSET {offset} is out of range.", "use a value in [0, 1), e.g. 0.0.")
+            raise UserError(
+                f"MODEL.ANCHOR_GENERATOR.OFFSET {offset} is out of range.", "use a value in [0, 1), e.g. 0.0."
+            )
         self.d2_sizes = [[float(v) for v in s] for s in sizes]
         self.d2_aspect_ratios = [float(a) for a in aspect_ratios]
         self.strides = [int(s) for s in strides]
         self.offset = float(offset)
         for level, level_sizes in enumerate(self.d2_sizes):
             # not persistent: computed from the config, so state dicts hold no anchors
-            self.register_buffer(f"cell_anchors_{level}", self.d2_cell_anchors(level_sizes, self.d2_aspect_ratios),
-                                 persistent=False)
+            self.register_buffer(
+                f"cell_anchors_{level}", self.d2_cell_anchors(level_sizes, self.d2_aspect_ratios), persistent=False
+            )
 
     @staticmethod
     def d2_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
         rows = []
         for size in sizes:
-            area = size ** 2.0
+            area = size**2.0
             for ratio in aspect_ratios:
                 w = math.sqrt(area / ratio)
                 h = ratio * w
@@ -315,8 +331,15 @@ class D2RoIPooler(MultiScaleRoIAlign):
     A subclass only because torchvision's R-CNNs accept nothing else.
     """
 
-    def __init__(self, featmap_names: Sequence[str], strides: Sequence[int], output_size: int,
-                 sampling_ratio: int = 0, canonical_box_size: int = 224, canonical_level: int = 4) -> None:
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        strides: Sequence[int],
+        output_size: int,
+        sampling_ratio: int = 0,
+        canonical_box_size: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
         super().__init__(list(featmap_names), int(output_size), int(sampling_ratio))
         self.strides = [int(s) for s in strides]
         self.output_size = (int(output_size), int(output_size))
@@ -349,15 +372,20 @@ class D2RegionProposalNetwork(RegionProposalNetwork):
     empty boxes (w or h <= 0) dropped, NMS per level on the logits, the first post-NMS top-k kept.
     """
 
-    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
-                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
         num_images = proposals.shape[0]
         logits = objectness.detach().reshape(num_images, -1)  # [N, sum HWA]
         rows = torch.arange(num_images, device=proposals.device)[:, None]
         top_logits, top_boxes, top_levels = [], [], []
         for level, (start, count) in enumerate(zip(_starts(num_anchors_per_level), num_anchors_per_level)):
             k = min(count, self.pre_nms_top_n())
-            values, index = logits[:, start:start + count].topk(k, dim=1)  # [N, k]
+            values, index = logits[:, start : start + count].topk(k, dim=1)  # [N, k]
             top_logits.append(values)
             top_boxes.append(proposals[rows, index + start])  # [N, k, 4]
             top_levels.append(torch.full((k,), level, dtype=torch.int64, device=proposals.device))
@@ -366,8 +394,10 @@ class D2RegionProposalNetwork(RegionProposalNetwork):
         for boxes, scores, (h, w) in zip(boxes_all, scores_all, image_shapes):
             valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
             boxes, scores, lvl = boxes[valid], scores[valid], levels[valid]
-            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+            boxes = torch.stack(
+                [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)],
+                dim=1,
+            )
             keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
@@ -387,8 +417,9 @@ def _starts(counts: Sequence[int]) -> list[int]:
 class D2RoIHeads(RoIHeads):
     """torchvision's RoIHeads with detectron2's fast_rcnn_inference (no 1e-2 minimum box size)."""
 
-    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
-                               image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def postprocess_detections(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals)  # [R, K+1, 4]
         pred_scores = F.softmax(class_logits, -1)
@@ -396,8 +427,15 @@ class D2RoIHeads(RoIHeads):
         for boxes, scores, (h, w) in zip(pred_boxes.split(per_image), pred_scores.split(per_image), image_shapes):
             valid = torch.isfinite(boxes).all(dim=2).all(dim=1) & torch.isfinite(scores).all(dim=1)
             boxes, scores = boxes[valid], scores[valid]
-            boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
-                                 boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
+            boxes = torch.stack(
+                [
+                    boxes[..., 0].clamp(0, w),
+                    boxes[..., 1].clamp(0, h),
+                    boxes[..., 2].clamp(0, w),
+                    boxes[..., 3].clamp(0, h),
+                ],
+                dim=-1,
+            )
             boxes, scores = boxes[:, 1:], scores[:, 1:]  # drop the background class (index 0 here)
             mask = scores > self.score_thresh  # [R, K]
             index = torch.nonzero(mask)  # row-major (proposal, class), as detectron2
@@ -412,13 +450,15 @@ class D2RoIHeads(RoIHeads):
 class D2RetinaNet(RetinaNet):
     """torchvision's RetinaNet; inference as detectron2's (boxes clipped after NMS, by the transform)."""
 
-    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         detections = []
         for index in range(len(image_shapes)):
             boxes_all, scores_all, labels_all = [], [], []
-            for deltas, logits, level_anchors in zip(head_outputs["bbox_regression"], head_outputs["cls_logits"],
-                                                     anchors[index]):
+            for deltas, logits, level_anchors in zip(
+                head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors[index]
+            ):
                 deltas, logits = deltas[index], logits[index]  # [HWA, 4], [HWA, K]
                 num_classes = logits.shape[-1]
                 scores = torch.sigmoid(logits).flatten()
@@ -454,10 +494,18 @@ class AdelaiFCOSRegressionHead(FCOSRegressionHead):
         return torch.cat(regressions, dim=1), torch.cat(ctrnesses, dim=1)
 
 
-def adelaidet_fcos_detections(logits: Tensor, regression: Tensor, ctrness: Tensor, anchors: Tensor,
-                              num_per_level: Sequence[int], score_thresh: float, nms_thresh: float,
-                              detections_per_img: int, thresh_with_ctr: bool = False,
-                              pre_nms_topk: int = 1000) -> dict[str, Tensor]:
+def adelaidet_fcos_detections(
+    logits: Tensor,
+    regression: Tensor,
+    ctrness: Tensor,
+    anchors: Tensor,
+    num_per_level: Sequence[int],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    thresh_with_ctr: bool = False,
+    pre_nms_topk: int = 1000,
+) -> dict[str, Tensor]:
     """One image's detections by AdelaiDet's FCOSOutputs.predict_proposals.
 
     logits [A, K], regression [A, 4] (in strides), ctrness [A, 1], anchors [A, 4] (one stride cell
@@ -484,8 +532,9 @@ def adelaidet_fcos_detections(logits: Tensor, regression: Tensor, ctrness: Tenso
         centre_x, centre_y = 0.5 * (cells[:, 0] + cells[:, 2]), 0.5 * (cells[:, 1] + cells[:, 3])
         stride = cells[:, 2] - cells[:, 0]
         reg = regression[location] * stride[:, None]  # [n, 4] l, t, r, b in pixels
-        boxes_all.append(torch.stack([centre_x - reg[:, 0], centre_y - reg[:, 1],
-                                      centre_x + reg[:, 2], centre_y + reg[:, 3]], dim=1))
+        boxes_all.append(
+            torch.stack([centre_x - reg[:, 0], centre_y - reg[:, 1], centre_x + reg[:, 2], centre_y + reg[:, 3]], dim=1)
+        )
         scores_all.append(torch.sqrt(scores))
         labels_all.append(labels)
         index_all.append(location)
@@ -501,15 +550,22 @@ def adelaidet_fcos_detections(logits: Tensor, regression: Tensor, ctrness: Tenso
 class AdelaiFCOS(FCOS):
     """torchvision's FCOS with AdelaiDet's inference (adelaidet_fcos_detections, THRESH_WITH_CTR off)."""
 
-    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         detections = []
         for index in range(len(image_shapes)):
             per_image = {k: torch.cat([level[index] for level in v]) for k, v in head_outputs.items()}
-            det = adelaidet_fcos_detections(per_image["cls_logits"], per_image["bbox_regression"],
-                                            per_image["bbox_ctrness"], torch.cat(anchors[index]),
-                                            [len(a) for a in anchors[index]], self.score_thresh, self.nms_thresh,
-                                            self.detections_per_img)
+            det = adelaidet_fcos_detections(
+                per_image["cls_logits"],
+                per_image["bbox_regression"],
+                per_image["bbox_ctrness"],
+                torch.cat(anchors[index]),
+                [len(a) for a in anchors[index]],
+                self.score_thresh,
+                self.nms_thresh,
+                self.detections_per_img,
+            )
             det.pop("index")
             detections.append(det)
         return detections
@@ -527,12 +583,21 @@ class AdelaiCondInst(CondInst):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, cell_centred=True, **kwargs)
 
-    def select_detections(self, head_outputs: dict[str, Tensor], anchors: Tensor, num_per_level: list[int],
-                          image_size: tuple[int, int]) -> dict[str, Tensor]:
-        det = adelaidet_fcos_detections(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                        head_outputs["bbox_ctrness"], anchors, num_per_level, self.score_thresh,
-                                        self.nms_thresh, self.detections_per_img, thresh_with_ctr=True,
-                                        pre_nms_topk=self.topk_candidates)
+    def select_detections(
+        self, head_outputs: dict[str, Tensor], anchors: Tensor, num_per_level: list[int], image_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        det = adelaidet_fcos_detections(
+            head_outputs["cls_logits"],
+            head_outputs["bbox_regression"],
+            head_outputs["bbox_ctrness"],
+            anchors,
+            num_per_level,
+            self.score_thresh,
+            self.nms_thresh,
+            self.detections_per_img,
+            thresh_with_ctr=True,
+            pre_nms_topk=self.topk_candidates,
+        )
         # AdelaiDet's CondInst.postprocess: boxes clipped to the image, empty ones dropped
         boxes = clip_boxes_to_image(det["boxes"], image_size)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -549,9 +614,11 @@ def _anchor_options(cfg: Any) -> tuple[list[float], float]:
 def build_d2_retinanet(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]) -> nn.Module:
     """detectron2's RetinaNet on `backbone`, with torchvision's head (so the parameter names stay torchvision's)."""
     if cfg.MODEL.RETINANET.NORM:
-        raise UserError("MODEL.RETINANET.NORM GN is not supported with MODEL.CONVENTIONS detectron2: "
-                        "detectron2's GN head keeps conv biases that torchvision's drops.",
-                        'set MODEL.RETINANET.NORM "" (detectron2\'s default RetinaNet).')
+        raise UserError(
+            "MODEL.RETINANET.NORM GN is not supported with MODEL.CONVENTIONS detectron2: "
+            "detectron2's GN head keeps conv biases that torchvision's drops.",
+            'set MODEL.RETINANET.NORM "" (detectron2\'s default RetinaNet).',
+        )
     ratios, offset = _anchor_options(cfg)
     anchors = D2AnchorGenerator(retinanet_anchor_sizes(anchor_sizes(cfg)), ratios, [8, 16, 32, 64, 128], offset)
     head = retinanet_head(cfg, int(backbone.out_channels), anchors.num_anchors_per_location()[0], num_classes)
@@ -577,11 +644,21 @@ def build_adelaidet_fcos(cfg: Any, backbone: BackboneWithFPN, num_classes: int, 
 
 
 @ARCHITECTURES.register(CONDINST_ARCH, BUILD_D2)
-def build_adelaidet_condinst(cfg: Any, backbone: BackboneWithFPN, num_classes: int,
-                             common: dict[str, Any]) -> nn.Module:
+def build_adelaidet_condinst(
+    cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any]
+) -> nn.Module:
     head, anchors = _adelaidet_fcos_head(backbone, num_classes)
-    return build_condinst(cfg, backbone, num_classes, model_class=AdelaiCondInst, anchor_generator=anchors,
-                          head=head, topk_candidates=1000, **test_options(cfg), **common)
+    return build_condinst(
+        cfg,
+        backbone,
+        num_classes,
+        model_class=AdelaiCondInst,
+        anchor_generator=anchors,
+        head=head,
+        topk_candidates=1000,
+        **test_options(cfg),
+        **common,
+    )
 
 
 def _d2_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict[str, Any], masks: bool) -> nn.Module:
@@ -591,31 +668,57 @@ def _d2_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, common: dict
     rpn_anchors = D2AnchorGenerator([[s] for s in anchor_sizes(cfg)], ratios, [4, 8, 16, 32, 64], offset)
     names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]
     rcnn: dict[str, Any] = dict(
-        rpn_anchor_generator=rpn_anchors, box_roi_pool=D2RoIPooler(names, strides, 7),
-        rpn_pre_nms_top_n_test=D2_RPN_TOPK["pre_test"], rpn_post_nms_top_n_test=D2_RPN_TOPK["post_test"],
-        rpn_pre_nms_top_n_train=D2_RPN_TOPK["pre_train"], rpn_post_nms_top_n_train=D2_RPN_TOPK["post_train"],
-        box_score_thresh=post["score_thresh"], box_nms_thresh=post["nms_thresh"],
-        box_detections_per_img=post["detections_per_img"], **common,
+        rpn_anchor_generator=rpn_anchors,
+        box_roi_pool=D2RoIPooler(names, strides, 7),
+        rpn_pre_nms_top_n_test=D2_RPN_TOPK["pre_test"],
+        rpn_post_nms_top_n_test=D2_RPN_TOPK["post_test"],
+        rpn_pre_nms_top_n_train=D2_RPN_TOPK["pre_train"],
+        rpn_post_nms_top_n_train=D2_RPN_TOPK["post_train"],
+        box_score_thresh=post["score_thresh"],
+        box_nms_thresh=post["nms_thresh"],
+        box_detections_per_img=post["detections_per_img"],
+        **common,
     )
     if not masks:
         model: nn.Module = FasterRCNN(backbone, num_classes, **rcnn)
     else:
-        model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
-                         mask_roi_pool=D2RoIPooler(names, strides, 14),
-                         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
-                         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **rcnn)
+        model = MaskRCNN(
+            backbone,
+            None,
+            box_predictor=FastRCNNPredictor(1024, num_classes),
+            mask_roi_pool=D2RoIPooler(names, strides, 14),
+            mask_head=MaskRCNNHeads(channels, [channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
+            **rcnn,
+        )
     old = model.rpn
     model.rpn = D2RegionProposalNetwork(
-        old.anchor_generator, old.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
-        positive_fraction=0.5, nms_thresh=0.7,
+        old.anchor_generator,
+        old.head,
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        nms_thresh=0.7,
         pre_nms_top_n=dict(training=D2_RPN_TOPK["pre_train"], testing=D2_RPN_TOPK["pre_test"]),
         post_nms_top_n=dict(training=D2_RPN_TOPK["post_train"], testing=D2_RPN_TOPK["post_test"]),
     )
     heads = model.roi_heads
     model.roi_heads = D2RoIHeads(
-        heads.box_roi_pool, heads.box_head, heads.box_predictor, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0),
-        post["score_thresh"], post["nms_thresh"], post["detections_per_img"],
-        mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
+        0.5,
+        0.5,
+        512,
+        0.25,
+        (10.0, 10.0, 5.0, 5.0),
+        post["score_thresh"],
+        post["nms_thresh"],
+        post["detections_per_img"],
+        mask_roi_pool=heads.mask_roi_pool,
+        mask_head=heads.mask_head,
+        mask_predictor=heads.mask_predictor,
     )
     return model
 
@@ -633,7 +736,8 @@ def build_d2_mask_rcnn(cfg: Any, backbone: BackboneWithFPN, num_classes: int, co
 def presized_transform(cfg: Any, common: dict[str, Any]) -> PresizedTransform:
     """The model's transform; it also carries `describe(cfg)` for loading messages and identities."""
     d2 = conventions(cfg) == "detectron2"
-    transform = PresizedTransform(input_format=input_format(cfg),
-                                  detector_postprocess=d2_detector_postprocess if d2 else None, **common)
+    transform = PresizedTransform(
+        input_format=input_format(cfg), detector_postprocess=d2_detector_postprocess if d2 else None, **common
+    )
     transform.options = describe(cfg)
     return transform

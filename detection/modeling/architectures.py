@@ -105,17 +105,20 @@ class ArchitectureTable:
 
     def get(self, name: str) -> Architecture:
         if name not in self._entries:
-            raise UserError(f"MODEL.META_ARCHITECTURE '{name}' is not a known detector.",
-                            f"use one of: {', '.join(self._entries)}.")
+            raise UserError(
+                f"MODEL.META_ARCHITECTURE '{name}' is not a known detector.", f"use one of: {', '.join(self._entries)}."
+            )
         return self._entries[name]
 
     def part(self, name: str, part: str) -> Callable[..., Any]:
         """`name`'s registered `part`; a missing one is a half-registered architecture, refused by name."""
         self.get(name)
         if (name, part) not in self._parts:
-            raise UserError(f"{name} is in the architecture table but has no {part} registered.",
-                            f"register one with @ARCHITECTURES.register({name!r}, {part!r}) in its module "
-                            "(ARCHITECTURE.md, 'Adding an architecture').")
+            raise UserError(
+                f"{name} is in the architecture table but has no {part} registered.",
+                f"register one with @ARCHITECTURES.register({name!r}, {part!r}) in its module "
+                "(ARCHITECTURE.md, 'Adding an architecture').",
+            )
         return self._parts[(name, part)]
 
     def has_part(self, name: str, part: str) -> bool:
@@ -132,37 +135,97 @@ class ArchitectureTable:
 
 
 ARCHITECTURES = ArchitectureTable()
-RETINANET_ARCH = ARCHITECTURES.add(Architecture(
-    "RetinaNet", "RetinaNet", P3_P7, head_family="RetinaNet", boxes=True, masks=False, d2_top_block_in="res5",
-    anchors_per_position=True, checkpoint_title="RetinaNet", checkpoint_signature=("head.cls_score.weight",),
-    class_logits="head.classification_head.cls_logits.weight",
-    teacher_config="configs/Teachers/retinanet_R_101_FPN_3x.yaml"))
-FCOS_ARCH = ARCHITECTURES.add(Architecture(
-    "FCOS", "FCOS", P3_P7, head_family="FCOS", boxes=True, masks=False, checkpoint_title="FCOS (AdelaiDet)",
-    checkpoint_signature=("proposal_generator.fcos_head.cls_logits.weight",),
-    class_logits="head.classification_head.cls_logits.weight",
-    teacher_config="configs/Teachers/fcos_R_101_FPN_3x.yaml"))
-FASTER_RCNN_ARCH = ARCHITECTURES.add(Architecture(
-    "FasterRCNN", "Faster R-CNN", P2_P6, head_family="R-CNN", boxes=True, masks=False,
-    checkpoint_title="Faster R-CNN", checkpoint_signature=("roi_heads.box_predictor.cls_score.weight",),
-    class_logits="roi_heads.box_predictor.cls_score.weight",
-    teacher_config="configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml"))
-MASK_RCNN_ARCH = ARCHITECTURES.add(Architecture(
-    "MaskRCNN", "Mask R-CNN", P2_P6, head_family="R-CNN", boxes=True, masks=True, boxes_only="FasterRCNN",
-    checkpoint_title="Mask R-CNN",
-    checkpoint_signature=("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_head."),
-    class_logits="roi_heads.box_predictor.cls_score.weight",
-    teacher_config="configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml"))
+RETINANET_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "RetinaNet",
+        "RetinaNet",
+        P3_P7,
+        head_family="RetinaNet",
+        boxes=True,
+        masks=False,
+        d2_top_block_in="res5",
+        anchors_per_position=True,
+        checkpoint_title="RetinaNet",
+        checkpoint_signature=("head.cls_score.weight",),
+        class_logits="head.classification_head.cls_logits.weight",
+        teacher_config="configs/Teachers/retinanet_R_101_FPN_3x.yaml",
+    )
+)
+FCOS_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "FCOS",
+        "FCOS",
+        P3_P7,
+        head_family="FCOS",
+        boxes=True,
+        masks=False,
+        checkpoint_title="FCOS (AdelaiDet)",
+        checkpoint_signature=("proposal_generator.fcos_head.cls_logits.weight",),
+        class_logits="head.classification_head.cls_logits.weight",
+        teacher_config="configs/Teachers/fcos_R_101_FPN_3x.yaml",
+    )
+)
+FASTER_RCNN_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "FasterRCNN",
+        "Faster R-CNN",
+        P2_P6,
+        head_family="R-CNN",
+        boxes=True,
+        masks=False,
+        checkpoint_title="Faster R-CNN",
+        checkpoint_signature=("roi_heads.box_predictor.cls_score.weight",),
+        class_logits="roi_heads.box_predictor.cls_score.weight",
+        teacher_config="configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml",
+    )
+)
+MASK_RCNN_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "MaskRCNN",
+        "Mask R-CNN",
+        P2_P6,
+        head_family="R-CNN",
+        boxes=True,
+        masks=True,
+        boxes_only="FasterRCNN",
+        checkpoint_title="Mask R-CNN",
+        checkpoint_signature=("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_head."),
+        class_logits="roi_heads.box_predictor.cls_score.weight",
+        teacher_config="configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
+    )
+)
 # CondInst's detector is FCOS's head: its family, so a CondInst student takes an FCOS teacher's head.
-CONDINST_ARCH = ARCHITECTURES.add(Architecture(
-    "CondInst", "CondInst", P3_P7, head_family="FCOS", boxes=True, masks=True, boxes_only="FCOS", own_module=True,
-    checkpoint_title="CondInst (AdelaiDet)",
-    checkpoint_signature=("proposal_generator.fcos_head.cls_logits.weight", "controller."),
-    class_logits="head.classification_head.cls_logits.weight",
-    teacher_config="configs/Teachers/condinst_R_101_FPN_3x.yaml"))
+CONDINST_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "CondInst",
+        "CondInst",
+        P3_P7,
+        head_family="FCOS",
+        boxes=True,
+        masks=True,
+        boxes_only="FCOS",
+        own_module=True,
+        checkpoint_title="CondInst (AdelaiDet)",
+        checkpoint_signature=("proposal_generator.fcos_head.cls_logits.weight", "controller."),
+        class_logits="head.classification_head.cls_logits.weight",
+        teacher_config="configs/Teachers/condinst_R_101_FPN_3x.yaml",
+    )
+)
 # SOLOv2's boxes are only its masks' extents (no box AP); its FPN has no P7; K sigmoid classes, no background.
-SOLOV2_ARCH = ARCHITECTURES.add(Architecture(
-    "SOLOv2", "SOLOv2", P2_P6, head_family="SOLOv2", boxes=False, masks=True, own_module=True,
-    adelaidet_native=True, checkpoint_title="SOLOv2 (AdelaiDet)", checkpoint_signature=("ins_head.",),
-    class_logits="ins_head.cate_pred.weight", background_class=False,
-    teacher_config="configs/Teachers/solov2_R_101_FPN_3x.yaml"))
+SOLOV2_ARCH = ARCHITECTURES.add(
+    Architecture(
+        "SOLOv2",
+        "SOLOv2",
+        P2_P6,
+        head_family="SOLOv2",
+        boxes=False,
+        masks=True,
+        own_module=True,
+        adelaidet_native=True,
+        checkpoint_title="SOLOv2 (AdelaiDet)",
+        checkpoint_signature=("ins_head.",),
+        class_logits="ins_head.cate_pred.weight",
+        background_class=False,
+        teacher_config="configs/Teachers/solov2_R_101_FPN_3x.yaml",
+    )
+)

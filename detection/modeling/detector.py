@@ -30,11 +30,19 @@ def _build_model(cfg: Any, entry: Architecture, num_classes: int) -> nn.Module:
     """ResNet + FPN, then the entry's builder (detectron2's conventions if MODEL.CONVENTIONS asks), then the
     transform that never resizes."""
     channels = int(cfg.MODEL.FPN.OUT_CHANNELS)
-    backbone = backbone_with_fpn(int(cfg.MODEL.BACKBONE.DEPTH), cfg.MODEL.BACKBONE.NORM,
-                                 int(cfg.MODEL.BACKBONE.FREEZE_AT), channels, entry.max_pooled_p6)
+    backbone = backbone_with_fpn(
+        int(cfg.MODEL.BACKBONE.DEPTH),
+        cfg.MODEL.BACKBONE.NORM,
+        int(cfg.MODEL.BACKBONE.FREEZE_AT),
+        channels,
+        entry.max_pooled_p6,
+    )
     d2_conventions.apply_backbone_options(cfg, backbone, entry.name)  # STRIDE_IN_1X1, TOP_BLOCK_IN
     common: dict[str, Any] = dict(
-        min_size=1, max_size=1, image_mean=list(cfg.MODEL.PIXEL_MEAN), image_std=list(cfg.MODEL.PIXEL_STD),
+        min_size=1,
+        max_size=1,
+        image_mean=list(cfg.MODEL.PIXEL_MEAN),
+        image_std=list(cfg.MODEL.PIXEL_STD),
         size_divisible=int(cfg.MODEL.SIZE_DIVISIBILITY),
     )
     part = BUILD_D2 if d2_conventions.conventions(cfg) == "detectron2" else BUILD
@@ -94,7 +102,7 @@ class DetectorAdapter(nn.Module):
     def fpn_and_head_state_dict(self) -> dict[str, Tensor]:
         """FPN + detection head weights (everything but the ResNet body), torchvision key names."""
         return {
-            key[len("model."):]: value.detach().clone()
+            key[len("model.") :]: value.detach().clone()
             for key, value in self.state_dict().items()
             if not key.startswith("model.backbone.body.")
         }
@@ -134,18 +142,25 @@ def build_detector(cfg: Any, num_classes: int) -> DetectorAdapter:
     mask_on = bool(cfg.MODEL.MASK_ON)
     if mask_on and not entry.masks:
         masked = [a.name for a in ARCHITECTURES if a.masks]
-        raise UserError(f"MODEL.MASK_ON is set but {arch} predicts no masks.",
-                        f"use one of {', '.join(masked)} or set MODEL.MASK_ON False.")
+        raise UserError(
+            f"MODEL.MASK_ON is set but {arch} predicts no masks.",
+            f"use one of {', '.join(masked)} or set MODEL.MASK_ON False.",
+        )
     if entry.masks and not mask_on:
-        raise UserError(f"{arch} needs MODEL.MASK_ON True.", "set MODEL.MASK_ON True"
-                        + (f", or use {entry.boxes_only} for boxes only." if entry.boxes_only else "."))
+        raise UserError(
+            f"{arch} needs MODEL.MASK_ON True.",
+            "set MODEL.MASK_ON True" + (f", or use {entry.boxes_only} for boxes only." if entry.boxes_only else "."),
+        )
     if entry.own_module and backend == "detectron2":
-        raise UserError(f"{arch} is the project's own module: MODEL.BACKEND detectron2 does not apply to it.",
-                        "set MODEL.BACKEND torchvision (AdelaiDet checkpoints load through MODEL.WEIGHTS).")
+        raise UserError(
+            f"{arch} is the project's own module: MODEL.BACKEND detectron2 does not apply to it.",
+            "set MODEL.BACKEND torchvision (AdelaiDet checkpoints load through MODEL.WEIGHTS).",
+        )
     if entry.adelaidet_native and d2_conventions.conventions(cfg) == "detectron2":
-        raise UserError(f"{arch} already computes AdelaiDet's function: MODEL.CONVENTIONS detectron2 does not "
-                        "apply to it.",
-                        f"set MODEL.CONVENTIONS torchvision (AdelaiDet {arch} checkpoints load as they are).")
+        raise UserError(
+            f"{arch} already computes AdelaiDet's function: MODEL.CONVENTIONS detectron2 does not apply to it.",
+            f"set MODEL.CONVENTIONS torchvision (AdelaiDet {arch} checkpoints load as they are).",
+        )
     if backend == "detectron2":
         from detection.interop.d2_backend import build_d2_detector  # imports detectron2; only where asked for
 

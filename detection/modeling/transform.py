@@ -21,9 +21,13 @@ class PresizedTransform(GeneralizedRCNNTransform):
     see identical pixels), so there is no resize here.
     """
 
-    def __init__(self, *, input_format: str = "RGB",
-                 detector_postprocess: Callable[[dict[str, Tensor], tuple[int, int]], dict[str, Tensor]] | None = None,
-                 **common: Any) -> None:
+    def __init__(
+        self,
+        *,
+        input_format: str = "RGB",
+        detector_postprocess: Callable[[dict[str, Tensor], tuple[int, int]], dict[str, Tensor]] | None = None,
+        **common: Any,
+    ) -> None:
         super().__init__(**common)
         self.input_format = input_format
         # detectron2's final step (detection.interop.d2_conventions) in place of torchvision's, if given
@@ -36,8 +40,12 @@ class PresizedTransform(GeneralizedRCNNTransform):
         # The project's images are RGB; a BGR model's mean/std are in BGR order.
         return super().normalize(image.flip(0) if self.input_format == "BGR" else image)
 
-    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
-                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
         if self.training or self.detector_postprocess is None:
             return super().postprocess(result, image_shapes, original_image_sizes)
         return [self.detector_postprocess(r, size) for r, size in zip(result, image_shapes)]

@@ -6,6 +6,7 @@ needs two intermediate results that module does not expose: the per-head PRE-sof
 A[N, heads, K, S] (padding at -inf) and the per-head value projection V_t[N, heads, S, d] taken before
 the output projection.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,10 @@ class GaussianSpatialPrior(nn.Module):
     def __init__(self, channels: int, num_heads: int, sigma0: float = 0.15) -> None:
         super().__init__()
         if not 0 < sigma0:
-            raise UserError(f"DISTILL.SPATIAL_PRIOR_SIGMA={sigma0} must be positive",
-                            "use a width in normalised image units such as 0.15")
+            raise UserError(
+                f"DISTILL.SPATIAL_PRIOR_SIGMA={sigma0} must be positive",
+                "use a width in normalised image units such as 0.15",
+            )
         self.log_sigma = nn.Linear(channels, num_heads)
         nn.init.zeros_(self.log_sigma.weight)
         nn.init.constant_(self.log_sigma.bias, math.log(sigma0))
@@ -87,19 +90,30 @@ class InstanceConditionalDecoder(nn.Module):
     logits A (so of the distillation mask too).
     """
 
-    def __init__(self, channels: int = 256, num_heads: int = 8, ffn_dim: int = 1024,
-                 pos_dim: int = 2 * SINE_FEATURES, key_norm: str = "", spatial_prior: str = "",
-                 prior_sigma: float = 0.15) -> None:
+    def __init__(
+        self,
+        channels: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        pos_dim: int = 2 * SINE_FEATURES,
+        key_norm: str = "",
+        spatial_prior: str = "",
+        prior_sigma: float = 0.15,
+    ) -> None:
         super().__init__()
         check_heads(channels, num_heads)
         if key_norm not in KEY_NORMS:
-            raise UserError(f"DISTILL.KEY_NORM={key_norm!r} is not one of {list(KEY_NORMS)}",
-                            "use \"\" (the paper: raw teacher features in the keys) or \"LN\" (layer-normalised)")
+            raise UserError(
+                f"DISTILL.KEY_NORM={key_norm!r} is not one of {list(KEY_NORMS)}",
+                'use "" (the paper: raw teacher features in the keys) or "LN" (layer-normalised)',
+            )
         # no parameters: a key-normalised decoder has the paper's state dict
         self.key_norm = nn.LayerNorm(channels, elementwise_affine=False) if key_norm == "LN" else nn.Identity()
         if spatial_prior not in SPATIAL_PRIORS:
-            raise UserError(f"DISTILL.SPATIAL_PRIOR={spatial_prior!r} is not one of {list(SPATIAL_PRIORS)}",
-                            "use \"\" (the paper) or \"gaussian\"")
+            raise UserError(
+                f"DISTILL.SPATIAL_PRIOR={spatial_prior!r} is not one of {list(SPATIAL_PRIORS)}",
+                'use "" (the paper) or "gaussian"',
+            )
         self.spatial_prior = GaussianSpatialPrior(channels, num_heads, prior_sigma) if spatial_prior else None
         self.channels = channels
         self.num_heads = num_heads
@@ -112,13 +126,20 @@ class InstanceConditionalDecoder(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(channels, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, channels))
         self.norm2 = nn.LayerNorm(channels)
 
-    def forward(self, queries: Tensor, tokens: Tensor, pos_embedding: Tensor, key_padding: Tensor,
-                ref_points: Tensor | None = None, token_xy: Tensor | None = None) -> DecoderOutput:
+    def forward(
+        self,
+        queries: Tensor,
+        tokens: Tensor,
+        pos_embedding: Tensor,
+        key_padding: Tensor,
+        ref_points: Tensor | None = None,
+        token_xy: Tensor | None = None,
+    ) -> DecoderOutput:
         """queries [N, K, C]; teacher tokens [N, S, C]; pos_embedding [N, S, 256]; key_padding [N, S] (True = pad);
         ref_points [N, K, 2] and token_xy [N, S, 2] (normalised (x, y)): needed with a spatial prior only."""
         head_dim = self.channels // self.num_heads
         keys = self.key_norm(tokens) + self.pos_proj(pos_embedding)  # [N, S, C]
-        q = split_heads(self.q_proj(queries), self.num_heads) * head_dim ** -0.5  # [N, heads, K, d]
+        q = split_heads(self.q_proj(queries), self.num_heads) * head_dim**-0.5  # [N, heads, K, d]
         k = split_heads(self.k_proj(keys), self.num_heads)  # [N, heads, S, d]
         v = split_heads(self.v_proj(tokens), self.num_heads)  # [N, heads, S, d]
         pad = key_padding[:, None, None, :]  # [N, 1, 1, S]

@@ -8,6 +8,7 @@ to 1e-6, then `.mean()` over all of them), such an image contributes exactly zer
 the mean over images. This keeps lambda calibrated as in the paper; a batch with no ground truth at
 all gives a loss of 0 that is still connected to the graph.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,9 @@ def distillation_mask(logits: Tensor, is_real: Tensor, temperature: float = 1.0)
     return torch.einsum("nhks,nk->nhs", weights, is_real.float())
 
 
-def distillation_loss(student_values: Tensor, teacher_values: Tensor, mask: Tensor, key_padding: Tensor,
-                      weight: float) -> Tensor:
+def distillation_loss(
+    student_values: Tensor, teacher_values: Tensor, mask: Tensor, key_padding: Tensor, weight: float
+) -> Tensor:
     """lambda * mean over (n, h, c) of sum_s W (LN(V_s) - LN(V_t))^2 / sum_s W; V_t and W detached.
 
     student_values, teacher_values: [N, h, S, d]; mask: [N, h, S]; key_padding: [N, S] (True = padding).

@@ -10,6 +10,7 @@ The distilled levels and their strides, fixed for a run, are bound when the modu
 checked there once; each call checks only its batch (`check_batch`, user errors naming the problem),
 and the functions it calls state their shape contracts as asserts.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,10 @@ def check_levels(levels: Sequence[str], strides: Strides) -> tuple[list[str], di
         raise UserError("no feature levels to distil", "set CACHE.LEVELS or use the detector's default levels")
     missing = [lvl for lvl in levels if lvl not in strides] if isinstance(strides, Mapping) else []
     if missing or (not isinstance(strides, Mapping) and len(strides) != len(levels)):
-        raise UserError(f"no stride given for level(s) {missing or levels}",
-                        "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level")
+        raise UserError(
+            f"no stride given for level(s) {missing or levels}",
+            "pass the detector's strides dict (DetectorAdapter.strides) covering every distilled level",
+        )
     stride_list = [int(s) for s in strides_for(levels, strides)]
     if any(s <= 0 for s in stride_list):
         raise UserError(f"strides must be positive, got {stride_list}", "use the FPN strides (e.g. 8, 16, 32, 64, 128)")
@@ -121,63 +124,105 @@ class ICDModule(nn.Module):
         self.levels, self.strides = check_levels(levels, strides)
         self.stride_list = [self.strides[name] for name in self.levels]
         if not loss_weight >= 0:
-            raise UserError(f"DISTILL.LAMBDA={loss_weight} must be >= 0",
-                            "use 8 (single-stage detectors) or 3 (R-CNNs); 0 trains the decoder but distils nothing "
-                            "(with DISTILL.INIT_FROM_TEACHER: the teacher-init-only control)")
+            raise UserError(
+                f"DISTILL.LAMBDA={loss_weight} must be >= 0",
+                "use 8 (single-stage detectors) or 3 (R-CNNs); 0 trains the decoder but distils nothing "
+                "(with DISTILL.INIT_FROM_TEACHER: the teacher-init-only control)",
+            )
         if temperature <= 0:
             raise UserError(f"DISTILL.TEMPERATURE={temperature} must be positive", "use 1.0 (the paper's value)")
         if not pos_temperature > 1:
-            raise UserError(f"DISTILL.POS_TEMPERATURE={pos_temperature} must be > 1",
-                            "use 10000 (the paper's) or 20 (docs/METHOD.md, section 9.3)")
+            raise UserError(
+                f"DISTILL.POS_TEMPERATURE={pos_temperature} must be > 1",
+                "use 10000 (the paper's) or 20 (docs/METHOD.md, section 9.3)",
+            )
         self.pos_temperature = float(pos_temperature)
         self.channels = channels
         self.temperature = float(temperature)
         self.loss_weight = float(loss_weight)
-        self.query_builder = QueryBuilder(num_classes, class_prior, size_prior_mean, size_prior_std,
-                                          neg_ratio=neg_ratio, max_queries=max_queries, ref_jitter=ref_jitter,
-                                          pos_temperature=pos_temperature)
+        self.query_builder = QueryBuilder(
+            num_classes,
+            class_prior,
+            size_prior_mean,
+            size_prior_std,
+            neg_ratio=neg_ratio,
+            max_queries=max_queries,
+            ref_jitter=ref_jitter,
+            pos_temperature=pos_temperature,
+        )
         self.query_encoder = QueryEncoder(self.query_builder.descriptor_dim, hidden_dim, hidden_dim)
-        self.decoder = InstanceConditionalDecoder(channels, num_heads, ffn_dim, key_norm=key_norm,
-                                                  spatial_prior=spatial_prior, prior_sigma=prior_sigma)
+        self.decoder = InstanceConditionalDecoder(
+            channels, num_heads, ffn_dim, key_norm=key_norm, spatial_prior=spatial_prior, prior_sigma=prior_sigma
+        )
         self.aux_predictor = AuxiliaryPredictor(channels, hidden_dim)
         self.student_value = StudentValueProjection(channels, num_heads)
         # Logged next to the losses, not optimised: {'ident_prior_entropy'} of the last forward().
         self.last_metrics: dict[str, Tensor] = {}
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], num_classes: int, channels: int, *,
-                    levels: Sequence[str], strides: Strides, class_prior: Tensor | Sequence[float] | None = None,
-                    size_prior_mean: Tensor | None = None, size_prior_std: Tensor | None = None) -> ICDModule:
+    def from_config(
+        cls,
+        cfg: Mapping[str, Any],
+        num_classes: int,
+        channels: int,
+        *,
+        levels: Sequence[str],
+        strides: Strides,
+        class_prior: Tensor | Sequence[float] | None = None,
+        size_prior_mean: Tensor | None = None,
+        size_prior_std: Tensor | None = None,
+    ) -> ICDModule:
         """Build from the config's DISTILL node (LAMBDA, NUM_HEADS, HIDDEN_DIM, FFN_DIM, NEG_RATIO, ...)."""
         d = cfg["DISTILL"]
         return cls(
-            num_classes, channels, levels=levels, strides=strides,
-            num_heads=int(d["NUM_HEADS"]), hidden_dim=int(d["HIDDEN_DIM"]), ffn_dim=int(d["FFN_DIM"]),
-            neg_ratio=float(d["NEG_RATIO"]), max_queries=int(d["MAX_QUERIES"]),
-            temperature=float(d["TEMPERATURE"]), ref_jitter=float(d["REF_JITTER"]),
-            pos_temperature=float(d["POS_TEMPERATURE"]), key_norm=str(d["KEY_NORM"]),
-            spatial_prior=str(d["SPATIAL_PRIOR"]), prior_sigma=float(d["SPATIAL_PRIOR_SIGMA"]),
+            num_classes,
+            channels,
+            levels=levels,
+            strides=strides,
+            num_heads=int(d["NUM_HEADS"]),
+            hidden_dim=int(d["HIDDEN_DIM"]),
+            ffn_dim=int(d["FFN_DIM"]),
+            neg_ratio=float(d["NEG_RATIO"]),
+            max_queries=int(d["MAX_QUERIES"]),
+            temperature=float(d["TEMPERATURE"]),
+            ref_jitter=float(d["REF_JITTER"]),
+            pos_temperature=float(d["POS_TEMPERATURE"]),
+            key_norm=str(d["KEY_NORM"]),
+            spatial_prior=str(d["SPATIAL_PRIOR"]),
+            prior_sigma=float(d["SPATIAL_PRIOR_SIGMA"]),
             loss_weight=float(d["LAMBDA"]),
-            class_prior=class_prior, size_prior_mean=size_prior_mean, size_prior_std=size_prior_std,
+            class_prior=class_prior,
+            size_prior_mean=size_prior_mean,
+            size_prior_std=size_prior_std,
         )
 
     # -- the entry check ----------------------------------------------------------------------------
-    def check_batch(self, teacher_features: Mapping[str, Tensor], student_features: Mapping[str, Tensor] | None,
-                    image_sizes: ImageSizes, targets: Sequence[Mapping[str, Tensor]],
-                    generator: torch.Generator) -> None:
+    def check_batch(
+        self,
+        teacher_features: Mapping[str, Tensor],
+        student_features: Mapping[str, Tensor] | None,
+        image_sizes: ImageSizes,
+        targets: Sequence[Mapping[str, Tensor]],
+        generator: torch.Generator,
+    ) -> None:
         """Refuse a batch the ICD computation cannot use, naming the problem (once per call)."""
         levels, stride_list = self.levels, self.stride_list
         if not image_sizes or len(targets) != len(image_sizes):
-            raise UserError(f"{len(targets)} targets for {len(image_sizes)} image sizes",
-                            "pass one target and one resized (h, w) per image of a non-empty batch")
+            raise UserError(
+                f"{len(targets)} targets for {len(image_sizes)} image sizes",
+                "pass one target and one resized (h, w) per image of a non-empty batch",
+            )
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise UserError("instance queries need an explicit CPU torch.Generator",
-                            "pass torch.Generator().manual_seed(seed) (a CPU generator keeps runs identical on any "
-                            "device)")
+            raise UserError(
+                "instance queries need an explicit CPU torch.Generator",
+                "pass torch.Generator().manual_seed(seed) (a CPU generator keeps runs identical on any device)",
+            )
         for i, size in enumerate(image_sizes):
             if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
-                raise UserError(f"image size {tuple(size)} of image {i} is not a positive (h, w)",
-                                "pass each image's resized size (h, w) before batch padding")
+                raise UserError(
+                    f"image size {tuple(size)} of image {i} is not a positive (h, w)",
+                    "pass each image's resized size (h, w) before batch padding",
+                )
         for name, features in (("teacher", teacher_features), ("student", student_features)):
             if features is not None:
                 self._check_features(name, features, levels, stride_list, image_sizes)
@@ -193,25 +238,39 @@ class ICDModule(nn.Module):
         k = self.query_builder.num_classes
         for i, target in enumerate(targets):
             if "boxes" not in target or "labels" not in target:
-                raise UserError(f"target {i} lacks 'boxes' or 'labels' (has {sorted(target)})",
-                                "pass the detection targets of the batch (dicts with 'boxes' and 'labels')")
+                raise UserError(
+                    f"target {i} lacks 'boxes' or 'labels' (has {sorted(target)})",
+                    "pass the detection targets of the batch (dicts with 'boxes' and 'labels')",
+                )
             boxes = torch.as_tensor(target["boxes"]).detach().reshape(-1, 4)
             labels = torch.as_tensor(target["labels"]).reshape(-1)
             if len(boxes) != len(labels):
                 raise UserError(f"target {i} has {len(boxes)} boxes but {len(labels)} labels", "give one label per box")
             if labels.numel() and (labels.min() < 1 or labels.max() > k):
-                raise UserError(f"target {i} has labels {sorted(set(labels.tolist()))} outside 1..{k}",
-                                "pass detection targets with contiguous foreground labels 1..K (0 is background)")
+                raise UserError(
+                    f"target {i} has labels {sorted(set(labels.tolist()))} outside 1..{k}",
+                    "pass detection targets with contiguous foreground labels 1..K (0 is background)",
+                )
             if not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
-                raise UserError(f"target {i} has non-finite or inverted boxes",
-                                "pass boxes as finite xyxy with x2 >= x1 and y2 >= y1")
+                raise UserError(
+                    f"target {i} has non-finite or inverted boxes",
+                    "pass boxes as finite xyxy with x2 >= x1 and y2 >= y1",
+                )
 
-    def _check_features(self, name: str, features: Mapping[str, Tensor], levels: Sequence[str],
-                        strides: Sequence[int], image_sizes: ImageSizes) -> None:
+    def _check_features(
+        self,
+        name: str,
+        features: Mapping[str, Tensor],
+        levels: Sequence[str],
+        strides: Sequence[int],
+        image_sizes: ImageSizes,
+    ) -> None:
         missing = [lvl for lvl in levels if lvl not in features]
         if missing:
-            raise UserError(f"{name} feature level(s) {missing} missing (have {sorted(features)})",
-                            "pass features for every distilled level, named like the detector's levels ('p3', ...)")
+            raise UserError(
+                f"{name} feature level(s) {missing} missing (have {sorted(features)})",
+                "pass features for every distilled level, named like the detector's levels ('p3', ...)",
+            )
         for lvl, stride in zip(levels, strides):
             feat = features[lvl]
             if feat.dim() != 4 or feat.shape[0] != len(image_sizes) or feat.shape[1] != self.channels:
@@ -232,35 +291,55 @@ class ICDModule(nn.Module):
                         "(the same batch padding as the student's)",
                     )
 
-    def _decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
-                targets: Sequence[Mapping[str, Tensor]], generator: torch.Generator):
+    def _decode(
+        self,
+        teacher_features: Mapping[str, Tensor],
+        image_sizes: ImageSizes,
+        targets: Sequence[Mapping[str, Tensor]],
+        generator: torch.Generator,
+    ):
         levels, stride_list = self.levels, self.stride_list
         shapes = level_shapes(teacher_features, levels)
         device = teacher_features[levels[0]].device
         dtype = self.decoder.k_proj.weight.dtype
         key_padding = padding_mask(image_sizes, shapes, stride_list, device)  # [N, S], True at padding
-        pos = position_embedding(image_sizes, shapes, stride_list, device,
-                                 temperature=self.pos_temperature).to(dtype)  # [N, S, 256]
+        pos = position_embedding(image_sizes, shapes, stride_list, device, temperature=self.pos_temperature).to(
+            dtype
+        )  # [N, S, 256]
         tokens = flatten_levels(teacher_features, levels).detach().to(dtype)  # [N, S, C]
         queries = self.query_builder(icd_targets(targets), image_sizes, generator, device)
         token_xy = normalised_token_centres(image_sizes, shapes, stride_list, device).to(dtype)  # [N, S, 2]
-        decoded = self.decoder(self.query_encoder(queries.descriptors.to(dtype)), tokens, pos, key_padding,
-                               queries.ref_points.to(dtype), token_xy)
+        decoded = self.decoder(
+            self.query_encoder(queries.descriptors.to(dtype)),
+            tokens,
+            pos,
+            key_padding,
+            queries.ref_points.to(dtype),
+            token_xy,
+        )
         return queries, decoded, key_padding, shapes, stride_list
 
-    def decode(self, teacher_features: Mapping[str, Tensor], image_sizes: ImageSizes,
-               targets: Sequence[Mapping[str, Tensor]], generator: torch.Generator) -> DecodedBatch:
+    def decode(
+        self,
+        teacher_features: Mapping[str, Tensor],
+        image_sizes: ImageSizes,
+        targets: Sequence[Mapping[str, Tensor]],
+        generator: torch.Generator,
+    ) -> DecodedBatch:
         """Queries + decoder + auxiliary predictor on teacher features alone (no student needed)."""
-        queries, decoded, key_padding, shapes, stride_list = self._decode(teacher_features, image_sizes, targets,
-                                                                          generator)
+        queries, decoded, key_padding, shapes, stride_list = self._decode(
+            teacher_features, image_sizes, targets, generator
+        )
         return DecodedBatch(queries, decoded, self.aux_predictor(decoded.queries), key_padding, shapes, stride_list)
 
     @staticmethod
     def auxiliary_losses(batch: DecodedBatch) -> dict[str, Tensor]:
         """{'loss_ident', 'loss_loc'}: the losses that train the query encoder and the decoder."""
         q = batch.queries
-        return {"loss_ident": identification_loss(batch.aux, q.is_real, q.padding),
-                "loss_loc": localisation_loss(batch.aux, q.boxes, q.ref_points, q.is_real)}
+        return {
+            "loss_ident": identification_loss(batch.aux, q.is_real, q.padding),
+            "loss_loc": localisation_loss(batch.aux, q.boxes, q.ref_points, q.is_real),
+        }
 
     # -- training ---------------------------------------------------------------------------------
     def forward(
@@ -288,8 +367,13 @@ class ICDModule(nn.Module):
         mask = distillation_mask(decoded.logits, batch.queries.is_real, self.temperature)  # [N, heads, S]
         self.last_metrics = {"ident_prior_entropy": prior_entropy(batch.queries.is_real, batch.queries.padding)}
         return {
-            "loss_distill": distillation_loss(self.student_value(student_tokens.to(decoded.values.dtype)),
-                                              decoded.values, mask, batch.key_padding, self.loss_weight),
+            "loss_distill": distillation_loss(
+                self.student_value(student_tokens.to(decoded.values.dtype)),
+                decoded.values,
+                mask,
+                batch.key_padding,
+                self.loss_weight,
+            ),
             **self.auxiliary_losses(batch),
         }
 
@@ -312,8 +396,12 @@ class ICDModule(nn.Module):
         out = []
         for i, (n_real, (h, w)) in enumerate(zip(queries.num_real, image_sizes)):
             per_level = unflatten_levels(weights[i, :, :n_real].transpose(0, 1), shapes)  # [n, heads, H, W] each
-            out.append({level: maps[..., :level_size(h, w, stride)[0], :level_size(h, w, stride)[1]]
-                        for level, maps, stride in zip(self.levels, per_level, stride_list)})
+            out.append(
+                {
+                    level: maps[..., : level_size(h, w, stride)[0], : level_size(h, w, stride)[1]]
+                    for level, maps, stride in zip(self.levels, per_level, stride_list)
+                }
+            )
         return out
 
 
@@ -323,17 +411,20 @@ def cosine_with_warmup(max_iter: int, warmup_iters: int, warmup_factor: float) -
 
     detectron2's WarmupCosineLR, which the reference uses (with warmup_factor 1.0).
     """
+
     def multiplier(it: int) -> float:
         warm = 1.0
         if it < warmup_iters:
             alpha = it / warmup_iters
             warm = warmup_factor * (1 - alpha) + alpha
         return warm * 0.5 * (1.0 + math.cos(math.pi * min(it, max_iter) / max_iter))
+
     return multiplier
 
 
-def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any], max_iter: int | None = None
-                        ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def build_icd_optimizer(
+    module: nn.Module, cfg: Mapping[str, Any], max_iter: int | None = None
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The ICD module's own optimizer (not the student's): AdamW(DISTILL.OPTIMIZER.BASE_LR, WEIGHT_DECAY)
     with warm-up + cosine over max_iter (default SOLVER.MAX_ITER). Its gradient-norm clip is
     DISTILL.OPTIMIZER.CLIP_NORM, applied by the caller (the trainer clips after unscaling)."""
@@ -347,7 +438,6 @@ def build_icd_optimizer(module: nn.Module, cfg: Mapping[str, Any], max_iter: int
             f"WEIGHT_DECAY={weight_decay}, WARMUP_ITERS={warmup_iters}, WARMUP_FACTOR={warmup_factor}",
             "use MAX_ITER >= 1, BASE_LR > 0, WEIGHT_DECAY >= 0, WARMUP_ITERS >= 0 and 0 < WARMUP_FACTOR <= 1",
         )
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(max_iter, warmup_iters, warmup_factor))
     return optimizer, scheduler

@@ -19,6 +19,7 @@ Choices settled against the authors' reference code (megvii-research/ICD, pytorc
   input, so the two are equivalent);
 - padded query slots have all-zero descriptors, boxes and reference points; losses ignore them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def query_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
     state = np.random.SeedSequence([int(seed) % 2**63, int(rank), int(iteration)]).generate_state(1, np.uint64)
     return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))  # SeedSequence wants ints >= 0
 
+
 SCALE_BINS = 5  # per axis; the indicator is 2 * SCALE_BINS = 10 features
 FAKE_CENTRE_RANGE = (0.03, 0.97)
 FAKE_SIZE_RANGE = (0.002, 0.7)
@@ -62,8 +64,13 @@ def scale_indicator(sizes_px: Tensor) -> Tensor:
 
 def reference_point_embedding(points: Tensor, temperature: float = SINE_TEMPERATURE) -> Tensor:
     """[..., 2] normalised (x, y) -> [..., 256]: sine features of x then of y, angle = v * 2 pi."""
-    return torch.cat([sine_features(points[..., 0] * (2 * math.pi), temperature=temperature),
-                      sine_features(points[..., 1] * (2 * math.pi), temperature=temperature)], dim=-1)
+    return torch.cat(
+        [
+            sine_features(points[..., 0] * (2 * math.pi), temperature=temperature),
+            sine_features(points[..., 1] * (2 * math.pi), temperature=temperature),
+        ],
+        dim=-1,
+    )
 
 
 @dataclass
@@ -142,8 +149,12 @@ class QueryBuilder:
         if prior is None:
             return torch.full((self.num_classes,), 1.0 / self.num_classes)
         prior = torch.as_tensor(prior, dtype=torch.float64).cpu()
-        if prior.shape != (self.num_classes,) or not torch.isfinite(prior).all() or (prior < 0).any() \
-                or prior.sum() <= 0:
+        if (
+            prior.shape != (self.num_classes,)
+            or not torch.isfinite(prior).all()
+            or (prior < 0).any()
+            or prior.sum() <= 0
+        ):
             raise UserError(
                 f"class prior must be {self.num_classes} non-negative finite frequencies with a positive sum, "
                 f"got shape {tuple(prior.shape)}",
@@ -160,8 +171,13 @@ class QueryBuilder:
         mean_t = torch.as_tensor(mean, dtype=torch.float32).cpu()
         std_t = torch.as_tensor(std, dtype=torch.float32).cpu()
         shape = (self.num_classes, 2)
-        if mean_t.shape != shape or std_t.shape != shape or not torch.isfinite(mean_t).all() \
-                or not torch.isfinite(std_t).all() or (std_t < 0).any():
+        if (
+            mean_t.shape != shape
+            or std_t.shape != shape
+            or not torch.isfinite(mean_t).all()
+            or not torch.isfinite(std_t).all()
+            or (std_t < 0).any()
+        ):
             raise UserError(
                 f"size prior mean/std must be finite [{self.num_classes}, 2] tensors of normalised (w, h) "
                 f"with std >= 0, got {tuple(mean_t.shape)} and {tuple(std_t.shape)}",
@@ -210,11 +226,14 @@ class QueryBuilder:
             centre = (boxes[:, :2] + boxes[:, 2:]) / 2
             jitter = (torch.rand(k, 2, generator=generator) * 2 - 1) * self.ref_jitter
             ref = centre + jitter * wh
-            descriptor = torch.cat([
-                F.one_hot(labels, self.num_classes).float(),
-                reference_point_embedding(ref, self.pos_temperature),
-                scale_indicator(wh * scale[:2]),
-            ], dim=1)
+            descriptor = torch.cat(
+                [
+                    F.one_hot(labels, self.num_classes).float(),
+                    reference_point_embedding(ref, self.pos_temperature),
+                    scale_indicator(wh * scale[:2]),
+                ],
+                dim=1,
+            )
             per_image.append((descriptor, ref, boxes, labels, n, k))
 
         batch, k_max = len(per_image), max(item[5] for item in per_image)

@@ -12,6 +12,7 @@ The ICD module checked its levels and strides when it was built and each batch a
 Written by hand (not torchvision/timm): the DETR sine embedding is a few lines and no installed library
 exposes it for an arbitrary validity mask.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,9 @@ def sine_features(values: Tensor, num_feats: int = SINE_FEATURES, temperature: f
     return out
 
 
-def sine_position_embedding(valid: Tensor, num_feats: int = SINE_FEATURES,
-                            temperature: float = SINE_TEMPERATURE) -> Tensor:
+def sine_position_embedding(
+    valid: Tensor, num_feats: int = SINE_FEATURES, temperature: float = SINE_TEMPERATURE
+) -> Tensor:
     """DETR's normalised 2D sine embedding of a validity mask [N, H, W] -> [N, 2*num_feats, H, W] (y then x).
 
     Coordinates are the cumulative count of valid positions along each axis divided by the axis' valid
@@ -115,8 +117,9 @@ def sine_position_embedding(valid: Tensor, num_feats: int = SINE_FEATURES,
     x_embed = valid_f.cumsum(2)
     y_embed = y_embed / (y_embed[:, -1:, :] + eps) * (2 * math.pi)
     x_embed = x_embed / (x_embed[:, :, -1:] + eps) * (2 * math.pi)
-    pos = torch.cat([sine_features(y_embed, num_feats, temperature), sine_features(x_embed, num_feats, temperature)],
-                    dim=-1)
+    pos = torch.cat(
+        [sine_features(y_embed, num_feats, temperature), sine_features(x_embed, num_feats, temperature)], dim=-1
+    )
     return pos.permute(0, 3, 1, 2)
 
 
@@ -130,12 +133,14 @@ def position_embedding(
 ) -> Tensor:
     """Per-level sine position embeddings flattened like the tokens: [N, S, 2*num_feats]."""
     masks = valid_level_masks(image_sizes, shapes, strides, device)
-    return torch.cat([sine_position_embedding(m, num_feats, temperature).flatten(2).transpose(1, 2) for m in masks],
-                     dim=1)
+    return torch.cat(
+        [sine_position_embedding(m, num_feats, temperature).flatten(2).transpose(1, 2) for m in masks], dim=1
+    )
 
 
-def token_centres(shapes: Sequence[tuple[int, int]], strides: Sequence[int],
-                  device: torch.device | str | None = None) -> Tensor:
+def token_centres(
+    shapes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device | str | None = None
+) -> Tensor:
     """[S, 2] (x, y) pixel centre of every token, in flatten_levels' order (levels, then row-major)."""
     centres = []
     for (height, width), stride in zip(shapes, strides):
@@ -144,8 +149,12 @@ def token_centres(shapes: Sequence[tuple[int, int]], strides: Sequence[int],
     return torch.cat(centres)
 
 
-def normalised_token_centres(image_sizes: ImageSizes, shapes: Sequence[tuple[int, int]], strides: Sequence[int],
-                             device: torch.device | str | None = None) -> Tensor:
+def normalised_token_centres(
+    image_sizes: ImageSizes,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str | None = None,
+) -> Tensor:
     """[N, S, 2] token centres divided by each image's resized (w, h): the frame of the reference points."""
     wh = torch.tensor([[w, h] for h, w in image_sizes], dtype=torch.float32, device=device)  # [N, 2]
     return token_centres(shapes, strides, device)[None] / wh[:, None]

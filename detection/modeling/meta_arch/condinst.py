@@ -32,6 +32,7 @@ and ``mask_branch.tower.{j}`` = the same names; ``head.classification_head.conv.
 ``...bbox_pred`` / ``ctrness`` / ``cls_logits`` (plus a background row 0: torchvision's heads have
 K + 1 classes). The dynamic mask head has no parameters.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -88,8 +89,16 @@ def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> nn.Sequen
 class CondInstMaskBranch(nn.Module):
     """P3..P(2+num_levels) -> [N, out_channels, H/8, W/8] mask features shared by all instances."""
 
-    def __init__(self, in_channels: int, channels: int = 128, out_channels: int = 8, num_convs: int = 4,
-                 num_levels: int = 3, norm: str = "BN", centred: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int = 128,
+        out_channels: int = 8,
+        num_convs: int = 4,
+        num_levels: int = 3,
+        norm: str = "BN",
+        centred: bool = False,
+    ) -> None:
         super().__init__()
         self.num_levels = num_levels
         self.centred = centred  # AdelaiDet's cell-centred grid (upsample_corner_aligned)
@@ -104,13 +113,12 @@ class CondInstMaskBranch(nn.Module):
         x = self.refine[0](features[0])  # [N, channels, h3, w3]
         for level in range(1, self.num_levels):
             coarse = self.refine[level](features[level])  # [N, channels, h3 / 2^level, w3 / 2^level]
-            up = upsample_corner_aligned(coarse, 2 ** level, self.centred)
+            up = upsample_corner_aligned(coarse, 2**level, self.centred)
             x = x + up[..., : x.shape[-2], : x.shape[-1]]
         return self.tower(x)
 
 
-def relative_coordinates(locations: Tensor, scales: Tensor, h: int, w: int, stride: int,
-                         offset: float = 0.0) -> Tensor:
+def relative_coordinates(locations: Tensor, scales: Tensor, h: int, w: int, stride: int, offset: float = 0.0) -> Tensor:
     """[n, 2] instance locations (x, y in image pixels), [n] scales -> [n, 2, h, w] (location - pixel) / scale.
 
     Pixel (i, j) of a stride-`stride` map sits at image position (x, y) = ((j + offset) * stride,
@@ -131,8 +139,14 @@ class DynamicMaskHead(nn.Module):
     row-major), then all biases (layer by layer): AdelaiDet's layout, so its controllers map unchanged.
     """
 
-    def __init__(self, in_channels: int = 8, channels: int = 8, num_layers: int = 3,
-                 use_rel_coords: bool = True, grid_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int = 8,
+        channels: int = 8,
+        num_layers: int = 3,
+        use_rel_coords: bool = True,
+        grid_offset: float = 0.0,
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError("the dynamic mask head needs at least one layer")
@@ -157,8 +171,9 @@ class DynamicMaskHead(nn.Module):
         biases = [c.reshape(n, o) for c, (o, _) in zip(chunks[layers:], self.layer_shapes)]
         return weights, biases
 
-    def forward(self, mask_feats: Tensor, stride: int, params: Tensor, locations: Tensor, scales: Tensor,
-                im_inds: Tensor) -> Tensor:
+    def forward(
+        self, mask_feats: Tensor, stride: int, params: Tensor, locations: Tensor, scales: Tensor, im_inds: Tensor
+    ) -> Tensor:
         """Mask logits [n, 1, h, w] of n instances on their images' mask features [N, C, h, w]."""
         n = params.shape[0]
         h, w = mask_feats.shape[-2:]
@@ -174,8 +189,7 @@ class DynamicMaskHead(nn.Module):
         return x.reshape(n, 1, h, w)
 
 
-def fcos_matching(anchors: Tensor, num_per_level: list[int], boxes: Tensor, centres: Tensor,
-                  radius: float) -> Tensor:
+def fcos_matching(anchors: Tensor, num_per_level: list[int], boxes: Tensor, centres: Tensor, radius: float) -> Tensor:
     """torchvision's FCOS assignment with given centres: [A, 4] anchors, [M, 4] boxes, [M, 2] centres -> [A].
 
     A point is a candidate for a box when it lies inside the box, within `radius` strides of the
@@ -193,7 +207,7 @@ def fcos_matching(anchors: Tensor, num_per_level: list[int], boxes: Tensor, cent
     lower = size * 4
     lower[: num_per_level[0]] = 0
     upper = size * 8
-    upper[-num_per_level[-1]:] = float("inf")
+    upper[-num_per_level[-1] :] = float("inf")
     reach = sides.amax(dim=2)  # [A, M]
     candidate = near & (sides.amin(dim=2) > 0) & (reach > lower[:, None]) & (reach < upper[:, None])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [M]
@@ -212,10 +226,22 @@ class CondInst(ForwardFromFeatures, FCOS):
     locations per batch that train the masks (-1: all).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, mask_branch_channels: int = 128,
-                 mask_branch_out_channels: int = 8, mask_branch_convs: int = 4, mask_branch_norm: str = "BN",
-                 mask_head_channels: int = 8, mask_head_layers: int = 3, mask_out_stride: int = 4,
-                 max_proposals: int = 500, cell_centred: bool = False, **fcos_kwargs: Any) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        mask_branch_channels: int = 128,
+        mask_branch_out_channels: int = 8,
+        mask_branch_convs: int = 4,
+        mask_branch_norm: str = "BN",
+        mask_head_channels: int = 8,
+        mask_head_layers: int = 3,
+        mask_out_stride: int = 4,
+        max_proposals: int = 500,
+        cell_centred: bool = False,
+        **fcos_kwargs: Any,
+    ) -> None:
         super().__init__(backbone, num_classes, **fcos_kwargs)
         # cell_centred: locations at cell centres (i + 1/2) * stride, AdelaiDet's geometry, for its
         # checkpoints (detection.interop.d2_conventions.AdelaiCondInst, which also brings centred anchors).
@@ -225,19 +251,26 @@ class CondInst(ForwardFromFeatures, FCOS):
         channels = backbone.out_channels
         self.mask_out_stride = mask_out_stride
         self.max_proposals = max_proposals
-        self.mask_branch = CondInstMaskBranch(channels, mask_branch_channels, mask_branch_out_channels,
-                                              mask_branch_convs, num_levels=3, norm=mask_branch_norm,
-                                              centred=cell_centred)
-        self.mask_head = DynamicMaskHead(mask_branch_out_channels, mask_head_channels, mask_head_layers,
-                                         grid_offset=0.5 if cell_centred else 0.0)
+        self.mask_branch = CondInstMaskBranch(
+            channels,
+            mask_branch_channels,
+            mask_branch_out_channels,
+            mask_branch_convs,
+            num_levels=3,
+            norm=mask_branch_norm,
+            centred=cell_centred,
+        )
+        self.mask_head = DynamicMaskHead(
+            mask_branch_out_channels, mask_head_channels, mask_head_layers, grid_offset=0.5 if cell_centred else 0.0
+        )
         self.controller = nn.Conv2d(channels, self.mask_head.num_params, 3, padding=1)
         nn.init.normal_(self.controller.weight, std=0.01)
         nn.init.zeros_(self.controller.bias)
 
     # --- the whole model, torchvision-style ------------------------------------------------------
-    def forward_from_features(self, image_list: ImageList, features: OrderedDict[str, Tensor],
-                              targets: list[dict[str, Tensor]] | None = None
-                              ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward_from_features(
+        self, image_list: ImageList, features: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Everything after backbone + FPN (features P3..P7 of the padded batch)."""
         feats = list(features.values())
         head_outputs, params = self.predict(feats)
@@ -264,25 +297,46 @@ class CondInst(ForwardFromFeatures, FCOS):
             boxes.append(_flatten_levels(F.relu(reg * scales[level] if scales is not None else reg)))  # [N, HW, 4]
             ctrness.append(_flatten_levels(regression.bbox_ctrness(tower)))  # [N, HW, 1]
             params.append(_flatten_levels(self.controller(tower)))  # [N, HW, P]
-        outputs = {"cls_logits": cls_logits, "bbox_regression": torch.cat(boxes, 1), "bbox_ctrness": torch.cat(ctrness, 1)}
+        outputs = {
+            "cls_logits": cls_logits,
+            "bbox_regression": torch.cat(boxes, 1),
+            "bbox_ctrness": torch.cat(ctrness, 1),
+        }
         return outputs, torch.cat(params, 1)
 
     # --- training --------------------------------------------------------------------------------
-    def compute_losses(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], params: Tensor,
-                       anchors: list[Tensor], num_per_level: list[int], mask_feats: Tensor,
-                       padded_hw: tuple[int, int]) -> dict[str, Tensor]:
+    def compute_losses(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        params: Tensor,
+        anchors: list[Tensor],
+        num_per_level: list[int],
+        mask_feats: Tensor,
+        padded_hw: tuple[int, int],
+    ) -> dict[str, Tensor]:
         """torchvision's FCOS losses on CondInst's matching, plus loss_mask (dice)."""
         matched = []
         for anchors_per_image, target in zip(anchors, targets):
-            centres = mask_centroids(target["masks"], target["boxes"]) if target["boxes"].numel() else target["boxes"][:, :2]
-            matched.append(fcos_matching(anchors_per_image, num_per_level, target["boxes"], centres,
-                                         self.center_sampling_radius))
+            centres = (
+                mask_centroids(target["masks"], target["boxes"]) if target["boxes"].numel() else target["boxes"][:, :2]
+            )
+            matched.append(
+                fcos_matching(anchors_per_image, num_per_level, target["boxes"], centres, self.center_sampling_radius)
+            )
         losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
         losses["loss_mask"] = self.mask_loss(targets, matched, params, torch.stack(anchors), mask_feats, padded_hw)
         return losses
 
-    def mask_loss(self, targets: list[dict[str, Tensor]], matched: list[Tensor], params: Tensor, anchors: Tensor,
-                  mask_feats: Tensor, padded_hw: tuple[int, int]) -> Tensor:
+    def mask_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        matched: list[Tensor],
+        params: Tensor,
+        anchors: Tensor,
+        mask_feats: Tensor,
+        padded_hw: tuple[int, int],
+    ) -> Tensor:
         """Dice loss of the dynamic masks of (at most max_proposals random) positive locations."""
         im_inds, anchor_inds, gt_inds = [], [], []
         offset = 0
@@ -299,34 +353,47 @@ class CondInst(ForwardFromFeatures, FCOS):
         if im_ind.numel() == 0:  # keep every parameter in the graph (DDP) at zero loss
             return params.sum() * 0 + mask_feats.sum() * 0
         chosen = anchors[im_ind, anchor_ind]  # [n, 4]
-        logits = self.mask_head(mask_feats, MASK_FEATURE_STRIDE, params[im_ind, anchor_ind],
-                                (chosen[:, :2] + chosen[:, 2:]) / 2,
-                                (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE, im_ind)  # [n, 1, H/8, W/8]
-        logits = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride,
-                                         self.cell_centred)  # [n, 1, H/s, W/s]
+        logits = self.mask_head(
+            mask_feats,
+            MASK_FEATURE_STRIDE,
+            params[im_ind, anchor_ind],
+            (chosen[:, :2] + chosen[:, 2:]) / 2,
+            (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE,
+            im_ind,
+        )  # [n, 1, H/8, W/8]
+        logits = upsample_corner_aligned(
+            logits, MASK_FEATURE_STRIDE // self.mask_out_stride, self.cell_centred
+        )  # [n, 1, H/s, W/s]
         s = self.mask_out_stride
         first = s // 2 if self.cell_centred else 0  # the image pixel of mask pixel 0
-        gt = torch.cat([pad_masks(t["masks"], padded_hw)[:, first::s, first::s] for t in targets])[gt_ind]  # [n, H/s, W/s]
+        gt = torch.cat([pad_masks(t["masks"], padded_hw)[:, first::s, first::s] for t in targets])[
+            gt_ind
+        ]  # [n, H/s, W/s]
         return dice_loss(logits.sigmoid(), gt[:, None], DICE_EPS).mean()
 
     # --- inference -------------------------------------------------------------------------------
-    def select_detections(self, head_outputs: dict[str, Tensor], anchors: Tensor, num_per_level: list[int],
-                          image_size: tuple[int, int]) -> dict[str, Tensor]:
+    def select_detections(
+        self, head_outputs: dict[str, Tensor], anchors: Tensor, num_per_level: list[int], image_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
         """One image's FCOS detections, torchvision's FCOS.postprocess_detections rule, plus `index`: each
         detection's position in the concatenated anchors (to find its controller output and location)."""
         boxes_all, scores_all, labels_all, index_all = [], [], [], []
         start = 0
         for count in num_per_level:
-            logits = head_outputs["cls_logits"][start:start + count]  # [A_l, K]
+            logits = head_outputs["cls_logits"][start : start + count]  # [A_l, K]
             num_classes = logits.shape[-1]
-            scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(head_outputs["bbox_ctrness"][start:start + count]))
+            scores = torch.sqrt(
+                torch.sigmoid(logits) * torch.sigmoid(head_outputs["bbox_ctrness"][start : start + count])
+            )
             scores = scores.flatten()
             candidates = torch.where(scores > self.score_thresh)[0]
             scores, order = scores[candidates].topk(min(self.topk_candidates, candidates.numel()))
             candidates = candidates[order]
             anchor_idx = torch.div(candidates, num_classes, rounding_mode="floor")
-            boxes = self.box_coder.decode(head_outputs["bbox_regression"][start:start + count][anchor_idx],
-                                          anchors[start:start + count][anchor_idx])
+            boxes = self.box_coder.decode(
+                head_outputs["bbox_regression"][start : start + count][anchor_idx],
+                anchors[start : start + count][anchor_idx],
+            )
             boxes_all.append(clip_boxes_to_image(boxes, image_size))
             scores_all.append(scores)
             labels_all.append(candidates % num_classes)
@@ -336,8 +403,15 @@ class CondInst(ForwardFromFeatures, FCOS):
         keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "index": index[keep]}
 
-    def detect(self, head_outputs: dict[str, Tensor], params: Tensor, anchors: list[Tensor], num_per_level: list[int],
-               mask_feats: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def detect(
+        self,
+        head_outputs: dict[str, Tensor],
+        params: Tensor,
+        anchors: list[Tensor],
+        num_per_level: list[int],
+        mask_feats: Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
         """Per image: FCOS detections with their dynamic masks [n, 1, h, w] (probabilities, image frame)."""
         results = []
         for i, (h, w) in enumerate(image_sizes):
@@ -345,41 +419,65 @@ class CondInst(ForwardFromFeatures, FCOS):
             det = self.select_detections(per_image, anchors[i], num_per_level, (h, w))
             index = det.pop("index")
             chosen = anchors[i][index]  # [n, 4]
-            logits = self.mask_head(mask_feats, MASK_FEATURE_STRIDE, params[i][index], (chosen[:, :2] + chosen[:, 2:]) / 2,
-                                    (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE,
-                                    torch.full_like(index, i))  # [n, 1, H/8, W/8]
-            probs = upsample_corner_aligned(logits, MASK_FEATURE_STRIDE // self.mask_out_stride, self.cell_centred).sigmoid()
+            logits = self.mask_head(
+                mask_feats,
+                MASK_FEATURE_STRIDE,
+                params[i][index],
+                (chosen[:, :2] + chosen[:, 2:]) / 2,
+                (chosen[:, 2] - chosen[:, 0]) * SIZE_OF_INTEREST_PER_STRIDE,
+                torch.full_like(index, i),
+            )  # [n, 1, H/8, W/8]
+            probs = upsample_corner_aligned(
+                logits, MASK_FEATURE_STRIDE // self.mask_out_stride, self.cell_centred
+            ).sigmoid()
             probs = upsample_corner_aligned(probs, self.mask_out_stride, self.cell_centred)  # [n, 1, H, W]
             det["masks"] = probs[..., :h, :w]
             results.append(det)
         return results
 
 
-def build_condinst(cfg: Any, backbone: nn.Module, num_classes: int, model_class: type[CondInst] | None = None,
-                   **fcos_kwargs: Any) -> CondInst:
+def build_condinst(
+    cfg: Any, backbone: nn.Module, num_classes: int, model_class: type[CondInst] | None = None, **fcos_kwargs: Any
+) -> CondInst:
     """CondInst from MODEL.CONDINST.* (FCOS arguments - head, thresholds, transform - passed through);
     `model_class`: a CondInst subclass (detection.interop.d2_conventions.AdelaiCondInst for AdelaiDet's conventions)."""
     c = cfg.MODEL.CONDINST
     stride = int(c.MASK_OUT_STRIDE)
     if stride not in (1, 2, 4, 8):
-        raise UserError(f"MODEL.CONDINST.MASK_OUT_STRIDE {stride} must divide the mask features' stride 8.",
-                        "use 4 (AdelaiDet's), or 1, 2 or 8.")
+        raise UserError(
+            f"MODEL.CONDINST.MASK_OUT_STRIDE {stride} must divide the mask features' stride 8.",
+            "use 4 (AdelaiDet's), or 1, 2 or 8.",
+        )
     norm = c.MASK_BRANCH.NORM
     if norm not in ("BN", "GN", ""):
         raise UserError(f"MODEL.CONDINST.MASK_BRANCH.NORM '{norm}' is not supported.", 'use "BN", "GN" or "".')
-    positive = {"MASK_BRANCH.CHANNELS": c.MASK_BRANCH.CHANNELS, "MASK_BRANCH.OUT_CHANNELS": c.MASK_BRANCH.OUT_CHANNELS,
-                "MASK_HEAD.CHANNELS": c.MASK_HEAD.CHANNELS, "MASK_HEAD.NUM_LAYERS": c.MASK_HEAD.NUM_LAYERS}
+    positive = {
+        "MASK_BRANCH.CHANNELS": c.MASK_BRANCH.CHANNELS,
+        "MASK_BRANCH.OUT_CHANNELS": c.MASK_BRANCH.OUT_CHANNELS,
+        "MASK_HEAD.CHANNELS": c.MASK_HEAD.CHANNELS,
+        "MASK_HEAD.NUM_LAYERS": c.MASK_HEAD.NUM_LAYERS,
+    }
     for name, value in positive.items():
         if int(value) < 1:
             raise UserError(f"MODEL.CONDINST.{name} {value} must be positive.", "use AdelaiDet's value (see defaults).")
     if int(c.MAX_PROPOSALS) < -1 or int(c.MAX_PROPOSALS) == 0:
-        raise UserError(f"MODEL.CONDINST.MAX_PROPOSALS {c.MAX_PROPOSALS} must be positive, or -1 for all.",
-                        "use 500 (AdelaiDet's), or -1.")
-    return (model_class or CondInst)(backbone, num_classes, mask_branch_channels=int(c.MASK_BRANCH.CHANNELS),
-                    mask_branch_out_channels=int(c.MASK_BRANCH.OUT_CHANNELS),
-                    mask_branch_convs=int(c.MASK_BRANCH.NUM_CONVS), mask_branch_norm=norm,
-                    mask_head_channels=int(c.MASK_HEAD.CHANNELS), mask_head_layers=int(c.MASK_HEAD.NUM_LAYERS),
-                    mask_out_stride=stride, max_proposals=int(c.MAX_PROPOSALS), **fcos_kwargs)
+        raise UserError(
+            f"MODEL.CONDINST.MAX_PROPOSALS {c.MAX_PROPOSALS} must be positive, or -1 for all.",
+            "use 500 (AdelaiDet's), or -1.",
+        )
+    return (model_class or CondInst)(
+        backbone,
+        num_classes,
+        mask_branch_channels=int(c.MASK_BRANCH.CHANNELS),
+        mask_branch_out_channels=int(c.MASK_BRANCH.OUT_CHANNELS),
+        mask_branch_convs=int(c.MASK_BRANCH.NUM_CONVS),
+        mask_branch_norm=norm,
+        mask_head_channels=int(c.MASK_HEAD.CHANNELS),
+        mask_head_layers=int(c.MASK_HEAD.NUM_LAYERS),
+        mask_out_stride=stride,
+        max_proposals=int(c.MAX_PROPOSALS),
+        **fcos_kwargs,
+    )
 
 
 @ARCHITECTURES.register(CONDINST_ARCH)

@@ -31,7 +31,13 @@ def build_fcos(cfg: Any, backbone: nn.Module, num_classes: int, common: dict[str
 
 
 @ARCHITECTURES.register(FCOS_ARCH, FORWARD)
-def fcos_forward(model: nn.Module, image_list: ImageList, raw: OrderedDict[str, Tensor],
-                 targets: list[dict[str, Tensor]] | None, training: bool) -> Outputs:
-    return single_stage_forward(model, image_list, raw, targets, training, anchors_per_position=False,
-                                loss_needs_counts=True)
+def fcos_forward(
+    model: nn.Module,
+    image_list: ImageList,
+    raw: OrderedDict[str, Tensor],
+    targets: list[dict[str, Tensor]] | None,
+    training: bool,
+) -> Outputs:
+    return single_stage_forward(
+        model, image_list, raw, targets, training, anchors_per_position=False, loss_needs_counts=True
+    )

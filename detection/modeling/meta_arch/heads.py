@@ -40,5 +40,8 @@ def group_norm(channels: int, what: str) -> Callable[[int], nn.Module]:
 
 def test_options(cfg: Any) -> dict[str, Any]:
     """Score threshold, NMS threshold and detections per image, in torchvision's single-stage argument names."""
-    return dict(score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST), nms_thresh=float(cfg.MODEL.NMS_THRESH_TEST),
-                detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE))
+    return dict(
+        score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST),
+        nms_thresh=float(cfg.MODEL.NMS_THRESH_TEST),
+        detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE),
+    )

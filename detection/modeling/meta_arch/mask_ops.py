@@ -5,6 +5,7 @@ Written here because torchvision has no dice loss, no integer-factor upsampling 
 "feature pixel i sits on image pixel i * stride" convention of its FCOS anchors, and its GroupNorm
 helpers assume 32 groups (the project's tiny test models have 32-channel layers).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,8 +26,9 @@ class ForwardFromFeatures:
     define `transform`, `backbone` and `forward_from_features`.
     """
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: the loss dict; eval: per image {boxes, scores, labels, masks [n, 1, h, w] probabilities}."""
         image_list, targets = self.transform(images, targets)
         return self.forward_from_features(image_list, self.backbone(image_list.tensors), targets)
@@ -68,8 +70,10 @@ def upsample_corner_aligned(x: Tensor, factor: int, centred: bool = False) -> Te
 def group_norm(channels: int, what: str) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or 16 for layers narrower than 64 channels (parameters are the same)."""
     if channels % 16:
-        raise UserError(f"{what} has {channels} channels; its GroupNorm needs a multiple of 16.",
-                        "use channel counts that are multiples of 32 (e.g. 32, 64, 128, 256).")
+        raise UserError(
+            f"{what} has {channels} channels; its GroupNorm needs a multiple of 16.",
+            "use channel counts that are multiples of 32 (e.g. 32, 64, 128, 256).",
+        )
     return nn.GroupNorm(32 if channels >= 64 and channels % 32 == 0 else 16, channels)
 
 
@@ -101,9 +105,13 @@ def mask_centroids(masks: Tensor, boxes: Tensor) -> Tensor:
     return torch.where((mass > 0)[:, None], centres, box_centres.to(centres.dtype))
 
 
-def forward_from_features(model: nn.Module, image_list: ImageList, raw: OrderedDict[str, Tensor],
-                          targets: list[dict[str, Tensor]] | None, training: bool
-                          ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+def forward_from_features(
+    model: nn.Module,
+    image_list: ImageList,
+    raw: OrderedDict[str, Tensor],
+    targets: list[dict[str, Tensor]] | None,
+    training: bool,
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """The FORWARD part of the project's own modules: detections come in the sample frame, masks
     [n, 1, h, w], so no torchvision postprocess runs (`training` is the module's own mode)."""
     return model.forward_from_features(image_list, raw, targets)

@@ -36,9 +36,15 @@ def build_retinanet(cfg: Any, backbone: nn.Module, num_classes: int, common: dic
     return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **test_options(cfg), **common)
 
 
-def single_stage_forward(model: nn.Module, image_list: ImageList, raw: OrderedDict[str, Tensor],
-                         targets: list[dict[str, Tensor]] | None, training: bool, anchors_per_position: bool,
-                         loss_needs_counts: bool) -> Outputs:
+def single_stage_forward(
+    model: nn.Module,
+    image_list: ImageList,
+    raw: OrderedDict[str, Tensor],
+    targets: list[dict[str, Tensor]] | None,
+    training: bool,
+    anchors_per_position: bool,
+    loss_needs_counts: bool,
+) -> Outputs:
     """RetinaNet.forward / FCOS.forward minus resize, from the model's own parts.
 
     `anchors_per_position`: the head predicts several anchors per position (split the outputs by
@@ -62,7 +68,13 @@ def single_stage_forward(model: nn.Module, image_list: ImageList, raw: OrderedDi
 
 
 @ARCHITECTURES.register(RETINANET_ARCH, FORWARD)
-def retinanet_forward(model: nn.Module, image_list: ImageList, raw: OrderedDict[str, Tensor],
-                      targets: list[dict[str, Tensor]] | None, training: bool) -> Outputs:
-    return single_stage_forward(model, image_list, raw, targets, training, anchors_per_position=True,
-                                loss_needs_counts=False)
+def retinanet_forward(
+    model: nn.Module,
+    image_list: ImageList,
+    raw: OrderedDict[str, Tensor],
+    targets: list[dict[str, Tensor]] | None,
+    training: bool,
+) -> Outputs:
+    return single_stage_forward(
+        model, image_list, raw, targets, training, anchors_per_position=True, loss_needs_counts=False
+    )

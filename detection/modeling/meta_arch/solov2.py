@@ -29,6 +29,7 @@ State-dict names follow AdelaiDet's so that its checkpoints map by renaming (doc
 ``mask_head.convs_all_levels.{i}.conv{j}.{0,1}``, ``mask_head.conv_pred.{0,1}`` are AdelaiDet's names;
 the FPN is torchvision's (``backbone.fpn.*`` for detectron2's ``backbone.fpn_*``).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,19 +85,39 @@ def _init_convs(modules: Sequence[nn.Module]) -> None:
 class SOLOv2InstanceHead(nn.Module):
     """Five instance levels -> category logits [N, K, S, S] and kernels [N, E, S, S] per level."""
 
-    def __init__(self, in_channels: int, num_classes: int, num_grids: Sequence[int] = NUM_GRIDS,
-                 channels: int = 512, num_convs: int = 4, num_kernels: int = 256, norm: str = "GN",
-                 prior_prob: float = 0.01) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_grids: Sequence[int] = NUM_GRIDS,
+        channels: int = 512,
+        num_convs: int = 4,
+        num_kernels: int = 256,
+        norm: str = "GN",
+        prior_prob: float = 0.01,
+    ) -> None:
         super().__init__()
         self.num_grids = list(num_grids)
         self.num_classes = num_classes
         self.num_kernels = num_kernels
-        self.cate_tower = nn.Sequential(*[
-            layer for i in range(num_convs)
-            for layer in _conv_gn_relu(in_channels if i == 0 else channels, channels, norm, "SOLOv2's category branch")])
-        self.kernel_tower = nn.Sequential(*[
-            layer for i in range(num_convs)
-            for layer in _conv_gn_relu(in_channels + 2 if i == 0 else channels, channels, norm, "SOLOv2's kernel branch")])
+        self.cate_tower = nn.Sequential(
+            *[
+                layer
+                for i in range(num_convs)
+                for layer in _conv_gn_relu(
+                    in_channels if i == 0 else channels, channels, norm, "SOLOv2's category branch"
+                )
+            ]
+        )
+        self.kernel_tower = nn.Sequential(
+            *[
+                layer
+                for i in range(num_convs)
+                for layer in _conv_gn_relu(
+                    in_channels + 2 if i == 0 else channels, channels, norm, "SOLOv2's kernel branch"
+                )
+            ]
+        )
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
         _init_convs([self.cate_tower, self.kernel_tower, self.cate_pred, self.kernel_pred])
@@ -118,8 +139,9 @@ class SOLOv2MaskHead(nn.Module):
     """P2..P5 -> unified mask features [N, E, H/4, W/4]: level i goes through i conv-GN-ReLU-upsample(x2)
     stages (one conv without upsampling for P2; coordinates appended to the coarsest), summed, then 1x1."""
 
-    def __init__(self, in_channels: int, channels: int = 128, num_masks: int = 256, num_levels: int = 4,
-                 norm: str = "GN") -> None:
+    def __init__(
+        self, in_channels: int, channels: int = 128, num_masks: int = 256, num_levels: int = 4, norm: str = "GN"
+    ) -> None:
         super().__init__()
         self.num_levels = num_levels
         self.convs_all_levels = nn.ModuleList()
@@ -127,8 +149,9 @@ class SOLOv2MaskHead(nn.Module):
             stages = nn.Sequential()
             for j in range(max(level, 1)):
                 first = in_channels + (2 if level == num_levels - 1 else 0)
-                stages.add_module(f"conv{j}", _conv_gn_relu(first if j == 0 else channels, channels, norm,
-                                                            "SOLOv2's mask branch"))
+                stages.add_module(
+                    f"conv{j}", _conv_gn_relu(first if j == 0 else channels, channels, norm, "SOLOv2's mask branch")
+                )
                 if level > 0:
                     stages.add_module(f"upsample{j}", nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.convs_all_levels.append(stages)
@@ -151,9 +174,13 @@ class SOLOv2MaskHead(nn.Module):
         return self.conv_pred(x)
 
 
-def solo_targets(boxes: Tensor, masks: Tensor, num_grids: Sequence[int] = NUM_GRIDS,
-                 scale_ranges: Sequence[Sequence[float]] = SCALE_RANGES, sigma: float = 0.2
-                 ) -> list[tuple[Tensor, Tensor]]:
+def solo_targets(
+    boxes: Tensor,
+    masks: Tensor,
+    num_grids: Sequence[int] = NUM_GRIDS,
+    scale_ranges: Sequence[Sequence[float]] = SCALE_RANGES,
+    sigma: float = 0.2,
+) -> list[tuple[Tensor, Tensor]]:
     """Grid assignment of one image's instances, per level: (cell index [m], instance index [m]) pairs.
 
     boxes [M, 4] xyxy and masks [M, H, W] in the padded image frame (the grid spans the padded image).
@@ -188,8 +215,12 @@ def solo_targets(boxes: Tensor, masks: Tensor, num_grids: Sequence[int] = NUM_GR
                 for j in range(left, right + 1):
                     cells.append(i * grid + j)
                     owners.append(g)
-        out.append((torch.tensor(cells, dtype=torch.int64, device=boxes.device),
-                    torch.tensor(owners, dtype=torch.int64, device=boxes.device)))
+        out.append(
+            (
+                torch.tensor(cells, dtype=torch.int64, device=boxes.device),
+                torch.tensor(owners, dtype=torch.int64, device=boxes.device),
+            )
+        )
     return out
 
 
@@ -199,8 +230,14 @@ def point_nms(heat: Tensor) -> Tensor:
     return heat * (peak == heat)
 
 
-def matrix_nms(labels: Tensor, masks: Tensor, scores: Tensor, sigma: float = 2.0, kernel: str = "gaussian",
-               areas: Tensor | None = None) -> Tensor:
+def matrix_nms(
+    labels: Tensor,
+    masks: Tensor,
+    scores: Tensor,
+    sigma: float = 2.0,
+    kernel: str = "gaussian",
+    areas: Tensor | None = None,
+) -> Tensor:
     """Matrix NMS (SOLOv2, Sec. 4.2): decayed scores [n] of n masks sorted by decreasing score.
 
     decay_j = min over higher-scored i of f(iou_ij) / f(comp_i), comp_i = the largest IoU of i with a
@@ -218,7 +255,7 @@ def matrix_nms(labels: Tensor, masks: Tensor, scores: Tensor, sigma: float = 2.0
     decay_iou = iou * same  # [n, n]
     compensate = decay_iou.amax(dim=0)  # [n]: comp_i, largest IoU of i with a higher-scored mask
     if kernel == "gaussian":
-        ratio = torch.exp(-sigma * (decay_iou ** 2 - compensate[:, None] ** 2))
+        ratio = torch.exp(-sigma * (decay_iou**2 - compensate[:, None] ** 2))
     elif kernel == "linear":
         ratio = (1 - decay_iou) / (1 - compensate[:, None]).clamp(min=1e-6)
     else:
@@ -233,15 +270,37 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
     The category branch has K sigmoid outputs (class k -> label k + 1); there is no background output.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, num_grids: Sequence[int] = NUM_GRIDS,
-                 scale_ranges: Sequence[Sequence[float]] = SCALE_RANGES,
-                 instance_strides: Sequence[int] = INSTANCE_STRIDES, sigma: float = 0.2,
-                 instance_channels: int = 512, num_instance_convs: int = 4, num_masks: int = 256,
-                 mask_channels: int = 128, norm: str = "GN", focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 3.0, score_thresh: float = 0.1,
-                 mask_thresh: float = 0.5, update_thresh: float = 0.05, nms_pre: int = 500, nms_kernel: str = "gaussian",
-                 nms_sigma: float = 2.0, detections_per_img: int = 100, min_size: int = 800, max_size: int = 1333,
-                 image_mean: list[float] | None = None, image_std: list[float] | None = None, **transform_kwargs: Any) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        num_grids: Sequence[int] = NUM_GRIDS,
+        scale_ranges: Sequence[Sequence[float]] = SCALE_RANGES,
+        instance_strides: Sequence[int] = INSTANCE_STRIDES,
+        sigma: float = 0.2,
+        instance_channels: int = 512,
+        num_instance_convs: int = 4,
+        num_masks: int = 256,
+        mask_channels: int = 128,
+        norm: str = "GN",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 3.0,
+        score_thresh: float = 0.1,
+        mask_thresh: float = 0.5,
+        update_thresh: float = 0.05,
+        nms_pre: int = 500,
+        nms_kernel: str = "gaussian",
+        nms_sigma: float = 2.0,
+        detections_per_img: int = 100,
+        min_size: int = 800,
+        max_size: int = 1333,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        **transform_kwargs: Any,
+    ) -> None:
         super().__init__()
         if not len(num_grids) == len(scale_ranges) == len(instance_strides) == 5:
             raise ValueError("SOLOv2 needs 5 grids, scale ranges and instance strides (P2..P6)")
@@ -252,23 +311,39 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
         self.scale_ranges = [tuple(r) for r in scale_ranges]
         self.instance_strides = list(instance_strides)
         self.sigma = sigma
-        self.ins_head = SOLOv2InstanceHead(channels, self.num_classes, num_grids, instance_channels,
-                                           num_instance_convs, num_masks, norm)
+        self.ins_head = SOLOv2InstanceHead(
+            channels, self.num_classes, num_grids, instance_channels, num_instance_convs, num_masks, norm
+        )
         self.mask_head = SOLOv2MaskHead(channels, mask_channels, num_masks, num_levels=4, norm=norm)
-        self.focal_alpha, self.focal_gamma, self.focal_weight, self.dice_weight = focal_alpha, focal_gamma, focal_weight, dice_weight
+        self.focal_alpha, self.focal_gamma, self.focal_weight, self.dice_weight = (
+            focal_alpha,
+            focal_gamma,
+            focal_weight,
+            dice_weight,
+        )
         self.score_thresh, self.mask_thresh, self.update_thresh = score_thresh, mask_thresh, update_thresh
         self.nms_pre, self.nms_kernel, self.nms_sigma = nms_pre, nms_kernel, nms_sigma
         self.detections_per_img = detections_per_img
-        self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
-                                                  image_std or [0.229, 0.224, 0.225], **transform_kwargs)
+        self.transform = GeneralizedRCNNTransform(
+            min_size,
+            max_size,
+            image_mean or [0.485, 0.456, 0.406],
+            image_std or [0.229, 0.224, 0.225],
+            **transform_kwargs,
+        )
 
-    def forward_from_features(self, image_list: ImageList, features: OrderedDict[str, Tensor],
-                              targets: list[dict[str, Tensor]] | None = None
-                              ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward_from_features(
+        self, image_list: ImageList, features: OrderedDict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Everything after backbone + FPN (features P2..P6 of the padded batch)."""
         p2, p3, p4, p5, p6 = features.values()
-        instance_levels = [F.interpolate(p2, scale_factor=0.5, mode="bilinear", align_corners=False), p3, p4, p5,
-                           F.interpolate(p6, size=p5.shape[-2:], mode="bilinear", align_corners=False)]
+        instance_levels = [
+            F.interpolate(p2, scale_factor=0.5, mode="bilinear", align_corners=False),
+            p3,
+            p4,
+            p5,
+            F.interpolate(p6, size=p5.shape[-2:], mode="bilinear", align_corners=False),
+        ]
         cate_preds, kernel_preds = self.ins_head(instance_levels)
         mask_feats = self.mask_head([p2, p3, p4, p5])  # [N, E, H/4, W/4]
         if self.training:
@@ -276,12 +351,20 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
                 raise ValueError("SOLOv2 needs targets with 'masks' in training mode")
             padded_hw = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
             return self.compute_losses(targets, cate_preds, kernel_preds, mask_feats, padded_hw)
-        return [self.detect_single(i, cate_preds, kernel_preds, mask_feats[i], size)
-                for i, size in enumerate(image_list.image_sizes)]
+        return [
+            self.detect_single(i, cate_preds, kernel_preds, mask_feats[i], size)
+            for i, size in enumerate(image_list.image_sizes)
+        ]
 
     # --- training --------------------------------------------------------------------------------
-    def compute_losses(self, targets: list[dict[str, Tensor]], cate_preds: list[Tensor], kernel_preds: list[Tensor],
-                       mask_feats: Tensor, padded_hw: tuple[int, int]) -> dict[str, Tensor]:
+    def compute_losses(
+        self,
+        targets: list[dict[str, Tensor]],
+        cate_preds: list[Tensor],
+        kernel_preds: list[Tensor],
+        mask_feats: Tensor,
+        padded_hw: tuple[int, int],
+    ) -> dict[str, Tensor]:
         """loss_ins (dice of each positive cell's mask, x dice_weight) and loss_cate (focal over all cells)."""
         mask_hw = mask_feats.shape[-2:]
         logits, gts, cate_targets = [], [], []
@@ -289,11 +372,18 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
         for i, target in enumerate(targets):
             padded = pad_masks(target["masks"], padded_hw)  # [M, H, W]
             # stride-4 ground truth: bilinear at the sample points of AdelaiDet's OpenCV resize, then >= 0.5
-            small = (F.interpolate(padded[:, None].float(), size=mask_hw, mode="bilinear", align_corners=False)[:, 0]
-                     >= 0.5).to(mask_feats.dtype) if padded.shape[0] else padded.new_zeros((0, *mask_hw), dtype=mask_feats.dtype)
+            small = (
+                (
+                    F.interpolate(padded[:, None].float(), size=mask_hw, mode="bilinear", align_corners=False)[:, 0]
+                    >= 0.5
+                ).to(mask_feats.dtype)
+                if padded.shape[0]
+                else padded.new_zeros((0, *mask_hw), dtype=mask_feats.dtype)
+            )
             labels = target["labels"] - 1  # [M] in 0..K-1
-            for level, (cells, owners) in enumerate(solo_targets(target["boxes"], padded, self.num_grids,
-                                                                 self.scale_ranges, self.sigma)):
+            for level, (cells, owners) in enumerate(
+                solo_targets(target["boxes"], padded, self.num_grids, self.scale_ranges, self.sigma)
+            ):
                 grid = self.num_grids[level]
                 cate = torch.full((grid * grid,), -1, dtype=torch.int64, device=mask_feats.device)
                 if cells.numel():
@@ -314,31 +404,41 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
             dice = mask_feats.sum() * 0 + sum(k.sum() for k in kernel_preds) * 0
         # cells in the order (level, image, row, col), matching cate_targets
         flat_preds = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for p in cate_preds])
-        per_level = [torch.cat(cate_targets[level::len(self.num_grids)]) for level in range(len(self.num_grids))]
+        per_level = [torch.cat(cate_targets[level :: len(self.num_grids)]) for level in range(len(self.num_grids))]
         flat_targets = torch.cat(per_level)  # [cells]
         one_hot = torch.zeros_like(flat_preds)
         positive = flat_targets >= 0
         one_hot[positive, flat_targets[positive]] = 1.0
         focal = sigmoid_focal_loss(flat_preds, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
-        return {"loss_ins": dice * self.dice_weight,
-                "loss_cate": focal * self.focal_weight / (num_positive_cells + 1)}
+        return {"loss_ins": dice * self.dice_weight, "loss_cate": focal * self.focal_weight / (num_positive_cells + 1)}
 
     # --- inference -------------------------------------------------------------------------------
     @torch.no_grad()
-    def detect_single(self, i: int, cate_preds: list[Tensor], kernel_preds: list[Tensor], mask_feats: Tensor,
-                      image_size: tuple[int, int]) -> dict[str, Tensor]:
+    def detect_single(
+        self,
+        i: int,
+        cate_preds: list[Tensor],
+        kernel_preds: list[Tensor],
+        mask_feats: Tensor,
+        image_size: tuple[int, int],
+    ) -> dict[str, Tensor]:
         """One image's instances: {boxes [n, 4], scores [n], labels [n] (1..K), masks [n, 1, h, w] probabilities}."""
         h, w = image_size
         device = mask_feats.device
-        scores = torch.cat([point_nms(p[i:i + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, self.num_classes)
-                            for p in cate_preds])  # [cells, K]
+        scores = torch.cat(
+            [point_nms(p[i : i + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, self.num_classes) for p in cate_preds]
+        )  # [cells, K]
         kernels = torch.cat([k[i].permute(1, 2, 0).reshape(-1, k.shape[1]) for k in kernel_preds])  # [cells, E]
-        strides = torch.cat([torch.full((g * g,), float(s), device=device)
-                             for g, s in zip(self.num_grids, self.instance_strides)])  # [cells]
+        strides = torch.cat(
+            [torch.full((g * g,), float(s), device=device) for g, s in zip(self.num_grids, self.instance_strides)]
+        )  # [cells]
         cell, cls = torch.nonzero(scores > self.score_thresh, as_tuple=True)
-        empty = {"boxes": torch.zeros(0, 4, device=device), "scores": torch.zeros(0, device=device),
-                 "labels": torch.zeros(0, dtype=torch.int64, device=device),
-                 "masks": torch.zeros(0, 1, h, w, device=device)}
+        empty = {
+            "boxes": torch.zeros(0, 4, device=device),
+            "scores": torch.zeros(0, device=device),
+            "labels": torch.zeros(0, dtype=torch.int64, device=device),
+            "masks": torch.zeros(0, 1, h, w, device=device),
+        }
         if cell.numel() == 0:
             return empty
         probs = torch.einsum("ne,ehw->nhw", kernels[cell], mask_feats).sigmoid()  # [n, H/4, W/4]
@@ -361,8 +461,12 @@ class SOLOv2(ForwardFromFeatures, nn.Module):
             return empty
         full = F.interpolate(probs[order][None], scale_factor=MASK_STRIDE, mode="bilinear", align_corners=False)
         masks = full[0, :, :h, :w]  # [n, h, w]
-        return {"boxes": boxes_of_masks(masks > 0.5), "scores": decayed, "labels": labels[order] + 1,
-                "masks": masks[:, None]}
+        return {
+            "boxes": boxes_of_masks(masks > 0.5),
+            "scores": decayed,
+            "labels": labels[order] + 1,
+            "masks": masks[:, None],
+        }
 
 
 def boxes_of_masks(masks: Tensor) -> Tensor:
@@ -379,30 +483,55 @@ def build_solov2(cfg: Any, backbone: nn.Module, num_classes: int, **kwargs: Any)
     s = cfg.MODEL.SOLOV2
     grids = [int(g) for g in s.NUM_GRIDS]
     if len(grids) != 5 or min(grids) < 1:
-        raise UserError(f"MODEL.SOLOV2.NUM_GRIDS {grids} must hold 5 positive grid sizes (P2..P6).",
-                        "use e.g. [40, 36, 24, 16, 12] (AdelaiDet's).")
+        raise UserError(
+            f"MODEL.SOLOV2.NUM_GRIDS {grids} must hold 5 positive grid sizes (P2..P6).",
+            "use e.g. [40, 36, 24, 16, 12] (AdelaiDet's).",
+        )
     ranges = [list(r) for r in s.SCALE_RANGES]
     if len(ranges) != 5 or any(len(r) != 2 or not 0 <= r[0] <= r[1] for r in ranges):
-        raise UserError(f"MODEL.SOLOV2.SCALE_RANGES {ranges} must hold 5 [low, high] pairs (sqrt of box area, pixels).",
-                        "use e.g. [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]] (AdelaiDet's).")
+        raise UserError(
+            f"MODEL.SOLOV2.SCALE_RANGES {ranges} must hold 5 [low, high] pairs (sqrt of box area, pixels).",
+            "use e.g. [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]] (AdelaiDet's).",
+        )
     if s.NORM not in ("GN", ""):
         raise UserError(f"MODEL.SOLOV2.NORM '{s.NORM}' is not supported.", 'use "GN" or "".')
     if s.NMS_KERNEL not in ("gaussian", "linear"):
         raise UserError(f"MODEL.SOLOV2.NMS_KERNEL '{s.NMS_KERNEL}' is not supported.", 'use "gaussian" or "linear".')
     loss = s.LOSS
-    return SOLOv2(backbone, num_classes, num_grids=grids, scale_ranges=ranges, sigma=float(s.SIGMA),
-                  instance_channels=int(s.INSTANCE_CHANNELS), num_instance_convs=int(s.NUM_INSTANCE_CONVS),
-                  num_masks=int(s.NUM_MASKS), mask_channels=int(s.MASK_CHANNELS), norm=s.NORM,
-                  focal_alpha=float(loss.FOCAL_ALPHA), focal_gamma=float(loss.FOCAL_GAMMA),
-                  focal_weight=float(loss.FOCAL_WEIGHT), dice_weight=float(loss.DICE_WEIGHT),
-                  mask_thresh=float(s.MASK_THR), update_thresh=float(s.UPDATE_THR), nms_pre=int(s.NMS_PRE),
-                  nms_kernel=s.NMS_KERNEL, nms_sigma=float(s.NMS_SIGMA), **kwargs)
+    return SOLOv2(
+        backbone,
+        num_classes,
+        num_grids=grids,
+        scale_ranges=ranges,
+        sigma=float(s.SIGMA),
+        instance_channels=int(s.INSTANCE_CHANNELS),
+        num_instance_convs=int(s.NUM_INSTANCE_CONVS),
+        num_masks=int(s.NUM_MASKS),
+        mask_channels=int(s.MASK_CHANNELS),
+        norm=s.NORM,
+        focal_alpha=float(loss.FOCAL_ALPHA),
+        focal_gamma=float(loss.FOCAL_GAMMA),
+        focal_weight=float(loss.FOCAL_WEIGHT),
+        dice_weight=float(loss.DICE_WEIGHT),
+        mask_thresh=float(s.MASK_THR),
+        update_thresh=float(s.UPDATE_THR),
+        nms_pre=int(s.NMS_PRE),
+        nms_kernel=s.NMS_KERNEL,
+        nms_sigma=float(s.NMS_SIGMA),
+        **kwargs,
+    )
 
 
 @ARCHITECTURES.register(SOLOV2_ARCH)
 def build(cfg: Any, backbone: nn.Module, num_classes: int, common: dict[str, Any]) -> SOLOv2:
-    return build_solov2(cfg, backbone, num_classes, score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST),
-                        detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE), **common)
+    return build_solov2(
+        cfg,
+        backbone,
+        num_classes,
+        score_thresh=float(cfg.MODEL.SCORE_THRESH_TEST),
+        detections_per_img=int(cfg.TEST.DETECTIONS_PER_IMAGE),
+        **common,
+    )
 
 
 ARCHITECTURES.register(SOLOV2_ARCH, FORWARD)(forward_from_features)
