@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from bench.run_all import bench_parser, machine_info, now_iso, run_in_workdir
-from cache_contract.geometry import level_size, padded_shape
+from cache_contract.geometry import level_size
 from cache_contract.teacher import load_teacher, sample_features
 from cache_format.budget import format_size
 from cache_format.budget import plan as plan_budget
@@ -61,9 +60,8 @@ from detection.data.synthetic import generate, render_image
 from detection.engine.checkpoint import save_checkpoint
 from detection.modeling.detector import build_detector
 from stage1_teacher_dump import dump as dump_module
-from stage1_teacher_dump.batching import shard_batches
 from stage1_teacher_dump.dump import cache_levels, run_dump, to_numpy
-from stage1_teacher_dump.samples import DumpDataset, collate_records, enumerate_samples
+from stage1_teacher_dump.samples import DumpDataset, enumerate_samples
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "configs" / "demo" / "teacher_retinanet_r34.yaml"
@@ -152,19 +150,8 @@ def inference_pass(cfg: CfgNode) -> Pass:
     dataset = DumpDataset(samples)
     teacher = load_teacher(cfg, index.num_classes, device)
     names = [lv.name for lv in cache_levels(cfg, teacher, samples)]
-    todo = list(range(len(samples)))
-    shapes = {
-        i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo
-    }
-    batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
-    workers = int(cfg.DATALOADER.NUM_WORKERS)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate_records,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,
+    loader = dump_module.dump_loader(
+        cfg, dataset, samples, list(range(len(samples))), teacher.size_divisibility, device
     )
     seen, first_forward = 0, None
     for records in loader:

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,28 @@ def choose_encoding(
     return result.choice.encoding, result.choice.compressor, result.table() + note
 
 
+def dump_loader(
+    cfg: Any,
+    dataset: DumpDataset,
+    samples: Sequence[Any],
+    todo: list[int],
+    size_divisibility: int,
+    device: torch.device,
+) -> DataLoader:
+    """The dump's batches of `todo` (shard by shard, CACHE.BATCH_SIZE of one padded shape) as a DataLoader."""
+    shapes = {i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, size_divisibility) for i in todo}
+    batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_records,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
+
+
 def run_dump(
     cfg: Any, cache: str, budget: int | None = None, dry_run: bool = False, resume: bool = False, repair: bool = False
 ) -> DumpSummary:
@@ -295,19 +318,7 @@ def run_dump(
 
     writer = CacheWriter.open(cache, rank=rank, world_size=world)
     todo = writer.uncommitted_owned_samples()
-    shapes = {
-        i: padded_shape(samples[i][1].resized_h, samples[i][1].resized_w, teacher.size_divisibility) for i in todo
-    }
-    batches = shard_batches(todo, shapes, int(cfg.CACHE.SHARD_SAMPLES), int(cfg.CACHE.BATCH_SIZE))
-    workers = int(cfg.DATALOADER.NUM_WORKERS)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate_records,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,
-    )
+    loader = dump_loader(cfg, dataset, samples, todo, teacher.size_divisibility, device)
     owned_total = len(writer.owned_samples())
     available = feature_budget(budget, reserved)
     budget_share = None if available is None else available * owned_total / max(1, len(samples))
