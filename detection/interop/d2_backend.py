@@ -47,7 +47,7 @@ def import_detectron2(architecture: str) -> Any:
         import detectron2.modeling
     except ImportError as exc:
         raise UserError(f"MODEL.BACKEND detectron2, but detectron2 cannot be imported here ({exc}).", INSTALL) from None
-    if architecture == "FCOS":
+    if ARCHITECTURES.get(architecture).d2_adelaidet:
         try:
             import adet.config  # noqa: F401
             import adet.modeling  # noqa: F401 - importing it registers AdelaiDet's FCOS with detectron2
@@ -81,10 +81,10 @@ def resolve_d2_config(name: str) -> str:
 
 def d2_config(cfg: Any, num_classes: int) -> Any:
     """The detectron2 CfgNode: MODEL.D2_CONFIG, with the device and class count of this run."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    import_detectron2(arch)
+    entry = ARCHITECTURES.get(cfg.MODEL.META_ARCHITECTURE)
+    import_detectron2(entry.name)
     path = resolve_d2_config(str(cfg.MODEL.D2_CONFIG))
-    if arch == "FCOS":
+    if entry.d2_adelaidet:
         from adet.config import get_cfg
     else:
         from detectron2.config import get_cfg
@@ -101,21 +101,22 @@ def d2_config(cfg: Any, num_classes: int) -> Any:
     d2cfg.MODEL.WEIGHTS = ""  # MODEL.WEIGHTS is loaded by the project (detection.engine.checkpoint), reported there
     d2cfg.MODEL.RETINANET.NUM_CLASSES = k
     d2cfg.MODEL.ROI_HEADS.NUM_CLASSES = k
-    if arch == "FCOS":
-        d2cfg.MODEL.FCOS.NUM_CLASSES = k
+    getattr(d2cfg.MODEL, entry.d2_classes_section).NUM_CLASSES = k
     _check_agreement(cfg, d2cfg, path)
     d2cfg.freeze()
     return d2cfg
 
 
 def d2_architecture(d2cfg: Any) -> str:
-    meta = d2cfg.MODEL.META_ARCHITECTURE
-    if meta == "RetinaNet":
-        return "RetinaNet"
-    if meta == "GeneralizedRCNN":
-        return "MaskRCNN" if d2cfg.MODEL.MASK_ON else "FasterRCNN"
-    if meta == "OneStageDetector" and d2cfg.MODEL.PROPOSAL_GENERATOR.NAME == "FCOS":
-        return "FCOS"
+    """The table's name for what a detectron2 config builds; its own META_ARCHITECTURE if no entry matches."""
+    meta, generator = d2cfg.MODEL.META_ARCHITECTURE, d2cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    for entry in ARCHITECTURES:
+        if (
+            entry.d2_meta_architecture == meta
+            and entry.d2_proposal_generator in ("", generator)
+            and entry.masks == bool(d2cfg.MODEL.MASK_ON)
+        ):
+            return entry.name
     return meta
 
 
@@ -158,7 +159,7 @@ class D2DetectorAdapter(nn.Module):
         self.model = model
         self.d2cfg = d2cfg
         self.architecture = architecture
-        self.mask_on = architecture == "MaskRCNN"
+        self.mask_on = ARCHITECTURES.get(architecture).masks
         self.levels = list(levels)
         self.strides = {name: LEVEL_STRIDES[name] for name in self.levels}
         shapes = model.backbone.output_shape()
@@ -235,29 +236,31 @@ class D2DetectorAdapter(nn.Module):
         return out
 
     def _losses(self, images: Any, raw: dict[str, Tensor], gt: list[Any]) -> dict[str, Tensor]:
+        # detectron2's three meta-architecture shapes, told apart by their modules: GeneralizedRCNN
+        # (proposals, then RoI heads), a one-stage proposal network (AdelaiDet's FCOS), RetinaNet (one head).
         model = self.model
-        if self.architecture == "RetinaNet":
-            feats = [raw[f] for f in model.head_in_features]
-            return model.forward_training(images, feats, model.head(feats), gt)
-        if self.architecture == "FCOS":
+        if hasattr(model, "roi_heads"):
+            proposals, proposal_losses = model.proposal_generator(images, raw, gt)
+            _, detector_losses = model.roi_heads(images, raw, proposals, gt)
+            return {**detector_losses, **proposal_losses}
+        if hasattr(model, "proposal_generator"):
             _, losses = model.proposal_generator(images, raw, gt)
             return losses
-        proposals, proposal_losses = model.proposal_generator(images, raw, gt)
-        _, detector_losses = model.roi_heads(images, raw, proposals, gt)
-        return {**detector_losses, **proposal_losses}
+        feats = [raw[f] for f in model.head_in_features]
+        return model.forward_training(images, feats, model.head(feats), gt)
 
     def _detections(self, images: Any, raw: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         from detectron2.modeling import detector_postprocess
 
-        model = self.model
-        if self.architecture == "RetinaNet":
-            feats = [raw[f] for f in model.head_in_features]
-            results = model.forward_inference(images, feats, model.head(feats))
-        elif self.architecture == "FCOS":
-            results, _ = model.proposal_generator(images, raw, None)
-        else:
+        model = self.model  # the three shapes of _losses
+        if hasattr(model, "roi_heads"):
             proposals, _ = model.proposal_generator(images, raw, None)
             results, _ = model.roi_heads(images, raw, proposals, None)
+        elif hasattr(model, "proposal_generator"):
+            results, _ = model.proposal_generator(images, raw, None)
+        else:
+            feats = [raw[f] for f in model.head_in_features]
+            results = model.forward_inference(images, feats, model.head(feats))
         out = []
         for result, (h, w) in zip(results, images.image_sizes):
             r = detector_postprocess(result, h, w)
@@ -288,13 +291,8 @@ class D2DetectorAdapter(nn.Module):
 
     def _num_classes(self) -> int:
         """K + 1, the torchvision backend's class count."""
-        cfg = self.d2cfg.MODEL
-        k = (
-            cfg.FCOS.NUM_CLASSES
-            if self.architecture == "FCOS"
-            else (cfg.RETINANET.NUM_CLASSES if self.architecture == "RetinaNet" else cfg.ROI_HEADS.NUM_CLASSES)
-        )
-        return int(k) + 1
+        section = ARCHITECTURES.get(self.architecture).d2_classes_section
+        return int(getattr(self.d2cfg.MODEL, section).NUM_CLASSES) + 1
 
     def fpn_and_head_state_dict(self) -> dict[str, Tensor]:
         """FPN + head weights, named and laid out as the torchvision backend's (d2_checkpoint's map)."""

@@ -56,6 +56,11 @@ class Architecture:
     adelaidet_native: bool = False  # already AdelaiDet's function: MODEL.CONVENTIONS detectron2 does not apply
     d2_top_block_in: str = "p5"  # where detectron2's configs take P6 from (P3-P7 layouts only)
     anchors_per_position: bool = False  # its head predicts several anchors per position (RetinaNet's 9)
+    # MODEL.BACKEND detectron2 (interop/d2_backend.py): how a detectron2 config names and counts it
+    d2_meta_architecture: str = ""  # its MODEL.META_ARCHITECTURE there
+    d2_proposal_generator: str = ""  # its MODEL.PROPOSAL_GENERATOR.NAME, where that is what tells it apart
+    d2_classes_section: str = ""  # the MODEL section whose NUM_CLASSES (K) is its class count
+    d2_adelaidet: bool = False  # AdelaiDet's config and modules build it (`adet` must be importable)
     # detectron2/AdelaiDet checkpoints of it (interop/d2_checkpoint.py):
     checkpoint_title: str = ""  # how messages name it
     checkpoint_signature: tuple[str, ...] = ()  # key prefixes all present in its checkpoints (longest match wins)
@@ -149,6 +154,8 @@ RETINANET_ARCH = ARCHITECTURES.add(
         checkpoint_signature=("head.cls_score.weight",),
         class_logits="head.classification_head.cls_logits.weight",
         teacher_config="configs/Teachers/retinanet_R_101_FPN_3x.yaml",
+        d2_meta_architecture="RetinaNet",
+        d2_classes_section="RETINANET",
     )
 )
 FCOS_ARCH = ARCHITECTURES.add(
@@ -163,6 +170,10 @@ FCOS_ARCH = ARCHITECTURES.add(
         checkpoint_signature=("proposal_generator.fcos_head.cls_logits.weight",),
         class_logits="head.classification_head.cls_logits.weight",
         teacher_config="configs/Teachers/fcos_R_101_FPN_3x.yaml",
+        d2_meta_architecture="OneStageDetector",
+        d2_proposal_generator="FCOS",
+        d2_classes_section="FCOS",
+        d2_adelaidet=True,
     )
 )
 FASTER_RCNN_ARCH = ARCHITECTURES.add(
@@ -177,6 +188,8 @@ FASTER_RCNN_ARCH = ARCHITECTURES.add(
         checkpoint_signature=("roi_heads.box_predictor.cls_score.weight",),
         class_logits="roi_heads.box_predictor.cls_score.weight",
         teacher_config="configs/Teachers/faster_rcnn_R_101_FPN_3x.yaml",
+        d2_meta_architecture="GeneralizedRCNN",
+        d2_classes_section="ROI_HEADS",
     )
 )
 MASK_RCNN_ARCH = ARCHITECTURES.add(
@@ -192,6 +205,8 @@ MASK_RCNN_ARCH = ARCHITECTURES.add(
         checkpoint_signature=("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_head."),
         class_logits="roi_heads.box_predictor.cls_score.weight",
         teacher_config="configs/Teachers/mask_rcnn_R_101_FPN_3x.yaml",
+        d2_meta_architecture="GeneralizedRCNN",
+        d2_classes_section="ROI_HEADS",
     )
 )
 # CondInst's detector is FCOS's head: its family, so a CondInst student takes an FCOS teacher's head.
