@@ -567,7 +567,7 @@ def icd(*args: str) -> list[str]:
 def resumed(cmd: list[str], output_dir: Path) -> list[str]:
     """`cmd` (an `icd train` / `icd distill`), with --resume where an earlier attempt left a checkpoint in
     `output_dir` (sizes that checkpoint before the end): it continues exactly from there."""
-    from detection.checkpoint import LAST_CHECKPOINT
+    from detection.engine.checkpoint import LAST_CHECKPOINT
 
     if not (output_dir / LAST_CHECKPOINT).is_file():
         return cmd

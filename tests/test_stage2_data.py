@@ -166,9 +166,9 @@ def test_sample_table_maps_images_and_variants_to_committed_samples(teacher_cach
 def test_every_mode_trains_on_the_same_batches_of_the_same_images_and_variants(cfg_tiny, teacher_cache):
     """What pairing modes by seed relies on (bench/accuracy.py): `icd train` (the baseline) and `icd distill`
     on a full cache draw the same (image, variant) batches for one SEED, epoch after epoch."""
-    from detection.augment import AugmentationPlan
-    from detection.datasets import DetectionDataset
-    from detection.loader import InfiniteSampler, batch_stream
+    from detection.data.augment import AugmentationPlan
+    from detection.data.datasets import DetectionDataset
+    from detection.data.loader import InfiniteSampler, batch_stream
 
     url, _ = teacher_cache(variants=2, min_sizes=MIN_SIZES)
     cfg_tiny.INPUT.MIN_SIZE_TRAIN = list(MIN_SIZES)
